@@ -1,0 +1,270 @@
+"""The run configuration: one typed, validated source of truth for a whole run.
+
+Load it from YAML with `load_config(path, overrides)`; overrides are `section.key=value`
+strings (values parsed as YAML, so `1e-5`, `true`, `[a, b]` work). Every error names the
+key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEMO_CONFIG = PROJECT_ROOT / "configs" / "demo.yaml"
+
+_REGISTRY_URI = re.compile(r"^models:/[^/@]+(@[A-Za-z0-9_\-]+|/\d+)$")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the key(s) and what is allowed."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+def _check_model_ref(value: str) -> str:
+    """A model is a hub id (`org/name`), a local path, or `models:/NAME@ALIAS` / `models:/NAME/VERSION`."""
+    value = value.strip()
+    if not value:
+        raise ValueError("must name a model: a hub id, a local path or models:/NAME@ALIAS")
+    if value.startswith("models:") and not _REGISTRY_URI.match(value):
+        raise ValueError(f"{value!r} is not a registry URI; use models:/NAME@ALIAS or models:/NAME/VERSION")
+    return value
+
+
+class DataConfig(Section):
+    source: str = Field("data/demo/prompts.jsonl", description="Hub dataset id, or a local JSONL/CSV/Parquet file or directory.")
+    split: str = Field("train", description="Split to read (hub datasets and directories).")
+    prompt_field: str = Field("prompt", description="Column that holds the prompt text.")
+    prompt_template: str | None = Field(None, description="Optional template with a {prompt} placeholder.")
+    max_prompt_chars: int = Field(1000, gt=0, description="Prompts longer than this are reported and left out.")
+    max_prompts: int | None = Field(None, gt=0, description="Use at most this many prompts (after filtering).")
+    eval_size: int = Field(64, gt=0, description="Held-out evaluation prompts, split off with `seed`.")
+    dvc_file: str = Field("data.dvc", description="The DVC file that pins the data version.")
+    check_dvc: bool = Field(True, description="Refuse to run when the data does not match the DVC file.")
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _template_has_placeholder(cls, value: str | None) -> str | None:
+        if value is not None and "{prompt}" not in value:
+            raise ValueError("must contain the placeholder {prompt}")
+        return value
+
+
+class LoraConfig(Section):
+    enabled: bool = False
+    r: int = Field(8, gt=0)
+    alpha: int = Field(16, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] | None = Field(None, description="None picks per-family defaults.")
+    save_mode: Literal["merged", "adapter"] = Field("merged", description="Register the merged model, or base plus adapter.")
+
+
+class PolicyConfig(Section):
+    model: str = Field("artifacts/demo/instruct", description="Hub id, local path or models:/NAME@ALIAS.")
+    revision: str | None = None
+    value_head: Literal["shared", "separate"] = Field("shared", description="Shared backbone, or a separate critic.")
+    critic_model: str | None = Field(None, description="Separate critic's initial model (default: the reward model).")
+    use_chat_template: bool = False
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+
+    @field_validator("model")
+    @classmethod
+    def _check_model(cls, value: str) -> str:
+        return _check_model_ref(value)
+
+    @field_validator("critic_model")
+    @classmethod
+    def _check_critic(cls, value: str | None) -> str | None:
+        return None if value is None else _check_model_ref(value)
+
+
+class RewardConfig(Section):
+    model: str = Field("artifacts/demo/reward", description="Hub id, local path or models:/NAME@ALIAS.")
+    revision: str | None = None
+    label: str | int | None = Field(None, description="Label name (as in id2label) or index; None for a single output.")
+    score: Literal["logit", "probability"] = "logit"
+    max_length: int = Field(256, gt=0, description="Reward-model inputs are truncated to this many tokens.")
+    batch_size: int = Field(64, gt=0)
+    normalize: bool = Field(False, description="Normalise scores with a running mean/std.")
+    clip: float | None = Field(None, gt=0, description="Clip scores to [-clip, clip].")
+    missing_eos_penalty: float | None = Field(None, ge=0, description="Subtracted from the score of completions without EOS.")
+
+    @field_validator("model")
+    @classmethod
+    def _check_model(cls, value: str) -> str:
+        return _check_model_ref(value)
+
+    @field_validator("label")
+    @classmethod
+    def _label_index_non_negative(cls, value: str | int | None) -> str | int | None:
+        if isinstance(value, int) and value < 0:
+            raise ValueError("a label index must be >= 0")
+        return value
+
+
+class GenerationConfig(Section):
+    max_new_tokens: int = Field(24, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    top_k: int = Field(0, ge=0, description="0 disables top-k.")
+    top_p: float = Field(1.0, gt=0, le=1.0)
+    max_prompt_tokens: int = Field(64, gt=0)
+    prompt_overflow: Literal["truncate", "reject"] = Field("truncate", description="Longer prompts are left-truncated or rejected.")
+
+
+class PPOConfig(Section):
+    learning_rate: float = Field(1e-5, gt=0, lt=1)
+    lr_schedule: Literal["constant", "linear"] = "constant"
+    batch_size: int = Field(64, gt=0, description="Prompts (episodes) per PPO iteration.")
+    mini_batch_size: int = Field(16, gt=0, description="Episodes per optimizer step.")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches each minibatch is split into.")
+    ppo_epochs: int = Field(4, gt=0)
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    clip_range: float = Field(0.2, gt=0)
+    clip_range_value: float = Field(0.2, gt=0)
+    vf_coef: float = Field(0.1, ge=0)
+    ent_coef: float = Field(0.0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    whiten_advantages: bool = True
+    kl_coef: float = Field(0.05, ge=0)
+    adaptive_kl: bool = False
+    target_kl: float = Field(6.0, gt=0)
+    horizon: int = Field(10000, gt=0)
+    max_steps: int = Field(20000, gt=0, description="Stop after this many episodes.")
+    target_reward: float | None = Field(None, description="Stop once the windowed mean score reaches this.")
+    target_window: int = Field(5, gt=0, description="Iterations averaged for target_reward.")
+    iterations_per_epoch: int = Field(10, gt=0, description="PPO iterations per pipeline epoch (one checkpoint each).")
+    checkpoint_dir: str = "checkpoints"
+    num_processes: int = Field(1, gt=0)
+
+    @model_validator(mode="after")
+    def _batches_divide(self) -> "PPOConfig":
+        if self.batch_size % self.mini_batch_size:
+            raise ValueError(f"ppo.batch_size ({self.batch_size}) must be a multiple of ppo.mini_batch_size ({self.mini_batch_size})")
+        if self.mini_batch_size % self.gradient_accumulation_steps:
+            raise ValueError(
+                f"ppo.mini_batch_size ({self.mini_batch_size}) must be a multiple of "
+                f"ppo.gradient_accumulation_steps ({self.gradient_accumulation_steps})"
+            )
+        return self
+
+
+class EvaluationConfig(Section):
+    num_prompts: int = Field(64, gt=0, description="Held-out prompts used by the evaluation.")
+    seed: int = 1234
+    bootstrap_samples: int = Field(1000, gt=0)
+    num_samples_logged: int = Field(16, ge=0)
+
+
+class GatesConfig(Section):
+    min_reward_gain: float = 0.0
+    min_win_rate: float = Field(0.5, ge=0, le=1)
+    max_kl: float = Field(10.0, ge=0)
+    min_length_ratio: float = Field(0.5, ge=0)
+    max_length_ratio: float = Field(2.0, gt=0)
+    min_distinct2: float = Field(0.2, ge=0, le=1)
+    beat_champion: bool = True
+
+    @model_validator(mode="after")
+    def _ratio_bounds(self) -> "GatesConfig":
+        if self.min_length_ratio > self.max_length_ratio:
+            raise ValueError("gates.min_length_ratio must be <= gates.max_length_ratio")
+        return self
+
+
+class TrackingConfig(Section):
+    tracking_uri: str | None = Field(None, description="None: $MLFLOW_TRACKING_URI, else sqlite:///mlruns.db here.")
+    experiment: str = "alignflow"
+    registered_model: str = "alignflow-policy"
+    champion_alias: str = "champion"
+
+
+class RunConfig(Section):
+    name: str = "alignflow"
+    seed: int = 0
+    data: DataConfig = Field(default_factory=DataConfig)
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    ppo: PPOConfig = Field(default_factory=PPOConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    gates: GatesConfig = Field(default_factory=GatesConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    def flat(self) -> dict[str, Any]:
+        """`section.key -> value`, for logging as MLflow params."""
+        return _flatten(self.model_dump(mode="json"))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _format_errors(error: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key")
+            continue
+        message = item["msg"].removeprefix("Value error, ")
+        got = f" (got {item['input']!r})" if "input" in item and not isinstance(item["input"], dict) else ""
+        lines.append(f"  {key}: {message}{got}")
+    return "\n".join(lines)
+
+
+def _apply_override(tree: dict[str, Any], override: str) -> None:
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} must look like section.key=value")
+    key, raw = override.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {override!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {key}: cannot parse value {raw!r}: {exc}") from exc
+    node = tree
+    for depth, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key}: {'.'.join(parts[: depth + 1])} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a YAML run configuration (default: the embedded demo) and apply `key=value` overrides."""
+    path = Path(path) if path is not None else DEMO_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for override in overrides:
+        _apply_override(tree, override)
+    source = str(path) + (f" with --set {' '.join(overrides)}" if overrides else "")
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, source)) from None
