@@ -1,0 +1,88 @@
+import pytest
+
+from components.config import DEMO_CONFIG, ConfigError, RunConfig, load_config
+
+
+def write(tmp_path, text):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_demo_config_is_valid_and_complete():
+    config = load_config()
+    assert config.policy.model == "artifacts/demo/instruct"
+    assert {"data", "policy", "reward", "ppo", "generation", "gates", "tracking"} <= set(RunConfig.model_fields)
+    assert load_config(DEMO_CONFIG) == config
+
+
+def test_overrides_parse_yaml_values_and_nest():
+    config = load_config(overrides=["ppo.learning_rate=1e-5", "reward.label=nothate", "reward.label=1", "ppo.adaptive_kl=true"])
+    assert config.ppo.learning_rate == 1e-5
+    assert config.reward.label == 1
+    assert config.ppo.adaptive_kl is True
+
+
+def test_unknown_key_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"ppo\.learnig_rate: unknown key"):
+        load_config(write(tmp_path, "ppo:\n  learnig_rate: 0.1\n"))
+
+
+def test_unknown_section_in_override_is_named():
+    with pytest.raises(ConfigError, match=r"optim: unknown key"):
+        load_config(overrides=["optim.lr=1"])
+
+
+def test_wrong_type_names_key_and_value():
+    with pytest.raises(ConfigError, match=r"ppo\.batch_size: .*integer.*got 'many'"):
+        load_config(overrides=["ppo.batch_size=many"])
+
+
+def test_out_of_range_names_key_and_bound():
+    with pytest.raises(ConfigError, match=r"ppo\.clip_range: Input should be greater than 0"):
+        load_config(overrides=["ppo.clip_range=-0.1"])
+    with pytest.raises(ConfigError, match=r"generation\.top_p: Input should be less than or equal to 1"):
+        load_config(overrides=["generation.top_p=1.5"])
+
+
+def test_choices_are_listed():
+    with pytest.raises(ConfigError, match=r"reward\.score: Input should be 'logit' or 'probability'"):
+        load_config(overrides=["reward.score=softmax"])
+
+
+def test_batch_sizes_must_divide():
+    with pytest.raises(ConfigError, match=r"ppo.batch_size \(60\) must be a multiple of ppo.mini_batch_size \(16\)"):
+        load_config(overrides=["ppo.batch_size=60"])
+
+
+def test_model_references():
+    assert load_config(overrides=["policy.model=models:/alignflow-policy@champion"]).policy.model.endswith("@champion")
+    assert load_config(overrides=["reward.model=models:/rm/3"]).reward.model == "models:/rm/3"
+    assert load_config(overrides=["policy.model=gpt2"]).policy.model == "gpt2"
+    with pytest.raises(ConfigError, match=r"policy\.model: 'models:/x@' is not a registry URI"):
+        load_config(overrides=["policy.model=models:/x@"])
+    with pytest.raises(ConfigError, match=r"reward\.model: must name a model"):
+        load_config(overrides=["reward.model=''"])
+
+
+def test_prompt_template_needs_placeholder():
+    with pytest.raises(ConfigError, match=r"data\.prompt_template: must contain the placeholder \{prompt\}"):
+        load_config(overrides=["data.prompt_template=Review this"])
+
+
+def test_bad_files_and_overrides(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "ppo: [unclosed\n"))
+    with pytest.raises(ConfigError, match="must look like section.key=value"):
+        load_config(overrides=["ppo.learning_rate"])
+    with pytest.raises(ConfigError, match="ppo.learning_rate is not a section"):
+        load_config(overrides=["ppo.learning_rate.x=1"])
+
+
+def test_flat_params_cover_every_setting():
+    flat = load_config().flat()
+    assert flat["ppo.learning_rate"] == 3e-4
+    assert flat["policy.lora.r"] == 8
+    assert "tracking.registered_model" in flat

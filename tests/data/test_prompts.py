@@ -1,0 +1,98 @@
+import json
+
+import pandas as pd
+import pytest
+
+from components.config import DataConfig
+from components.data import DataError, load_prompts, split_prompts
+
+ROWS = [
+    {"prompt": "The film was", "id": 0},
+    {"prompt": None, "id": 1},
+    {"prompt": "   ", "id": 2},
+    {"prompt": "x" * 50, "id": 3},
+    {"prompt": "I watched it and", "id": 4},
+]
+
+
+def config(source, **settings):
+    return DataConfig(source=str(source), max_prompt_chars=40, **settings)
+
+
+@pytest.fixture(params=["jsonl", "csv", "parquet"])
+def prompt_file(request, tmp_path):
+    path = tmp_path / f"prompts.{request.param}"
+    frame = pd.DataFrame(ROWS)
+    if request.param == "jsonl":
+        path.write_text("".join(json.dumps(row) + "\n" for row in ROWS))
+    elif request.param == "csv":
+        frame.to_csv(path, index=False)
+    else:
+        frame.to_parquet(path)
+    return path
+
+
+def test_each_file_type_loads_and_reports_bad_rows(prompt_file):
+    loaded = load_prompts(config(prompt_file))
+    assert loaded.prompts == ["The film was", "I watched it and"]
+    report = loaded.report
+    assert (report.total, report.kept) == (5, 2)
+    # CSV cannot tell a missing value from an empty one: both are reported, neither is dropped silently.
+    assert sorted(report.missing + report.empty) == [1, 2]
+    assert report.too_long == [3]
+    assert "rows 3" in report.summary()
+
+
+def test_directory_source_with_split_file(tmp_path):
+    (tmp_path / "train.jsonl").write_text(json.dumps({"text": "A"}) + "\n" + json.dumps({"text": "B"}) + "\n")
+    (tmp_path / "test.jsonl").write_text(json.dumps({"text": "C"}) + "\n")
+    loaded = load_prompts(config(tmp_path, prompt_field="text", split="test"))
+    assert loaded.prompts == ["C"]
+
+
+def test_prompt_template_is_applied(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": "The film was"}) + "\n")
+    loaded = load_prompts(config(path, prompt_template="Review: {prompt}"))
+    assert loaded.prompts == ["Review: The film was"]
+
+
+def test_unparseable_jsonl_names_file_and_line(tmp_path):
+    path = tmp_path / "broken.jsonl"
+    path.write_text('{"prompt": "ok"}\n{"prompt": "no end\n')
+    with pytest.raises(DataError, match=r"broken\.jsonl:2: not valid JSON"):
+        load_prompts(config(path))
+
+
+def test_ragged_csv_names_file_and_line(tmp_path):
+    path = tmp_path / "broken.csv"
+    path.write_text('prompt,id\n"The film",1\n"Too","many",fields\n')
+    with pytest.raises(DataError, match=r"broken\.csv:3: 3 fields where the header has 2"):
+        load_prompts(config(path))
+
+
+def test_missing_column_lists_columns(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"text": "x"}) + "\n")
+    with pytest.raises(DataError, match=r"data.prompt_field: column 'prompt' not in .* \(columns: text\)"):
+        load_prompts(config(path))
+
+
+def test_missing_file_and_no_usable_rows(tmp_path):
+    with pytest.raises(DataError, match="file or directory not found"):
+        load_prompts(config(tmp_path / "nope.jsonl"))
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": ""}) + "\n")
+    with pytest.raises(DataError, match="no usable prompts"):
+        load_prompts(config(path))
+
+
+def test_split_is_seeded_and_disjoint():
+    prompts = [f"p{i}" for i in range(20)]
+    train, held_out = split_prompts(prompts, eval_size=5, seed=3)
+    assert len(held_out) == 5 and len(train) == 15
+    assert not set(train) & set(held_out)
+    assert split_prompts(prompts, 5, 3) == (train, held_out)
+    assert split_prompts(prompts, 5, 4) != (train, held_out)
+    with pytest.raises(DataError, match="data.eval_size"):
+        split_prompts(prompts, 20, 0)
