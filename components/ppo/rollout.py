@@ -1,0 +1,275 @@
+"""Experience making: prompts -> sampled responses with their log-probabilities and values.
+
+`sample` is our own decoding loop over the KV cache: at each step one backbone call gives the hidden
+state of the last token, from which the LM head gives the logits (hence the sampled token's old
+log-probability) and the value head gives the old value. No second policy forward is needed.
+
+Also the evaluation helpers the pipeline uses: `generate` (seeded sampling of completions) and
+`sequence_kl` (mean per-sequence KL of a policy from its reference).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Sequence
+
+import torch
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+from components.config import GenerationConfig
+from components.ppo.actor_critic import backbone_of, lm_logits, position_ids_from, run_backbone
+from components.ppo.core import logprobs_of, response_mask
+
+
+class PromptError(ValueError):
+    """A prompt that cannot be used as given (empty, or too long with prompt_overflow=reject)."""
+
+
+def eos_token_ids(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel | None = None) -> torch.Tensor:
+    """All ids that end a completion: the tokenizer's EOS plus the model's generation_config ones."""
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    generation_config = getattr(model, "generation_config", None)
+    extra = getattr(generation_config, "eos_token_id", None)
+    if isinstance(extra, int):
+        ids.add(extra)
+    elif isinstance(extra, (list, tuple)):
+        ids.update(int(i) for i in extra)
+    if not ids:
+        raise ValueError("the tokenizer has no eos_token; set one so completions can end")
+    return torch.tensor(sorted(ids))
+
+
+def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    return int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+
+
+def tokenize_prompts(
+    tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], generation: GenerationConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded (input_ids, attention_mask). Prompts over `generation.max_prompt_tokens` keep their END
+    (`prompt_overflow: truncate`) or raise a PromptError naming the prompt index (`reject`)."""
+    if len(prompts) == 0:
+        raise PromptError("no prompts: the prompt batch is empty")
+    limit = generation.max_prompt_tokens
+    rows = tokenizer(list(prompts), add_special_tokens=True, padding=False, truncation=False)["input_ids"]
+    for index, ids in enumerate(rows):
+        if len(ids) == 0:
+            raise PromptError(f"prompt {index} is empty after tokenization: {prompts[index]!r}")
+        if len(ids) > limit:
+            if generation.prompt_overflow == "reject":
+                raise PromptError(
+                    f"prompt {index} has {len(ids)} tokens, more than generation.max_prompt_tokens={limit} "
+                    f"(generation.prompt_overflow=reject); shorten it, raise the limit, or use prompt_overflow=truncate"
+                )
+            rows[index] = ids[-limit:]
+    width = max(len(ids) for ids in rows)
+    input_ids = torch.full((len(rows), width), pad_id(tokenizer), dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for index, ids in enumerate(rows):
+        input_ids[index, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[index, width - len(ids) :] = 1
+    return input_ids, attention_mask
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Top-k then nucleus (top-p) filtering: removed tokens get -inf."""
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # drop a token when the tokens ranked above it already hold top_p of the mass
+        drop_sorted = (probs.cumsum(-1) - probs) > top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+@dataclass
+class Rollout:
+    """Sampled responses, trimmed to the longest one. Padding (after the first EOS) is 0 in every float."""
+
+    queries: torch.Tensor  # (B, P) left-padded prompt ids
+    query_mask: torch.Tensor  # (B, P)
+    responses: torch.Tensor  # (B, T) pad after the first EOS
+    mask: torch.Tensor  # (B, T) float, 1 up to and including the first EOS
+    logprobs: torch.Tensor  # (B, T) log pi_old(a_t | s_t) at the sampling temperature
+    values: torch.Tensor | None  # (B, T) V_old(s_t) from the shared value head, if any
+    ended_with_eos: torch.Tensor  # (B,) bool
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.mask.sum(1).long()
+
+
+@torch.inference_mode()
+def sample(
+    policy: PreTrainedModel,
+    queries: torch.Tensor,
+    query_mask: torch.Tensor,
+    generation: GenerationConfig,
+    eos_ids: torch.Tensor,
+    pad_token_id: int,
+    generator: torch.Generator | None = None,
+    value_head: torch.nn.Module | None = None,
+) -> Rollout:
+    """Sample up to `max_new_tokens` per prompt, stopping once every row has produced an EOS."""
+    backbone = backbone_of(policy)
+    device = queries.device
+    eos_ids = eos_ids.to(device)
+    batch = queries.shape[0]
+    cache = DynamicCache()
+    attention_mask = query_mask
+    positions = position_ids_from(query_mask)
+    hidden = run_backbone(backbone, queries, attention_mask, positions, cache)[:, -1]
+    next_position = positions[:, -1:] + 1
+    tokens, logprobs, values = [], [], []
+    ended = torch.zeros(batch, dtype=torch.bool, device=device)
+    for step in range(generation.max_new_tokens):
+        logits = lm_logits(policy, hidden).float() / generation.temperature
+        if value_head is not None:
+            values.append(value_head(hidden).float())
+        probs = torch.softmax(filter_logits(logits, generation.top_k, generation.top_p), dim=-1)
+        token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        logprobs.append(logprobs_of(logits, token))
+        token = torch.where(ended, pad_token_id, token)
+        tokens.append(token)
+        ended |= torch.isin(token, eos_ids)
+        if bool(ended.all()) or step == generation.max_new_tokens - 1:
+            break
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
+        hidden = run_backbone(backbone, token[:, None], attention_mask, next_position, cache)[:, -1]
+        next_position = next_position + 1
+    responses = torch.stack(tokens, 1)
+    mask = response_mask(responses, eos_ids)
+    return Rollout(
+        queries=queries,
+        query_mask=query_mask,
+        responses=responses,
+        mask=mask,
+        logprobs=torch.stack(logprobs, 1) * mask,
+        values=torch.stack(values, 1) * mask if values else None,
+        ended_with_eos=ended,
+    )
+
+
+def response_hidden(
+    model: PreTrainedModel | torch.nn.Module,
+    queries: torch.Tensor,
+    query_mask: torch.Tensor,
+    responses: torch.Tensor,
+    mask: torch.Tensor,
+    backbone: torch.nn.Module | None = None,
+) -> torch.Tensor:
+    """Hidden states (B, T, H) of the positions that predict each response token (one forward)."""
+    backbone = backbone if backbone is not None else backbone_of(model)
+    input_ids = torch.cat([queries, responses], dim=1)
+    attention_mask = torch.cat([query_mask, mask.to(query_mask.dtype)], dim=1)
+    hidden = run_backbone(backbone, input_ids, attention_mask, position_ids_from(attention_mask))
+    return hidden[:, queries.shape[1] - 1 : -1]
+
+
+def response_logprobs(
+    model: PreTrainedModel,
+    queries: torch.Tensor,
+    query_mask: torch.Tensor,
+    responses: torch.Tensor,
+    mask: torch.Tensor,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """log pi(a_t | s_t) of the given responses at `temperature` (0 on padding). Call under no_grad/inference_mode."""
+    hidden = response_hidden(model, queries, query_mask, responses, mask)
+    logits = lm_logits(model, hidden).float() / temperature
+    return logprobs_of(logits, responses) * mask
+
+
+def decode(
+    tokenizer: PreTrainedTokenizerBase, rollout: Rollout
+) -> tuple[list[str], list[str]]:
+    """(prompt texts, completion texts) such that prompt + completion is the decoded whole sequence."""
+    prompts, completions = [], []
+    lengths = rollout.lengths.tolist()
+    query_rows = [row[mask.bool()].tolist() for row, mask in zip(rollout.queries, rollout.query_mask)]
+    response_rows = [row[:n].tolist() for row, n in zip(rollout.responses, lengths)]
+    prompt_texts = tokenizer.batch_decode(query_rows, skip_special_tokens=True)
+    full_texts = tokenizer.batch_decode([q + r for q, r in zip(query_rows, response_rows)], skip_special_tokens=True)
+    response_texts = tokenizer.batch_decode(response_rows, skip_special_tokens=True)
+    for prompt, full, response in zip(prompt_texts, full_texts, response_texts):
+        prompts.append(prompt)
+        completions.append(full[len(prompt) :] if full.startswith(prompt) else response)
+    return prompts, completions
+
+
+class Samples(NamedTuple):
+    completions: list[str]
+    ended_with_eos: list[bool]
+    lengths: list[int]
+    logprobs: list[float]  # sum of the completion's token log-probabilities (at the sampling temperature)
+
+
+def generate(
+    policy: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    generation: GenerationConfig,
+    seed: int = 0,
+    batch_size: int = 64,
+) -> Samples:
+    """Sample one completion per prompt, reproducibly for a given seed (and batch_size)."""
+    generator = torch.Generator(device=policy.device).manual_seed(seed)
+    eos_ids, pad = eos_token_ids(tokenizer, policy), pad_id(tokenizer)
+    out = Samples([], [], [], [])
+    was_training = policy.training
+    policy.eval()
+    try:
+        for start in range(0, len(prompts), batch_size):
+            queries, query_mask = tokenize_prompts(tokenizer, prompts[start : start + batch_size], generation)
+            rollout = sample(policy, queries.to(policy.device), query_mask.to(policy.device), generation, eos_ids, pad, generator)
+            out.completions.extend(decode(tokenizer, rollout)[1])
+            out.ended_with_eos.extend(rollout.ended_with_eos.tolist())
+            out.lengths.extend(rollout.lengths.tolist())
+            out.logprobs.extend(rollout.logprobs.sum(1).tolist())
+    finally:
+        policy.train(was_training)
+    return out
+
+
+@torch.inference_mode()
+def sequence_kl(
+    policy: PreTrainedModel,
+    reference: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    completions: Sequence[str],
+    generation: GenerationConfig,
+    ended_with_eos: Sequence[bool] | None = None,
+    batch_size: int = 64,
+) -> float:
+    """Mean over sequences of sum_t [log pi(a_t) - log pi_ref(a_t)] on the completions' tokens
+    (re-tokenized; an EOS is appended where `ended_with_eos`), at the sampling temperature."""
+    if len(prompts) != len(completions):
+        raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+    eos = int(tokenizer.eos_token_id)
+    pad = pad_id(tokenizer)
+    device = policy.device
+    total, count = 0.0, 0
+    for start in range(0, len(prompts), batch_size):
+        queries, query_mask = tokenize_prompts(tokenizer, prompts[start : start + batch_size], generation)
+        rows = tokenizer(list(completions[start : start + batch_size]), add_special_tokens=False)["input_ids"]
+        if ended_with_eos is not None:
+            rows = [ids + [eos] if ended else ids for ids, ended in zip(rows, ended_with_eos[start : start + batch_size])]
+        width = max(1, max(len(ids) for ids in rows))
+        responses = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width))
+        for index, ids in enumerate(rows):
+            responses[index, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            mask[index, : len(ids)] = 1
+        args = (queries.to(device), query_mask.to(device), responses.to(device), mask.to(device))
+        logprobs = response_logprobs(policy, *args, generation.temperature)
+        ref_logprobs = response_logprobs(reference, *args, generation.temperature)
+        total += float((logprobs - ref_logprobs).sum())
+        count += len(rows)
+    return total / max(count, 1)

@@ -1,0 +1,568 @@
+"""PPO for language models: rollout -> score -> rewards -> GAE -> clipped updates -> KL control.
+
+One iteration (`PPOTrainer.step`) on a batch of prompts:
+  1. experience making: sample responses with our KV-cache loop (old log-probs and old values come
+     from the same forward), one reference forward for the reference log-probs;
+  2. score prompt + completion with the reward function;
+  3. rewards r_t = -kl_coef (log pi - log pi_ref) on every real token, + score on the last real token;
+  4. GAE advantages and returns, advantages whitened over the batch;
+  5. `ppo_epochs` passes over shuffled minibatches: clipped surrogate + clipped value loss (+ entropy bonus);
+  6. update the KL coefficient (fixed, or adaptive towards `target_kl`).
+
+Statistics returned by `step` (and passed to the `train` callback), named as in TRL / OpenRLHF:
+
+| name                        | meaning                                                                          |
+|-----------------------------|----------------------------------------------------------------------------------|
+| objective/scores            | mean reward-model score, before penalties, normalisation and clipping            |
+| objective/kl                | mean over sequences of sum_t (logp_t - ref_logp_t)                               |
+| objective/non_score_reward  | mean over sequences of sum_t -kl_coef (logp_t - ref_logp_t)                      |
+| objective/rlhf_reward       | mean over sequences of sum_t r_t: the score used in training minus the KL penalty |
+| objective/entropy           | mean over sequences of sum_t -logp_t of the sampled tokens                       |
+| policy/approxkl             | 0.5 mean (log ratio)^2 over tokens, averaged over micro-batches of all epochs     |
+| policy/clipfrac             | share of tokens where the clipped surrogate is active                            |
+| policy/entropy              | mean per-token entropy of the policy's distribution during the update            |
+| policy/ratio                | mean probability ratio pi / pi_old during the update                             |
+| loss/policy                 | clipped surrogate loss                                                           |
+| loss/value                  | clipped value loss (before vf_coef)                                              |
+| val/clipfrac                | share of tokens where the clipped value loss is active                           |
+| val/explained_variance      | 1 - Var[R - V] / Var[R] of the rollout values                                    |
+| val/mean                    | mean rollout value over real tokens                                              |
+| kl_coef                     | the KL coefficient used for this iteration's rewards                             |
+| lr                          | learning rate used for this iteration's updates                                  |
+| response/length_mean        | mean response length in tokens (the EOS counts)                                  |
+| response/eos_fraction       | share of responses that ended with EOS                                           |
+| episodes                    | cumulative episodes (prompts) trained on                                         |
+| iteration                   | PPO iterations done                                                              |
+| perf/tokens_per_second      | response tokens of the iteration / its wall-clock time                           |
+| time/rollout                | seconds: sampling, reference log-probs (and separate critic values)              |
+| time/scoring                | seconds: decoding and the reward function                                        |
+| time/update                 | seconds: advantages and the PPO epochs                                           |
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from safetensors.torch import load_model, save_model
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from components.config import GenerationConfig, PPOConfig, RewardConfig, RunConfig
+from components.ppo.actor_critic import Critic, ValueHead, backbone_of, frozen_copy, hidden_size, lm_logits
+from components.ppo.checkpoint import resolve_checkpoint, write_atomically
+from components.ppo.core import (
+    RunningMoments,
+    compute_gae,
+    compute_rewards,
+    entropy_from_logits,
+    explained_variance,
+    logprobs_of,
+    masked_mean,
+    masked_whiten,
+    policy_loss,
+    value_loss,
+)
+from components.ppo.kl_controller import kl_controller
+from components.ppo.rollout import (
+    decode,
+    eos_token_ids,
+    pad_id,
+    response_hidden,
+    response_logprobs,
+    sample,
+    tokenize_prompts,
+)
+
+RewardFn = Callable[[list[str], list[str]], torch.Tensor]
+Callback = Callable[[dict[str, float]], None]
+
+STOP_REASONS = ("iterations", "target_reward", "max_steps")
+
+
+class PPOError(RuntimeError):
+    """Training cannot go on (non-finite values, bad reward output); raised before any optimizer step
+    or checkpoint of the failing iteration, so the last good checkpoint is intact."""
+
+
+@dataclass
+class Experience:
+    """One batch of episodes, ready for learning. Token tensors are (B, T); padding is 0."""
+
+    queries: torch.Tensor
+    query_mask: torch.Tensor
+    responses: torch.Tensor
+    mask: torch.Tensor
+    logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    values: torch.Tensor
+    rewards: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    scores: torch.Tensor  # (B,) raw reward-model scores
+    kl: torch.Tensor  # (B, T) logp - ref_logp
+    ended_with_eos: torch.Tensor  # (B,)
+
+
+@dataclass
+class TrainResult:
+    stop_reason: str  # one of STOP_REASONS
+    iterations: int  # iterations run by this call
+    episodes: int  # cumulative episodes
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def last(self) -> dict[str, float]:
+        return self.history[-1] if self.history else {}
+
+
+class PPOTrainer:
+    """The PPO engine. Knows nothing of Prefect or MLflow: metrics go to a callback.
+
+    `policy` is the starting causal LM (trained in place); `reference` defaults to a frozen copy of it.
+    `value_head="shared"` reads values from the policy's last hidden state (one forward for both);
+    `"separate"` uses `critic` (a backbone such as AutoModel, or a `Critic`), default a copy of the
+    policy's backbone.
+    """
+
+    def __init__(
+        self,
+        policy: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        reward_fn: RewardFn,
+        ppo: PPOConfig,
+        generation: GenerationConfig,
+        reward: RewardConfig | None = None,
+        reference: PreTrainedModel | None = None,
+        critic: torch.nn.Module | None = None,
+        value_head: str = "shared",
+        seed: int = 0,
+    ):
+        if value_head not in ("shared", "separate"):
+            raise ValueError(f"value_head={value_head!r}; allowed: 'shared', 'separate'")
+        self.ppo, self.generation = ppo, generation
+        self.reward = reward if reward is not None else RewardConfig()
+        self.tokenizer, self.reward_fn, self.seed = tokenizer, reward_fn, seed
+        self.device = policy.device
+        self.policy = policy.eval()  # eval: dropout off, so rollout and update log-probs agree
+        self.backbone = backbone_of(policy)
+        self.reference = frozen_copy(policy) if reference is None else reference.eval().requires_grad_(False)
+        self.value_head_type = value_head
+        if value_head == "shared":
+            self.value_head: ValueHead | None = ValueHead(hidden_size(policy)).to(self.device)
+            self.critic: Critic | None = None
+        else:
+            self.value_head = None
+            self.critic = _as_critic(critic if critic is not None else copy.deepcopy(self.backbone)).to(self.device).eval()
+        self.eos_ids = eos_token_ids(tokenizer, policy).to(self.device)
+        self.pad_token_id = pad_id(tokenizer)
+
+        self.optimizer = torch.optim.AdamW(self._trainable_parameters(), lr=ppo.learning_rate, weight_decay=0.0)
+        self.total_iterations = math.ceil(ppo.max_steps / ppo.batch_size)
+        total = self.total_iterations
+        linear = ppo.lr_schedule == "linear"
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda i: max(0.0, 1.0 - i / total) if linear else 1.0
+        )
+        self.kl_ctl = kl_controller(ppo.kl_coef, ppo.adaptive_kl, ppo.target_kl, ppo.horizon)
+        self.score_moments = RunningMoments()
+
+        # Our own generators: sampling, minibatch shuffling, prompt order. Checkpointed.
+        self.sample_generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.shuffle_generator = torch.Generator().manual_seed(seed + 1)
+        self.prompt_generator = torch.Generator().manual_seed(seed + 2)
+        self._prompt_order: list[int] = []
+        self._prompt_cursor = 0
+
+        self.iteration = 0
+        self.episodes = 0
+        self.recent_scores: deque[float] = deque(maxlen=ppo.target_window)
+
+    # ------------------------------------------------------------------ construction helpers
+
+    @classmethod
+    def from_config(
+        cls,
+        cfg: RunConfig,
+        policy: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        reward_fn: RewardFn,
+        reference: PreTrainedModel | None = None,
+        critic: torch.nn.Module | None = None,
+    ) -> "PPOTrainer":
+        """A trainer from a run configuration and loaded models. With `policy.value_head: separate` and no
+        `critic`, the critic's backbone is loaded from `policy.critic_model`, else from the reward model when it
+        shares the policy's vocabulary, else copied from the policy."""
+        if cfg.policy.value_head == "separate" and critic is None:
+            critic = _load_critic_backbone(cfg, tokenizer)
+        return cls(
+            policy, tokenizer, reward_fn, cfg.ppo, cfg.generation, cfg.reward,
+            reference=reference, critic=critic, value_head=cfg.policy.value_head, seed=cfg.seed,
+        )
+
+    @classmethod
+    def from_checkpoint(cls, directory: str | Path, policy: PreTrainedModel, *args, **kwargs) -> "PPOTrainer":
+        """Resume: build a trainer around the STARTING policy (the reference is copied from it), then load
+        the checkpointed weights and state. Arguments after `policy` are the constructor's."""
+        trainer = cls(policy, *args, **kwargs)
+        trainer.load_checkpoint(directory)
+        return trainer
+
+    def _trainable_parameters(self) -> list[torch.nn.Parameter]:
+        modules = [self.policy, self.value_head if self.value_head is not None else self.critic]
+        seen, params = set(), []
+        for module in modules:
+            for p in module.parameters():
+                if p.requires_grad and id(p) not in seen:
+                    seen.add(id(p))
+                    params.append(p)
+        return params
+
+    # ------------------------------------------------------------------ experience making
+
+    def make_experience(self, prompts: Sequence[str]) -> tuple[Experience, dict[str, float]]:
+        """Rollout, scoring, rewards and advantages for one batch of prompts."""
+        iteration = self.iteration + 1
+        queries, query_mask = tokenize_prompts(self.tokenizer, prompts, self.generation)
+        queries, query_mask = queries.to(self.device), query_mask.to(self.device)
+        start = time.perf_counter()
+        rollout = sample(
+            self.policy, queries, query_mask, self.generation, self.eos_ids, self.pad_token_id,
+            self.sample_generator, self.value_head,
+        )
+        with torch.inference_mode():
+            args = (rollout.queries, rollout.query_mask, rollout.responses, rollout.mask)
+            ref_logprobs = response_logprobs(self.reference, *args, self.generation.temperature)
+            if self.critic is not None:
+                values = self.critic.value_head(response_hidden(None, *args, backbone=self.critic.backbone)) * rollout.mask
+            else:
+                values = rollout.values
+        rollout_time = time.perf_counter() - start
+
+        start = time.perf_counter()
+        prompt_texts, completions = decode(self.tokenizer, rollout)
+        scores = self._score(prompt_texts, completions, iteration)
+        scoring_time = time.perf_counter() - start
+
+        # Leave inference mode: these tensors take part in the autograd graph of the update.
+        mask = rollout.mask.clone()
+        logprobs, ref_logprobs, values = rollout.logprobs.clone(), ref_logprobs.clone(), values.clone()
+        for name, tensor in (("log-probabilities", logprobs), ("reference log-probabilities", ref_logprobs), ("values", values)):
+            bad = ~torch.isfinite(tensor).all(1)
+            if bad.any():
+                raise PPOError(f"iteration {iteration}: non-finite {name} for episodes {bad.nonzero().flatten().tolist()}")
+
+        ended = rollout.ended_with_eos.clone()
+        shaped = scores.to(self.device).clone()
+        if self.reward.missing_eos_penalty is not None:
+            shaped[~ended] -= self.reward.missing_eos_penalty
+        if self.reward.normalize:
+            self.score_moments.update(shaped)
+            shaped = self.score_moments.normalize(shaped)
+        if self.reward.clip is not None:
+            shaped = shaped.clamp(-self.reward.clip, self.reward.clip)
+
+        start = time.perf_counter()
+        rewards, kl = compute_rewards(shaped, logprobs, ref_logprobs, mask, self.kl_ctl.kl_coef)
+        advantages, returns = compute_gae(rewards, values, mask, self.ppo.gamma, self.ppo.lam)
+        if self.ppo.whiten_advantages:
+            advantages = masked_whiten(advantages, mask)
+        experience = Experience(
+            queries=rollout.queries.clone(), query_mask=rollout.query_mask.clone(), responses=rollout.responses.clone(),
+            mask=mask, logprobs=logprobs, ref_logprobs=ref_logprobs, values=values, rewards=rewards,
+            advantages=advantages, returns=returns, scores=scores, kl=kl, ended_with_eos=ended,
+        )
+        times = {"time/rollout": rollout_time, "time/scoring": scoring_time, "_gae": time.perf_counter() - start}
+        return experience, times
+
+    def _score(self, prompts: list[str], completions: list[str], iteration: int) -> torch.Tensor:
+        raw = self.reward_fn(prompts, completions)
+        try:
+            scores = torch.as_tensor(raw, dtype=torch.float32).detach().clone().cpu()
+        except (TypeError, ValueError) as exc:
+            raise PPOError(f"iteration {iteration}: the reward function returned {type(raw).__name__}, not scores: {exc}") from exc
+        if scores.shape != (len(completions),):
+            raise PPOError(
+                f"iteration {iteration}: the reward function returned scores of shape {tuple(scores.shape)} "
+                f"for {len(completions)} completions; expected ({len(completions)},)"
+            )
+        bad = ~torch.isfinite(scores)
+        if bad.any():
+            raise PPOError(
+                f"iteration {iteration}: the reward function returned non-finite scores (NaN/inf) for "
+                f"episodes {bad.nonzero().flatten().tolist()}; no update was made"
+            )
+        return scores
+
+    # ------------------------------------------------------------------ learning
+
+    def _values(self, hidden: torch.Tensor, queries, query_mask, responses, mask) -> torch.Tensor:
+        if self.value_head is not None:
+            return self.value_head(hidden)
+        return self.critic.value_head(response_hidden(None, queries, query_mask, responses, mask, backbone=self.critic.backbone))
+
+    def _micro_batch_loss(self, exp: Experience, index: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        query_mask = exp.query_mask[index]
+        # Trim: prompts are left-padded, responses right-padded; keep only columns some row uses.
+        first = query_mask.shape[1] - int(query_mask.sum(1).max())
+        width = int(exp.mask[index].sum(1).max())
+        queries, query_mask = exp.queries[index, first:], query_mask[:, first:]
+        cut = lambda t: t[index, :width]  # noqa: E731
+        responses, mask = cut(exp.responses), cut(exp.mask)
+
+        hidden = response_hidden(self.policy, queries, query_mask, responses, mask, backbone=self.backbone)
+        logits = lm_logits(self.policy, hidden).float() / self.generation.temperature
+        logprobs = logprobs_of(logits, responses)
+        values = self._values(hidden, queries, query_mask, responses, mask)
+
+        pg_loss, stats = policy_loss(logprobs, cut(exp.logprobs), cut(exp.advantages), mask, self.ppo.clip_range)
+        vf_loss, vstats = value_loss(values, cut(exp.values), cut(exp.returns), mask, self.ppo.clip_range_value)
+        loss = pg_loss + self.ppo.vf_coef * vf_loss
+        if self.ppo.ent_coef > 0:
+            entropy = masked_mean(entropy_from_logits(logits), mask)
+            loss = loss - self.ppo.ent_coef * entropy
+        else:
+            with torch.no_grad():
+                entropy = masked_mean(entropy_from_logits(logits), mask)
+        stats.update(vstats)
+        stats.update({"policy/entropy": entropy.detach(), "loss/policy": pg_loss.detach(), "loss/value": vf_loss.detach()})
+        return loss, stats
+
+    def learn(self, exp: Experience) -> dict[str, float]:
+        """`ppo_epochs` passes over shuffled minibatches; one optimizer step per minibatch."""
+        iteration = self.iteration + 1
+        batch = exp.queries.shape[0]
+        mini = self.ppo.mini_batch_size
+        micro = max(1, mini // self.ppo.gradient_accumulation_steps)
+        params = self._trainable_parameters()
+        max_norm = self.ppo.max_grad_norm if self.ppo.max_grad_norm is not None else float("inf")
+        totals: dict[str, float] = {}
+        count = 0
+        for epoch in range(self.ppo.ppo_epochs):
+            order = torch.randperm(batch, generator=self.shuffle_generator).to(self.device)
+            for minibatch_number, start in enumerate(range(0, batch, mini)):
+                minibatch = order[start : start + mini]
+                self.optimizer.zero_grad(set_to_none=True)
+                for micro_start in range(0, len(minibatch), micro):
+                    index = minibatch[micro_start : micro_start + micro]
+                    loss, stats = self._micro_batch_loss(exp, index)
+                    if not torch.isfinite(loss):
+                        raise PPOError(
+                            f"iteration {iteration}: non-finite loss (policy {stats['loss/policy'].item()}, "
+                            f"value {stats['loss/value'].item()}) in epoch {epoch}, minibatch {minibatch_number}; "
+                            f"no optimizer step was taken for it"
+                        )
+                    (loss * (len(index) / len(minibatch))).backward()  # = loss / gradient_accumulation_steps
+                    for name, value in stats.items():
+                        totals[name] = totals.get(name, 0.0) + value.item()
+                    count += 1
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+                if not torch.isfinite(grad_norm):
+                    raise PPOError(
+                        f"iteration {iteration}: non-finite gradient norm in epoch {epoch}, minibatch {minibatch_number}; "
+                        f"no optimizer step was taken for it"
+                    )
+                self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {name: total / count for name, total in totals.items()}
+
+    # ------------------------------------------------------------------ one iteration
+
+    def step(self, prompts: Sequence[str]) -> dict[str, float]:
+        """One PPO iteration on `prompts` (one episode each). Returns the statistics (see module docstring)."""
+        if len(prompts) == 0:
+            raise PPOError(f"iteration {self.iteration + 1}: empty prompt batch")
+        start = time.perf_counter()
+        kl_coef = self.kl_ctl.kl_coef
+        lr = self.scheduler.get_last_lr()[0]
+        exp, times = self.make_experience(prompts)
+        update_start = time.perf_counter()
+        update_stats = self.learn(exp)
+        update_time = time.perf_counter() - update_start + times.pop("_gae")
+
+        mask = exp.mask
+        batch = exp.queries.shape[0]
+        kl_per_sequence = exp.kl.sum(1)
+        stats = {
+            "objective/scores": exp.scores.mean().item(),
+            "objective/kl": kl_per_sequence.mean().item(),
+            "objective/non_score_reward": (-kl_coef * kl_per_sequence).mean().item(),
+            "objective/rlhf_reward": exp.rewards.sum(1).mean().item(),
+            "objective/entropy": (-exp.logprobs).sum(1).mean().item(),
+            **update_stats,
+            "val/explained_variance": explained_variance(exp.values, exp.returns, mask),
+            "val/mean": masked_mean(exp.values, mask).item(),
+            "kl_coef": kl_coef,
+            "lr": lr,
+            "response/length_mean": mask.sum(1).mean().item(),
+            "response/eos_fraction": exp.ended_with_eos.float().mean().item(),
+        }
+        self.kl_ctl.update(stats["objective/kl"], batch)
+        self.scheduler.step()
+        self.iteration += 1
+        self.episodes += batch
+        self.recent_scores.append(stats["objective/scores"])
+        elapsed = time.perf_counter() - start
+        stats.update({
+            "episodes": float(self.episodes),
+            "iteration": float(self.iteration),
+            "perf/tokens_per_second": mask.sum().item() / elapsed,
+            **times,
+            "time/update": update_time,
+        })
+        return stats
+
+    # ------------------------------------------------------------------ the loop and stopping
+
+    @property
+    def stop_reason(self) -> str | None:
+        """"target_reward" once the mean score over the last `target_window` iterations reaches
+        `ppo.target_reward` (a full window is required), "max_steps" once `ppo.max_steps` episodes are done."""
+        target = self.ppo.target_reward
+        if target is not None and len(self.recent_scores) == self.ppo.target_window:
+            if sum(self.recent_scores) / len(self.recent_scores) >= target:
+                return "target_reward"
+        if self.episodes >= self.ppo.max_steps:
+            return "max_steps"
+        return None
+
+    def should_stop(self) -> bool:
+        return self.stop_reason is not None
+
+    def next_prompts(self, prompts: Sequence[str]) -> list[str]:
+        """The next `ppo.batch_size` prompts, cycling through `prompts` in a fresh seeded order each pass."""
+        if len(prompts) == 0:
+            raise PPOError("no prompts to train on")
+        batch: list[str] = []
+        while len(batch) < self.ppo.batch_size:
+            if self._prompt_cursor >= len(self._prompt_order) or len(self._prompt_order) != len(prompts):
+                self._prompt_order = torch.randperm(len(prompts), generator=self.prompt_generator).tolist()
+                self._prompt_cursor = 0
+            take = min(self.ppo.batch_size - len(batch), len(self._prompt_order) - self._prompt_cursor)
+            batch.extend(prompts[i] for i in self._prompt_order[self._prompt_cursor : self._prompt_cursor + take])
+            self._prompt_cursor += take
+        return batch
+
+    def train(self, prompts: Sequence[str], iterations: int | None = None, callback: Callback | None = None) -> TrainResult:
+        """Run iterations until `iterations` are done, the target reward is met, or `max_steps` episodes."""
+        history: list[dict[str, float]] = []
+        while True:
+            reason = self.stop_reason
+            if reason is None and iterations is not None and len(history) >= iterations:
+                reason = "iterations"
+            if reason is not None:
+                return TrainResult(reason, len(history), self.episodes, history)
+            stats = self.step(self.next_prompts(prompts))
+            history.append(stats)
+            if callback is not None:
+                callback(stats)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self, directory: str | Path) -> Path:
+        """Policy + value head (or critic), optimizer, scheduler, KL controller, score statistics, RNG states
+        and counters, written atomically: the previous checkpoint stays intact until this one is complete."""
+        return write_atomically(directory, self._write_checkpoint)
+
+    def _write_checkpoint(self, path: Path) -> None:
+        save_model(self.policy, str(path / "policy.safetensors"))
+        head = self.value_head if self.value_head is not None else self.critic
+        save_model(head, str(path / "value.safetensors"))
+        np_state = np.random.get_state()
+        torch.save(
+            {
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "rng": {
+                    "python": random.getstate(),
+                    "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+                    "torch": torch.get_rng_state(),
+                    "sample": self.sample_generator.get_state(),
+                    "shuffle": self.shuffle_generator.get_state(),
+                    "prompt": self.prompt_generator.get_state(),
+                },
+            },
+            path / "trainer_state.pt",
+        )
+        state = {
+            "iteration": self.iteration,
+            "episodes": self.episodes,
+            "recent_scores": list(self.recent_scores),
+            "kl_controller": self.kl_ctl.state_dict(),
+            "score_moments": self.score_moments.state_dict(),
+            "prompt_order": self._prompt_order,
+            "prompt_cursor": self._prompt_cursor,
+            "value_head": self.value_head_type,
+            "ppo": self.ppo.model_dump(mode="json"),
+            "generation": self.generation.model_dump(mode="json"),
+            "reward": self.reward.model_dump(mode="json"),
+        }
+        (path / "trainer_state.json").write_text(json.dumps(state, indent=2))
+
+    def load_checkpoint(self, directory: str | Path) -> None:
+        path = resolve_checkpoint(directory)
+        state = json.loads((path / "trainer_state.json").read_text())
+        if state["value_head"] != self.value_head_type:
+            raise ValueError(f"checkpoint {path} has a {state['value_head']} value head, this trainer a {self.value_head_type} one")
+        load_model(self.policy, str(path / "policy.safetensors"), device=str(self.device))
+        head = self.value_head if self.value_head is not None else self.critic
+        load_model(head, str(path / "value.safetensors"), device=str(self.device))
+        blob = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
+        self.optimizer.load_state_dict(blob["optimizer"])
+        self.scheduler.load_state_dict(blob["scheduler"])
+        rng = blob["rng"]
+        random.setstate(rng["python"])
+        name, keys, *rest = rng["numpy"]
+        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
+        torch.set_rng_state(rng["torch"])
+        self.sample_generator.set_state(rng["sample"])
+        self.shuffle_generator.set_state(rng["shuffle"])
+        self.prompt_generator.set_state(rng["prompt"])
+        self.iteration, self.episodes = int(state["iteration"]), int(state["episodes"])
+        self.recent_scores = deque(state["recent_scores"], maxlen=self.ppo.target_window)
+        self.kl_ctl.load_state_dict(state["kl_controller"])
+        self.score_moments.load_state_dict(state["score_moments"])
+        self._prompt_order, self._prompt_cursor = list(state["prompt_order"]), int(state["prompt_cursor"])
+
+    def export_policy(self, directory: str | Path) -> Path:
+        """The policy LM (without value head) and tokenizer, via save_pretrained, for registration."""
+
+        def write(path: Path) -> None:
+            self.policy.save_pretrained(path)
+            self.tokenizer.save_pretrained(path)
+
+        return write_atomically(directory, write)
+
+
+def _as_critic(module: torch.nn.Module) -> Critic:
+    if isinstance(module, Critic):
+        return module
+    if isinstance(module, PreTrainedModel) and module.base_model is not module:
+        module = module.base_model  # an LM or classifier: keep its backbone
+    return Critic(module, hidden_size(module))
+
+
+def _load_critic_backbone(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) -> torch.nn.Module | None:
+    from transformers import AutoModel, AutoTokenizer
+
+    source, revision = cfg.policy.critic_model, cfg.policy.revision
+    if source is None and not cfg.reward.model.startswith("models:"):
+        try:
+            reward_tokenizer = AutoTokenizer.from_pretrained(cfg.reward.model, revision=cfg.reward.revision)
+            if reward_tokenizer.get_vocab() == tokenizer.get_vocab():
+                source, revision = cfg.reward.model, cfg.reward.revision
+        except OSError:
+            pass
+    if source is None:
+        return None  # the trainer copies the policy's backbone
+    if source.startswith("models:"):
+        raise ValueError(f"policy.critic_model={source!r}: resolve registry URIs to a local path first")
+    return AutoModel.from_pretrained(source, revision=revision, dtype=torch.float32)

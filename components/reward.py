@@ -1,0 +1,116 @@
+"""The reward model as a function of text: `RewardScorer(prompts, completions) -> scores (B,)`.
+
+It wraps any `AutoModelForSequenceClassification` with its OWN tokenizer, so it may differ from the
+policy's: the trainer decodes completions and the scorer re-tokenizes `prompt + completion`.
+The score is the single output, or the logit (or softmax probability, `reward.score`) of the
+label chosen by name or index (`reward.label`). For a single-output model, `probability` is its sigmoid.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from components.config import RewardConfig
+
+
+class RewardLabelError(ValueError):
+    """`reward.label` does not pick exactly one output of the reward model."""
+
+
+def resolve_label(model_config, label: str | int | None) -> int:
+    """The output index `reward.label` names, checked against the model's outputs."""
+    num_labels = int(getattr(model_config, "num_labels", 1))
+    id2label = {int(k): str(v) for k, v in (getattr(model_config, "id2label", None) or {}).items()}
+    allowed = ", ".join(f"{i}={id2label.get(i, i)!r}" for i in range(num_labels))
+    if label is None:
+        if num_labels == 1:
+            return 0
+        raise RewardLabelError(
+            f"the reward model has {num_labels} outputs ({allowed}); set reward.label to one of these names or indices"
+        )
+    if isinstance(label, bool):
+        raise RewardLabelError(f"reward.label={label!r} must be a label name or an index; allowed: {allowed}")
+    if isinstance(label, int):
+        if not 0 <= label < num_labels:
+            raise RewardLabelError(f"reward.label={label} is out of range; allowed: {allowed}")
+        return label
+    by_name = {name: index for index, name in id2label.items() if index < num_labels}
+    if label not in by_name:
+        raise RewardLabelError(f"reward.label={label!r} is not a label of the reward model; allowed: {allowed}")
+    return by_name[label]
+
+
+class RewardScorer:
+    """Scores `prompt + completion` texts with a sequence-classification reward model.
+
+    Inputs longer than `max_length` tokens are truncated on the LEFT, keeping the completion, which is
+    what is being judged. Decoder reward models get a pad token (EOS) if they have none; the model's
+    `pad_token_id` is aligned with the tokenizer's, so left or right padding both find the last real token.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        label: str | int | None = None,
+        score: str = "logit",
+        max_length: int = 256,
+        batch_size: int = 64,
+    ):
+        if score not in ("logit", "probability"):
+            raise ValueError(f"reward.score={score!r}; allowed: 'logit', 'probability'")
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.index = resolve_label(model.config, label)
+        self.num_labels = int(getattr(model.config, "num_labels", 1))
+        self.score = score
+        self.max_length = max_length
+        self.batch_size = batch_size
+        if tokenizer.pad_token is None:
+            if tokenizer.eos_token is None:
+                raise ValueError("the reward tokenizer has neither a pad nor an eos token")
+            tokenizer.pad_token = tokenizer.eos_token
+        if getattr(model.config, "pad_token_id", None) != tokenizer.pad_token_id:
+            model.config.pad_token_id = tokenizer.pad_token_id
+        tokenizer.truncation_side = "left"
+
+    @classmethod
+    def from_config(
+        cls, reward: RewardConfig, model: PreTrainedModel | None = None, tokenizer: PreTrainedTokenizerBase | None = None
+    ) -> "RewardScorer":
+        """Load `reward.model` (a local path or hub id) unless the model/tokenizer are given."""
+        from components.models import load_reward_model, load_tokenizer
+
+        model = model if model is not None else load_reward_model(reward.model, reward.revision)
+        if tokenizer is None:
+            tokenizer = load_tokenizer(reward.model, reward.revision, padding_side="right")
+        return cls(model, tokenizer, reward.label, reward.score, reward.max_length, reward.batch_size)
+
+    @torch.inference_mode()
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:
+        if len(prompts) != len(completions):
+            raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+        texts = [p + c for p, c in zip(prompts, completions)]
+        device = self.model.device
+        scores = []
+        for start in range(0, len(texts), self.batch_size):
+            batch = self.tokenizer(
+                texts[start : start + self.batch_size],
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
+            ).to(device)
+            logits = self.model(**batch).logits.float()
+            if logits.shape[-1] != self.num_labels:
+                raise ValueError(f"the reward model returned {logits.shape[-1]} outputs, its config says {self.num_labels}")
+            if self.score == "logit":
+                scores.append(logits[:, self.index])
+            elif self.num_labels == 1:
+                scores.append(torch.sigmoid(logits[:, 0]))
+            else:
+                scores.append(torch.softmax(logits, dim=-1)[:, self.index])
+        return torch.cat(scores).cpu() if scores else torch.zeros(0)
