@@ -2,7 +2,8 @@
 
 Load it from YAML with `load_config(path, overrides)`; overrides are `section.key=value`
 strings (values parsed as YAML, so `1e-5`, `true`, `[a, b]` work). Every error names the
-key and what is allowed.
+key and what is allowed. Relative paths (data, models, checkpoints) are relative to the project
+root, so a run means the same thing from any working directory or Prefect worker.
 """
 
 from __future__ import annotations
@@ -157,10 +158,21 @@ class PPOConfig(Section):
 
 
 class EvaluationConfig(Section):
-    num_prompts: int = Field(64, gt=0, description="Held-out prompts used by the evaluation.")
+    """Evaluation runs on the held-out prompts (`data.eval_size`), the same ones for every policy."""
+
     seed: int = 1234
     bootstrap_samples: int = Field(1000, gt=0)
     num_samples_logged: int = Field(16, ge=0)
+    gold_scorer: str | None = Field(
+        None, description="Optional ground-truth judge, `module:function` (text -> bool/float), e.g. the demo's."
+    )
+
+    @field_validator("gold_scorer")
+    @classmethod
+    def _module_function(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", value):
+            raise ValueError("must look like package.module:function")
+        return value
 
 
 class GatesConfig(Section):

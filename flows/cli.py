@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from components.config import ConfigError, load_config
+from components.config import PROJECT_ROOT, ConfigError, load_config
 
 app = typer.Typer(help="alignflow: RLHF with PPO as a scheduled, auditable MLOps workflow.", no_args_is_help=True)
 config_app = typer.Typer(help="Inspect the run configuration.", no_args_is_help=True)
@@ -53,8 +53,8 @@ def data_check(config: Optional[Path] = ConfigOption, set_: list[str] = SetOptio
 
     run = resolved(config, set_)
     try:
-        version = check_data(Path(run.data.dvc_file))
-        prompts = load_prompts(run.data)
+        version = check_data(PROJECT_ROOT / run.data.dvc_file)
+        prompts = load_prompts(run.data, PROJECT_ROOT)
     except DataError as exc:
         fail(str(exc))
     console.print(f"data version (md5 from {run.data.dvc_file}): [bold]{version.md5}[/] ({version.files} files)")
@@ -62,7 +62,7 @@ def data_check(config: Optional[Path] = ConfigOption, set_: list[str] = SetOptio
 
 
 @demo_app.command("data")
-def demo_data(out: Path = typer.Option(Path("data/demo"), help="Where to write the demo datasets."), seed: int = 0) -> None:
+def demo_data(out: Path = typer.Option(PROJECT_ROOT / "data/demo", help="Where to write the demo datasets."), seed: int = 0) -> None:
     """Regenerate the demo datasets exactly (the same seed gives the bytes data.dvc pins)."""
     from components.demo.domain import generate_demo_data
 
@@ -73,8 +73,8 @@ def demo_data(out: Path = typer.Option(Path("data/demo"), help="Where to write t
 
 @demo_app.command("bootstrap")
 def demo_bootstrap(
-    data_dir: Path = typer.Option(Path("data/demo")),
-    out: Path = typer.Option(Path("artifacts/demo")),
+    data_dir: Path = typer.Option(PROJECT_ROOT / "data/demo"),
+    out: Path = typer.Option(PROJECT_ROOT / "artifacts/demo"),
     force: bool = typer.Option(False, help="Retrain even if the models exist for this data and these settings."),
 ) -> None:
     """Train the demo's instruct model and reward model from scratch on the CPU."""
@@ -85,7 +85,7 @@ def demo_bootstrap(
     console.print(report)
 
 
-def ensure_demo_data(data_dir: Path = Path("data/demo")) -> None:
+def ensure_demo_data(data_dir: Path = PROJECT_ROOT / "data/demo") -> None:
     """Generate the demo data when it is missing (a fresh clone), then check it against data.dvc."""
     from components.data import DataError, check_data
     from components.demo.domain import generate_demo_data
@@ -94,9 +94,175 @@ def ensure_demo_data(data_dir: Path = Path("data/demo")) -> None:
         console.print(f"{data_dir} is missing: regenerating the demo data (seed 0)")
         generate_demo_data(data_dir, seed=0)
     try:
-        check_data(Path("data.dvc"))
+        check_data(PROJECT_ROOT / "data.dvc")
     except DataError as exc:
         fail(str(exc))
+
+
+def prepare_demo_if_needed(run) -> None:
+    """The embedded default brings its own world: data regenerated and models bootstrapped if missing."""
+    from components.demo.bootstrap import bootstrap
+
+    if run.policy.model.startswith("artifacts/demo") or run.reward.model.startswith("artifacts/demo"):
+        ensure_demo_data()
+        report = bootstrap(PROJECT_ROOT / "data/demo", PROJECT_ROOT / "artifacts/demo")
+        if not report.skipped:
+            console.print(report)
+
+
+@app.command()
+def run(
+    config: Optional[Path] = ConfigOption,
+    set_: list[str] = SetOption,
+    resume: Optional[str] = typer.Option(None, help="Resume this MLflow run id from its last checkpoint."),
+) -> None:
+    """Run the whole pipeline: data, reward model, baseline, PPO, evaluation, gates, registry."""
+    run_config = resolved(config, set_)
+    prepare_demo_if_needed(run_config)
+    from flows.pipeline import pipeline
+
+    result = pipeline(str(config) if config else None, list(set_), resume)
+    show_result(result, run_config)
+
+
+def show_result(result, run_config) -> None:
+    from components.tracking import resolve_tracking_uri
+
+    table = Table(title="Baseline vs candidate (held-out prompts)")
+    for column in ("metric", "baseline", "candidate"):
+        table.add_column(column, justify="right" if column != "metric" else "left")
+    for key, base in result.baseline.items():
+        name = key.split("/", 1)[1]
+        cand = result.candidate.get(f"candidate/{name}")
+        table.add_row(name, f"{base:.4f}", f"{cand:.4f}" if cand is not None else "-")
+    table.add_row("kl_from_reference", "0", f"{result.candidate.get('candidate/kl') or 0:.4f}")
+    console.print(table)
+    colour = "green" if result.gates_passed else "red"
+    console.print(f"gates: [{colour}]{result.gate_summary}[/]")
+    name, alias = run_config.tracking.registered_model, run_config.tracking.champion_alias
+    state = f"promoted to @{alias}" if result.promoted else f"not promoted (@{alias} unchanged)"
+    console.print(f"stop reason: {result.stop_reason} after {result.episodes} episodes")
+    console.print(f"registered [bold]{name}[/] version [bold]{result.model_version}[/]: {state}")
+    uri = resolve_tracking_uri(run_config.tracking)
+    console.print(f"MLflow run {result.run_id}; open the UI with:\n  mlflow ui --backend-store-uri {uri}"
+                  if uri.startswith("sqlite") else f"MLflow run {result.run_id} at {uri}")
+
+
+@app.command()
+def serve(
+    config: Optional[Path] = ConfigOption,
+    set_: list[str] = SetOption,
+    cron: Optional[str] = typer.Option(None, help='Cron schedule, e.g. "0 3 * * *".'),
+    interval: Optional[int] = typer.Option(None, help="Interval schedule in seconds."),
+    name: str = typer.Option("alignflow-scheduled", help="Deployment name."),
+) -> None:
+    """Serve the pipeline as a scheduled Prefect deployment from this process (needs a Prefect server)."""
+    resolved(config, set_)
+    if (cron is None) == (interval is None):
+        fail("give exactly one of --cron or --interval")
+    require_prefect_server()
+    from flows.pipeline import pipeline
+
+    parameters = {"config_path": str(config) if config else None, "overrides": list(set_)}
+    pipeline.serve(name=name, cron=cron, interval=interval, parameters=parameters)
+
+
+def require_prefect_server() -> str:
+    """Schedules need a real Prefect server; say how to get one rather than failing deep inside Prefect."""
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        fail("no Prefect server configured: schedules need one. Start it with `prefect server start` "
+             "(or `infra/local-stack up`) and export PREFECT_API_URL=http://127.0.0.1:4200/api")
+    try:
+        httpx.get(f"{url.rstrip('/')}/health", timeout=5).raise_for_status()
+    except httpx.HTTPError as exc:
+        fail(f"the Prefect server at {url} is not reachable ({exc}). Start it with `prefect server start` "
+             "or `infra/local-stack up`, or fix PREFECT_API_URL")
+    return url
+
+
+@app.command()
+def runs(config: Optional[Path] = ConfigOption, set_: list[str] = SetOption, limit: int = typer.Option(10, "-n")) -> None:
+    """Recent pipeline runs: status, stop reason, score gain, KL, gate result and model version."""
+    from components import tracking
+
+    run_config = resolved(config, set_)
+    tracking.use_tracking(run_config.tracking)
+    table = Table(title=f"Recent runs ({run_config.tracking.experiment})")
+    for column in ("run id", "start", "status", "stop reason", "score gain", "KL", "gates", "version"):
+        table.add_column(column)
+    for row in tracking.recent_runs(run_config.tracking.experiment, limit):
+        gates = {None: "-", True: "[green]passed", False: "[red]failed"}[row["gates_passed"]]
+        table.add_row(row["run_id"][:12], row["start_time"].strftime("%Y-%m-%d %H:%M"), row["status"], row["stop_reason"] or "-",
+                      _num(row["reward_gain"]), _num(row["kl"]), gates, row["model_version"] or "-")
+    console.print(table)
+
+
+def _num(value) -> str:
+    return "-" if value is None else f"{value:+.3f}"
+
+
+@app.command()
+def models(config: Optional[Path] = ConfigOption, set_: list[str] = SetOption) -> None:
+    """Versions of the registered policy with their aliases and gate results."""
+    from components import tracking
+
+    run_config = resolved(config, set_)
+    tracking.use_tracking(run_config.tracking)
+    name = run_config.tracking.registered_model
+    table = Table(title=f"Registered model {name}")
+    for column in ("version", "aliases", "gates", "failed gates", "eval score", "KL", "data md5", "promoted by"):
+        table.add_column(column)
+    for version in tracking.list_versions(name):
+        tags = version.tags
+        gates = {"true": "[green]passed", "false": "[red]failed"}.get(tags.get("gates_passed", ""), "-")
+        table.add_row(str(version.version), ", ".join(version.aliases) or "-", gates, tags.get("gates_failed") or "-",
+                      tags.get("eval_mean_score", "-")[:7], tags.get("eval_kl", "-")[:7], tags.get("data_md5", "-")[:10],
+                      tags.get("promoted_by", "-"))
+    console.print(table)
+
+
+@app.command()
+def promote(
+    version: str,
+    config: Optional[Path] = ConfigOption,
+    set_: list[str] = SetOption,
+    force: bool = typer.Option(False, help="Promote a version whose gates failed (needs --reason)."),
+    reason: Optional[str] = typer.Option(None, help="Why (recorded in the version's tags)."),
+) -> None:
+    """Make VERSION the champion; refuses a version that failed its gates unless --force --reason."""
+    from components import tracking
+
+    run_config = resolved(config, set_)
+    tracking.use_tracking(run_config.tracking)
+    name, alias = run_config.tracking.registered_model, run_config.tracking.champion_alias
+    try:
+        promoted = tracking.promote(name, version, alias, force=force, reason=reason)
+    except tracking.PromotionError as exc:
+        fail(str(exc) + (" (use --force --reason \"...\")" if not force else ""))
+    console.print(f"{name} version {promoted.version} is now @{alias}")
+
+
+@app.command()
+def rollback(
+    config: Optional[Path] = ConfigOption,
+    set_: list[str] = SetOption,
+    reason: Optional[str] = typer.Option(None, help="Why (recorded in the versions' tags)."),
+) -> None:
+    """Move the champion alias back to the previous champion."""
+    from components import tracking
+
+    run_config = resolved(config, set_)
+    tracking.use_tracking(run_config.tracking)
+    name, alias = run_config.tracking.registered_model, run_config.tracking.champion_alias
+    try:
+        restored = tracking.rollback(name, alias, reason=reason)
+    except tracking.PromotionError as exc:
+        fail(str(exc))
+    console.print(f"{name} @{alias} is back on version {restored.version}")
 
 
 def main() -> None:
