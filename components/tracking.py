@@ -299,7 +299,10 @@ def promote(
     """
     client = MlflowClient()
     version = str(version)
-    target = client.get_model_version(name, version)
+    try:
+        target = client.get_model_version(name, version)
+    except MlflowException as exc:
+        raise PromotionError(f"cannot promote {name} version {version}: {exc.message}") from None
     if passed_gates is not None:
         client.set_model_version_tag(name, version, VERSION_GATES_TAG, _tag_value(passed_gates))
         gates = _tag_value(passed_gates)

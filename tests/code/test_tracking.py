@@ -171,6 +171,8 @@ def test_a_version_whose_gates_failed_needs_force_and_a_reason(config, tiny_lm_d
     bad = _register(tiny_lm_dir, gates_passed=False)
     tracking.promote(MODEL, good.version)
 
+    with pytest.raises(PromotionError, match="cannot promote tiny-policy version 9"):
+        tracking.promote(MODEL, 9)
     with pytest.raises(PromotionError, match="promotion gates failed; pass force=True with a reason"):
         tracking.promote(MODEL, bad.version)
     with pytest.raises(PromotionError, match="needs a reason"):
