@@ -368,3 +368,36 @@ def _fmt(value: float) -> str:
 
 def _named(name: str | None, value: float) -> str:
     return f"{name} {_fmt(value)}" if name else _fmt(value)
+
+
+# --- a policy on the held-out prompts ---------------------------------------------------------
+
+
+def load_gold_scorer(spec: str | None):
+    """`package.module:function` (text -> bool or float) as configured in `evaluation.gold_scorer`."""
+    if spec is None:
+        return None
+    import importlib
+
+    module_name, _, function_name = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module_name), function_name)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"evaluation.gold_scorer: cannot import {spec!r} ({exc})") from None
+
+
+def evaluate_policy(policy, tokenizer, prompts: Sequence[str], scorer, generation, evaluation):
+    """Sample each prompt once with `evaluation.seed`, score prompt + completion with the reward model
+    (and the gold judge, if configured). The same seed makes baseline and candidate comparable.
+
+    Returns (PolicyEval, the samples, the per-prompt scores).
+    """
+    from components.ppo.rollout import generate
+
+    samples = generate(policy, tokenizer, prompts, generation, seed=evaluation.seed)
+    scores = [float(s) for s in scorer(list(prompts), samples.completions).tolist()]
+    judge = load_gold_scorer(evaluation.gold_scorer)
+    gold = None if judge is None else [float(judge(p + c)) for p, c in zip(prompts, samples.completions)]
+    summary = summarize(scores, samples.lengths, samples.completions, gold,
+                        n_resamples=evaluation.bootstrap_samples, seed=evaluation.seed)
+    return summary, samples, scores

@@ -183,7 +183,7 @@ def log_training_curves(
     history: list[dict[str, float]],
     *,
     step_key: str = "episode",
-    score_key: str = "score/mean",
+    score_key: str = "objective/scores",
     kl_key: str = "objective/kl",
     artifact_file: str = "training_curves.png",
 ):

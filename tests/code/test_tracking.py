@@ -115,7 +115,7 @@ def test_dataset_digest_longer_than_mlflow_allows_is_refused(config):
 
 
 def test_training_curves_and_eval_samples_are_run_artifacts(config):
-    history = [{"episode": 64 * (i + 1), "score/mean": 0.1 * i, "objective/kl": 0.5 * i} for i in range(5)]
+    history = [{"episode": 64 * (i + 1), "objective/scores": 0.1 * i, "objective/kl": 0.5 * i} for i in range(5)]
     samples = [
         {"prompt": "the film", "baseline_completion": "was bad", "candidate_completion": "was great",
          "baseline_score": -1.0, "candidate_score": 2.0},
@@ -123,7 +123,7 @@ def test_training_curves_and_eval_samples_are_run_artifacts(config):
     with tracking.start_run(config) as run:
         figure = tracking.log_training_curves(history)
         tracking.log_eval_samples(samples)
-        with pytest.raises(KeyError, match="keys present: episode, objective/kl, score/mean"):
+        with pytest.raises(KeyError, match="keys present: episode, objective/kl, objective/scores"):
             tracking.log_training_curves(history, score_key="env/reward_mean")
         with pytest.raises(KeyError, match="missing: candidate_score"):
             tracking.log_eval_samples([{k: v for k, v in samples[0].items() if k != "candidate_score"}])
