@@ -47,8 +47,10 @@ class RewardScorer:
     """Scores `prompt + completion` texts with a sequence-classification reward model.
 
     Inputs longer than `max_length` tokens are truncated on the LEFT, keeping the completion, which is
-    what is being judged. Decoder reward models get a pad token (EOS) if they have none; the model's
-    `pad_token_id` is aligned with the tokenizer's, so left or right padding both find the last real token.
+    what is being judged. Batches are padded on the RIGHT whatever the tokenizer's padding side: default
+    position ids are then right for decoders (GPT-2 does not derive them from the attention mask) and
+    encoders alike. Decoder reward models get a pad token (EOS) if they have none, and the model's
+    `pad_token_id` is aligned with the tokenizer's so it finds each row's last real token.
     """
 
     def __init__(
@@ -100,6 +102,7 @@ class RewardScorer:
             batch = self.tokenizer(
                 texts[start : start + self.batch_size],
                 padding=True,
+                padding_side="right",
                 truncation=True,
                 max_length=self.max_length,
                 return_tensors="pt",

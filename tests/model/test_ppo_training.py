@@ -1,0 +1,221 @@
+"""The engine end to end on a tiny GPT-2: it learns, resumes exactly, checkpoints atomically, fails loudly."""
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from ppo_helpers import one_thread, word_share  # noqa: F401
+
+from components.config import GenerationConfig, PPOConfig, RewardConfig, RunConfig
+from components.models import load_causal_lm, load_tokenizer
+from components.ppo import PPOError, PPOTrainer
+from components.ppo.checkpoint import resolve_checkpoint
+
+PROMPTS = ["the film was", "I loved the movie", "the plot is", "it was a", "the acting", "we hated it but", "the music", "this movie"]
+STAT_NAMES = {
+    "objective/scores", "objective/kl", "objective/non_score_reward", "objective/rlhf_reward", "objective/entropy",
+    "policy/approxkl", "policy/clipfrac", "policy/entropy", "loss/policy", "loss/value", "val/clipfrac",
+    "val/explained_variance", "val/mean", "kl_coef", "lr", "response/length_mean", "response/eos_fraction",
+    "episodes", "iteration", "perf/tokens_per_second", "time/rollout", "time/scoring", "time/update",
+}
+TIMING = ("perf/tokens_per_second", "time/rollout", "time/scoring", "time/update")
+
+
+def make_trainer(lm_dir, reward_fn=None, seed=0, reward=None, value_head="shared", **ppo):
+    settings = dict(learning_rate=1e-3, batch_size=16, mini_batch_size=8, ppo_epochs=2, kl_coef=0.05, max_steps=10_000)
+    settings.update(ppo)
+    return PPOTrainer(
+        load_causal_lm(lm_dir), load_tokenizer(lm_dir), reward_fn or word_share("good"),
+        PPOConfig(**settings), GenerationConfig(max_new_tokens=8, max_prompt_tokens=8), reward or RewardConfig(),
+        value_head=value_head, seed=seed,
+    )
+
+
+def tree_digest(directory: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(directory.rglob("*")):
+        if path.is_file():
+            digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+def test_mean_score_rises_while_kl_stays_bounded(tiny_lm_dir):
+    trainer = make_trainer(tiny_lm_dir, learning_rate=2e-3, batch_size=32, mini_batch_size=8, ppo_epochs=4)
+    start = time.perf_counter()
+    result = trainer.train(PROMPTS, iterations=20)
+    elapsed = time.perf_counter() - start
+    scores = [s["objective/scores"] for s in result.history]
+    before, after = sum(scores[:3]) / 3, sum(scores[-3:]) / 3
+    print(f"word share of 'good': {before:.3f} -> {after:.3f} in {elapsed:.1f}s; final KL {result.last['objective/kl']:.2f}")
+    assert result.stop_reason == "iterations" and result.iterations == 20 and trainer.episodes == 640
+    assert before < 0.1 and after > 0.4
+    assert max(s["objective/kl"] for s in result.history) < 15
+    assert set(result.last) == STAT_NAMES | {"policy/ratio"}
+    assert elapsed < 60
+
+
+def test_rollout_and_training_forward_agree_ratio_is_one_on_the_first_minibatch(tiny_lm_dir):
+    # one epoch, one minibatch: the statistics are those of the first forward, before any optimizer step
+    trainer = make_trainer(tiny_lm_dir, batch_size=16, mini_batch_size=16, ppo_epochs=1, gradient_accumulation_steps=2)
+    stats = trainer.step(PROMPTS * 2)
+    assert stats["policy/approxkl"] < 1e-10
+    assert stats["policy/ratio"] == pytest.approx(1.0, abs=1e-5)
+    assert stats["policy/clipfrac"] == 0.0 and stats["val/clipfrac"] == 0.0
+
+
+def test_resumed_run_equals_the_uninterrupted_one(tiny_lm_dir, tmp_path):
+    reward = RewardConfig(normalize=True, missing_eos_penalty=0.5, clip=3.0)
+    uninterrupted = make_trainer(tiny_lm_dir, reward=reward, adaptive_kl=True, lr_schedule="linear", max_steps=160)
+    uninterrupted.train(PROMPTS, iterations=2)
+    uninterrupted.save_checkpoint(tmp_path / "ckpt")
+    third = uninterrupted.train(PROMPTS, iterations=1).last
+
+    resumed = PPOTrainer.from_checkpoint(
+        tmp_path / "ckpt", load_causal_lm(tiny_lm_dir), load_tokenizer(tiny_lm_dir), word_share("good"),
+        uninterrupted.ppo, uninterrupted.generation, reward, seed=0,
+    )
+    assert resumed.iteration == 2 and resumed.episodes == 32
+    again = resumed.train(PROMPTS, iterations=1).last
+    for name in STAT_NAMES - set(TIMING):
+        assert again[name] == pytest.approx(third[name], abs=1e-5), name
+    for a, b in zip(uninterrupted.policy.parameters(), resumed.policy.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    # and the reference is still the starting policy, not the checkpointed one
+    start = load_causal_lm(tiny_lm_dir)
+    for a, b in zip(start.parameters(), resumed.reference.parameters()):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_a_failure_mid_save_leaves_the_previous_checkpoint_intact(tiny_lm_dir, tmp_path, monkeypatch):
+    trainer = make_trainer(tiny_lm_dir)
+    trainer.step(PROMPTS * 2)
+    target = trainer.save_checkpoint(tmp_path / "ckpt")
+    digest = tree_digest(target)
+    trainer.step(PROMPTS * 2)
+
+    def disk_full(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr("components.ppo.trainer.torch.save", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        trainer.save_checkpoint(target)
+    monkeypatch.undo()
+    assert tree_digest(target) == digest
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temporary directory left behind
+    restored = make_trainer(tiny_lm_dir)
+    restored.load_checkpoint(target)
+    assert restored.iteration == 1
+
+    # a save that died between its two renames: the previous checkpoint is found aside
+    target.rename(tmp_path / ".ckpt.previous")
+    assert resolve_checkpoint(target) == tmp_path / ".ckpt.previous"
+    trainer.save_checkpoint(target)  # and the next save completes normally
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    assert json.loads((target / "trainer_state.json").read_text())["iteration"] == 2
+
+
+def test_nan_score_stops_the_run_naming_the_iteration_before_any_update(tiny_lm_dir, tmp_path):
+    calls = []
+    good = word_share("good")
+
+    def flaky(prompts, completions):
+        calls.append(1)
+        scores = good(prompts, completions)
+        if len(calls) == 2:
+            scores[3] = float("nan")
+        return scores
+
+    trainer = make_trainer(tiny_lm_dir, reward_fn=flaky)
+    trainer.step(PROMPTS * 2)
+    target = trainer.save_checkpoint(tmp_path / "ckpt")
+    digest = tree_digest(target)
+    weights = [p.detach().clone() for p in trainer.policy.parameters()]
+    with pytest.raises(PPOError, match=r"iteration 2: .*non-finite scores.*episodes \[3\]"):
+        trainer.step(PROMPTS * 2)
+    assert tree_digest(target) == digest
+    assert all(torch.equal(a, b) for a, b in zip(weights, trainer.policy.parameters()))
+    assert trainer.iteration == 1 and trainer.episodes == 16
+
+
+@pytest.mark.parametrize(
+    "reward_fn, message",
+    [
+        (lambda p, c: torch.zeros(len(c) - 1), r"iteration 1: .*shape \(15,\) for 16 completions"),
+        (lambda p, c: torch.zeros(len(c), 2), r"shape \(16, 2\)"),
+        (lambda p, c: "good", r"iteration 1: the reward function returned str"),
+    ],
+)
+def test_reward_output_of_the_wrong_shape_is_an_error(tiny_lm_dir, reward_fn, message):
+    with pytest.raises(PPOError, match=message):
+        make_trainer(tiny_lm_dir, reward_fn=reward_fn).step(PROMPTS * 2)
+
+
+def test_empty_prompt_batch_is_an_error(tiny_lm_dir):
+    trainer = make_trainer(tiny_lm_dir)
+    with pytest.raises(PPOError, match="empty prompt batch"):
+        trainer.step([])
+    with pytest.raises(PPOError, match="no prompts"):
+        trainer.train([], iterations=1)
+
+
+def test_training_stops_at_max_steps_or_target_reward(tiny_lm_dir):
+    trainer = make_trainer(tiny_lm_dir, max_steps=40, ppo_epochs=1)
+    result = trainer.train(PROMPTS)  # 16 + 16 + 16 >= 40
+    assert (result.stop_reason, result.iterations, result.episodes) == ("max_steps", 3, 48)
+    assert trainer.should_stop() and trainer.stop_reason == "max_steps"
+
+    trainer = make_trainer(tiny_lm_dir, target_reward=-1.0, target_window=2, ppo_epochs=1)
+    seen = []
+    result = trainer.train(PROMPTS, iterations=10, callback=seen.append)
+    assert (result.stop_reason, result.iterations) == ("target_reward", 2)  # a full window is needed
+    assert [s["iteration"] for s in seen] == [1.0, 2.0]
+
+
+def test_prompts_cycle_in_a_new_order_each_pass(tiny_lm_dir):
+    trainer = make_trainer(tiny_lm_dir, batch_size=6, mini_batch_size=6)
+    first, second = trainer.next_prompts(PROMPTS), trainer.next_prompts(PROMPTS)
+    assert sorted(first + second[:2]) == sorted(PROMPTS)  # the first pass covers every prompt once
+    assert len(second) == 6
+
+
+def test_linear_schedule_and_adaptive_kl_are_applied(tiny_lm_dir):
+    trainer = make_trainer(tiny_lm_dir, max_steps=64, lr_schedule="linear", adaptive_kl=True, target_kl=0.01, horizon=100, ppo_epochs=1)
+    history = trainer.train(PROMPTS, iterations=3).history
+    assert [s["lr"] for s in history] == pytest.approx([1e-3, 0.75e-3, 0.5e-3])
+    kl_0, kl_1 = history[0]["objective/kl"], history[1]["objective/kl"]
+    assert history[0]["kl_coef"] == 0.05
+    expected = 0.05 * (1 + max(min(kl_0 / 0.01 - 1, 0.2), -0.2) * 16 / 100)
+    assert history[1]["kl_coef"] == pytest.approx(expected)
+    assert history[2]["kl_coef"] == pytest.approx(expected * (1 + max(min(kl_1 / 0.01 - 1, 0.2), -0.2) * 16 / 100))
+
+
+def test_separate_critic_trains_and_checkpoints(tiny_lm_dir, tmp_path):
+    trainer = make_trainer(tiny_lm_dir, value_head="separate")
+    assert trainer.value_head is None and trainer.critic is not None
+    before = [p.detach().clone() for p in trainer.critic.parameters()]
+    stats = trainer.step(PROMPTS * 2)
+    assert all(torch.isfinite(torch.tensor(v)) for k, v in stats.items() if k != "val/explained_variance")
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.critic.parameters()))
+    trainer.save_checkpoint(tmp_path / "ckpt")
+    restored = make_trainer(tiny_lm_dir, value_head="separate")
+    restored.load_checkpoint(tmp_path / "ckpt")
+    for a, b in zip(trainer.critic.parameters(), restored.critic.parameters()):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="separate value head"):
+        make_trainer(tiny_lm_dir).load_checkpoint(tmp_path / "ckpt")
+
+
+def test_from_config_and_export_policy(tiny_lm_dir, tmp_path):
+    cfg = RunConfig.model_validate(
+        {"seed": 3, "policy": {"model": str(tiny_lm_dir)}, "ppo": {"batch_size": 8, "mini_batch_size": 4}, "generation": {"max_new_tokens": 4}}
+    )
+    trainer = PPOTrainer.from_config(cfg, load_causal_lm(tiny_lm_dir), load_tokenizer(tiny_lm_dir), word_share("good"))
+    trainer.step(PROMPTS)
+    exported = trainer.export_policy(tmp_path / "policy")
+    reloaded = load_causal_lm(exported)
+    for a, b in zip(trainer.policy.state_dict().values(), reloaded.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    assert (exported / "tokenizer.json").exists() and "value_head" not in str(list(reloaded.state_dict()))
