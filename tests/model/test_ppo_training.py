@@ -45,13 +45,13 @@ def tree_digest(directory: Path) -> str:
 def test_mean_score_rises_while_kl_stays_bounded(tiny_lm_dir):
     trainer = make_trainer(tiny_lm_dir, learning_rate=2e-3, batch_size=32, mini_batch_size=8, ppo_epochs=4)
     start = time.perf_counter()
-    result = trainer.train(PROMPTS, iterations=20)
+    result = trainer.train(PROMPTS, iterations=30)
     elapsed = time.perf_counter() - start
     scores = [s["objective/scores"] for s in result.history]
     before, after = sum(scores[:3]) / 3, sum(scores[-3:]) / 3
     print(f"word share of 'good': {before:.3f} -> {after:.3f} in {elapsed:.1f}s; final KL {result.last['objective/kl']:.2f}")
-    assert result.stop_reason == "iterations" and result.iterations == 20 and trainer.episodes == 640
-    assert before < 0.1 and after > 0.4
+    assert result.stop_reason == "iterations" and result.iterations == 30 and trainer.episodes == 960
+    assert before < 0.1 and after > 0.7
     assert max(s["objective/kl"] for s in result.history) < 15
     assert set(result.last) == STAT_NAMES | {"policy/ratio"}
     assert elapsed < 60
