@@ -37,8 +37,15 @@ def hidden_size(model: PreTrainedModel) -> int:
     raise ValueError(f"cannot tell the hidden size of {type(model).__name__} from its config")
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PEFT (LoRA) wrapper, with its adapter layers injected; else the model."""
+    get_base_model = getattr(model, "get_base_model", None)
+    return get_base_model() if callable(get_base_model) else model
+
+
 def backbone_of(model: PreTrainedModel) -> nn.Module:
     """The transformer body of a causal LM (e.g. GPT2LMHeadModel.transformer, LlamaForCausalLM.model)."""
+    model = unwrap(model)
     body = model.base_model
     if body is model:
         raise ValueError(f"{type(model).__name__} has no separate backbone (base_model_prefix is not set)")
@@ -47,6 +54,7 @@ def backbone_of(model: PreTrainedModel) -> nn.Module:
 
 def lm_logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
     """The LM head applied to hidden states, with the final-logit transforms some families use."""
+    model = unwrap(model)
     logits = model.get_output_embeddings()(hidden)
     scale = getattr(model.config, "logit_scale", None)  # Cohere
     if isinstance(scale, (int, float)) and scale != 1:

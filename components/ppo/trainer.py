@@ -200,9 +200,13 @@ class PPOTrainer:
     ) -> "PPOTrainer":
         """A trainer from a run configuration and loaded models. With `policy.value_head: separate` and no
         `critic`, the critic's backbone is loaded from `policy.critic_model`, else from the reward model when it
-        shares the policy's vocabulary, else copied from the policy."""
+        shares the policy's vocabulary, else copied from the policy. With `policy.lora.enabled`, LoRA adapters
+        are injected into `policy` and only they (and the value head) are trained."""
         if cfg.policy.value_head == "separate" and critic is None:
             critic = _load_critic_backbone(cfg, tokenizer)
+        if cfg.policy.lora.enabled:
+            reference = reference if reference is not None else frozen_copy(policy)  # before adapters are injected
+            policy = with_lora(policy, cfg.policy.lora)
         return cls(
             policy, tokenizer, reward_fn, cfg.ppo, cfg.generation, cfg.reward,
             reference=reference, critic=critic, value_head=cfg.policy.value_head, seed=cfg.seed,
@@ -532,14 +536,30 @@ class PPOTrainer:
         self.score_moments.load_state_dict(state["score_moments"])
         self._prompt_order, self._prompt_cursor = list(state["prompt_order"]), int(state["prompt_cursor"])
 
-    def export_policy(self, directory: str | Path) -> Path:
-        """The policy LM (without value head) and tokenizer, via save_pretrained, for registration."""
+    def export_policy(self, directory: str | Path, merge: bool = True) -> Path:
+        """The policy LM (without value head) and tokenizer, via save_pretrained, for registration.
+
+        A LoRA policy is saved merged into its base weights (`merge=True`, a plain model), or as the
+        adapter alone (`merge=False`, `lora.save_mode: adapter`), which needs its base model to load."""
 
         def write(path: Path) -> None:
-            self.policy.save_pretrained(path)
+            model = self.policy
+            if merge and hasattr(model, "merge_and_unload"):
+                model = copy.deepcopy(model).merge_and_unload()
+            model.save_pretrained(path)
             self.tokenizer.save_pretrained(path)
 
         return write_atomically(directory, write)
+
+
+def with_lora(policy: PreTrainedModel, lora) -> torch.nn.Module:
+    """Inject LoRA adapters (`policy.lora`); PEFT picks per-family target modules when none are given."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules, task_type="CAUSAL_LM"
+    )
+    return get_peft_model(policy, config).eval()
 
 
 def _as_critic(module: torch.nn.Module) -> Critic:

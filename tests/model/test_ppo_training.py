@@ -219,3 +219,27 @@ def test_from_config_and_export_policy(tiny_lm_dir, tmp_path):
     for a, b in zip(trainer.policy.state_dict().values(), reloaded.state_dict().values()):
         torch.testing.assert_close(a, b)
     assert (exported / "tokenizer.json").exists() and "value_head" not in str(list(reloaded.state_dict()))
+
+
+def test_lora_policy_trains_adapters_only_and_exports_merged(tiny_lm_dir, tmp_path):
+    cfg = RunConfig.model_validate(
+        {
+            "policy": {"model": str(tiny_lm_dir), "lora": {"enabled": True, "r": 4, "alpha": 8}},
+            "ppo": {"batch_size": 16, "mini_batch_size": 16, "ppo_epochs": 1, "learning_rate": 1e-2},
+            "generation": {"max_new_tokens": 6},
+        }
+    )
+    trainer = PPOTrainer.from_config(cfg, load_causal_lm(tiny_lm_dir), load_tokenizer(tiny_lm_dir), word_share("good"))
+    trainable = {name for name, p in trainer.policy.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in name for name in trainable)
+    stats = trainer.step(PROMPTS * 2)
+    assert stats["policy/approxkl"] < 1e-10  # rollout and update agree through the adapters too
+    stats = trainer.step(PROMPTS * 2)
+    assert stats["objective/kl"] != 0.0  # the adapters moved the policy away from the reference
+
+    merged = load_causal_lm(trainer.export_policy(tmp_path / "merged"))
+    ids = torch.tensor([[4, 6, 8, 9]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, trainer.policy(input_ids=ids).logits, atol=1e-5, rtol=0)
+    adapter = trainer.export_policy(tmp_path / "adapter", merge=False)
+    assert (adapter / "adapter_config.json").exists()
