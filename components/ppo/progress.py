@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 
@@ -12,7 +13,7 @@ class ProgressBar:
             trainer.train(prompts, callback=bar)
     """
 
-    def __init__(self, total_episodes: int, description: str = "PPO", start_episodes: int = 0):
+    def __init__(self, total_episodes: int, description: str = "PPO", start_episodes: int = 0, console: Console | None = None):
         self.progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -20,6 +21,7 @@ class ProgressBar:
             TextColumn("episodes  score {task.fields[score]}  kl {task.fields[kl]}"),
             TimeElapsedColumn(),
             TimeRemainingColumn(),
+            console=console,
         )
         self.task = self.progress.add_task(description, total=total_episodes, completed=start_episodes, score="-", kl="-")
 

@@ -162,6 +162,12 @@ class PPOTrainer:
         else:
             self.value_head = None
             self.critic = _as_critic(critic if critic is not None else copy.deepcopy(self.backbone)).to(self.device).eval()
+        positions = getattr(policy.config, "max_position_embeddings", None)
+        if positions and generation.max_prompt_tokens + generation.max_new_tokens > positions:
+            raise ValueError(
+                f"generation.max_prompt_tokens ({generation.max_prompt_tokens}) + generation.max_new_tokens "
+                f"({generation.max_new_tokens}) exceed the policy's {positions} positions"
+            )
         self.eos_ids = eos_token_ids(tokenizer, policy).to(self.device)
         self.pad_token_id = pad_id(tokenizer)
 
@@ -252,8 +258,9 @@ class PPOTrainer:
         rollout_time = time.perf_counter() - start
 
         start = time.perf_counter()
-        prompt_texts, completions = decode(self.tokenizer, rollout)
-        scores = self._score(prompt_texts, completions, iteration)
+        # The reward model judges the prompt as written (as the evaluation does) + the decoded completion.
+        completions = decode(self.tokenizer, rollout)[1]
+        scores = self._score(list(prompts), completions, iteration)
         scoring_time = time.perf_counter() - start
 
         # Leave inference mode: these tensors take part in the autograd graph of the update.

@@ -243,3 +243,42 @@ def test_lora_policy_trains_adapters_only_and_exports_merged(tiny_lm_dir, tmp_pa
         torch.testing.assert_close(merged(ids).logits, trainer.policy(input_ids=ids).logits, atol=1e-5, rtol=0)
     adapter = trainer.export_policy(tmp_path / "adapter", merge=False)
     assert (adapter / "adapter_config.json").exists()
+
+
+def test_progress_bar_callback_shows_episodes_score_and_kl(tiny_lm_dir):
+    import io
+
+    from rich.console import Console
+
+    from components.ppo.progress import ProgressBar
+
+    out = io.StringIO()
+    trainer = make_trainer(tiny_lm_dir, ppo_epochs=1)
+    with ProgressBar(total_episodes=32, console=Console(file=out, width=120, force_terminal=False)) as bar:
+        trainer.train(PROMPTS, iterations=2, callback=bar)
+    assert bar.progress.tasks[0].completed == 32
+    assert "32/32" in out.getvalue() and "score" in out.getvalue() and "kl" in out.getvalue()
+
+
+def test_separate_critic_starts_from_the_reward_model_when_vocabularies_match(tiny_lm_dir, tiny_reward_dir):
+    from components.models import load_reward_model
+
+    cfg = RunConfig.model_validate(
+        {
+            "policy": {"model": str(tiny_lm_dir), "value_head": "separate"},
+            "reward": {"model": str(tiny_reward_dir)},
+            "ppo": {"batch_size": 16, "mini_batch_size": 8},
+        }
+    )
+    trainer = PPOTrainer.from_config(cfg, load_causal_lm(tiny_lm_dir), load_tokenizer(tiny_lm_dir), word_share("good"))
+    reward_backbone = load_reward_model(tiny_reward_dir).transformer.state_dict()
+    for name, tensor in trainer.critic.backbone.state_dict().items():
+        torch.testing.assert_close(tensor, reward_backbone[name])
+
+
+def test_prompt_plus_response_must_fit_the_policy_positions(tiny_lm_dir):
+    with pytest.raises(ValueError, match=r"generation.max_prompt_tokens \(100\) \+ generation.max_new_tokens \(50\) exceed the policy's 128 positions"):
+        PPOTrainer(
+            load_causal_lm(tiny_lm_dir), load_tokenizer(tiny_lm_dir), word_share("good"), PPOConfig(batch_size=16, mini_batch_size=8),
+            GenerationConfig(max_prompt_tokens=100, max_new_tokens=50),
+        )
