@@ -36,7 +36,7 @@ Statistics returned by `step` (and passed to the `train` callback), named as in 
 | perf/tokens_per_second      | response tokens of the iteration / its wall-clock time                           |
 | time/rollout                | seconds: sampling, reference log-probs (and separate critic values)              |
 | time/scoring                | seconds: decoding and the reward function                                        |
-| time/update                 | seconds: advantages and the PPO epochs                                           |
+| time/update                 | seconds: the PPO epochs                                                          |
 """
 
 from __future__ import annotations
@@ -281,7 +281,6 @@ class PPOTrainer:
         if self.reward.clip is not None:
             shaped = shaped.clamp(-self.reward.clip, self.reward.clip)
 
-        start = time.perf_counter()
         rewards, kl = compute_rewards(shaped, logprobs, ref_logprobs, mask, self.kl_ctl.kl_coef)
         advantages, returns = compute_gae(rewards, values, mask, self.ppo.gamma, self.ppo.lam)
         if self.ppo.whiten_advantages:
@@ -291,8 +290,7 @@ class PPOTrainer:
             mask=mask, logprobs=logprobs, ref_logprobs=ref_logprobs, values=values, rewards=rewards,
             advantages=advantages, returns=returns, scores=scores, kl=kl, ended_with_eos=ended,
         )
-        times = {"time/rollout": rollout_time, "time/scoring": scoring_time, "_gae": time.perf_counter() - start}
-        return experience, times
+        return experience, {"time/rollout": rollout_time, "time/scoring": scoring_time}
 
     def _score(self, prompts: list[str], completions: list[str], iteration: int) -> torch.Tensor:
         raw = self.reward_fn(prompts, completions)
@@ -397,7 +395,7 @@ class PPOTrainer:
         exp, times = self.make_experience(prompts)
         update_start = time.perf_counter()
         update_stats = self.learn(exp)
-        update_time = time.perf_counter() - update_start + times.pop("_gae")
+        update_time = time.perf_counter() - update_start
 
         mask = exp.mask
         batch = exp.queries.shape[0]
