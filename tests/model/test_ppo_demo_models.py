@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from ppo_helpers import one_thread  # noqa: F401
 
 from components.config import PROJECT_ROOT, load_config
