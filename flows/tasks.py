@@ -1,0 +1,342 @@
+"""The pipeline's tasks: each wraps one component call and adds what Prefect is for (retries,
+caching, artifacts). The MLflow run is started by the flow; tasks run in the flow's thread, so
+MLflow's active run is theirs too.
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import json
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NONE
+from prefect.runtime import flow_run, task_run
+
+from components import tracking
+from components.config import PROJECT_ROOT, RunConfig
+from components.data import DataVersion, PromptSet, check_data, load_prompts, split_prompts
+from components.evaluation import GateReport, PolicyEval, check_gates, compare, evaluate_policy
+from components.models import load_causal_lm, load_tokenizer
+from components.ppo import PPOTrainer
+from components.ppo.progress import ProgressBar
+from components.reward import RewardScorer
+
+
+@dataclass
+class PreparedData:
+    train_prompts: list[str]
+    eval_prompts: list[str]
+    report: dict[str, Any]
+    summary: str
+
+
+@dataclass
+class Evaluated:
+    """One policy's evaluation and the samples behind it (for the eval-samples table)."""
+
+    name: str
+    summary: PolicyEval
+    prompts: list[str]
+    completions: list[str]
+    scores: list[float]
+    kl: float | None = None
+
+
+@dataclass
+class PipelineResult:
+    run_id: str
+    stop_reason: str | None
+    episodes: int
+    baseline: dict[str, float]
+    candidate: dict[str, float]
+    gates_passed: bool
+    gate_summary: str
+    model_version: str
+    promoted: bool
+    champion_version: str | None
+    notes: list[str] = field(default_factory=list)
+
+
+# --- tracking around the flow ------------------------------------------------------------------
+
+
+def model_path(ref: str) -> str:
+    """A registry URI resolved to a local copy; a path relative to the project root; else a hub id."""
+    if ref.startswith("models:/"):
+        return tracking.resolve_model_reference(ref)
+    local = PROJECT_ROOT / ref
+    return str(local) if not Path(ref).is_absolute() and local.exists() else ref
+
+
+def start_tracking(config: RunConfig, resume_run_id: str | None) -> str:
+    """Start (or resume) the flow's MLflow run; record the config and provenance once."""
+    run = tracking.start_run(config, resume_run_id)
+    if resume_run_id is None:
+        tracking.log_config(config)
+        mlflow.set_tags({"alignflow.git_commit": git_commit(), "alignflow.prefect_flow_run_id": flow_run.id or "",
+                         "alignflow.base_policy": config.policy.model, "alignflow.reward_model": config.reward.model})
+    return run.info.run_id
+
+
+def end_tracking(run_id: str, failed: bool) -> None:
+    tracking.end_run(run_id, failed=failed)
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+# --- data -------------------------------------------------------------------------------------
+
+
+@task(retries=1)
+def check_data_version(config: RunConfig) -> DataVersion:
+    """data/ must match data.dvc; the md5 is this run's data version."""
+    if not config.data.check_dvc:
+        return DataVersion(md5="unchecked", path=config.data.source, files=None, size=None)
+    version = check_data(PROJECT_ROOT / config.data.dvc_file)
+    mlflow.set_tag("alignflow.data_md5", version.md5)
+    return version
+
+
+def _prepare_key(context, parameters) -> str:
+    config: RunConfig = parameters["config"]
+    settings = {"md5": parameters["data_md5"], "data": config.data.model_dump(mode="json"), "seed": config.seed,
+                "eval_size": config.data.eval_size}
+    return "prepare-" + hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:32]
+
+
+@task(cache_key_fn=_prepare_key, persist_result=True, result_serializer="json")
+def prepare_dataset(config: RunConfig, data_md5: str) -> dict[str, Any]:
+    """Load, filter and split the prompts. Cached by data version and data settings."""
+    prompts: PromptSet = load_prompts(config.data, PROJECT_ROOT)
+    train, held_out = split_prompts(prompts.prompts, config.data.eval_size, config.seed)
+    report = prompts.report
+    return {"train_prompts": train, "eval_prompts": held_out, "report": report.as_metrics(), "summary": report.summary()}
+
+
+def as_prepared(raw: dict[str, Any]) -> PreparedData:
+    return PreparedData(**raw)
+
+
+@task(cache_policy=NONE)
+def log_dataset(config: RunConfig, data: PreparedData, version: DataVersion) -> None:
+    logger = get_run_logger()
+    logger.info(data.summary)
+    mlflow.log_metrics(data.report)
+    rows = [{"prompt": p, "split": "train"} for p in data.train_prompts] + [{"prompt": p, "split": "eval"} for p in data.eval_prompts]
+    tracking.log_dataset("prompts", config.data.source, version.md5, rows=rows)
+
+
+# --- models -----------------------------------------------------------------------------------
+
+
+@task(retries=2, retry_delay_seconds=5, cache_policy=NONE)
+def load_reward_model(config: RunConfig) -> RewardScorer:
+    """Load the reward model (hub id, path or models:/NAME@ALIAS) and check it scores a probe pair."""
+    reward = config.reward.model_copy(update={"model": model_path(config.reward.model)})
+    scorer = RewardScorer.from_config(reward)
+    probe = scorer(["The film was", "The film was"], [" wonderful and moving.", " dull."])
+    if probe.shape != (2,) or not bool(probe.isfinite().all()):
+        raise ValueError(f"reward.model {config.reward.model}: probe pair scored {probe.tolist()}; expected two finite scores")
+    get_run_logger().info("reward model %s scores the probe pair %s", config.reward.model, [round(x, 4) for x in probe.tolist()])
+    return scorer
+
+
+@task(retries=2, retry_delay_seconds=5, cache_policy=NONE)
+def load_policy(config: RunConfig):
+    """The starting policy (the reference stays a frozen copy of it) and its tokenizer."""
+    path = model_path(config.policy.model)
+    return load_causal_lm(path, config.policy.revision), load_tokenizer(path, config.policy.revision)
+
+
+# --- evaluation -------------------------------------------------------------------------------
+
+
+@task(cache_policy=NONE, task_run_name="evaluate-{name}")
+def evaluate(name: str, policy, tokenizer, prompts: list[str], scorer: RewardScorer, config: RunConfig, reference=None) -> Evaluated:
+    """Sample the held-out prompts with the evaluation seed, score them, and (for a candidate) its KL."""
+    summary, samples, scores = evaluate_policy(policy, tokenizer, prompts, scorer, config.generation, config.evaluation)
+    kl = None
+    if reference is not None:
+        from components.ppo import sequence_kl
+
+        kl = sequence_kl(policy, reference, tokenizer, prompts, samples.completions, config.generation, samples.ended_with_eos)
+    mlflow.log_metrics(summary.as_metrics(f"eval/{name}"))
+    return Evaluated(name, summary, list(prompts), samples.completions, scores, kl)
+
+
+@task(cache_policy=NONE)
+def evaluate_champion(config: RunConfig, prompts: list[str], scorer: RewardScorer) -> tuple[str, Evaluated] | None:
+    """The current champion on the same prompts and seed, or None when there is none yet."""
+    champion = tracking.get_champion(config.tracking.registered_model, config.tracking.champion_alias)
+    if champion is None:
+        return None
+    path = tracking.resolve_model_reference(f"models:/{config.tracking.registered_model}/{champion.version}")
+    model, tokenizer = load_causal_lm(path), load_tokenizer(path)
+    summary, samples, scores = evaluate_policy(model, tokenizer, prompts, scorer, config.generation, config.evaluation)
+    mlflow.log_metrics(summary.as_metrics("eval/champion"))
+    return str(champion.version), Evaluated("champion", summary, list(prompts), samples.completions, scores)
+
+
+# --- PPO --------------------------------------------------------------------------------------
+
+
+def checkpoint_dir(config: RunConfig, run_id: str) -> Path:
+    """One checkpoint directory per MLflow run: concurrent runs never share one."""
+    root = Path(config.ppo.checkpoint_dir)
+    return (root if root.is_absolute() else PROJECT_ROOT / root) / run_id
+
+
+@task(cache_policy=NONE)
+def build_trainer(config: RunConfig, policy, tokenizer, scorer: RewardScorer, run_id: str) -> PPOTrainer:
+    """The engine around the starting policy; resumes from this run's checkpoint when one exists."""
+    trainer = PPOTrainer.from_config(config, policy, tokenizer, scorer)
+    directory = checkpoint_dir(config, run_id)
+    if directory.exists():
+        trainer.load_checkpoint(directory)
+        get_run_logger().info("resumed from %s at iteration %d (%d episodes)", directory, trainer.iteration, trainer.episodes)
+    return trainer
+
+
+def max_epochs(config: RunConfig) -> int:
+    iterations = -(-config.ppo.max_steps // config.ppo.batch_size)
+    return -(-iterations // config.ppo.iterations_per_epoch)
+
+
+@task(retries=2, retry_delay_seconds=2, cache_policy=NONE, task_run_name="ppo-epoch-{epoch}")
+def ppo_epoch(trainer: PPOTrainer, epoch: int, prompts: list[str], config: RunConfig, run_id: str) -> str | None:
+    """`ppo.iterations_per_epoch` PPO iterations, then a checkpoint; returns the stop reason, if any.
+
+    A retry resumes from the last checkpoint (the failed attempt's updates are discarded), and
+    metrics reach MLflow only after the checkpoint is written, so no step is logged twice.
+    """
+    directory = checkpoint_dir(config, run_id)
+    if task_run.run_count > 1 and directory.exists():
+        trainer.load_checkpoint(directory)
+        get_run_logger().warning("attempt %d of epoch %d: resumed from %s at iteration %d",
+                                 task_run.run_count, epoch, directory, trainer.iteration)
+    history: list[dict[str, float]] = []
+
+    def record(stats: dict[str, float]) -> None:
+        history.append(stats)
+        bar(stats)
+
+    with ProgressBar(config.ppo.max_steps, f"PPO epoch {epoch}", start_episodes=trainer.episodes) as bar:
+        result = trainer.train(prompts, iterations=config.ppo.iterations_per_epoch, callback=record)
+    trainer.save_checkpoint(directory)
+    for stats in history:
+        tracking.log_stats(stats, step=int(stats["episodes"]))
+    last = history[-1] if history else {}
+    get_run_logger().info("epoch %d: %d episodes, score %.3f, kl %.3f", epoch, trainer.episodes,
+                          last.get("objective/scores", float("nan")), last.get("objective/kl", float("nan")))
+    return None if result.stop_reason == "iterations" else result.stop_reason
+
+
+# --- gates, registry --------------------------------------------------------------------------
+
+
+@task(cache_policy=NONE)
+def gates(config: RunConfig, baseline: Evaluated, candidate: Evaluated, champion: tuple[str, Evaluated] | None) -> GateReport:
+    comparison = compare(baseline.summary, candidate.summary, n_resamples=config.evaluation.bootstrap_samples,
+                         seed=config.evaluation.seed)
+    champion_score = champion[1].summary.mean_score if champion else None
+    report = check_gates(comparison, candidate.kl if candidate.kl is not None else float("nan"), config.gates, champion_score)
+    mlflow.log_metrics({**report.as_metrics(), "eval/reward_gain": comparison.reward_gain,
+                        "eval/reward_gain_ci_low": comparison.reward_gain_ci[0], "eval/reward_gain_ci_high": comparison.reward_gain_ci[1],
+                        "eval/win_rate": comparison.win_rate, "eval/length_ratio": comparison.length_ratio, "eval/kl": report.kl})
+    mlflow.set_tags(report.as_tags())
+    mlflow.log_text(report.to_markdown(), "gate_report.md")
+    create_markdown_artifact(markdown=report.to_markdown(), key="gate-report", description="alignflow promotion gates")
+    return report
+
+
+@task(retries=2, retry_delay_seconds=5, cache_policy=NONE)
+def register(config: RunConfig, trainer: PPOTrainer, data_md5: str, report: GateReport, candidate: Evaluated, stop_reason: str | None) -> str:
+    """Log the policy (with tokenizer) in MLflow's transformers flavour and register it as a new version."""
+    with tempfile.TemporaryDirectory(prefix="alignflow-policy-") as tmp:
+        policy_dir = trainer.export_policy(Path(tmp) / "policy")
+        version = tracking.log_policy_model(
+            policy_dir,
+            config.tracking.registered_model,
+            tags={
+                "gates_passed": report.passed,
+                "gates_failed": ",".join(report.failed_names),
+                "data_md5": data_md5,
+                "reward_model": config.reward.model,
+                "base_policy": config.policy.model,
+                "git_commit": git_commit(),
+                "prefect_flow_run_id": flow_run.id or "",
+                "mlflow_run_id": mlflow.active_run().info.run_id,
+                "eval_mean_score": candidate.summary.mean_score,
+                "eval_kl": candidate.kl,
+                "stop_reason": stop_reason or "epochs",
+            },
+            model_config={"max_new_tokens": config.generation.max_new_tokens, "do_sample": True,
+                          "temperature": config.generation.temperature},
+        )
+    mlflow.set_tag(tracking.MODEL_VERSION_TAG, version.version)
+    return str(version.version)
+
+
+@task(retries=2, retry_delay_seconds=5, cache_policy=NONE)
+def promote(config: RunConfig, version: str, report: GateReport) -> bool:
+    """Only a version that passed every gate becomes champion; a failure leaves the champion alone."""
+    logger = get_run_logger()
+    if not report.passed:
+        logger.warning("version %s not promoted: %s", version, report.summary())
+        return False
+    tracking.promote(config.tracking.registered_model, version, config.tracking.champion_alias,
+                     passed_gates=True, user=f"alignflow-pipeline ({getpass.getuser()})", reason=report.summary())
+    logger.info("version %s is now @%s", version, config.tracking.champion_alias)
+    return True
+
+
+@task(cache_policy=NONE)
+def finish(run_id: str, config: RunConfig, trainer: PPOTrainer, stop_reason: str | None, baseline: Evaluated,
+           candidate: Evaluated, report: GateReport, version: str, promoted: bool,
+           champion: tuple[str, Evaluated] | None) -> PipelineResult:
+    """Artifacts people would rather see than read: curves, samples, the comparison table."""
+    mlflow.set_tags({tracking.STOP_REASON_TAG: stop_reason or "epochs", tracking.GATES_PASSED_TAG: str(report.passed).lower(),
+                     "alignflow.promoted": str(promoted).lower()})
+    client = mlflow.MlflowClient()
+    history: dict[int, dict[str, float]] = {}
+    for key in ("objective/scores", "objective/kl"):
+        for metric in client.get_metric_history(run_id, key):
+            history.setdefault(metric.step, {"episode": metric.step})[key] = metric.value
+    if history:
+        tracking.log_training_curves([history[s] for s in sorted(history)], score_key="objective/scores")
+    n = config.evaluation.num_samples_logged
+    tracking.log_eval_samples([
+        {"prompt": p, "baseline_completion": b, "candidate_completion": c, "baseline_score": bs, "candidate_score": cs}
+        for p, b, c, bs, cs in list(zip(baseline.prompts, baseline.completions, candidate.completions, baseline.scores, candidate.scores))[:n]
+    ])
+    rows = comparison_rows(baseline, candidate)
+    create_table_artifact(table=rows, key="baseline-vs-candidate", description="held-out evaluation")
+    return PipelineResult(
+        run_id=run_id, stop_reason=stop_reason or "epochs", episodes=trainer.episodes,
+        baseline=baseline.summary.as_metrics("baseline"), candidate={**candidate.summary.as_metrics("candidate"), "candidate/kl": candidate.kl},
+        gates_passed=report.passed, gate_summary=report.summary(), model_version=version, promoted=promoted,
+        champion_version=champion[0] if champion else None,
+    )
+
+
+def comparison_rows(baseline: Evaluated, candidate: Evaluated) -> list[dict[str, Any]]:
+    rows = []
+    for key in ("mean_score", "mean_length", "distinct2", "gold_positive_share"):
+        b, c = getattr(baseline.summary, key), getattr(candidate.summary, key)
+        if b is not None:
+            rows.append({"metric": key, "baseline": round(b, 4), "candidate": round(c, 4)})
+    rows.append({"metric": "kl_from_reference", "baseline": 0.0, "candidate": round(candidate.kl or 0.0, 4)})
+    return rows

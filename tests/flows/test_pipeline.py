@@ -1,0 +1,80 @@
+"""The pipeline end to end, through Prefect's test harness and a temporary MLflow store."""
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+from typer.testing import CliRunner
+
+from components.config import PROJECT_ROOT
+from components.data import data_version
+from components.ppo import PPOTrainer
+from flows.cli import app
+from flows.pipeline import pipeline
+
+MODEL = "alignflow-policy"
+
+
+def metric_steps(client, run_id, key):
+    return [m.step for m in client.get_metric_history(run_id, key)]
+
+
+def test_gate_failure_registers_without_promoting_and_champion_stays(demo_data, small_run, tiny_lm_dir, tiny_reward_dir, tracking_uri):
+    runner = CliRunner()
+    first = pipeline(overrides=small_run(tiny_lm_dir, tiny_reward_dir, "gates.max_kl=0"))
+    assert not first.gates_passed and not first.promoted
+    assert "kl" in first.gate_summary
+    client = MlflowClient(tracking_uri)
+    version = client.get_model_version(MODEL, first.model_version)
+    assert version.tags["gates_passed"] == "false"
+    assert "kl" in version.tags["gates_failed"].split(",")
+    assert version.tags["data_md5"] == data_version(PROJECT_ROOT / "data.dvc").md5
+    assert not client.get_registered_model(MODEL).aliases
+
+    store = ["--set", f"tracking.tracking_uri={tracking_uri}"]
+    refused = runner.invoke(app, ["promote", first.model_version, *store])
+    assert refused.exit_code == 2
+    assert "its promotion gates failed" in refused.output
+    forced = runner.invoke(app, ["promote", first.model_version, "--force", "--reason", "manual check", *store])
+    assert forced.exit_code == 0, forced.output
+    assert str(client.get_model_version_by_alias(MODEL, "champion").version) == first.model_version
+
+    second = pipeline(overrides=small_run(tiny_lm_dir, tiny_reward_dir, "gates.max_kl=0"))
+    assert second.model_version == str(int(first.model_version) + 1)
+    assert not second.promoted and second.champion_version == first.model_version
+    assert str(client.get_model_version_by_alias(MODEL, "champion").version) == first.model_version
+
+    forced = runner.invoke(app, ["promote", second.model_version, "--force", "--reason", "try it", *store])
+    assert forced.exit_code == 0, forced.output
+    champion = client.get_model_version_by_alias(MODEL, "champion")
+    assert str(champion.version) == second.model_version
+    assert champion.tags["previous_champion"] == first.model_version
+    assert champion.tags["promotion_reason"] == "try it"
+    back = runner.invoke(app, ["rollback", *store])
+    assert back.exit_code == 0, back.output
+    assert str(client.get_model_version_by_alias(MODEL, "champion").version) == first.model_version
+
+    listing = runner.invoke(app, ["models", *store])
+    assert listing.exit_code == 0 and "champion" in listing.output
+    runs = runner.invoke(app, ["runs", *store])
+    assert runs.exit_code == 0 and "failed" in runs.output
+
+
+def test_failed_epoch_is_retried_and_resumes_in_the_same_run(demo_data, small_run, tiny_lm_dir, tiny_reward_dir, tracking_uri, monkeypatch):
+    real_step = PPOTrainer.step
+    failures = []
+
+    def step_failing_once(self, prompts):
+        if self.iteration == 3 and not failures:  # the second iteration of the second epoch
+            failures.append(self.iteration)
+            raise RuntimeError("injected failure")
+        return real_step(self, prompts)
+
+    monkeypatch.setattr(PPOTrainer, "step", step_failing_once)
+    result = pipeline(overrides=small_run(tiny_lm_dir, tiny_reward_dir))
+    assert failures == [3]
+    client = MlflowClient(tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("alignflow-demo").experiment_id])
+    assert [r.info.run_id for r in runs] == [result.run_id]
+    assert runs[0].info.status == "FINISHED"
+    assert metric_steps(client, result.run_id, "objective/scores") == [16, 32, 48, 64]
+    assert result.episodes == 64 and result.stop_reason == "max_steps"
