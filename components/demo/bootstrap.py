@@ -55,10 +55,10 @@ class BootstrapSettings:
     n_head: int = 4
     n_positions: int = 128
     max_position_offset: int = 24  # random shift of positions in training (see module docstring)
-    lm_steps: int = 300
+    lm_steps: int = 250
     lm_batch_size: int = 64
     lm_learning_rate: float = 3e-3
-    reward_steps: int = 250
+    reward_steps: int = 200
     reward_batch_size: int = 32  # pairs per step
     reward_learning_rate: float = 1e-3
     center_rewards_coef: float = 0.01  # keeps r near 0 (TRL's center_rewards_coefficient)
