@@ -58,7 +58,7 @@ class BootstrapSettings:
     lm_steps: int = 250
     lm_batch_size: int = 64
     lm_learning_rate: float = 3e-3
-    reward_steps: int = 200
+    reward_steps: int = 600
     reward_batch_size: int = 32  # pairs per step
     reward_learning_rate: float = 1e-3
     center_rewards_coef: float = 0.01  # keeps r near 0 (TRL's center_rewards_coefficient)
@@ -155,14 +155,16 @@ def train_tokenizer(texts: list[str], vocab_size: int, model_max_length: int) ->
 
 
 def _pad_right(sequences: list[list[int]], pad_id: int, max_offset: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """Right-padded batch with positions shifted by a random offset in [0, max_offset] per row."""
+    """Right-padded batch; half the rows get their positions shifted by a random offset in
+    [1, max_offset], the other half start at 0 as `generate` and right-padded callers do."""
     length = max(len(sequence) for sequence in sequences)
     input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
     attention_mask = torch.zeros_like(input_ids)
     for row, sequence in enumerate(sequences):
         input_ids[row, : len(sequence)] = torch.tensor(sequence)
         attention_mask[row, : len(sequence)] = 1
-    offsets = torch.randint(0, max_offset + 1, (len(sequences), 1), generator=generator)
+    offsets = torch.randint(1, max_offset + 1, (len(sequences), 1), generator=generator)
+    offsets *= torch.rand((len(sequences), 1), generator=generator) < 0.5
     position_ids = torch.arange(length).unsqueeze(0) + offsets
     return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
 

@@ -20,8 +20,8 @@ Files written by `generate_demo_data(out_dir, seed)`:
                       scores differ by less than MIN_GAP are near-ties annotators would not
                       label, and are not drawn. DEGENERATE_SHARE of the pairs put a normal
                       completion against a degenerate one (a repeated or listed praise word, a
-                      truncated, looped or garbled completion) so the reward model learns not to
-                      reward them.
+                      truncated, looped, stuttering or garbled completion, or one that stops at
+                      once) so the reward model learns not to reward them.
 
 Same seed, same bytes: every draw comes from one `random.Random(seed)` in a fixed order, the
 word lists are tuples, and rows are written as JSON with sorted keys and "\\n" newlines.
@@ -42,7 +42,7 @@ NUM_SFT = 6000
 NUM_PREFERENCES = 6000
 LABEL_NOISE = 0.10
 MIN_GAP = 0.4
-DEGENERATE_SHARE = 0.25
+DEGENERATE_SHARE = 0.3
 # Chance of each polarity for each part of a completion; tuned so ~35% of SFT reviews are positive.
 POLARITY_WEIGHTS = {"positive": 0.40, "negative": 0.33, "neutral": 0.17, "rude": 0.10}
 
@@ -87,10 +87,12 @@ def predicate(polarity: str, rng: random.Random) -> str:
         return f"{first} and {second}"
     if shape == 3:
         return _with_article(f"{first} {rng.choice(lx.EXPERIENCES)}")
+    # Negation goes both ways ("never dull" and "never funny"), so that a negator says nothing
+    # by itself and a reward model has to read the word it governs.
     if polarity == "positive":
-        return f"never {rng.choice(lx.NEGATIVE_ADJECTIVES)}"
+        return f"{rng.choice(lx.NEGATIONS)} {rng.choice(lx.NEGATIVE_ADJECTIVES)}"
     if polarity == "negative":
-        return f"not {rng.choice(('', 'very '))}{rng.choice(lx.POSITIVE_ADJECTIVES)}"
+        return f"{rng.choice(lx.NEGATIONS)} {rng.choice(lx.POSITIVE_ADJECTIVES)}"
     return first
 
 
@@ -122,8 +124,17 @@ def completion(kind: str, rng: random.Random) -> str:
 
 
 def degenerate(text: str, rng: random.Random) -> str:
-    """A degenerate completion a reward model might be fooled by; never well formed."""
-    kind = rng.randrange(5)
+    """A degenerate completion a reward model might be fooled by: malformed, or saying nothing."""
+    kind = rng.randrange(7)
+    if kind == 6:  # a glitch: a word stutters ("a a") or punctuation piles up ("fun,." "fun..")
+        tokens = text.rstrip(".!").split()
+        if rng.random() < 0.5:
+            i = rng.randrange(len(tokens))
+            return " " + " ".join(tokens[: i + 1] + tokens[i:]) + text[-1]
+        return " " + " ".join(tokens) + rng.choice((",.", "..", ".!", ". .", "!.")) + ("" if rng.random() < 0.5 else " " + tokens[-1] + ".")
+    if kind == 5:  # stops at once: "The comedy felt." says nothing about the film
+        tokens = text.rstrip(".!").split()
+        return "".join(" " + token for token in tokens[: rng.randrange(3)]) + "."
     if kind == 0:  # the same praise word (or two) over and over
         chosen = rng.sample(lx.POSITIVE_ADJECTIVES, rng.randint(1, 2))
         return " " + " ".join(chosen[i % len(chosen)] for i in range(rng.randint(4, 9))) + "."

@@ -97,6 +97,7 @@ NEUTRAL_ADJECTIVES = (
     "simple", "okay", "serious", "dark", "colourful",
 )
 CLAUSE_SUBJECTS = ("it was", "I found it", "the {aspect} was")
+NEGATIONS = ("not", "not very", "never")
 INTENSIFIERS = ("really", "very", "truly", "so", "quite", "rather", "pretty")
 EXPERIENCES = ("surprise", "experience", "ride", "evening", "watch")
 POSITIVE_CLAUSES = (
@@ -133,7 +134,7 @@ def _vocabulary() -> frozenset[str]:
     pieces = (
         POSITIVE + NEGATIVE + RUDE + NEGATORS + COPULA_OPENINGS + CLAUSE_OPENINGS + GENRES + MODIFIERS
         + NOUNS + ASPECTS + WHEN + PEOPLE + POSITIVE_ADJECTIVES + NEGATIVE_ADJECTIVES + NEUTRAL_ADJECTIVES
-        + CLAUSE_SUBJECTS + INTENSIFIERS + EXPERIENCES + POSITIVE_CLAUSES + NEGATIVE_CLAUSES + NEUTRAL_CLAUSES
+        + CLAUSE_SUBJECTS + NEGATIONS + INTENSIFIERS + EXPERIENCES + POSITIVE_CLAUSES + NEGATIVE_CLAUSES + NEUTRAL_CLAUSES
         + RUDE_PREDICATES + RUDE_CLAUSES + CLOSERS + ("a", "an", "and", "but", "it", "i", "the", "was")
     )
     vocabulary = {word for piece in pieces for word in words(piece.replace("{", " ").replace("}", " "))}

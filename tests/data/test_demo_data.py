@@ -66,7 +66,8 @@ def test_preference_labels_follow_the_gold_truth_up_to_the_label_noise(demo_file
     agree = sum(gold_score(p["prompt"] + p["chosen"]) > gold_score(p["prompt"] + p["rejected"]) for p in pairs) / len(pairs)
     assert abs(agree - (1 - LABEL_NOISE)) < 0.02
     assert all(p["chosen"] != p["rejected"] for p in pairs)
-    assert all(p["chosen"] == "" or p["chosen"].startswith(" ") for p in pairs)  # prompt + completion reads right
+    # prompt + completion reads right: a completion starts with a space, or ends the sentence at once
+    assert all(c[:1] in ("", " ", ".", "!") for p in pairs for c in (p["chosen"], p["rejected"]))
 
 
 @pytest.mark.parametrize(

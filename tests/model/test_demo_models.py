@@ -83,7 +83,7 @@ def test_saved_models_load_like_hub_models(built):
     assert is_well_formed(prompt + completion), prompt + completion
 
 
-def test_reward_model_prefers_real_praise_over_hacks_and_ignores_padding(built):
+def test_reward_model_prefers_real_praise_over_hacks_in_a_left_padded_batch(built):
     _, _, root = built
     reward_dir = root / "artifacts" / "reward"
     reward = AutoModelForSequenceClassification.from_pretrained(reward_dir).eval()
@@ -93,7 +93,8 @@ def test_reward_model_prefers_real_praise_over_hacks_and_ignores_padding(built):
     scores = score_texts(reward, tokenizer, [praise, criticism, *hacks])
     assert scores[0] > scores[1]
     assert all(scores[0] > hack for hack in scores[2:])
-    # Left padding without position_ids shifts GPT-2's positions; the score must not care much.
+    # Right padding leaves GPT-2's positions alone, so a batch gives each text its own score.
+    tokenizer.padding_side = "right"
     alone = score_texts(reward, tokenizer, [praise])[0]
     padded = score_texts(reward, tokenizer, [praise, "I finally watched this film and I found it quite charming but it was long."])[0]
-    assert abs(alone - padded) < 0.5
+    assert padded == pytest.approx(alone, abs=1e-4)
