@@ -42,7 +42,7 @@ NUM_SFT = 6000
 NUM_PREFERENCES = 6000
 LABEL_NOISE = 0.10
 MIN_GAP = 0.4
-DEGENERATE_SHARE = 0.3
+DEGENERATE_SHARE = 0.35
 # Chance of each polarity for each part of a completion; tuned so ~35% of SFT reviews are positive.
 POLARITY_WEIGHTS = {"positive": 0.40, "negative": 0.33, "neutral": 0.17, "rude": 0.10}
 
@@ -125,8 +125,8 @@ def completion(kind: str, rng: random.Random) -> str:
 
 def degenerate(text: str, rng: random.Random) -> str:
     """A degenerate completion a reward model might be fooled by: malformed, or saying nothing."""
-    kind = rng.randrange(7)
-    if kind == 6:  # a glitch: a word stutters ("a a") or punctuation piles up ("fun,." "fun..")
+    kind = rng.randrange(8)
+    if kind >= 6:  # (twice as often: the commonest drift under PPO) a glitch: a word stutters ("a a") or punctuation piles up ("fun,." "fun..")
         tokens = text.rstrip(".!").split()
         if rng.random() < 0.5:
             i = rng.randrange(len(tokens))
