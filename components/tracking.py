@@ -15,6 +15,7 @@ Names the flow writes and `recent_runs` reads back:
 from __future__ import annotations
 
 import getpass
+import hashlib
 import json
 import os
 import re
@@ -419,8 +420,8 @@ def resolve_model_reference(ref: str, cache_dir: Path | None = None) -> str:
     `models:/NAME/VERSION`; any other reference (hub id, local path) is returned unchanged.
 
     The transformers flavour stores weights in `model/` and the tokenizer in
-    `components/tokenizer/`; the download is assembled into one folder, cached per version
-    under `cache_dir` (default `artifacts/registry/`).
+    `components/tokenizer/`; the download is assembled into one folder, cached per registry and
+    version under `cache_dir` (default `artifacts/registry/`).
     """
     if not ref.startswith("models:"):
         return ref
@@ -430,11 +431,13 @@ def resolve_model_reference(ref: str, cache_dir: Path | None = None) -> str:
     name, alias, version = match["name"], match["alias"], match["version"]
     client = MlflowClient()
     try:
-        version = str(client.get_model_version_by_alias(name, alias).version if alias else client.get_model_version(name, version).version)
+        found = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
     except MlflowException as exc:
         raise ModelReferenceError(f"cannot resolve {ref}: {exc.message}") from None
-
-    target = Path(cache_dir or DEFAULT_REGISTRY_CACHE) / f"{name}-v{version}"
+    version = str(found.version)
+    # Version numbers repeat across registries: the cache key also names the store and the logged model.
+    origin = hashlib.sha256(f"{mlflow.get_registry_uri()}|{found.source}|{found.run_id}".encode()).hexdigest()[:12]
+    target = Path(cache_dir or DEFAULT_REGISTRY_CACHE) / f"{name}-v{version}-{origin}"
     if (target / "config.json").is_file():
         return str(target)
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from components.config import PROJECT_ROOT, ConfigError, load_config
@@ -138,6 +139,12 @@ def show_result(result, run_config) -> None:
         table.add_row(name, f"{base:.4f}", f"{cand:.4f}" if cand is not None else "-")
     table.add_row("kl_from_reference", "0", f"{result.candidate.get('candidate/kl') or 0:.4f}")
     console.print(table)
+    gates = Table(title="Promotion gates")
+    for column in ("gate", "value", "requirement", "result"):
+        gates.add_column(column, justify="right" if column == "value" else "left")
+    for row in result.gate_rows:
+        gates.add_row(row["gate"], f"{row['value']:.4g}", escape(row["requirement"]), "[green]pass" if row["passed"] else "[bold red]FAIL")
+    console.print(gates)
     colour = "green" if result.gates_passed else "red"
     console.print(f"gates: [{colour}]{result.gate_summary}[/]")
     name, alias = run_config.tracking.registered_model, run_config.tracking.champion_alias
@@ -268,6 +275,9 @@ def rollback(
 
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
     try:
         app()
     except KeyboardInterrupt:

@@ -59,6 +59,7 @@ class PipelineResult:
     candidate: dict[str, float]
     gates_passed: bool
     gate_summary: str
+    gate_rows: list[dict[str, Any]]
     model_version: str
     promoted: bool
     champion_version: str | None
@@ -328,6 +329,7 @@ def finish(run_id: str, config: RunConfig, trainer: PPOTrainer, stop_reason: str
         run_id=run_id, stop_reason=stop_reason or "epochs", episodes=trainer.episodes,
         baseline=baseline.summary.as_metrics("baseline"), candidate={**candidate.summary.as_metrics("candidate"), "candidate/kl": candidate.kl},
         gates_passed=report.passed, gate_summary=report.summary(), model_version=version, promoted=promoted,
+        gate_rows=[{"gate": g.name, "value": g.value, "requirement": g.rule, "passed": g.passed} for g in report.gates],
         champion_version=champion[0] if champion else None,
     )
 

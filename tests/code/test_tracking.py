@@ -218,7 +218,7 @@ def test_registry_reference_resolves_to_a_loadable_directory(config, tiny_lm_dir
     cache = tmp_path / "registry"
 
     path = tracking.resolve_model_reference(f"models:/{MODEL}@champion", cache_dir=cache)
-    assert Path(path) == cache / f"{MODEL}-v1"
+    assert Path(path).parent == cache and Path(path).name.startswith(f"{MODEL}-v1-")
     model = AutoModelForCausalLM.from_pretrained(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     assert tokenizer("the film was good")["input_ids"] == AutoTokenizer.from_pretrained(tiny_lm_dir)("the film was good")["input_ids"]
@@ -230,3 +230,24 @@ def test_registry_reference_resolves_to_a_loadable_directory(config, tiny_lm_dir
     assert tracking.resolve_model_reference(str(tiny_lm_dir)) == str(tiny_lm_dir)
     with pytest.raises(tracking.ModelReferenceError, match="cannot resolve"):
         tracking.resolve_model_reference(f"models:/{MODEL}@staging", cache_dir=cache)
+
+
+def test_same_version_number_in_another_registry_is_not_served_from_the_cache(config, tiny_lm_dir, tmp_path, empty_store):
+    from tiny import save_tiny_lm
+
+    cache = tmp_path / "registry"
+    _register(tiny_lm_dir, gates_passed=True)
+    first = tracking.resolve_model_reference(f"models:/{MODEL}/1", cache_dir=cache)
+
+    other_model = save_tiny_lm(tmp_path / "other-lm", seed=7)
+    other_store = tmp_path / "other"
+    other_store.mkdir()
+    shutil.copy(empty_store, other_store / "mlflow.db")
+    tracking.use_tracking(TrackingConfig(tracking_uri=f"sqlite:///{other_store}/mlflow.db", experiment="tests"))
+    _register(other_model, gates_passed=True)
+    second = tracking.resolve_model_reference(f"models:/{MODEL}/1", cache_dir=cache)
+
+    assert first != second
+    loaded = AutoModelForCausalLM.from_pretrained(second).state_dict()
+    expected = AutoModelForCausalLM.from_pretrained(other_model).state_dict()
+    assert all((loaded[k] == expected[k]).all() for k in expected)
