@@ -13,6 +13,9 @@ os.environ.update(
     TOKENIZERS_PARALLELISM="false",
 )
 
+import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
 import pytest  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -29,3 +32,33 @@ def tiny_lm_dir(tmp_path_factory) -> Path:
 def tiny_reward_dir(tmp_path_factory) -> Path:
     """A GPT-2 sequence classifier with one output, sharing the tiny tokenizer."""
     return save_tiny_reward_model(tmp_path_factory.mktemp("tiny-reward"))
+
+
+@dataclass
+class DemoKit:
+    data_dir: Path
+    instruct: Path
+    reward: Path
+    report: object  # components.demo.bootstrap.BootstrapReport
+    wall_s: float
+
+
+@pytest.fixture(scope="session")
+def demo_kit() -> DemoKit:
+    """The demo data (checked against data.dvc) and models, built like `make demo` builds them.
+
+    A fresh clone trains the models once here; a checkout that already has them for this data
+    and these settings reuses them (the bootstrap's own skip rule).
+    """
+    from components.config import PROJECT_ROOT
+    from components.data import check_data
+    from components.demo.bootstrap import BootstrapSettings, bootstrap
+    from components.demo.domain import generate_demo_data
+
+    data_dir = PROJECT_ROOT / "data" / "demo"
+    if not data_dir.exists():
+        generate_demo_data(data_dir, seed=0)
+    check_data(PROJECT_ROOT / "data.dvc")
+    start = time.perf_counter()
+    report = bootstrap(data_dir, PROJECT_ROOT / "artifacts" / "demo", BootstrapSettings(progress=False))
+    return DemoKit(data_dir, report.instruct_dir, report.reward_dir, report, time.perf_counter() - start)

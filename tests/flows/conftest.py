@@ -3,10 +3,6 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from components.config import PROJECT_ROOT
-from components.data import check_data
-from components.demo.domain import generate_demo_data
-
 
 @pytest.fixture(scope="session", autouse=True)
 def prefect_harness():
@@ -18,13 +14,9 @@ def prefect_harness():
 
 
 @pytest.fixture(scope="session")
-def demo_data() -> Path:
+def demo_data(demo_kit) -> Path:
     """The pinned demo data in data/ (a fresh clone regenerates exactly what data.dvc pins)."""
-    directory = PROJECT_ROOT / "data" / "demo"
-    if not directory.exists():
-        generate_demo_data(directory, seed=0)
-    check_data(PROJECT_ROOT / "data.dvc")
-    return directory
+    return demo_kit.data_dir
 
 
 @pytest.fixture

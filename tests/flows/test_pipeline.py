@@ -78,3 +78,47 @@ def test_failed_epoch_is_retried_and_resumes_in_the_same_run(demo_data, small_ru
     assert runs[0].info.status == "FINISHED"
     assert metric_steps(client, result.run_id, "objective/scores") == [16, 32, 48, 64]
     assert result.episodes == 64 and result.stop_reason == "max_steps"
+
+
+def test_demo_pipeline_end_to_end_registers_promotes_and_serves(demo_kit, small_run, tracking_uri):
+    """The demo models on a small config: every record of the run, checked through MlflowClient."""
+    overrides = small_run(
+        demo_kit.instruct, demo_kit.reward,
+        "ppo.batch_size=32", "ppo.mini_batch_size=16", "ppo.max_steps=640", "ppo.iterations_per_epoch=5",
+        "ppo.learning_rate=2e-4", "data.eval_size=64", "generation.max_new_tokens=24",
+    )
+    result = pipeline(overrides=overrides)
+    assert result.stop_reason == "max_steps" and result.episodes == 640
+    assert result.gates_passed and result.promoted, result.gate_summary
+    assert result.candidate["candidate/gold_positive_share"] > result.baseline["baseline/gold_positive_share"]
+
+    client = MlflowClient(tracking_uri)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["ppo.learning_rate"] == "0.0002"
+    assert run.data.params["policy.model"] == str(demo_kit.instruct)
+    assert metric_steps(client, result.run_id, "objective/kl") == list(range(32, 641, 32))
+    for key in ("objective/scores", "objective/rlhf_reward", "policy/approxkl", "policy/clipfrac", "loss/policy",
+                "loss/value", "val/explained_variance", "kl_coef", "lr", "eval/reward_gain", "eval/win_rate", "eval/kl",
+                "eval/candidate/gold_positive_share", "gate/passed", "data/kept"):
+        assert key in run.data.metrics, key
+    assert run.data.tags["alignflow.gates_passed"] == "true"
+    assert run.data.tags["alignflow.model_version"] == result.model_version
+    md5 = data_version(PROJECT_ROOT / "data.dvc").md5
+    assert run.data.tags["alignflow.data_md5"] == md5
+    [dataset] = run.inputs.dataset_inputs
+    assert dataset.dataset.digest == md5 and dataset.dataset.name == "prompts"
+    artifacts = {item.path for item in client.list_artifacts(result.run_id)}
+    assert {"config.yaml", "training_curves.png", "eval_samples.json", "gate_report.md"} <= artifacts
+
+    champion = client.get_model_version_by_alias(MODEL, "champion")
+    assert str(champion.version) == result.model_version
+    tags = champion.tags
+    assert tags["gates_passed"] == "true" and tags["data_md5"] == md5
+    assert tags["base_policy"] == str(demo_kit.instruct) and tags["reward_model"] == str(demo_kit.reward)
+    assert tags["mlflow_run_id"] == result.run_id and tags["prefect_flow_run_id"] and tags["git_commit"]
+
+    mlflow.set_tracking_uri(tracking_uri)
+    generator = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")
+    [text] = generator.predict(["The film was"])
+    assert isinstance(text, str) and text.strip()

@@ -9,7 +9,6 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from components.demo.bootstrap import BootstrapSettings, bootstrap, score_texts
-from components.demo.domain import generate_demo_data
 from components.demo.gold import is_well_formed
 
 pytestmark = pytest.mark.slow
@@ -18,23 +17,26 @@ BUDGET_S = 180
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo-bootstrap")
-    generate_demo_data(root / "data", seed=0)
-    start = time.perf_counter()
-    report = bootstrap(root / "data", root / "artifacts", BootstrapSettings(progress=False))
-    return report, time.perf_counter() - start, root
+def built(demo_kit):
+    """The session's demo kit: trained here on a fresh clone, else the build recorded in bootstrap.json."""
+    return demo_kit.report, demo_kit.wall_s, demo_kit.data_dir, demo_kit.instruct.parent
+
+
+def data_and_artifacts(built):
+    return built[2], built[3]
 
 
 def test_bootstrap_fits_the_time_budget(built):
-    report, wall_s, _ = built
-    print(f"bootstrap timings: {report.timings}, wall {wall_s:.1f}s")
-    assert not report.skipped
-    assert wall_s <= BUDGET_S
+    report, wall_s, _, _ = built
+    # A reused build reports the timings it was trained in; a fresh one is also timed from outside.
+    print(f"bootstrap timings: {report.timings}, wall {wall_s:.1f}s, reused {report.skipped}")
+    assert report.timings["total_s"] <= BUDGET_S
+    if not report.skipped:
+        assert wall_s <= BUDGET_S
 
 
 def test_reward_model_ranks_held_out_pairs_like_the_gold_truth(built):
-    report, _, _ = built
+    report = built[0]
     print(f"held-out accuracy: {report.reward_accuracy:.3f} vs gold, {report.reward_accuracy_labels:.3f} vs noisy labels")
     assert report.reward_accuracy >= 0.85
     # 10% of the labels are flipped, so agreeing with them is capped near 0.9 for a perfect model.
@@ -43,7 +45,7 @@ def test_reward_model_ranks_held_out_pairs_like_the_gold_truth(built):
 
 
 def test_instruct_samples_are_well_formed_and_leave_room_for_ppo(built):
-    report, _, _ = built
+    report = built[0]
     print(f"instruct samples: {report.samples[:3]}")
     # well formed: one sentence of the domain ending with "." or "!" (components.demo.gold.is_well_formed)
     assert report.instruct_well_formed_share >= 0.8
@@ -52,18 +54,19 @@ def test_instruct_samples_are_well_formed_and_leave_room_for_ppo(built):
 
 
 def test_a_second_call_with_the_same_data_and_settings_skips(built):
-    report, _, root = built
+    report = built[0]
+    data_dir, artifacts = data_and_artifacts(built)
     start = time.perf_counter()
-    again = bootstrap(root / "data", root / "artifacts", BootstrapSettings(progress=False))
+    again = bootstrap(data_dir, artifacts, BootstrapSettings(progress=False))
     assert again.skipped
     assert time.perf_counter() - start < 5
     assert again.reward_accuracy == report.reward_accuracy
-    assert (root / "artifacts" / "bootstrap.json").is_file()
+    assert (artifacts / "bootstrap.json").is_file()
 
 
 def test_saved_models_load_like_hub_models(built):
-    _, _, root = built
-    instruct_dir, reward_dir = root / "artifacts" / "instruct", root / "artifacts" / "reward"
+    _, artifacts = data_and_artifacts(built)
+    instruct_dir, reward_dir = artifacts / "instruct", artifacts / "reward"
     for path in (instruct_dir, reward_dir):
         assert (path / "model.safetensors").is_file()
     tokenizer = AutoTokenizer.from_pretrained(instruct_dir)
@@ -84,8 +87,8 @@ def test_saved_models_load_like_hub_models(built):
 
 
 def test_reward_model_prefers_real_praise_over_hacks_in_a_left_padded_batch(built):
-    _, _, root = built
-    reward_dir = root / "artifacts" / "reward"
+    _, artifacts = data_and_artifacts(built)
+    reward_dir = artifacts / "reward"
     reward = AutoModelForSequenceClassification.from_pretrained(reward_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(reward_dir)
     praise, criticism = "The new thriller was gripping and moving.", "The new thriller was dull and tedious."
