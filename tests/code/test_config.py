@@ -83,6 +83,6 @@ def test_bad_files_and_overrides(tmp_path):
 
 def test_flat_params_cover_every_setting():
     flat = load_config().flat()
-    assert flat["ppo.learning_rate"] == 3e-4
+    assert flat["ppo.learning_rate"] == 1e-4
     assert flat["policy.lora.r"] == 8
     assert "tracking.registered_model" in flat

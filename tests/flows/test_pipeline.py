@@ -20,13 +20,13 @@ def metric_steps(client, run_id, key):
 
 def test_gate_failure_registers_without_promoting_and_champion_stays(demo_data, small_run, tiny_lm_dir, tiny_reward_dir, tracking_uri):
     runner = CliRunner()
-    first = pipeline(overrides=small_run(tiny_lm_dir, tiny_reward_dir, "gates.max_kl=0"))
+    first = pipeline(overrides=small_run(tiny_lm_dir, tiny_reward_dir, "gates.min_reward_gain=100"))
     assert not first.gates_passed and not first.promoted
-    assert "kl" in first.gate_summary
+    assert "< min_reward_gain 100" in first.gate_summary
     client = MlflowClient(tracking_uri)
     version = client.get_model_version(MODEL, first.model_version)
     assert version.tags["gates_passed"] == "false"
-    assert "kl" in version.tags["gates_failed"].split(",")
+    assert "reward_gain" in version.tags["gates_failed"].split(",")
     assert version.tags["data_md5"] == data_version(PROJECT_ROOT / "data.dvc").md5
     assert not client.get_registered_model(MODEL).aliases
 
@@ -38,7 +38,7 @@ def test_gate_failure_registers_without_promoting_and_champion_stays(demo_data, 
     assert forced.exit_code == 0, forced.output
     assert str(client.get_model_version_by_alias(MODEL, "champion").version) == first.model_version
 
-    second = pipeline(overrides=small_run(tiny_lm_dir, tiny_reward_dir, "gates.max_kl=0"))
+    second = pipeline(overrides=small_run(tiny_lm_dir, tiny_reward_dir, "gates.min_reward_gain=100"))
     assert second.model_version == str(int(first.model_version) + 1)
     assert not second.promoted and second.champion_version == first.model_version
     assert str(client.get_model_version_by_alias(MODEL, "champion").version) == first.model_version
