@@ -62,8 +62,10 @@ class LoraConfig(Section):
     enabled: bool = False
     r: int = Field(8, gt=0)
     alpha: int = Field(16, gt=0)
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    target_modules: list[str] | None = Field(None, description="None picks per-family defaults.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout; inactive while the engine keeps the policy in eval mode.")
+    target_modules: list[str] | None = Field(
+        None, description="None picks PEFT's per-family defaults (c_attn for GPT-2, q_proj/v_proj for Llama, q/v for T5...)."
+    )
     save_mode: Literal["merged", "adapter"] = Field("merged", description="Register the merged model, or base plus adapter.")
 
 
@@ -91,6 +93,9 @@ class RewardConfig(Section):
     revision: str | None = None
     label: str | int | None = Field(None, description="Label name (as in id2label) or index; None for a single output.")
     score: Literal["logit", "probability"] = "logit"
+    text: Literal["prompt_and_completion", "completion"] = Field(
+        "prompt_and_completion", description="What the reward model reads: prompt + completion, or the completion alone (a summary)."
+    )
     max_length: int = Field(256, gt=0, description="Reward-model inputs are truncated to this many tokens.")
     batch_size: int = Field(64, gt=0)
     normalize: bool = Field(False, description="Normalise scores with a running mean/std.")

@@ -386,15 +386,16 @@ def load_gold_scorer(spec: str | None):
         raise ValueError(f"evaluation.gold_scorer: cannot import {spec!r} ({exc})") from None
 
 
-def evaluate_policy(policy, tokenizer, prompts: Sequence[str], scorer, generation, evaluation):
+def evaluate_policy(policy, tokenizer, prompts: Sequence[str], scorer, generation, evaluation, use_chat_template: bool = False):
     """Sample each prompt once with `evaluation.seed`, score prompt + completion with the reward model
     (and the gold judge, if configured). The same seed makes baseline and candidate comparable.
+    With `use_chat_template` the policy sees each prompt as a chat turn; the judges see it as written.
 
     Returns (PolicyEval, the samples, the per-prompt scores).
     """
     from components.ppo.rollout import generate
 
-    samples = generate(policy, tokenizer, prompts, generation, seed=evaluation.seed)
+    samples = generate(policy, tokenizer, prompts, generation, seed=evaluation.seed, use_chat_template=use_chat_template)
     scores = [float(s) for s in scorer(list(prompts), samples.completions).tolist()]
     judge = load_gold_scorer(evaluation.gold_scorer)
     gold = None if judge is None else [float(judge(p + c)) for p, c in zip(prompts, samples.completions)]

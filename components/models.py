@@ -5,9 +5,14 @@ MLflow `models:/` URIs are resolved to local paths by the caller, not here.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     PreTrainedModel,
@@ -39,6 +44,36 @@ def load_causal_lm(name_or_path: str, revision: str | None = None) -> PreTrained
     _check_local_ref(name_or_path)
     model = AutoModelForCausalLM.from_pretrained(str(name_or_path), revision=revision, dtype=torch.float32)
     return model.eval()
+
+
+def load_seq2seq_lm(name_or_path: str, revision: str | None = None) -> PreTrainedModel:
+    """An encoder-decoder LM (T5, FLAN-T5, BART...) in float32 and eval mode."""
+    _check_local_ref(name_or_path)
+    model = AutoModelForSeq2SeqLM.from_pretrained(str(name_or_path), revision=revision, dtype=torch.float32)
+    return model.eval()
+
+
+def adapter_base(path: str | Path) -> str | None:
+    """The base model of a saved LoRA adapter (a folder with adapter_config.json and no config.json), else None."""
+    path = Path(path)
+    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        return json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
+    return None
+
+
+def load_policy(name_or_path: str, revision: str | None = None) -> PreTrainedModel:
+    """The policy LM: an encoder-decoder when its config says so (`is_encoder_decoder`), else a causal LM.
+    A saved LoRA adapter (`lora.save_mode: adapter`) is loaded onto its base model and merged into it."""
+    _check_local_ref(name_or_path)
+    base = adapter_base(name_or_path)
+    if base is not None:
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(load_policy(base), str(name_or_path)).merge_and_unload().eval()
+    config = AutoConfig.from_pretrained(str(name_or_path), revision=revision)
+    if getattr(config, "is_encoder_decoder", False):
+        return load_seq2seq_lm(name_or_path, revision)
+    return load_causal_lm(name_or_path, revision)
 
 
 def load_reward_model(name_or_path: str, revision: str | None = None) -> PreTrainedModel:

@@ -4,6 +4,7 @@ It wraps any `AutoModelForSequenceClassification` with its OWN tokenizer, so it 
 policy's: the trainer decodes completions and the scorer re-tokenizes `prompt + completion`.
 The score is the single output, or the logit (or softmax probability, `reward.score`) of the
 label chosen by name or index (`reward.label`). For a single-output model, `probability` is its sigmoid.
+With `reward.text: completion` the model reads the completion alone (a summary judged on its own).
 """
 
 from __future__ import annotations
@@ -43,10 +44,22 @@ def resolve_label(model_config, label: str | int | None) -> int:
     return by_name[label]
 
 
+def input_limit(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> int:
+    """The most tokens the reward model reads: its tokenizer's model_max_length and its position table
+    (RoBERTa-style models start positions after the padding index)."""
+    limits = [int(tokenizer.model_max_length)] if tokenizer.model_max_length < 1_000_000 else []
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions:
+        if "roberta" in model.config.model_type or model.config.model_type == "camembert":
+            positions -= (model.config.pad_token_id or 0) + 1
+        limits.append(int(positions))
+    return min(limits) if limits else 1_000_000
+
+
 class RewardScorer:
     """Scores `prompt + completion` texts with a sequence-classification reward model.
 
-    Inputs longer than `max_length` tokens are truncated on the LEFT, keeping the completion, which is
+    Inputs longer than `max_length` tokens (at most the model's own limit) are truncated on the LEFT, keeping the completion, which is
     what is being judged. Batches are padded on the RIGHT whatever the tokenizer's padding side: default
     position ids are then right for decoders (GPT-2 does not derive them from the attention mask) and
     encoders alike. Decoder reward models get a pad token (EOS) if they have none, and the model's
@@ -61,15 +74,19 @@ class RewardScorer:
         score: str = "logit",
         max_length: int = 256,
         batch_size: int = 64,
+        text: str = "prompt_and_completion",
     ):
         if score not in ("logit", "probability"):
             raise ValueError(f"reward.score={score!r}; allowed: 'logit', 'probability'")
+        if text not in ("prompt_and_completion", "completion"):
+            raise ValueError(f"reward.text={text!r}; allowed: 'prompt_and_completion', 'completion'")
+        self.text = text
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.index = resolve_label(model.config, label)
         self.num_labels = int(getattr(model.config, "num_labels", 1))
         self.score = score
-        self.max_length = max_length
+        self.max_length = min(max_length, input_limit(model, tokenizer))
         self.batch_size = batch_size
         if tokenizer.pad_token is None:
             if tokenizer.eos_token is None:
@@ -89,13 +106,13 @@ class RewardScorer:
         model = model if model is not None else load_reward_model(reward.model, reward.revision)
         if tokenizer is None:
             tokenizer = load_tokenizer(reward.model, reward.revision, padding_side="right")
-        return cls(model, tokenizer, reward.label, reward.score, reward.max_length, reward.batch_size)
+        return cls(model, tokenizer, reward.label, reward.score, reward.max_length, reward.batch_size, reward.text)
 
     @torch.inference_mode()
     def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:
         if len(prompts) != len(completions):
             raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
-        texts = [p + c for p, c in zip(prompts, completions)]
+        texts = list(completions) if self.text == "completion" else [p + c for p, c in zip(prompts, completions)]
         device = self.model.device
         scores = []
         for start in range(0, len(texts), self.batch_size):

@@ -236,10 +236,11 @@ def log_eval_samples(rows: list[dict[str, Any]], artifact_file: str = "eval_samp
 # --- the registry -----------------------------------------------------------------------------
 
 
-def default_pip_requirements() -> list[str]:
+def default_pip_requirements(with_peft: bool = False) -> list[str]:
     """Pinned to what is installed here (local version suffixes like `+cpu` dropped)."""
     pins = []
-    for package in ("torch", "transformers", "tokenizers", "safetensors", "accelerate"):
+    packages = ("torch", "transformers", "tokenizers", "safetensors", "accelerate") + (("peft",) if with_peft else ())
+    for package in packages:
         try:
             pins.append(f"{package}=={metadata.version(package).split('+')[0]}")
         except metadata.PackageNotFoundError:
@@ -256,31 +257,89 @@ def log_policy_model(
     artifact_name: str = "policy",
     model_config: dict[str, Any] | None = None,
 ) -> ModelVersion:
-    """Log the saved policy (model + tokenizer) as a text-generation model and register it.
+    """Log the saved policy (model + tokenizer, or LoRA adapter + tokenizer) and register it.
+
+    A causal LM is logged in MLflow's transformers flavour as a text-generation pipeline; a LoRA
+    adapter as a PEFT model on its base (only the adapter is stored; a local base is referenced by
+    path, a hub base by id, and must be there when the model is loaded). An encoder-decoder (T5,
+    BART), which transformers 5 no longer serves through a pipeline, is logged as a pyfunc
+    `Seq2SeqGenerator` holding the saved folder. Either way `mlflow.pyfunc.load_model(...).predict`
+    turns prompts into generated text.
 
     `tags` become model-version tags (include `gates_passed` so `promote` can check it);
     `model_config` holds default generation settings for pyfunc (e.g. `max_new_tokens`).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
+
+    from components.models import adapter_base, load_policy
 
     policy_dir = Path(policy_dir)
-    if not (policy_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{policy_dir} is not a saved model (no config.json); save it with save_pretrained")
-    model = AutoModelForCausalLM.from_pretrained(policy_dir)
-    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
-    info = mlflow.transformers.log_model(
-        {"model": model, "tokenizer": tokenizer},
-        name=artifact_name,
-        task="text-generation",
-        pip_requirements=pip_requirements or default_pip_requirements(),
-        registered_model_name=registered_model,
-        model_config=model_config,
-    )
+    base = adapter_base(policy_dir)
+    if base is None and not (policy_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{policy_dir} is not a saved model (no config.json) or adapter (no adapter_config.json)")
+    pip_requirements = pip_requirements or default_pip_requirements(with_peft=base is not None)
+    if getattr(AutoConfig.from_pretrained(base or policy_dir), "is_encoder_decoder", False):
+        info = mlflow.pyfunc.log_model(
+            name=artifact_name,
+            python_model=Seq2SeqGenerator(),
+            artifacts={"policy": str(policy_dir)},
+            code_paths=[str(Path(__file__).resolve().parent)],
+            pip_requirements=pip_requirements,
+            registered_model_name=registered_model,
+            model_config=model_config,
+        )
+    else:
+        if base is None:
+            model = load_policy(str(policy_dir))
+        else:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(load_policy(base), str(policy_dir))
+        local_base = base if base is not None and Path(base).is_dir() else None
+        info = mlflow.transformers.log_model(
+            {"model": model, "tokenizer": AutoTokenizer.from_pretrained(policy_dir)},
+            name=artifact_name,
+            task="text-generation",
+            pip_requirements=pip_requirements,
+            registered_model_name=registered_model,
+            model_config=model_config,
+            base_model_path=local_base,
+        )
     client = MlflowClient()
     version = str(info.registered_model_version)
     for key, value in tags.items():
         client.set_model_version_tag(registered_model, version, key, _tag_value(value))
     return client.get_model_version(registered_model, version)
+
+
+class Seq2SeqGenerator(mlflow.pyfunc.PythonModel):
+    """pyfunc for an encoder-decoder policy: prompts (a list of strings or a one-column DataFrame) ->
+    generated texts. The artifact `policy` is a saved model, or a LoRA adapter on its base model."""
+
+    def load_context(self, context) -> None:
+        from transformers import AutoTokenizer
+
+        from components.models import load_policy
+
+        self.model = load_policy(context.artifacts["policy"])
+        self.tokenizer = AutoTokenizer.from_pretrained(context.artifacts["policy"])
+        self.defaults = dict(context.model_config or {})
+
+    def predict(self, context, model_input, params: dict[str, Any] | None = None) -> list[str]:
+        import pandas as pd
+        import torch
+
+        if isinstance(model_input, pd.DataFrame):
+            prompts = model_input.iloc[:, 0].astype(str).tolist()
+        elif isinstance(model_input, str):
+            prompts = [model_input]
+        else:
+            prompts = [str(p) for p in model_input]
+        settings = {**self.defaults, **(params or {})}
+        batch = self.tokenizer(prompts, return_tensors="pt", padding=True)
+        with torch.inference_mode():
+            out = self.model.generate(**batch, **settings)
+        return self.tokenizer.batch_decode(out, skip_special_tokens=True)
 
 
 def promote(
@@ -443,22 +502,35 @@ def resolve_model_reference(ref: str, cache_dir: Path | None = None) -> str:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as scratch:
         downloaded = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=scratch))
-        assembled = _assemble_transformers_dir(downloaded, ref)
+        assembled = _assemble_policy_dir(downloaded, ref)
         if target.exists():  # a half-written folder from an interrupted download
             shutil.rmtree(target)
         assembled.rename(target)
     return str(target)
 
 
-def _assemble_transformers_dir(downloaded: Path, ref: str) -> Path:
+def _assemble_policy_dir(downloaded: Path, ref: str) -> Path:
+    """The folder `load_policy` reads: a saved model, or a LoRA adapter whose config names its base."""
     import yaml
 
+    from components.models import adapter_base
+
     mlmodel = downloaded / "MLmodel"
-    flavor = (yaml.safe_load(mlmodel.read_text()) or {}).get("flavors", {}).get("transformers") if mlmodel.is_file() else None
+    flavors = (yaml.safe_load(mlmodel.read_text()) or {}).get("flavors", {}) if mlmodel.is_file() else {}
+    flavor = flavors.get("transformers")
+    if flavor is None and (downloaded / "artifacts" / "policy").is_dir():  # a Seq2SeqGenerator pyfunc
+        return downloaded / "artifacts" / "policy"
     if flavor is None:
-        raise ModelReferenceError(f"{ref} is not a transformers-flavour model; log it with log_policy_model")
-    model_dir = downloaded / flavor.get("model_binary", "model")
-    if not (model_dir / "config.json").is_file():
+        raise ModelReferenceError(f"{ref} is not a model logged by log_policy_model (no transformers flavour or policy artifact)")
+    if flavor.get("peft_adaptor"):
+        model_dir = downloaded / flavor["peft_adaptor"]
+        config_path = model_dir / "adapter_config.json"
+        adapter_config = json.loads(config_path.read_text())
+        adapter_config["base_model_name_or_path"] = flavor.get("local_base_model_path") or flavor.get("source_model_name")
+        config_path.write_text(json.dumps(adapter_config, indent=2))
+    else:
+        model_dir = downloaded / flavor.get("model_binary", "model")
+    if not (model_dir / "config.json").is_file() and adapter_base(model_dir) is None:
         raise ModelReferenceError(
             f"{ref} holds no model weights (logged with save_pretrained=False?); "
             f"its source model is {flavor.get('source_model_name')!r}"

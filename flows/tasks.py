@@ -24,7 +24,7 @@ from components import tracking
 from components.config import PROJECT_ROOT, RunConfig
 from components.data import DataVersion, PromptSet, check_data, load_prompts, split_prompts
 from components.evaluation import GateReport, PolicyEval, check_gates, compare, evaluate_policy
-from components.models import load_causal_lm, load_tokenizer
+from components.models import load_policy as load_policy_model, load_tokenizer
 from components.ppo import PPOTrainer
 from components.ppo.progress import ProgressBar
 from components.reward import RewardScorer
@@ -157,9 +157,9 @@ def load_reward_model(config: RunConfig) -> RewardScorer:
 
 @task(retries=2, retry_delay_seconds=5, cache_policy=NONE)
 def load_policy(config: RunConfig):
-    """The starting policy (the reference stays a frozen copy of it) and its tokenizer."""
+    """The starting policy (causal LM or encoder-decoder, from its config) and its tokenizer."""
     path = model_path(config.policy.model)
-    return load_causal_lm(path, config.policy.revision), load_tokenizer(path, config.policy.revision)
+    return load_policy_model(path, config.policy.revision), load_tokenizer(path, config.policy.revision)
 
 
 # --- evaluation -------------------------------------------------------------------------------
@@ -168,12 +168,14 @@ def load_policy(config: RunConfig):
 @task(cache_policy=NONE, task_run_name="evaluate-{name}")
 def evaluate(name: str, policy, tokenizer, prompts: list[str], scorer: RewardScorer, config: RunConfig, reference=None) -> Evaluated:
     """Sample the held-out prompts with the evaluation seed, score them, and (for a candidate) its KL."""
-    summary, samples, scores = evaluate_policy(policy, tokenizer, prompts, scorer, config.generation, config.evaluation)
+    chat = config.policy.use_chat_template
+    summary, samples, scores = evaluate_policy(policy, tokenizer, prompts, scorer, config.generation, config.evaluation, chat)
     kl = None
     if reference is not None:
         from components.ppo import sequence_kl
 
-        kl = sequence_kl(policy, reference, tokenizer, prompts, samples.completions, config.generation, samples.ended_with_eos)
+        kl = sequence_kl(policy, reference, tokenizer, prompts, samples.completions, config.generation, samples.ended_with_eos,
+                         use_chat_template=chat)
     mlflow.log_metrics(summary.as_metrics(f"eval/{name}"))
     return Evaluated(name, summary, list(prompts), samples.completions, scores, kl)
 
@@ -185,8 +187,9 @@ def evaluate_champion(config: RunConfig, prompts: list[str], scorer: RewardScore
     if champion is None:
         return None
     path = tracking.resolve_model_reference(f"models:/{config.tracking.registered_model}/{champion.version}")
-    model, tokenizer = load_causal_lm(path), load_tokenizer(path)
-    summary, samples, scores = evaluate_policy(model, tokenizer, prompts, scorer, config.generation, config.evaluation)
+    model, tokenizer = load_policy_model(path), load_tokenizer(path)
+    summary, samples, scores = evaluate_policy(model, tokenizer, prompts, scorer, config.generation, config.evaluation,
+                                               config.policy.use_chat_template)
     mlflow.log_metrics(summary.as_metrics("eval/champion"))
     return str(champion.version), Evaluated("champion", summary, list(prompts), samples.completions, scores)
 
@@ -267,7 +270,7 @@ def gates(config: RunConfig, baseline: Evaluated, candidate: Evaluated, champion
 def register(config: RunConfig, trainer: PPOTrainer, data_md5: str, report: GateReport, candidate: Evaluated, stop_reason: str | None) -> str:
     """Log the policy (with tokenizer) in MLflow's transformers flavour and register it as a new version."""
     with tempfile.TemporaryDirectory(prefix="alignflow-policy-") as tmp:
-        policy_dir = trainer.export_policy(Path(tmp) / "policy")
+        policy_dir = trainer.export_policy(Path(tmp) / "policy", merge=config.policy.lora.save_mode == "merged")
         version = tracking.log_policy_model(
             policy_dir,
             config.tracking.registered_model,

@@ -5,12 +5,23 @@ Calling them separately lets the engine
   * read logits AND values from the same hidden states (the shared value head), and
   * apply the LM head only at the positions whose next token matters (the response), which
     skips the vocabulary projection over the prompt.
+
+An encoder-decoder (T5, BART; `config.is_encoder_decoder`) reads the prompt with its encoder and
+writes the response with its decoder: every decoder position is a response position, so the model's
+own forward gives the logits (with each family's output transforms) and the decoder's last hidden
+state feeds the value head. `response_forward` is the one place the two kinds differ in training;
+`decoding_steps` (rollout.py) is the one place they differ in sampling.
+
+A LoRA policy's reference is the same model with its adapter switched off (`AdapterDisabled`), so the
+base weights are held once.
 """
 
 from __future__ import annotations
 
 import copy
 import inspect
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -39,8 +50,47 @@ def hidden_size(model: PreTrainedModel) -> int:
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The transformers model inside a PEFT (LoRA) wrapper, with its adapter layers injected; else the model."""
+    if isinstance(model, AdapterDisabled):
+        model = model.policy
     get_base_model = getattr(model, "get_base_model", None)
     return get_base_model() if callable(get_base_model) else model
+
+
+def is_encoder_decoder(model: nn.Module) -> bool:
+    """From the model's config, not its name: T5, FLAN-T5, BART... are encoder-decoders."""
+    return bool(getattr(unwrap(model).config, "is_encoder_decoder", False))
+
+
+def decoder_start_token_id(model: nn.Module) -> int:
+    """The token an encoder-decoder's decoder starts from (T5: pad, BART: eos)."""
+    model = unwrap(model)
+    for source in (model.config, getattr(model, "generation_config", None)):
+        start = getattr(source, "decoder_start_token_id", None)
+        if start is not None:
+            return int(start)
+    raise ValueError(f"{type(model).__name__} is an encoder-decoder without decoder_start_token_id in its config")
+
+
+class AdapterDisabled:
+    """The reference policy of a LoRA policy: the policy itself, run with its adapter switched off
+    (`with policy.disable_adapter():`). Holds no weights of its own; attributes are the policy's.
+    The engine's forward functions enter the switch through `running`."""
+
+    def __init__(self, policy: nn.Module):
+        self.policy = policy
+
+    def __getattr__(self, name: str):
+        return getattr(self.policy, name)
+
+
+@contextmanager
+def running(model: nn.Module) -> Iterator[nn.Module]:
+    """The model to call: for an `AdapterDisabled` reference, the policy with its adapter off for the block."""
+    if isinstance(model, AdapterDisabled):
+        with model.policy.disable_adapter():
+            yield model.policy
+    else:
+        yield model
 
 
 def backbone_of(model: PreTrainedModel) -> nn.Module:
@@ -90,10 +140,37 @@ def position_ids_from(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:
-    """A deep copy in eval mode with gradients off: the reference policy."""
+    """A deep copy in eval mode with gradients off: the reference policy of a full fine-tune."""
     reference = copy.deepcopy(model).eval()
     reference.requires_grad_(False)
     return reference
+
+
+def reference_of(policy: nn.Module) -> nn.Module | AdapterDisabled:
+    """The reference policy: the LoRA policy with its adapter off (no copy), else a frozen copy."""
+    if callable(getattr(policy, "disable_adapter", None)) and callable(getattr(policy, "get_base_model", None)):
+        return AdapterDisabled(policy)
+    return frozen_copy(policy)
+
+
+def seq2seq_forward(
+    model: nn.Module,
+    attention_mask: torch.Tensor,
+    decoder_input_ids: torch.Tensor,
+    input_ids: torch.Tensor | None = None,
+    encoder_outputs=None,
+    cache=None,
+):
+    """An encoder-decoder's forward: (logits (B, T, V), decoder last hidden (B, T, H), cache).
+    Give `input_ids` to run the encoder, or its `encoder_outputs` to reuse them."""
+    model = unwrap(model)
+    kwargs = {_cache_kwarg(model): cache, "use_cache": cache is not None}
+    out = model(
+        input_ids=input_ids, attention_mask=attention_mask, encoder_outputs=encoder_outputs,
+        decoder_input_ids=decoder_input_ids, output_hidden_states=True, **kwargs,
+    )
+    new_cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+    return out.logits, out.decoder_hidden_states[-1], new_cache
 
 
 class Critic(nn.Module):

@@ -3,6 +3,8 @@
 `sample` is our own decoding loop over the KV cache: at each step one backbone call gives the hidden
 state of the last token, from which the LM head gives the logits (hence the sampled token's old
 log-probability) and the value head gives the old value. No second policy forward is needed.
+For an encoder-decoder the encoder reads the prompt once and the decoder steps from
+`decoder_start_token_id` with its own cache (`decoding_steps`).
 
 Also the evaluation helpers the pipeline uses: `generate` (seeded sampling of completions) and
 `sequence_kl` (mean per-sequence KL of a policy from its reference).
@@ -14,10 +16,20 @@ from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
 import torch
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache, EncoderDecoderCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from components.config import GenerationConfig
-from components.ppo.actor_critic import backbone_of, lm_logits, position_ids_from, run_backbone
+from components.ppo.actor_critic import (
+    backbone_of,
+    decoder_start_token_id,
+    is_encoder_decoder,
+    lm_logits,
+    position_ids_from,
+    run_backbone,
+    running,
+    seq2seq_forward,
+    unwrap,
+)
 from components.ppo.core import logprobs_of, response_mask
 
 
@@ -45,15 +57,35 @@ def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
     return int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
 
 
+def render_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]) -> list[str]:
+    """Each prompt as the user turn of a chat, followed by the assistant's generation prompt."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise PromptError(
+            f"policy.use_chat_template is true but the tokenizer of {tokenizer.name_or_path!r} has no chat template; "
+            f"set policy.use_chat_template=false or use a tokenizer with one"
+        )
+    return [
+        tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+        for p in prompts
+    ]
+
+
 def tokenize_prompts(
-    tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], generation: GenerationConfig
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    generation: GenerationConfig,
+    use_chat_template: bool = False,
+    padding_side: str = "left",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded (input_ids, attention_mask). Prompts over `generation.max_prompt_tokens` keep their END
-    (`prompt_overflow: truncate`) or raise a PromptError naming the prompt index (`reject`)."""
+    """Padded (input_ids, attention_mask): left for a causal LM, right for an encoder (whose positions may
+    not follow the mask). Prompts over `generation.max_prompt_tokens` keep their END
+    (`prompt_overflow: truncate`) or raise a PromptError naming the prompt index (`reject`).
+    With `use_chat_template`, prompts are rendered as a user turn first (the template adds its own specials)."""
     if len(prompts) == 0:
         raise PromptError("no prompts: the prompt batch is empty")
     limit = generation.max_prompt_tokens
-    rows = tokenizer(list(prompts), add_special_tokens=True, padding=False, truncation=False)["input_ids"]
+    texts = render_prompts(tokenizer, prompts) if use_chat_template else list(prompts)
+    rows = tokenizer(texts, add_special_tokens=not use_chat_template, padding=False, truncation=False)["input_ids"]
     for index, ids in enumerate(rows):
         if len(ids) == 0:
             raise PromptError(f"prompt {index} is empty after tokenization: {prompts[index]!r}")
@@ -68,9 +100,14 @@ def tokenize_prompts(
     input_ids = torch.full((len(rows), width), pad_id(tokenizer), dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
     for index, ids in enumerate(rows):
-        input_ids[index, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[index, width - len(ids) :] = 1
+        start = width - len(ids) if padding_side == "left" else 0
+        input_ids[index, start : start + len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[index, start : start + len(ids)] = 1
     return input_ids, attention_mask
+
+
+def prompt_padding_side(model: PreTrainedModel) -> str:
+    return "right" if is_encoder_decoder(model) else "left"
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -92,13 +129,14 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
 class Rollout:
     """Sampled responses, trimmed to the longest one. Padding (after the first EOS) is 0 in every float."""
 
-    queries: torch.Tensor  # (B, P) left-padded prompt ids
+    queries: torch.Tensor  # (B, P) prompt ids, left-padded (right-padded for an encoder-decoder)
     query_mask: torch.Tensor  # (B, P)
     responses: torch.Tensor  # (B, T) pad after the first EOS
     mask: torch.Tensor  # (B, T) float, 1 up to and including the first EOS
     logprobs: torch.Tensor  # (B, T) log pi_old(a_t | s_t) at the sampling temperature
     values: torch.Tensor | None  # (B, T) V_old(s_t) from the shared value head, if any
     ended_with_eos: torch.Tensor  # (B,) bool
+    encoder_decoder: bool = False  # the responses are the decoder's, not a continuation of the queries
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -117,32 +155,27 @@ def sample(
     value_head: torch.nn.Module | None = None,
 ) -> Rollout:
     """Sample up to `max_new_tokens` per prompt, stopping once every row has produced an EOS."""
-    backbone = backbone_of(policy)
     device = queries.device
     eos_ids = eos_ids.to(device)
     batch = queries.shape[0]
-    cache = DynamicCache()
-    attention_mask = query_mask
-    positions = position_ids_from(query_mask)
-    hidden = run_backbone(backbone, queries, attention_mask, positions, cache)[:, -1]
-    next_position = positions[:, -1:] + 1
     tokens, logprobs, values = [], [], []
     ended = torch.zeros(batch, dtype=torch.bool, device=device)
-    for step in range(generation.max_new_tokens):
-        logits = lm_logits(policy, hidden).float() / generation.temperature
-        if value_head is not None:
-            values.append(value_head(hidden).float())
-        probs = torch.softmax(filter_logits(logits, generation.top_k, generation.top_p), dim=-1)
-        token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-        logprobs.append(logprobs_of(logits, token))
-        token = torch.where(ended, pad_token_id, token)
-        tokens.append(token)
-        ended |= torch.isin(token, eos_ids)
-        if bool(ended.all()) or step == generation.max_new_tokens - 1:
-            break
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
-        hidden = run_backbone(backbone, token[:, None], attention_mask, next_position, cache)[:, -1]
-        next_position = next_position + 1
+    with running(policy) as model:
+        step = decoding_steps(model, queries, query_mask)
+        logits, hidden = step(None)
+        for t in range(generation.max_new_tokens):
+            logits = logits.float() / generation.temperature
+            if value_head is not None:
+                values.append(value_head(hidden).float())
+            probs = torch.softmax(filter_logits(logits, generation.top_k, generation.top_p), dim=-1)
+            token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            logprobs.append(logprobs_of(logits, token))
+            token = torch.where(ended, pad_token_id, token)
+            tokens.append(token)
+            ended |= torch.isin(token, eos_ids)
+            if bool(ended.all()) or t == generation.max_new_tokens - 1:
+                break
+            logits, hidden = step(token)
     responses = torch.stack(tokens, 1)
     mask = response_mask(responses, eos_ids)
     return Rollout(
@@ -153,7 +186,46 @@ def sample(
         logprobs=torch.stack(logprobs, 1) * mask,
         values=torch.stack(values, 1) * mask if values else None,
         ended_with_eos=ended,
+        encoder_decoder=is_encoder_decoder(policy),
     )
+
+
+def decoding_steps(model: PreTrainedModel, queries: torch.Tensor, query_mask: torch.Tensor):
+    """`step(token)` -> (logits, hidden) of the next position, extending the KV cache: `step(None)` reads
+    the prompt, then each call feeds the token just sampled (B,). Causal LM: the backbone over the prompt,
+    then one token at a time. Encoder-decoder: the encoder once, then the decoder from its start token."""
+    batch = queries.shape[0]
+    if is_encoder_decoder(model):
+        encoder_outputs = unwrap(model).get_encoder()(input_ids=queries, attention_mask=query_mask)
+        cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        start = queries.new_full((batch,), decoder_start_token_id(model))
+
+        def seq2seq_step(token: torch.Tensor | None):
+            nonlocal cache
+            token = start if token is None else token
+            logits, hidden, cache = seq2seq_forward(model, query_mask, token[:, None], encoder_outputs=encoder_outputs, cache=cache)
+            return logits[:, -1], hidden[:, -1]
+
+        return seq2seq_step
+
+    backbone = backbone_of(model)
+    cache = DynamicCache()
+    attention_mask = query_mask
+    next_position = None
+
+    def causal_step(token: torch.Tensor | None):
+        nonlocal attention_mask, next_position
+        if token is None:
+            positions = position_ids_from(query_mask)
+            hidden = run_backbone(backbone, queries, attention_mask, positions, cache)[:, -1]
+            next_position = positions[:, -1:] + 1
+        else:
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
+            hidden = run_backbone(backbone, token[:, None], attention_mask, next_position, cache)[:, -1]
+            next_position = next_position + 1
+        return lm_logits(model, hidden), hidden
+
+    return causal_step
 
 
 def response_hidden(
@@ -172,6 +244,25 @@ def response_hidden(
     return hidden[:, queries.shape[1] - 1 : -1]
 
 
+def response_forward(
+    model: PreTrainedModel | torch.nn.Module,
+    queries: torch.Tensor,
+    query_mask: torch.Tensor,
+    responses: torch.Tensor,
+    mask: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, hidden), each (B, T, .), of the positions that predict each response token, in one forward.
+    Causal LM: the backbone over prompt + response, the LM head on the response positions only.
+    Encoder-decoder: the decoder fed [start] + response[:-1] (teacher forcing) over the encoded prompt."""
+    if is_encoder_decoder(model):
+        start = responses.new_full((responses.shape[0], 1), decoder_start_token_id(model))
+        decoder_input_ids = torch.cat([start, responses[:, :-1]], dim=1)
+        logits, hidden, _ = seq2seq_forward(model, query_mask, decoder_input_ids, input_ids=queries)
+        return logits, hidden
+    hidden = response_hidden(model, queries, query_mask, responses, mask)
+    return lm_logits(model, hidden), hidden
+
+
 def response_logprobs(
     model: PreTrainedModel,
     queries: torch.Tensor,
@@ -180,21 +271,25 @@ def response_logprobs(
     mask: torch.Tensor,
     temperature: float = 1.0,
 ) -> torch.Tensor:
-    """log pi(a_t | s_t) of the given responses at `temperature` (0 on padding). Call under no_grad/inference_mode."""
-    hidden = response_hidden(model, queries, query_mask, responses, mask)
-    logits = lm_logits(model, hidden).float() / temperature
+    """log pi(a_t | s_t) of the given responses at `temperature` (0 on padding). Call under no_grad/inference_mode.
+    An `AdapterDisabled` reference is run with the adapter off."""
+    with running(model) as model:
+        logits = response_forward(model, queries, query_mask, responses, mask)[0].float() / temperature
     return logprobs_of(logits, responses) * mask
 
 
 def decode(
     tokenizer: PreTrainedTokenizerBase, rollout: Rollout
 ) -> tuple[list[str], list[str]]:
-    """(prompt texts, completion texts) such that prompt + completion is the decoded whole sequence."""
+    """(prompt texts, completion texts) such that prompt + completion is the decoded whole sequence
+    (for an encoder-decoder, the completion is the decoded response: it does not continue the prompt)."""
     prompts, completions = [], []
     lengths = rollout.lengths.tolist()
     query_rows = [row[mask.bool()].tolist() for row, mask in zip(rollout.queries, rollout.query_mask)]
     response_rows = [row[:n].tolist() for row, n in zip(rollout.responses, lengths)]
     prompt_texts = tokenizer.batch_decode(query_rows, skip_special_tokens=True)
+    if rollout.encoder_decoder:
+        return prompt_texts, tokenizer.batch_decode(response_rows, skip_special_tokens=True)
     full_texts = tokenizer.batch_decode([q + r for q, r in zip(query_rows, response_rows)], skip_special_tokens=True)
     response_texts = tokenizer.batch_decode(response_rows, skip_special_tokens=True)
     for prompt, full, response in zip(prompt_texts, full_texts, response_texts):
@@ -217,6 +312,7 @@ def generate(
     generation: GenerationConfig,
     seed: int = 0,
     batch_size: int = 64,
+    use_chat_template: bool = False,
 ) -> Samples:
     """Sample one completion per prompt, reproducibly for a given seed (and batch_size)."""
     generator = torch.Generator(device=policy.device).manual_seed(seed)
@@ -226,7 +322,9 @@ def generate(
     policy.eval()
     try:
         for start in range(0, len(prompts), batch_size):
-            queries, query_mask = tokenize_prompts(tokenizer, prompts[start : start + batch_size], generation)
+            queries, query_mask = tokenize_prompts(
+                tokenizer, prompts[start : start + batch_size], generation, use_chat_template, prompt_padding_side(policy)
+            )
             rollout = sample(policy, queries.to(policy.device), query_mask.to(policy.device), generation, eos_ids, pad, generator)
             out.completions.extend(decode(tokenizer, rollout)[1])
             out.ended_with_eos.extend(rollout.ended_with_eos.tolist())
@@ -247,6 +345,7 @@ def sequence_kl(
     generation: GenerationConfig,
     ended_with_eos: Sequence[bool] | None = None,
     batch_size: int = 64,
+    use_chat_template: bool = False,
 ) -> float:
     """Mean over sequences of sum_t [log pi(a_t) - log pi_ref(a_t)] on the completions' tokens
     (re-tokenized; an EOS is appended where `ended_with_eos`), at the sampling temperature."""
@@ -257,7 +356,9 @@ def sequence_kl(
     device = policy.device
     total, count = 0.0, 0
     for start in range(0, len(prompts), batch_size):
-        queries, query_mask = tokenize_prompts(tokenizer, prompts[start : start + batch_size], generation)
+        queries, query_mask = tokenize_prompts(
+            tokenizer, prompts[start : start + batch_size], generation, use_chat_template, prompt_padding_side(policy)
+        )
         rows = tokenizer(list(completions[start : start + batch_size]), add_special_tokens=False)["input_ids"]
         if ended_with_eos is not None:
             rows = [ids + [eos] if ended else ids for ids, ended in zip(rows, ended_with_eos[start : start + batch_size])]

@@ -2,7 +2,8 @@
 
 One iteration (`PPOTrainer.step`) on a batch of prompts:
   1. experience making: sample responses with our KV-cache loop (old log-probs and old values come
-     from the same forward), one reference forward for the reference log-probs;
+     from the same forward), one reference forward for the reference log-probs (for a LoRA policy the
+     reference is the policy with its adapter switched off);
   2. score prompt + completion with the reward function;
   3. rewards r_t = -kl_coef (log pi - log pi_ref) on every real token, + score on the last real token;
   4. GAE advantages and returns, advantages whitened over the batch;
@@ -53,11 +54,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from components.config import GenerationConfig, PPOConfig, RewardConfig, RunConfig
-from components.ppo.actor_critic import Critic, ValueHead, backbone_of, frozen_copy, hidden_size, lm_logits
+from components.ppo.actor_critic import Critic, ValueHead, backbone_of, hidden_size, is_encoder_decoder, reference_of
 from components.ppo.checkpoint import resolve_checkpoint, write_atomically
 from components.ppo.core import (
     RunningMoments,
@@ -76,6 +77,9 @@ from components.ppo.rollout import (
     decode,
     eos_token_ids,
     pad_id,
+    prompt_padding_side,
+    render_prompts,
+    response_forward,
     response_hidden,
     response_logprobs,
     sample,
@@ -127,10 +131,11 @@ class TrainResult:
 class PPOTrainer:
     """The PPO engine. Knows nothing of Prefect or MLflow: metrics go to a callback.
 
-    `policy` is the starting causal LM (trained in place); `reference` defaults to a frozen copy of it.
-    `value_head="shared"` reads values from the policy's last hidden state (one forward for both);
-    `"separate"` uses `critic` (a backbone such as AutoModel, or a `Critic`), default a copy of the
-    policy's backbone.
+    `policy` is the starting causal LM or encoder-decoder (trained in place); `reference` defaults to a
+    frozen copy of it, or, for a LoRA (PEFT) policy, to the policy with its adapter switched off.
+    `value_head="shared"` reads values from the policy's last hidden state (the decoder's, for an
+    encoder-decoder; one forward for both); `"separate"` (causal LMs) uses `critic` (a backbone such as
+    AutoModel, or a `Critic`), default a copy of the policy's backbone.
     """
 
     def __init__(
@@ -145,25 +150,37 @@ class PPOTrainer:
         critic: torch.nn.Module | None = None,
         value_head: str = "shared",
         seed: int = 0,
+        use_chat_template: bool = False,
     ):
         if value_head not in ("shared", "separate"):
             raise ValueError(f"value_head={value_head!r}; allowed: 'shared', 'separate'")
+        self.encoder_decoder = is_encoder_decoder(policy)
+        if value_head == "separate" and self.encoder_decoder:
+            raise ValueError("policy.value_head=separate is for causal LMs; an encoder-decoder policy uses the shared value head")
+        if use_chat_template:
+            render_prompts(tokenizer, ["x"])  # fails now, naming the tokenizer, if it has no chat template
         self.ppo, self.generation = ppo, generation
         self.reward = reward if reward is not None else RewardConfig()
         self.tokenizer, self.reward_fn, self.seed = tokenizer, reward_fn, seed
+        self.use_chat_template = use_chat_template
         self.device = policy.device
-        self.policy = policy.eval()  # eval: dropout off, so rollout and update log-probs agree
-        self.backbone = backbone_of(policy)
-        self.reference = frozen_copy(policy) if reference is None else reference.eval().requires_grad_(False)
+        self.policy = policy.eval()  # eval: dropout off (LoRA's too), so rollout and update log-probs agree
+        self.reference = reference_of(policy) if reference is None else reference.eval().requires_grad_(False)
         self.value_head_type = value_head
         if value_head == "shared":
             self.value_head: ValueHead | None = ValueHead(hidden_size(policy)).to(self.device)
             self.critic: Critic | None = None
         else:
             self.value_head = None
-            self.critic = _as_critic(critic if critic is not None else copy.deepcopy(self.backbone)).to(self.device).eval()
+            self.critic = _as_critic(critic if critic is not None else copy.deepcopy(backbone_of(policy))).to(self.device).eval()
         positions = getattr(policy.config, "max_position_embeddings", None)
-        if positions and generation.max_prompt_tokens + generation.max_new_tokens > positions:
+        if positions and self.encoder_decoder:  # the encoder reads the prompt, the decoder writes the response
+            if max(generation.max_prompt_tokens, generation.max_new_tokens + 1) > positions:
+                raise ValueError(
+                    f"generation.max_prompt_tokens ({generation.max_prompt_tokens}) or generation.max_new_tokens "
+                    f"({generation.max_new_tokens}) exceed the policy's {positions} positions"
+                )
+        elif positions and generation.max_prompt_tokens + generation.max_new_tokens > positions:
             raise ValueError(
                 f"generation.max_prompt_tokens ({generation.max_prompt_tokens}) + generation.max_new_tokens "
                 f"({generation.max_new_tokens}) exceed the policy's {positions} positions"
@@ -207,21 +224,23 @@ class PPOTrainer:
         """A trainer from a run configuration and loaded models. With `policy.value_head: separate` and no
         `critic`, the critic's backbone is loaded from `policy.critic_model`, else from the reward model when it
         shares the policy's vocabulary, else copied from the policy. With `policy.lora.enabled`, LoRA adapters
-        are injected into `policy` and only they (and the value head) are trained."""
+        are injected into `policy`, only they (and the value head) are trained, and the reference is the
+        policy with its adapter switched off."""
         if cfg.policy.value_head == "separate" and critic is None:
             critic = _load_critic_backbone(cfg, tokenizer)
         if cfg.policy.lora.enabled:
-            reference = reference if reference is not None else frozen_copy(policy)  # before adapters are injected
             policy = with_lora(policy, cfg.policy.lora)
         return cls(
             policy, tokenizer, reward_fn, cfg.ppo, cfg.generation, cfg.reward,
             reference=reference, critic=critic, value_head=cfg.policy.value_head, seed=cfg.seed,
+            use_chat_template=cfg.policy.use_chat_template,
         )
 
     @classmethod
     def from_checkpoint(cls, directory: str | Path, policy: PreTrainedModel, *args, **kwargs) -> "PPOTrainer":
-        """Resume: build a trainer around the STARTING policy (the reference is copied from it), then load
-        the checkpointed weights and state. Arguments after `policy` are the constructor's."""
+        """Resume: build a trainer around the STARTING policy (the reference is copied from it, or is it with
+        the adapter off), then load the checkpointed weights and state. Arguments after `policy` are the
+        constructor's (a LoRA policy is passed with its adapter injected, as `from_config` does)."""
         trainer = cls(policy, *args, **kwargs)
         trainer.load_checkpoint(directory)
         return trainer
@@ -241,7 +260,9 @@ class PPOTrainer:
     def make_experience(self, prompts: Sequence[str]) -> tuple[Experience, dict[str, float]]:
         """Rollout, scoring, rewards and advantages for one batch of prompts."""
         iteration = self.iteration + 1
-        queries, query_mask = tokenize_prompts(self.tokenizer, prompts, self.generation)
+        queries, query_mask = tokenize_prompts(
+            self.tokenizer, prompts, self.generation, self.use_chat_template, prompt_padding_side(self.policy)
+        )
         queries, query_mask = queries.to(self.device), query_mask.to(self.device)
         start = time.perf_counter()
         rollout = sample(
@@ -320,15 +341,16 @@ class PPOTrainer:
 
     def _micro_batch_loss(self, exp: Experience, index: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         query_mask = exp.query_mask[index]
-        # Trim: prompts are left-padded, responses right-padded; keep only columns some row uses.
-        first = query_mask.shape[1] - int(query_mask.sum(1).max())
+        # Trim: keep only the prompt columns some row uses (prompts are padded on one side), and the
+        # response columns up to the longest response (responses are right-padded).
+        used = query_mask.bool().any(0)
         width = int(exp.mask[index].sum(1).max())
-        queries, query_mask = exp.queries[index, first:], query_mask[:, first:]
+        queries, query_mask = exp.queries[index][:, used], query_mask[:, used]
         cut = lambda t: t[index, :width]  # noqa: E731
         responses, mask = cut(exp.responses), cut(exp.mask)
 
-        hidden = response_hidden(self.policy, queries, query_mask, responses, mask, backbone=self.backbone)
-        logits = lm_logits(self.policy, hidden).float() / self.generation.temperature
+        logits, hidden = response_forward(self.policy, queries, query_mask, responses, mask)
+        logits = logits.float() / self.generation.temperature
         logprobs = logprobs_of(logits, responses)
         values = self._values(hidden, queries, query_mask, responses, mask)
 
@@ -482,7 +504,7 @@ class PPOTrainer:
         return write_atomically(directory, self._write_checkpoint)
 
     def _write_checkpoint(self, path: Path) -> None:
-        save_model(self.policy, str(path / "policy.safetensors"))
+        save_file(trainable_state(self.policy), str(path / "policy.safetensors"))
         head = self.value_head if self.value_head is not None else self.critic
         save_model(head, str(path / "value.safetensors"))
         np_state = np.random.get_state()
@@ -521,7 +543,7 @@ class PPOTrainer:
         state = json.loads((path / "trainer_state.json").read_text())
         if state["value_head"] != self.value_head_type:
             raise ValueError(f"checkpoint {path} has a {state['value_head']} value head, this trainer a {self.value_head_type} one")
-        load_model(self.policy, str(path / "policy.safetensors"), device=str(self.device))
+        load_trainable_state(self.policy, load_file(str(path / "policy.safetensors"), device=str(self.device)), path)
         head = self.value_head if self.value_head is not None else self.critic
         load_model(head, str(path / "value.safetensors"), device=str(self.device))
         blob = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
@@ -557,12 +579,48 @@ class PPOTrainer:
         return write_atomically(directory, write)
 
 
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights that training changes: every parameter of a full fine-tune, the adapter of a LoRA policy."""
+    return {name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
+    expected = set(trainable_state(model))
+    if set(state) != expected:
+        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+        raise ValueError(
+            f"checkpoint {source} does not hold this policy's trainable weights (LoRA or full fine-tune, same model?): "
+            f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}"
+        )
+    with torch.no_grad():
+        parameters = dict(model.named_parameters())
+        for name, tensor in state.items():
+            parameters[name].copy_(tensor)
+
+
+def lora_target_modules(policy: PreTrainedModel, lora) -> list[str] | str:
+    """`policy.lora.target_modules`, else PEFT's default for the model family (e.g. c_attn for GPT-2,
+    q_proj/v_proj for Llama, Qwen2, Mistral, OPT and BART, query_key_value for GPT-NeoX, q/v for T5)."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
+
+    if lora.target_modules:
+        return list(lora.target_modules)
+    model_type = policy.config.model_type
+    if model_type not in DEFAULTS:
+        raise ValueError(
+            f"no default LoRA target modules for model type {model_type!r}; set policy.lora.target_modules "
+            f"to the names of its attention projections (e.g. [q_proj, v_proj])"
+        )
+    return DEFAULTS[model_type]
+
+
 def with_lora(policy: PreTrainedModel, lora) -> torch.nn.Module:
-    """Inject LoRA adapters (`policy.lora`); PEFT picks per-family target modules when none are given."""
+    """Inject LoRA adapters (`policy.lora`) into the policy's own weights (no copy)."""
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules, task_type="CAUSAL_LM"
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora_target_modules(policy, lora),
+        task_type="SEQ_2_SEQ_LM" if is_encoder_decoder(policy) else "CAUSAL_LM",
     )
     return get_peft_model(policy, config).eval()
 
