@@ -393,6 +393,34 @@ def promote(
     return client.get_model_version(name, version)
 
 
+def promote_if_best(
+    name: str,
+    version: str | int,
+    score: float,
+    alias: str = "champion",
+    *,
+    evaluated_against: str | None,
+    user: str | None = None,
+    reason: str | None = None,
+    score_tag: str = "eval_mean_score",
+) -> tuple[bool, str]:
+    """Compare-and-set on the alias, for a version that passed its gates.
+
+    The gates compared the candidate with the champion it saw (`evaluated_against`, None for no
+    champion). If another run moved the alias since, the candidate takes it only with a higher
+    evaluation score (tag `score_tag`, same prompts and seed). Call it inside a lock that every
+    promoter shares, so the read and the write cannot interleave.
+    """
+    current = get_champion(name, alias)
+    if current is not None and str(current.version) != (evaluated_against or ""):
+        current_score = float(current.tags.get(score_tag, "-inf"))
+        if current_score >= score:
+            return False, (f"version {current.version} became {alias} meanwhile with score {current_score:.4g} "
+                           f">= {score:.4g}; {alias} unchanged")
+    promote(name, version, alias, passed_gates=True, user=user, reason=reason)
+    return True, f"version {version} is now {alias}"
+
+
 def rollback(name: str, alias: str = "champion", *, user: str | None = None, reason: str | None = None) -> ModelVersion:
     """Move `alias` back to the version recorded in the current holder's `previous_<alias>` tag."""
     client = MlflowClient()

@@ -117,14 +117,60 @@ def run(
     config: Optional[Path] = ConfigOption,
     set_: list[str] = SetOption,
     resume: Optional[str] = typer.Option(None, help="Resume this MLflow run id from its last checkpoint."),
+    remote: Optional[str] = typer.Option(
+        None, help="Trigger this deployment on the Prefect server instead of running here (see `alignflow deploy`)."
+    ),
+    wait: bool = typer.Option(False, help="With --remote: wait for the flow run to finish and report its state."),
 ) -> None:
     """Run the whole pipeline: data, reward model, baseline, PPO, evaluation, gates, registry."""
     run_config = resolved(config, set_)
+    parameters = {"config_path": str(config) if config else None, "overrides": list(set_), "resume_run_id": resume}
+    if remote:
+        trigger_remote(remote, parameters, wait)
+        return
     prepare_demo_if_needed(run_config)
     from flows.pipeline import pipeline
 
-    result = pipeline(str(config) if config else None, list(set_), resume)
+    result = pipeline(**parameters)
     show_result(result, run_config)
+
+
+def trigger_remote(deployment: str, parameters: dict, wait: bool) -> None:
+    from prefect.deployments import run_deployment
+
+    require_prefect_server()
+    name = deployment if "/" in deployment else f"{PIPELINE_FLOW}/{deployment}"
+    flow_run = run_deployment(name, parameters=parameters, timeout=None if wait else 0)
+    console.print(f"flow run {flow_run.name} ({flow_run.id}) of {name}: {flow_run.state.name if flow_run.state else 'scheduled'}")
+    if wait and not (flow_run.state and flow_run.state.is_completed()):
+        fail(f"flow run {flow_run.id} ended {flow_run.state.name if flow_run.state else 'without a state'}", code=1)
+
+
+PIPELINE_FLOW = "alignflow-pipeline"
+
+
+@app.command()
+def deploy(
+    config: Optional[Path] = ConfigOption,
+    set_: list[str] = SetOption,
+    cron: Optional[str] = typer.Option(None, help='Cron schedule, e.g. "0 3 * * *".'),
+    interval: Optional[int] = typer.Option(None, help="Interval schedule in seconds."),
+    name: str = typer.Option("scheduled", help="Deployment name."),
+    pool: str = typer.Option("alignflow-pool", help="Work pool whose workers run it (a process pool)."),
+) -> None:
+    """Create (or update) the pipeline's deployment on the Prefect server, with its schedule and work pool."""
+    resolved(config, set_)
+    require_prefect_server()
+    from prefect import flow as prefect_flow
+
+    source = prefect_flow.from_source(source=str(PROJECT_ROOT), entrypoint="flows/pipeline.py:pipeline")
+    parameters = {"config_path": str(config) if config else None, "overrides": list(set_)}
+    deployment_id = source.deploy(
+        name=name, work_pool_name=pool, cron=cron, interval=interval, parameters=parameters, build=False, push=False,
+        print_next_steps=False,
+    )
+    schedule = f"cron {cron!r}" if cron else f"every {interval} s" if interval else "no schedule"
+    console.print(f"deployment {PIPELINE_FLOW}/{name} ({deployment_id}) on work pool {pool}, {schedule}")
 
 
 def show_result(result, run_config) -> None:

@@ -40,10 +40,10 @@ def pipeline(config_path: str | None = None, overrides: list[str] | None = None,
         champion = tasks.evaluate_champion(config, data.eval_prompts, scorer)
         report = tasks.gates(config, baseline, candidate, champion)
         model_version = tasks.register(config, trainer, version.md5, report, candidate, stop_reason)
-        promoted = tasks.promote(config, model_version, report)
+        promoted = tasks.promote(config, model_version, report, candidate, champion)
         result = tasks.finish(run_id, config, trainer, stop_reason, baseline, candidate, report, model_version, promoted, champion)
-    except BaseException:
+    except BaseException as exc:
         tasks.end_tracking(run_id, failed=True)
-        raise
+        raise tasks.explain_failure(exc, config, run_id) from exc
     tasks.end_tracking(run_id, failed=False)
     return result

@@ -18,6 +18,8 @@ import mlflow
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
+from prefect.client.orchestration import get_client
+from prefect.concurrency.sync import concurrency
 from prefect.runtime import flow_run, task_run
 
 from components import tracking
@@ -88,7 +90,31 @@ def start_tracking(config: RunConfig, resume_run_id: str | None) -> str:
 
 
 def end_tracking(run_id: str, failed: bool) -> None:
-    tracking.end_run(run_id, failed=failed)
+    try:
+        tracking.end_run(run_id, failed=failed)
+    except Exception as exc:  # the tracking server may be what failed; keep the original error in front
+        if not failed:
+            raise
+        print(f"could not mark MLflow run {run_id} failed: {exc}")
+
+
+class ServerUnreachable(RuntimeError):
+    """A server the pipeline needs stayed unreachable through every retry."""
+
+
+_CONNECTION_TROUBLE = ("Max retries exceeded", "Connection refused", "Failed to establish a new connection", "ConnectionError")
+
+
+def explain_failure(exc: BaseException, config: RunConfig, run_id: str) -> BaseException:
+    """Name the server and URL when MLflow could not be reached, and say how to resume."""
+    if not any(sign in f"{type(exc).__name__}: {exc}" for sign in _CONNECTION_TROUBLE):
+        return exc
+    uri = tracking.resolve_tracking_uri(config.tracking)
+    return ServerUnreachable(
+        f"the MLflow tracking server at {uri} is unreachable (after retries with backoff): {exc}\n"
+        f"Nothing was promoted and the checkpoints are kept. When the server is back, resume with\n"
+        f"  alignflow run --resume {run_id} (and the same --config/--set)"
+    )
 
 
 def git_commit() -> str:
@@ -219,33 +245,52 @@ def max_epochs(config: RunConfig) -> int:
     return -(-iterations // config.ppo.iterations_per_epoch)
 
 
-@task(retries=2, retry_delay_seconds=2, cache_policy=NONE, task_run_name="ppo-epoch-{epoch}")
-def ppo_epoch(trainer: PPOTrainer, epoch: int, prompts: list[str], config: RunConfig, run_id: str) -> str | None:
-    """`ppo.iterations_per_epoch` PPO iterations, then a checkpoint; returns the stop reason, if any.
+def pending_metrics_file(config: RunConfig, run_id: str) -> Path:
+    return checkpoint_dir(config, run_id).with_name(f"{run_id}.pending-metrics.json")
 
-    A retry resumes from the last checkpoint (the failed attempt's updates are discarded), and
-    metrics reach MLflow only after the checkpoint is written, so no step is logged twice.
+
+def flush_pending_metrics(config: RunConfig, run_id: str) -> None:
+    """Log the statistics of a checkpointed epoch that have not reached MLflow yet, then forget them."""
+    path = pending_metrics_file(config, run_id)
+    if path.exists():
+        for stats in json.loads(path.read_text()):
+            tracking.log_stats(stats, step=int(stats["episodes"]))
+        path.unlink()
+
+
+@task(retries=2, retry_delay_seconds=[2, 10], cache_policy=NONE, task_run_name="ppo-epoch-{epoch}")
+def ppo_epoch(trainer: PPOTrainer, epoch: int, prompts: list[str], config: RunConfig, run_id: str) -> str | None:
+    """PPO iterations up to the end of this epoch, then a checkpoint; returns the stop reason, if any.
+
+    Idempotent: a retry (or a rerun with --resume) reloads the last checkpoint and runs only the
+    iterations this epoch still lacks. An epoch's statistics are written beside its checkpoint and
+    reach MLflow after it, so no step is logged twice and none is lost while MLflow is down.
     """
     directory = checkpoint_dir(config, run_id)
+    flush_pending_metrics(config, run_id)
     if task_run.run_count > 1 and directory.exists():
         trainer.load_checkpoint(directory)
         get_run_logger().warning("attempt %d of epoch %d: resumed from %s at iteration %d",
                                  task_run.run_count, epoch, directory, trainer.iteration)
+    missing = (epoch + 1) * config.ppo.iterations_per_epoch - trainer.iteration
     history: list[dict[str, float]] = []
 
     def record(stats: dict[str, float]) -> None:
         history.append(stats)
         bar(stats)
 
-    with ProgressBar(config.ppo.max_steps, f"PPO epoch {epoch}", start_episodes=trainer.episodes) as bar:
-        result = trainer.train(prompts, iterations=config.ppo.iterations_per_epoch, callback=record)
-    trainer.save_checkpoint(directory)
-    for stats in history:
-        tracking.log_stats(stats, step=int(stats["episodes"]))
-    last = history[-1] if history else {}
-    get_run_logger().info("epoch %d: %d episodes, score %.3f, kl %.3f", epoch, trainer.episodes,
-                          last.get("objective/scores", float("nan")), last.get("objective/kl", float("nan")))
-    return None if result.stop_reason == "iterations" else result.stop_reason
+    if missing > 0:
+        with ProgressBar(config.ppo.max_steps, f"PPO epoch {epoch}", start_episodes=trainer.episodes) as bar:
+            trainer.train(prompts, iterations=missing, callback=record)
+        trainer.save_checkpoint(directory)
+        pending = pending_metrics_file(config, run_id)
+        pending.with_suffix(".tmp").write_text(json.dumps(history))
+        pending.with_suffix(".tmp").replace(pending)
+        flush_pending_metrics(config, run_id)
+        last = history[-1]
+        get_run_logger().info("epoch %d: %d episodes, score %.3f, kl %.3f", epoch, trainer.episodes,
+                              last["objective/scores"], last["objective/kl"])
+    return trainer.stop_reason
 
 
 # --- gates, registry --------------------------------------------------------------------------
@@ -294,17 +339,30 @@ def register(config: RunConfig, trainer: PPOTrainer, data_md5: str, report: Gate
     return str(version.version)
 
 
-@task(retries=2, retry_delay_seconds=5, cache_policy=NONE)
-def promote(config: RunConfig, version: str, report: GateReport) -> bool:
-    """Only a version that passed every gate becomes champion; a failure leaves the champion alone."""
+PROMOTION_LOCK = "alignflow-promotion"
+
+
+@task(retries=2, retry_delay_seconds=[2, 10], cache_policy=NONE)
+def promote(config: RunConfig, version: str, report: GateReport, candidate: Evaluated, champion: tuple[str, Evaluated] | None) -> bool:
+    """Only a version that passed every gate becomes champion; a failure leaves the champion alone.
+
+    Promotions are serialised by a Prefect global concurrency limit of 1, and inside it the alias is
+    compared-and-set: of candidates finishing together, the best passing evaluation wins.
+    """
     logger = get_run_logger()
     if not report.passed:
         logger.warning("version %s not promoted: %s", version, report.summary())
         return False
-    tracking.promote(config.tracking.registered_model, version, config.tracking.champion_alias,
-                     passed_gates=True, user=f"alignflow-pipeline ({getpass.getuser()})", reason=report.summary())
-    logger.info("version %s is now @%s", version, config.tracking.champion_alias)
-    return True
+    with get_client(sync_client=True) as client:
+        client.upsert_global_concurrency_limit_by_name(PROMOTION_LOCK, 1)
+    with concurrency(PROMOTION_LOCK, occupy=1, timeout_seconds=600, strict=True):
+        promoted, why = tracking.promote_if_best(
+            config.tracking.registered_model, version, candidate.summary.mean_score, config.tracking.champion_alias,
+            evaluated_against=champion[0] if champion else None,
+            user=f"alignflow-pipeline ({getpass.getuser()})", reason=report.summary(),
+        )
+    (logger.info if promoted else logger.warning)("version %s: %s", version, why)
+    return promoted
 
 
 @task(cache_policy=NONE)
