@@ -215,3 +215,16 @@ def test_a_lora_policy_registers_and_generates_through_pyfunc(policies, store, t
     reloaded = load_policy(path)
     expected = reference_logprobs(trainer, trainer.policy)
     torch.testing.assert_close(reference_logprobs(trainer, reloaded), expected, atol=1e-5, rtol=0)
+
+
+def test_the_flan_t5_lab_config_validates():
+    from components.config import PROJECT_ROOT, load_config
+
+    cfg = load_config(PROJECT_ROOT / "configs" / "flan-t5-detox.yaml")
+    assert cfg.policy.model == "google/flan-t5-base" and cfg.policy.lora.enabled
+    assert (cfg.policy.lora.r, cfg.policy.lora.alpha, cfg.policy.lora.dropout, cfg.policy.lora.target_modules) == (32, 32, 0.05, ["q", "v"])
+    assert (cfg.reward.model, cfg.reward.label, cfg.reward.score) == ("facebook/roberta-hate-speech-dynabench-r4-target", "nothate", "logit")
+    assert (cfg.data.source, cfg.data.prompt_field, cfg.data.check_dvc) == ("knkarthick/dialogsum", "dialogue", False)
+    assert cfg.data.prompt_template == "Summarize the following conversation.\n\n{prompt}\n\nSummary: "
+    assert (cfg.ppo.learning_rate, cfg.ppo.ppo_epochs, cfg.ppo.mini_batch_size, cfg.ppo.batch_size) == (1.41e-5, 1, 4, 16)
+    assert cfg.generation.max_new_tokens == 100
