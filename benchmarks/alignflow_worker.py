@@ -1,0 +1,167 @@
+"""alignflow's side of the benchmark: its PPOTrainer on one workload, in a fresh process.
+
+    python benchmarks/alignflow_worker.py SPEC.json RESULT.json [ENGINE_ROOT]
+
+With an "evaluate" list in SPEC it instead evaluates saved policies (both engines') on held-out prompts.
+ENGINE_ROOT (default: this checkout) is the directory whose `components/` is benchmarked, e.g. a
+`git archive` of a commit. Phases are timed by wrapping, from outside, what `PPOTrainer.step` calls:
+  generation  `sample` (our KV-cache loop; old log-probs and shared-head values come from it)
+  reference   `response_logprobs` (the reference policy's log-probs)
+  value       a separate critic's forward (none with the default shared value head)
+  scoring     `decode` + the reward function (re-tokenization and the reward model)
+  update      `learn` (the PPO epochs)
+  other       the rest (rewards, GAE, whitening, statistics)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def main(spec_path: str, result_path: str, engine_root: str) -> None:
+    sys.path.insert(0, engine_root)
+    sys.path.insert(0, HERE)
+    from measure import write_json
+
+    spec = json.load(open(spec_path))
+    write_json(result_path, evaluate(spec) if "evaluate" in spec else train(spec))
+
+
+def evaluate(spec: dict) -> dict:
+    """Each policy in spec["evaluate"] on the held-out prompts, with the same code and seed for all: one
+    sampled completion per prompt, its reward-model score and the gold judge's verdict (as tests/model does)."""
+    import torch
+
+    import components
+    from components.config import GenerationConfig, RewardConfig
+    from components.demo.gold import is_gold_positive
+    from components.models import load_causal_lm, load_tokenizer
+    from components.ppo import generate
+    from components.reward import RewardScorer
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    generation = GenerationConfig(
+        max_new_tokens=spec["max_new_tokens"], temperature=spec["temperature"], max_prompt_tokens=spec["max_prompt_tokens"]
+    )
+    scorer = RewardScorer.from_config(RewardConfig(model=spec["reward"], max_length=spec["reward_max_length"]))
+    prompts = spec["prompts"]
+    out = {"engine": os.path.dirname(os.path.abspath(components.__file__)), "policies": {}}
+    for path in spec["evaluate"]:
+        policy, tokenizer = load_causal_lm(path), load_tokenizer(path)
+        samples = generate(policy, tokenizer, prompts, generation, seed=spec["seed"])
+        scores = scorer(prompts, samples.completions)
+        gold = [is_gold_positive(p + c) for p, c in zip(prompts, samples.completions)]
+        out["policies"][path] = {
+            "score": scores.mean().item(),
+            "gold_positive_share": sum(gold) / len(gold),
+            "length_mean": sum(samples.lengths) / len(samples.lengths),
+            "eos_fraction": sum(samples.ended_with_eos) / len(samples.ended_with_eos),
+            "examples": [p + c for p, c in zip(prompts[:3], samples.completions[:3])],
+        }
+    return out
+
+
+def train(spec: dict) -> dict:
+    from measure import FlopCounter, PhaseClock, peak_rss_mb, rss_mb
+
+    started = time.perf_counter()
+    import torch
+    import transformers
+
+    import components
+    import components.ppo.trainer as engine
+    from components.config import GenerationConfig, PPOConfig, RewardConfig
+    from components.models import load_causal_lm, load_reward_model, load_tokenizer
+    from components.ppo import PPOTrainer
+    from components.ppo.actor_critic import backbone_of
+    from components.reward import RewardScorer
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(spec["seed"])
+
+    batch = spec["batch_size"]
+    ppo = PPOConfig(
+        learning_rate=spec["learning_rate"],
+        batch_size=batch,
+        mini_batch_size=spec["mini_batch_size"],
+        ppo_epochs=spec["ppo_epochs"],
+        kl_coef=spec["kl_coef"],
+        max_steps=batch * spec["iterations"],
+    )
+    generation = GenerationConfig(
+        max_new_tokens=spec["max_new_tokens"], temperature=spec["temperature"], top_k=0, top_p=1.0,
+        max_prompt_tokens=spec["max_prompt_tokens"],
+    )
+    reward = RewardConfig(model=spec["reward"], max_length=spec["reward_max_length"], batch_size=batch)
+
+    tokenizer = load_tokenizer(spec["policy"])
+    policy = load_causal_lm(spec["policy"])
+    scorer = RewardScorer.from_config(reward)
+    trainer = PPOTrainer(policy, tokenizer, scorer, ppo, generation, reward, seed=spec["seed"])
+
+    clock = PhaseClock()
+    flops = FlopCounter(clock)
+    parameters = {
+        "policy_backbone": flops.watch_backbone("policy", backbone_of(trainer.policy)),
+        "policy_head": flops.watch_head("policy_head", policy.get_output_embeddings()),
+        "reference_backbone": flops.watch_backbone("reference", backbone_of(trainer.reference)),
+        "reference_head": flops.watch_head("reference_head", trainer.reference.get_output_embeddings()),
+        "reward_backbone": flops.watch_backbone("reward", scorer.model.base_model),
+    }
+    if trainer.critic is not None:
+        parameters["value_backbone"] = flops.watch_backbone("value", trainer.critic.backbone)
+    engine.sample = clock.timed("generation", engine.sample)
+    engine.response_logprobs = clock.timed("reference", engine.response_logprobs)
+    engine.decode = clock.timed("scoring", engine.decode)
+    trainer.reward_fn = clock.timed("scoring", trainer.reward_fn)
+    trainer.learn = clock.timed("update", trainer.learn)
+
+    setup_seconds = time.perf_counter() - started
+    rss_before = rss_mb()
+    iterations = []
+    prompts = spec["prompts"]
+    for _ in range(spec["iterations"]):
+        clock.lap(), flops.lap()
+        clock.switch("other")
+        start = time.perf_counter()
+        stats = trainer.step(trainer.next_prompts(prompts))
+        seconds = time.perf_counter() - start
+        steps = flops.calls.get("policy@generation", 0)
+        iterations.append({
+            "seconds": seconds,
+            "phases": clock.lap(),
+            "flops": flops.lap(),
+            "score": stats["objective/scores"],
+            "kl": stats["objective/kl"],
+            "response_length": stats["response/length_mean"],
+            "generation_steps": steps,
+        })
+    flops.close()
+    result = {
+        "side": "alignflow",
+        "engine": os.path.dirname(os.path.abspath(components.__file__)),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        "threads": torch.get_num_threads(),
+        "value_head": trainer.value_head_type,
+        "parameters": parameters,
+        "setup_seconds": setup_seconds,
+        "rss_before_train_mb": rss_before,
+        "peak_rss_mb": peak_rss_mb(),
+        "iterations": iterations,
+    }
+    if spec.get("save_policy"):
+        trainer.policy.save_pretrained(spec["save_policy"])
+        tokenizer.save_pretrained(spec["save_policy"])
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else os.path.dirname(HERE))

@@ -1,0 +1,107 @@
+"""What the benchmark runs: workloads (models + PPO settings), the prompt split, the random models.
+
+Every workload is run by both sides with the same settings; the demo PPO settings (configs/demo.yaml)
+are the base, and the grid varies batch size and response length around it.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from components.config import PROJECT_ROOT, load_config
+
+CACHE = PROJECT_ROOT / "benchmarks" / ".cache"
+DEMO_DIR = PROJECT_ROOT / "artifacts" / "demo"
+PROMPTS = PROJECT_ROOT / "data" / "demo" / "prompts.jsonl"
+EVAL_SIZE = 128  # held-out prompts for the learning comparison, split as tests/model does
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    policy: str
+    reward: str
+    batch_size: int
+    mini_batch_size: int
+    ppo_epochs: int
+    learning_rate: float
+    kl_coef: float
+    max_new_tokens: int
+    max_prompt_tokens: int
+    temperature: float = 1.0
+    reward_max_length: int = 128
+    iterations: int = 5  # per run, warm-up included
+    warmup: int = 1
+
+    def settings(self) -> dict:
+        return asdict(self)
+
+
+def demo_workload(iterations: int, warmup: int) -> Workload:
+    """The demo kit's models with the demo run's PPO settings."""
+    cfg = load_config()
+    return Workload(
+        name="demo",
+        policy=str(DEMO_DIR / "instruct"),
+        reward=str(DEMO_DIR / "reward"),
+        batch_size=cfg.ppo.batch_size,
+        mini_batch_size=cfg.ppo.mini_batch_size,
+        ppo_epochs=cfg.ppo.ppo_epochs,
+        learning_rate=cfg.ppo.learning_rate,
+        kl_coef=cfg.ppo.kl_coef,
+        max_new_tokens=cfg.generation.max_new_tokens,
+        max_prompt_tokens=cfg.generation.max_prompt_tokens,
+        temperature=cfg.generation.temperature,
+        iterations=iterations,
+        warmup=warmup,
+    )
+
+
+def throughput_workloads(quick: bool) -> list[Workload]:
+    """The demo models at the demo settings and on a batch-size x response-length cross, then the
+    larger random GPT-2 at the demo settings."""
+    demo = demo_workload(iterations=4 if quick else 6, warmup=1)
+    grid = [(128, 24)] if quick else [(32, 24), (128, 24), (64, 12), (64, 48)]
+    workloads = [demo]
+    for batch, length in grid:
+        workloads.append(replace(demo, name=f"demo b{batch} r{length}", batch_size=batch, max_new_tokens=length))
+    policy, reward = larger_models()
+    larger = replace(demo, name="gpt2 6x512", policy=str(policy), reward=str(reward), iterations=3, warmup=1)
+    if quick:  # one minibatch of 16 episodes: ~10x cheaper than the full run's batch of 64
+        larger = replace(larger, name="gpt2 6x512 b16", batch_size=16, iterations=2)
+    workloads.append(larger)
+    return workloads
+
+
+def split_prompts() -> tuple[list[str], list[str]]:
+    """(train, eval): the demo prompts shuffled with seed 0, the first EVAL_SIZE held out."""
+    prompts = [json.loads(line)["prompt"] for line in PROMPTS.read_text().splitlines() if line.strip()]
+    random.Random(0).shuffle(prompts)
+    return prompts[EVAL_SIZE:], prompts[:EVAL_SIZE]
+
+
+def larger_models(n_layer: int = 6, n_embd: int = 512, n_head: int = 8, seed: int = 0) -> tuple[Path, Path]:
+    """A randomly initialised GPT-2 policy and a reward model of the same shape, with the demo tokenizer,
+    saved once under benchmarks/.cache so both sides load the same weights."""
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
+
+    root = CACHE / f"gpt2-{n_layer}x{n_embd}-seed{seed}"
+    policy_dir, reward_dir = root / "policy", root / "reward"
+    if (policy_dir / "config.json").is_file() and (reward_dir / "config.json").is_file():
+        return policy_dir, reward_dir
+    tokenizer = AutoTokenizer.from_pretrained(DEMO_DIR / "instruct")
+    config = GPT2Config(
+        vocab_size=len(tokenizer), n_positions=128, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, num_labels=1,
+    )
+    torch.manual_seed(seed)
+    GPT2LMHeadModel(config).save_pretrained(policy_dir)
+    GPT2ForSequenceClassification(config).save_pretrained(reward_dir)
+    for directory in (policy_dir, reward_dir):
+        tokenizer.save_pretrained(directory)
+    return policy_dir, reward_dir
