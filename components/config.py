@@ -148,7 +148,17 @@ class PPOConfig(Section):
     target_window: int = Field(5, gt=0, description="Iterations averaged for target_reward.")
     iterations_per_epoch: int = Field(10, gt=0, description="PPO iterations per pipeline epoch (one checkpoint each).")
     checkpoint_dir: str = "checkpoints"
-    num_processes: int = Field(1, gt=0)
+    num_processes: int = Field(
+        1, gt=0,
+        description="Data-parallel processes for the PPO epochs (launched with `accelerate launch` when > 1); each "
+        "rolls out its share of batch_size and computes its share of each minibatch's micro-batches, so make "
+        "gradient_accumulation_steps a multiple of it.",
+    )
+    accelerate_config: str | None = Field(
+        None,
+        description="An Accelerate config file for the launcher (multi-machine: num_machines, machine_rank, "
+        "main_process_ip); num_processes still comes from ppo.num_processes.",
+    )
 
     @model_validator(mode="after")
     def _batches_divide(self) -> "PPOConfig":

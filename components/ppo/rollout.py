@@ -19,6 +19,7 @@ import torch
 from transformers import DynamicCache, EncoderDecoderCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from components.config import GenerationConfig
+from components.ppo import distributed
 from components.ppo.actor_critic import (
     backbone_of,
     decoder_start_token_id,
@@ -153,8 +154,13 @@ def sample(
     pad_token_id: int,
     generator: torch.Generator | None = None,
     value_head: torch.nn.Module | None = None,
+    rows: tuple[int, int] | None = None,
 ) -> Rollout:
-    """Sample up to `max_new_tokens` per prompt, stopping once every row has produced an EOS."""
+    """Sample up to `max_new_tokens` per prompt, stopping once every row has produced an EOS.
+
+    `rows=(offset, total)`: these prompts are rows offset.. of a global batch of `total` shared among
+    data-parallel ranks; they draw their slice of the global batch's noise, and decoding stops once every
+    rank's rows have ended, so the ranks together sample what one process would."""
     device = queries.device
     eos_ids = eos_ids.to(device)
     batch = queries.shape[0]
@@ -168,12 +174,18 @@ def sample(
             if value_head is not None:
                 values.append(value_head(hidden).float())
             probs = torch.softmax(filter_logits(logits, generation.top_k, generation.top_p), dim=-1)
-            token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            if rows is None:
+                token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            else:  # multinomial's own draw, argmax p / q with q ~ Exp(1), over the global batch
+                offset, total = rows
+                noise = torch.empty((total, probs.shape[-1]), device=device).exponential_(1, generator=generator)
+                token = (probs / noise[offset : offset + batch]).argmax(-1)
             logprobs.append(logprobs_of(logits, token))
             token = torch.where(ended, pad_token_id, token)
             tokens.append(token)
             ended |= torch.isin(token, eos_ids)
-            if bool(ended.all()) or t == generation.max_new_tokens - 1:
+            done = bool(ended.all()) if rows is None else distributed.all_true(bool(ended.all()))
+            if done or t == generation.max_new_tokens - 1:
                 break
             logits, hidden = step(token)
     responses = torch.stack(tokens, 1)

@@ -59,6 +59,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from components.config import GenerationConfig, PPOConfig, RewardConfig, RunConfig
 from components.ppo.actor_critic import Critic, ValueHead, backbone_of, hidden_size, is_encoder_decoder, reference_of
+from components.ppo import distributed
 from components.ppo.checkpoint import resolve_checkpoint, write_atomically
 from components.ppo.core import (
     RunningMoments,
@@ -90,6 +91,7 @@ RewardFn = Callable[[list[str], list[str]], torch.Tensor]
 Callback = Callable[[dict[str, float]], None]
 
 STOP_REASONS = ("iterations", "target_reward", "max_steps")
+LEARN_STATS = ("policy/approxkl", "policy/clipfrac", "policy/ratio", "val/clipfrac", "policy/entropy", "loss/policy", "loss/value")
 
 
 class PPOError(RuntimeError):
@@ -258,8 +260,12 @@ class PPOTrainer:
     # ------------------------------------------------------------------ experience making
 
     def make_experience(self, prompts: Sequence[str]) -> tuple[Experience, dict[str, float]]:
-        """Rollout, scoring, rewards and advantages for one batch of prompts."""
+        """Rollout, scoring, rewards and advantages for one batch of prompts. Under N data-parallel processes
+        each rolls out and scores its contiguous share, and the experience returned is the whole batch's."""
         iteration = self.iteration + 1
+        share = distributed.shard(len(prompts))
+        rows = (share.start, len(prompts)) if distributed.world_size() > 1 else None
+        prompts = list(prompts)[share]
         queries, query_mask = tokenize_prompts(
             self.tokenizer, prompts, self.generation, self.use_chat_template, prompt_padding_side(self.policy)
         )
@@ -267,7 +273,7 @@ class PPOTrainer:
         start = time.perf_counter()
         rollout = sample(
             self.policy, queries, query_mask, self.generation, self.eos_ids, self.pad_token_id,
-            self.sample_generator, self.value_head,
+            self.sample_generator, self.value_head, rows,
         )
         with torch.inference_mode():
             args = (rollout.queries, rollout.query_mask, rollout.responses, rollout.mask)
@@ -292,7 +298,14 @@ class PPOTrainer:
             if bad.any():
                 raise PPOError(f"iteration {iteration}: non-finite {name} for episodes {bad.nonzero().flatten().tolist()}")
 
-        ended = rollout.ended_with_eos.clone()
+        left = prompt_padding_side(self.policy) == "left"
+        queries, query_mask, responses, mask, logprobs, ref_logprobs, values, scores, ended = distributed.gather_rows(
+            (rollout.queries, rollout.query_mask, rollout.responses, mask, logprobs, ref_logprobs, values, scores,
+             rollout.ended_with_eos),
+            pad_values=(self.pad_token_id, 0, self.pad_token_id, 0, 0, 0, 0, 0, False),
+            left_padded=(left, left, False, False, False, False, False, False, False),
+        )
+        ended = ended.clone()
         shaped = scores.to(self.device).clone()
         if self.reward.missing_eos_penalty is not None:
             shaped[~ended] -= self.reward.missing_eos_penalty
@@ -307,7 +320,7 @@ class PPOTrainer:
         if self.ppo.whiten_advantages:
             advantages = masked_whiten(advantages, mask)
         experience = Experience(
-            queries=rollout.queries.clone(), query_mask=rollout.query_mask.clone(), responses=rollout.responses.clone(),
+            queries=queries.clone(), query_mask=query_mask.clone(), responses=responses.clone(),
             mask=mask, logprobs=logprobs, ref_logprobs=ref_logprobs, values=values, rewards=rewards,
             advantages=advantages, returns=returns, scores=scores, kl=kl, ended_with_eos=ended,
         )
@@ -368,21 +381,25 @@ class PPOTrainer:
         return loss, stats
 
     def learn(self, exp: Experience) -> dict[str, float]:
-        """`ppo_epochs` passes over shuffled minibatches; one optimizer step per minibatch."""
+        """`ppo_epochs` passes over shuffled minibatches; one optimizer step per minibatch. Under N processes
+        the micro-batches of each minibatch are dealt out among them and the gradients summed over ranks."""
         iteration = self.iteration + 1
         batch = exp.queries.shape[0]
         mini = self.ppo.mini_batch_size
         micro = max(1, mini // self.ppo.gradient_accumulation_steps)
         params = self._trainable_parameters()
         max_norm = self.ppo.max_grad_norm if self.ppo.max_grad_norm is not None else float("inf")
-        totals: dict[str, float] = {}
+        totals = dict.fromkeys(LEARN_STATS, 0.0)
         count = 0
+        ranks, rank = distributed.world_size(), distributed.rank()
         for epoch in range(self.ppo.ppo_epochs):
             order = torch.randperm(batch, generator=self.shuffle_generator).to(self.device)
             for minibatch_number, start in enumerate(range(0, batch, mini)):
                 minibatch = order[start : start + mini]
                 self.optimizer.zero_grad(set_to_none=True)
-                for micro_start in range(0, len(minibatch), micro):
+                for micro_number, micro_start in enumerate(range(0, len(minibatch), micro)):
+                    if micro_number % ranks != rank:
+                        continue
                     index = minibatch[micro_start : micro_start + micro]
                     loss, stats = self._micro_batch_loss(exp, index)
                     if not torch.isfinite(loss):
@@ -395,6 +412,7 @@ class PPOTrainer:
                     for name, value in stats.items():
                         totals[name] = totals.get(name, 0.0) + value.item()
                     count += 1
+                distributed.all_sum_gradients(params)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
                 if not torch.isfinite(grad_norm):
                     raise PPOError(
@@ -403,7 +421,8 @@ class PPOTrainer:
                     )
                 self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {name: total / count for name, total in totals.items()}
+        summed = distributed.all_sum(torch.tensor([*totals.values(), count], dtype=torch.float64)).tolist()
+        return {name: total / summed[-1] for name, total in zip(totals, summed)}
 
     # ------------------------------------------------------------------ one iteration
 
@@ -417,7 +436,8 @@ class PPOTrainer:
         exp, times = self.make_experience(prompts)
         update_start = time.perf_counter()
         update_stats = self.learn(exp)
-        update_time = time.perf_counter() - update_start
+        update_time = distributed.mean_over_ranks(time.perf_counter() - update_start)
+        times = {name: distributed.mean_over_ranks(seconds) for name, seconds in times.items()}
 
         mask = exp.mask
         batch = exp.queries.shape[0]
@@ -441,7 +461,7 @@ class PPOTrainer:
         self.iteration += 1
         self.episodes += batch
         self.recent_scores.append(stats["objective/scores"])
-        elapsed = time.perf_counter() - start
+        elapsed = distributed.mean_over_ranks(time.perf_counter() - start)
         stats.update({
             "episodes": float(self.episodes),
             "iteration": float(self.iteration),
@@ -500,8 +520,12 @@ class PPOTrainer:
 
     def save_checkpoint(self, directory: str | Path) -> Path:
         """Policy + value head (or critic), optimizer, scheduler, KL controller, score statistics, RNG states
-        and counters, written atomically: the previous checkpoint stays intact until this one is complete."""
-        return write_atomically(directory, self._write_checkpoint)
+        and counters, written atomically: the previous checkpoint stays intact until this one is complete.
+        Under N processes only the main one writes (the state is the same on every rank, and the same as one
+        process would have), and all return once it is written."""
+        path = write_atomically(directory, self._write_checkpoint) if distributed.is_main_process() else None
+        distributed.barrier()
+        return path if path is not None else Path(directory)
 
     def _write_checkpoint(self, path: Path) -> None:
         save_file(trainable_state(self.policy), str(path / "policy.safetensors"))

@@ -1,0 +1,66 @@
+"""One PPO epoch in each of N data-parallel processes, started by Accelerate's launcher:
+
+    accelerate launch --num_processes 2 --cpu -m components.ppo.launch \\
+        --config run.yaml --prompts prompts.json --checkpoint DIR --iterations 10 --stats stats.json
+
+Every process builds the trainer from the run configuration (model references already resolved to local
+paths or hub ids by the caller), resumes from `--checkpoint` when it exists, and runs the iterations; the
+main process writes the checkpoint and the iterations' statistics (`{"stop_reason", "history"}`) as JSON.
+Metrics go nowhere else: the caller logs them, once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from components.config import load_config
+from components.models import load_policy, load_tokenizer
+from components.ppo import distributed
+from components.ppo.trainer import PPOTrainer
+from components.reward import RewardScorer
+
+
+def run_epoch(config_path: Path, prompts_path: Path, checkpoint: Path, iterations: int, stats_path: Path) -> None:
+    from accelerate import PartialState
+
+    state = PartialState()  # joins the process group the launcher describes (gloo on CPU)
+    if state.device.type == "cpu" and state.num_processes > 1:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    config = load_config(config_path)
+    prompts = json.loads(prompts_path.read_text())
+    policy = load_policy(config.policy.model, config.policy.revision).to(state.device)
+    tokenizer = load_tokenizer(config.policy.model, config.policy.revision)
+    scorer = RewardScorer.from_config(config.reward)
+    scorer.model.to(state.device)
+    trainer = PPOTrainer.from_config(config, policy, tokenizer, scorer)
+    if checkpoint.exists() or checkpoint.with_name(f".{checkpoint.name}.previous").exists():
+        trainer.load_checkpoint(checkpoint)
+    result = trainer.train(prompts, iterations=iterations)
+    trainer.save_checkpoint(checkpoint)
+    if distributed.is_main_process():
+        tmp = stats_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"stop_reason": result.stop_reason, "history": result.history}))
+        tmp.replace(stats_path)
+    state.wait_for_everyone()
+    state.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", type=Path, required=True, help="run configuration (YAML)")
+    parser.add_argument("--prompts", type=Path, required=True, help="training prompts (JSON list of strings)")
+    parser.add_argument("--checkpoint", type=Path, required=True, help="checkpoint directory: resumed from, then written")
+    parser.add_argument("--iterations", type=int, required=True, help="PPO iterations to run")
+    parser.add_argument("--stats", type=Path, required=True, help="where the main process writes the statistics")
+    args = parser.parse_args(argv)
+    run_epoch(args.config, args.prompts, args.checkpoint, args.iterations, args.stats)
+
+
+if __name__ == "__main__":
+    main()

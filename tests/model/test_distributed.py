@@ -1,0 +1,118 @@
+"""Data-parallel PPO (gloo, CPU): N processes over a global batch take the same step as one process."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from ppo_helpers import one_thread, word_share  # noqa: F401
+
+from components.config import PROJECT_ROOT, GenerationConfig, PPOConfig, RewardConfig, load_config
+from components.models import load_causal_lm, load_tokenizer, load_policy
+from components.ppo import PPOTrainer, distributed
+from components.reward import RewardScorer
+
+PROMPTS = ["the film was", "I loved the movie", "the plot is", "it was a", "the acting", "we hated it but", "the music", "this movie"]
+TIMING = ("perf/tokens_per_second", "time/rollout", "time/scoring", "time/update")
+# Shares of tokens past a clipping boundary: a token sitting on the boundary (ratio 1 on the first minibatch)
+# can flip on float noise, as the ranks' forwards pad their prompts to other widths than one process does.
+CLIP_SHARES = ("policy/clipfrac", "val/clipfrac")
+# Global batch 8 in minibatches of 4, each of 2 micro-batches (one per rank under 2 processes); global score
+# normalisation and the adaptive KL controller, so every global statistic is exercised.
+PPO = dict(learning_rate=1e-3, batch_size=8, mini_batch_size=4, gradient_accumulation_steps=2, ppo_epochs=2,
+           kl_coef=0.05, adaptive_kl=True, target_kl=0.5, max_steps=10_000)
+
+
+def make_trainer(lm_dir, seed=0):
+    return PPOTrainer(
+        load_causal_lm(lm_dir), load_tokenizer(lm_dir), word_share("good"), PPOConfig(**PPO),
+        GenerationConfig(max_new_tokens=8, max_prompt_tokens=8), RewardConfig(normalize=True), seed=seed,
+    )
+
+
+def run_iterations(trainer, iterations):
+    return [trainer.step(trainer.next_prompts(PROMPTS)) for _ in range(iterations)]
+
+
+def parameters(trainer):
+    return {name: p.detach().clone() for name, p in trainer.policy.named_parameters()} | {
+        f"value_head.{name}": p.detach().clone() for name, p in trainer.value_head.named_parameters()
+    }
+
+
+def _worker(rank: int, world: int, rendezvous: str, lm_dir: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+    try:
+        trainer = make_trainer(lm_dir)
+        history = run_iterations(trainer, 2)
+        trainer.save_checkpoint(Path(out) / "checkpoint")
+        if distributed.is_main_process():
+            torch.save({"history": history, "parameters": parameters(trainer)}, Path(out) / "result.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def assert_same_stats(got, expected):
+    for name, value in expected.items():
+        if name not in TIMING:
+            tolerance = 0.05 if name in CLIP_SHARES else 1e-5
+            assert got[name] == pytest.approx(value, rel=1e-4, abs=tolerance, nan_ok=True), name
+
+
+def test_two_processes_take_the_same_steps_as_one_and_their_checkpoint_resumes_in_one(tiny_lm_dir, tmp_path):
+    mp.start_processes(_worker, args=(2, str(tmp_path / "rendezvous"), str(tiny_lm_dir), str(tmp_path)), nprocs=2,
+                       start_method="spawn")
+    two = torch.load(tmp_path / "result.pt", weights_only=False)
+
+    single = make_trainer(tiny_lm_dir)
+    history = run_iterations(single, 2)
+    for got, expected in zip(two["history"], history):
+        assert_same_stats(got, expected)
+    assert two["history"][1]["episodes"] == 16
+    assert two["history"][1]["kl_coef"] != PPO["kl_coef"]  # the adaptive controller moved, on the global KL
+    expected = parameters(single)
+    print("largest parameter difference, 2 vs 1 process:", max((v - expected[n]).abs().max().item() for n, v in two["parameters"].items()))
+    for name, value in two["parameters"].items():
+        torch.testing.assert_close(value, expected[name], rtol=1e-4, atol=1e-5, msg=name)
+    changed = max((expected[n] - p.detach()).abs().max().item() for n, p in make_trainer(tiny_lm_dir).policy.named_parameters())
+    assert changed > 1e-4  # the steps did move the weights
+
+    # The checkpoint written by 2 processes resumes in 1 exactly where a 1-process run stands.
+    resumed = PPOTrainer.from_checkpoint(tmp_path / "checkpoint", load_causal_lm(tiny_lm_dir), load_tokenizer(tiny_lm_dir),
+                                         word_share("good"), PPOConfig(**PPO), GenerationConfig(max_new_tokens=8, max_prompt_tokens=8),
+                                         RewardConfig(normalize=True))
+    assert (resumed.iteration, resumed.episodes) == (single.iteration, single.episodes)
+    assert_same_stats(run_iterations(resumed, 1)[0], run_iterations(single, 1)[0])
+
+
+def test_the_accelerate_launcher_runs_an_epoch_whose_checkpoint_resumes_in_one_process(tiny_lm_dir, tiny_reward_dir, tmp_path):
+    config = load_config(None, [f"policy.model={tiny_lm_dir}", f"reward.model={tiny_reward_dir}", "ppo.batch_size=8",
+                                "ppo.mini_batch_size=4", "ppo.gradient_accumulation_steps=2", "ppo.ppo_epochs=1",
+                                "generation.max_new_tokens=6", "ppo.num_processes=2"])
+    (tmp_path / "run.yaml").write_text(config.to_yaml())
+    (tmp_path / "prompts.json").write_text(json.dumps(PROMPTS))
+    checkpoint = tmp_path / "checkpoint"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "components.ppo.launch",
+               "--config", str(tmp_path / "run.yaml"), "--prompts", str(tmp_path / "prompts.json"),
+               "--checkpoint", str(checkpoint), "--iterations", "1", "--stats", str(tmp_path / "stats.json")]
+    subprocess.run(command, check=True, cwd=PROJECT_ROOT, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    assert stats["stop_reason"] == "iterations" and [s["episodes"] for s in stats["history"]] == [8.0]
+
+    def trainer():
+        path = str(tiny_lm_dir)
+        return PPOTrainer.from_config(config, load_policy(path), load_tokenizer(path), RewardScorer.from_config(config.reward))
+
+    single = trainer()
+    assert_same_stats(single.train(PROMPTS, iterations=1).last, stats["history"][0])
+    resumed = trainer()
+    resumed.load_checkpoint(checkpoint)
+    assert (resumed.iteration, resumed.episodes) == (1, 8)
+    assert_same_stats(resumed.train(PROMPTS, iterations=1).last, single.train(PROMPTS, iterations=1).last)
