@@ -9,12 +9,14 @@ import getpass
 import hashlib
 import json
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import mlflow
+import torch
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
@@ -280,9 +282,12 @@ def ppo_epoch(trainer: PPOTrainer, epoch: int, prompts: list[str], config: RunCo
         bar(stats)
 
     if missing > 0:
-        with ProgressBar(config.ppo.max_steps, f"PPO epoch {epoch}", start_episodes=trainer.episodes) as bar:
-            trainer.train(prompts, iterations=missing, callback=record)
-        trainer.save_checkpoint(directory)
+        if config.ppo.num_processes > 1:
+            history = launch_ppo_iterations(trainer, prompts, config, directory, missing)
+        else:
+            with ProgressBar(config.ppo.max_steps, f"PPO epoch {epoch}", start_episodes=trainer.episodes) as bar:
+                trainer.train(prompts, iterations=missing, callback=record)
+            trainer.save_checkpoint(directory)
         pending = pending_metrics_file(config, run_id)
         pending.with_suffix(".tmp").write_text(json.dumps(history))
         pending.with_suffix(".tmp").replace(pending)
@@ -291,6 +296,39 @@ def ppo_epoch(trainer: PPOTrainer, epoch: int, prompts: list[str], config: RunCo
         get_run_logger().info("epoch %d: %d episodes, score %.3f, kl %.3f", epoch, trainer.episodes,
                               last["objective/scores"], last["objective/kl"])
     return trainer.stop_reason
+
+
+def launch_ppo_iterations(
+    trainer: PPOTrainer, prompts: list[str], config: RunConfig, directory: Path, iterations: int
+) -> list[dict[str, float]]:
+    """Run the iterations in `ppo.num_processes` data-parallel processes (`accelerate launch`, with
+    `ppo.accelerate_config` if set), from and to the checkpoint; reload it here and return the statistics,
+    which only this process logs."""
+    if not directory.exists():
+        trainer.save_checkpoint(directory)
+    resolved = config.model_copy(update={
+        "policy": config.policy.model_copy(update={"model": model_path(config.policy.model)}),
+        "reward": config.reward.model_copy(update={"model": model_path(config.reward.model)}),
+    })
+    with tempfile.TemporaryDirectory(prefix="alignflow-launch-") as tmp:
+        work = Path(tmp)
+        (work / "run.yaml").write_text(resolved.to_yaml())
+        (work / "prompts.json").write_text(json.dumps(prompts))
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(config.ppo.num_processes)]
+        if config.ppo.accelerate_config:
+            command += ["--config_file", config.ppo.accelerate_config]
+        else:
+            command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+            command += [] if torch.cuda.is_available() else ["--cpu"]
+        command += ["-m", "components.ppo.launch", "--config", str(work / "run.yaml"), "--prompts", str(work / "prompts.json"),
+                    "--checkpoint", str(directory), "--iterations", str(iterations), "--stats", str(work / "stats.json")]
+        get_run_logger().info("launching %d PPO processes: %s", config.ppo.num_processes, " ".join(command))
+        done = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"accelerate launch exited with {done.returncode}; its last output:\n{done.stderr[-3000:]}")
+        history = json.loads((work / "stats.json").read_text())["history"]
+    trainer.load_checkpoint(directory)
+    return history
 
 
 # --- gates, registry --------------------------------------------------------------------------
