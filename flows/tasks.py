@@ -238,6 +238,7 @@ def build_trainer(config: RunConfig, policy, tokenizer, scorer: RewardScorer, ru
     directory = checkpoint_dir(config, run_id)
     if directory.exists():
         trainer.load_checkpoint(directory)
+        flush_pending_metrics(config, run_id)
         get_run_logger().info("resumed from %s at iteration %d (%d episodes)", directory, trainer.iteration, trainer.episodes)
     return trainer
 

@@ -1,0 +1,267 @@
+"""The team topology against real servers: infra/local-stack starts MLflow (PostgreSQL backend, basic
+auth) and Prefect (PostgreSQL) on loopback, and a worker on a process work pool."""
+
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from components import tracking
+from components.config import PROJECT_ROOT, TrackingConfig
+from components.ppo import PPOTrainer
+
+pytestmark = [pytest.mark.server, pytest.mark.slow]
+
+STACK = PROJECT_ROOT / "infra" / "local-stack"
+MODEL = "alignflow-policy"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def postgres_is_up() -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", 5432), timeout=2).close()
+        return True
+    except OSError:
+        return False
+
+
+class Stack:
+    def __init__(self, state: Path):
+        self.env = {
+            **os.environ,
+            "ALIGNFLOW_STACK_DIR": str(state),
+            "ALIGNFLOW_DB_PREFIX": f"aftest{os.getpid()}",
+            "ALIGNFLOW_MLFLOW_PORT": str(free_port()),
+            "ALIGNFLOW_PREFECT_PORT": str(free_port()),
+            "ALIGNFLOW_WORK_POOL": "alignflow-test-pool",
+            # Schedules and workers react in seconds, not minutes, so the test is short.
+            "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5",
+            "PREFECT_WORKER_QUERY_SECONDS": "3",
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+            "DO_NOT_TRACK": "1",
+        }
+        self.state = state
+
+    def __call__(self, *args: str) -> str:
+        done = subprocess.run([str(STACK), *args], env=self.env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, f"local-stack {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
+        return done.stdout
+
+    def exports(self) -> dict[str, str]:
+        values = {}
+        for line in (self.state / "env").read_text().splitlines():
+            key, value = line.removeprefix("export ").split("=", 1)
+            values[key] = value
+        return values
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    if not postgres_is_up():
+        pytest.fail("PostgreSQL is not answering on 127.0.0.1:5432; the team-stack tests need it")
+    stack = Stack(tmp_path_factory.mktemp("stack"))
+    try:
+        printed = stack("up")
+        assert "MLFLOW_TRACKING_URI" in printed and "PREFECT_API_URL" in printed
+        yield stack
+    finally:
+        subprocess.run([str(STACK), "down", "--drop"], env=stack.env, capture_output=True, timeout=120)
+
+
+@pytest.fixture
+def as_client(stack, monkeypatch):
+    """This process talks to the stack's servers, as a team member who sourced its env file."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    values = stack.exports()
+    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.setenv(key, values[key])
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    mlflow.set_tracking_uri(values["MLFLOW_TRACKING_URI"])
+    mlflow.set_registry_uri(values["MLFLOW_TRACKING_URI"])
+    with temporary_settings(updates={PREFECT_API_URL: values["PREFECT_API_URL"]}):
+        yield values
+    mlflow.set_tracking_uri(None)
+
+
+def small_overrides(demo_kit, tmp_path: Path, experiment: str) -> list[str]:
+    return [
+        f"policy.model={demo_kit.instruct}", f"reward.model={demo_kit.reward}",
+        f"tracking.experiment={experiment}", f"ppo.checkpoint_dir={tmp_path / 'checkpoints'}",
+        "ppo.batch_size=32", "ppo.mini_batch_size=16", "ppo.max_steps=640", "ppo.iterations_per_epoch=5",
+        "ppo.learning_rate=2e-4", "data.eval_size=64", "evaluation.bootstrap_samples=200",
+    ]
+
+
+def test_mlflow_rejects_requests_without_credentials(stack, as_client):
+    url = f"{as_client['MLFLOW_TRACKING_URI']}/api/2.0/mlflow/experiments/search"
+    assert httpx.get(url, params={"max_results": 1}, timeout=60).status_code == 401
+    wrong = httpx.get(url, params={"max_results": 1}, auth=("admin", "not-the-password"), timeout=60)
+    assert wrong.status_code == 401
+    right = httpx.get(url, params={"max_results": 1},
+                      auth=(as_client["MLFLOW_TRACKING_USERNAME"], as_client["MLFLOW_TRACKING_PASSWORD"]), timeout=60)
+    assert right.status_code == 200
+
+
+def test_scheduled_deployment_runs_on_the_worker_and_registers_a_champion(stack, as_client, demo_kit, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    experiment = "team-scheduled"
+    args = ["deploy", "--name", "every-minute", "--interval", "60", "--pool", "alignflow-test-pool"]
+    for override in small_overrides(demo_kit, tmp_path, experiment):
+        args += ["--set", override]
+    env = {**os.environ, **as_client}
+    done = subprocess.run([shutil.which("alignflow") or str(Path(os.sys.executable).parent / "alignflow"), *args],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    deployment_id = done.stdout.split("(")[1].split(")")[0]
+
+    deadline = time.monotonic() + 600
+    picked = None
+    with get_client(sync_client=True) as prefect:
+        while True:  # nobody triggers it: the schedule does, and the worker runs it
+            runs = prefect.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])))
+            if picked is None:
+                started = [r for r in runs if r.state and r.state.is_running()]
+                if started:  # one run is enough: stop the schedule and drop the runs queued behind it
+                    picked = started[0].id
+                    prefect.pause_deployment(deployment_id)
+                    for queued in runs:
+                        if queued.id != picked and queued.state_name in ("Scheduled", "Late"):
+                            prefect.delete_flow_run(queued.id)
+            else:
+                flow_run = prefect.read_flow_run(picked)
+                if flow_run.state and flow_run.state.is_final():
+                    break
+            assert time.monotonic() < deadline, (f"no scheduled run finished; runs: {[(r.name, r.state_name) for r in runs]}\n"
+                                                 f"{(stack.state / 'logs' / 'worker.log').read_text()[-3000:]}")
+            time.sleep(3)
+        assert flow_run.state.is_completed(), f"{flow_run.name}: {flow_run.state}\n{(stack.state / 'logs' / 'worker.log').read_text()[-3000:]}"
+        assert flow_run.auto_scheduled
+        deployment = prefect.read_deployment(deployment_id)
+        assert deployment.schedules and deployment.schedules[0].schedule.interval.total_seconds() == 60
+        assert deployment.work_pool_name == "alignflow-test-pool"
+
+    client = MlflowClient(as_client["MLFLOW_TRACKING_URI"])  # a separate client, as a teammate would use
+    [run] = client.search_runs([client.get_experiment_by_name(experiment).experiment_id],
+                               filter_string=f"tags.`alignflow.prefect_flow_run_id` = '{flow_run.id}'")
+    assert run.info.status == "FINISHED"
+    version = run.data.tags["alignflow.model_version"]
+    champion = client.get_model_version_by_alias(MODEL, "champion")
+    assert str(champion.version) == version and champion.tags["gates_passed"] == "true"
+    assert "objective/scores" in run.data.metrics
+
+
+def test_concurrent_promotions_leave_exactly_one_champion_the_better_one(stack, as_client, tiny_lm_dir):
+    from flows.tasks import PROMOTION_LOCK
+    from prefect.client.orchestration import get_client
+    from prefect.concurrency.sync import concurrency
+
+    name = "race-policy"
+    tracking.use_tracking(TrackingConfig(tracking_uri=as_client["MLFLOW_TRACKING_URI"]))
+    mlflow.set_experiment("race")
+    versions = {}
+    for score in (1.0, 2.0):
+        with mlflow.start_run():
+            mv = tracking.log_policy_model(tiny_lm_dir, name, {"gates_passed": True, "eval_mean_score": score})
+        versions[score] = str(mv.version)
+    with get_client(sync_client=True) as client:
+        client.upsert_global_concurrency_limit_by_name(PROMOTION_LOCK, 1)
+
+    for order in ((1.0, 2.0), (2.0, 1.0)):
+        MlflowClient().delete_registered_model_alias(name, "champion") if tracking.get_champion(name) else None
+        barrier = threading.Barrier(2)
+        outcomes = {}
+
+        def promote(score):
+            barrier.wait()  # both saw no champion when their gates ran; they finish together
+            with concurrency(PROMOTION_LOCK, occupy=1, timeout_seconds=60, strict=True):
+                outcomes[score] = tracking.promote_if_best(name, versions[score], score, evaluated_against=None)
+
+        threads = [threading.Thread(target=promote, args=(score,)) for score in order]
+        [t.start() for t in threads]
+        [t.join(120) for t in threads]
+        assert set(outcomes) == {1.0, 2.0}
+        champion = tracking.get_champion(name)
+        assert str(champion.version) == versions[2.0], (order, outcomes)
+        aliases = MlflowClient().get_registered_model(name).aliases
+        assert list(aliases) == ["champion"]
+
+
+def test_mlflow_down_mid_run_fails_clearly_and_a_rerun_resumes(stack, as_client, demo_kit, tmp_path, monkeypatch):
+    from flows.pipeline import pipeline
+    from flows.tasks import ServerUnreachable
+
+    overrides = small_overrides(demo_kit, tmp_path, "team-outage") + ["ppo.max_steps=320"]
+    real_step = PPOTrainer.step
+
+    def step_then_outage(self, prompts):
+        if self.iteration == 6 and not outage:
+            outage.append(stack("stop", "mlflow"))
+        return real_step(self, prompts)
+
+    outage: list[str] = []
+    monkeypatch.setattr(PPOTrainer, "step", step_then_outage)
+    with pytest.raises(ServerUnreachable) as failure:
+        pipeline(overrides=overrides)
+    message = str(failure.value)
+    assert as_client["MLFLOW_TRACKING_URI"] in message and "alignflow run --resume" in message
+    run_id = message.split("--resume ")[1].split()[0]
+    checkpoints = list((tmp_path / "checkpoints").iterdir())
+    assert (tmp_path / "checkpoints" / run_id).is_dir(), checkpoints
+
+    stack("up")  # brings MLflow back
+    client = MlflowClient(as_client["MLFLOW_TRACKING_URI"])
+    assert client.get_run(run_id).data.tags.get("alignflow.model_version") is None  # nothing registered
+    result = pipeline(overrides=overrides, resume_run_id=run_id)
+    assert result.run_id == run_id and result.episodes == 320
+    steps = [m.step for m in client.get_metric_history(run_id, "objective/scores")]
+    assert steps == list(range(32, 321, 32))  # every step once: none lost in the outage, none twice
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert client.get_run(run_id).data.tags["alignflow.model_version"] == result.model_version
+
+
+def test_compose_file_is_valid_and_demands_its_secrets():
+    compose = shutil.which("docker-compose")
+    if compose is None:
+        pytest.fail("docker-compose (Debian's package) is needed to validate infra/docker-compose.yml; `make test` installs it")
+    file = str(PROJECT_ROOT / "infra" / "docker-compose.yml")
+    secrets = {"POSTGRES_PASSWORD": "x", "MLFLOW_ADMIN_USER": "a", "MLFLOW_ADMIN_PASSWORD": "b", "MLFLOW_FLASK_SERVER_SECRET_KEY": "c"}
+    env = {k: v for k, v in os.environ.items() if k not in secrets}
+    valid = subprocess.run([compose, "-f", file, "config", "--services"], env={**env, **secrets}, capture_output=True, text=True)
+    assert valid.returncode == 0, valid.stderr
+    assert set(valid.stdout.split()) == {"postgres", "mlflow", "prefect", "worker"}
+    missing = subprocess.run([compose, "-f", file, "config", "-q"], env=env, capture_output=True, text=True)
+    assert missing.returncode != 0 and "POSTGRES_PASSWORD" in missing.stderr
+
+
+def test_prefect_yaml_deploys_the_nightly_schedule(stack, as_client):
+    from prefect.client.orchestration import get_client
+
+    env = {**os.environ, **as_client, "ALIGNFLOW_HOME": str(PROJECT_ROOT)}
+    prefect = str(Path(os.sys.executable).parent / "prefect")
+    done = subprocess.run([prefect, "--no-prompt", "deploy", "--all", "--prefect-file", "prefect.yaml"],
+                          cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("alignflow-pipeline/nightly")
+    assert deployment.work_pool_name == "alignflow-pool"
+    assert deployment.schedules[0].schedule.cron == "0 3 * * *"
+    assert deployment.parameters["config_path"] == "configs/demo.yaml"
+    assert deployment.pull_steps[0]["prefect.deployments.steps.set_working_directory"]["directory"] == str(PROJECT_ROOT)
