@@ -21,6 +21,7 @@ import torch
 from components.config import load_config
 from components.models import load_policy, load_tokenizer
 from components.ppo import distributed
+from components.ppo.checkpoint import resolve_checkpoint
 from components.ppo.trainer import PPOTrainer
 from components.reward import RewardScorer
 
@@ -39,8 +40,12 @@ def run_epoch(config_path: Path, prompts_path: Path, checkpoint: Path, iteration
     scorer = RewardScorer.from_config(config.reward)
     scorer.model.to(state.device)
     trainer = PPOTrainer.from_config(config, policy, tokenizer, scorer)
-    if checkpoint.exists() or checkpoint.with_name(f".{checkpoint.name}.previous").exists():
-        trainer.load_checkpoint(checkpoint)
+    try:
+        resumed_from = resolve_checkpoint(checkpoint)
+    except FileNotFoundError:
+        resumed_from = None  # a fresh start
+    if resumed_from is not None:
+        trainer.load_checkpoint(resumed_from)
     result = trainer.train(prompts, iterations=iterations)
     trainer.save_checkpoint(checkpoint)
     if distributed.is_main_process():

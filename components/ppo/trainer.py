@@ -58,8 +58,8 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from components.config import GenerationConfig, PPOConfig, RewardConfig, RunConfig
-from components.ppo.actor_critic import Critic, ValueHead, backbone_of, hidden_size, is_encoder_decoder, reference_of
 from components.ppo import distributed
+from components.ppo.actor_critic import Critic, ValueHead, backbone_of, hidden_size, is_encoder_decoder, reference_of
 from components.ppo.checkpoint import resolve_checkpoint, write_atomically
 from components.ppo.core import (
     RunningMoments,
@@ -138,6 +138,9 @@ class PPOTrainer:
     `value_head="shared"` reads values from the policy's last hidden state (the decoder's, for an
     encoder-decoder; one forward for both); `"separate"` (causal LMs) uses `critic` (a backbone such as
     AutoModel, or a `Critic`), default a copy of the policy's backbone.
+
+    The same code runs in N data-parallel processes (a torch.distributed process group, e.g. from
+    `accelerate launch`), taking the same steps as one process over the same global batch: see `distributed`.
     """
 
     def __init__(
