@@ -157,6 +157,7 @@ def deploy(
     interval: Optional[int] = typer.Option(None, help="Interval schedule in seconds."),
     name: str = typer.Option("scheduled", help="Deployment name."),
     pool: str = typer.Option("alignflow-pool", help="Work pool whose workers run it (a process pool)."),
+    concurrency_limit: Optional[int] = typer.Option(None, help="At most this many runs of it at once; later ones wait."),
 ) -> None:
     """Create (or update) the pipeline's deployment on the Prefect server, with its schedule and work pool."""
     resolved(config, set_)
@@ -167,7 +168,7 @@ def deploy(
     parameters = {"config_path": str(config) if config else None, "overrides": list(set_)}
     deployment_id = source.deploy(
         name=name, work_pool_name=pool, cron=cron, interval=interval, parameters=parameters, build=False, push=False,
-        print_next_steps=False,
+        concurrency_limit=concurrency_limit, print_next_steps=False,
     )
     schedule = f"cron {cron!r}" if cron else f"every {interval} s" if interval else "no schedule"
     console.print(f"deployment {PIPELINE_FLOW}/{name} ({deployment_id}) on work pool {pool}, {schedule}")
