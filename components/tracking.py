@@ -107,6 +107,8 @@ def start_run(config: RunConfig, run_id: str | None = None) -> mlflow.ActiveRun:
     """Start a run in the configured experiment, or resume `run_id` (a retried task resumes its run)."""
     use_tracking(config.tracking)
     if run_id is not None:
+        # MLflow refuses a run of another experiment than the active one: make the run's own active.
+        mlflow.set_experiment(experiment_id=MlflowClient().get_run(run_id).info.experiment_id)
         return mlflow.start_run(run_id=run_id)
     return mlflow.start_run(experiment_id=ensure_experiment(config.tracking), run_name=config.name)
 

@@ -1,6 +1,7 @@
 """The team topology against real servers: infra/local-stack starts MLflow (PostgreSQL backend, basic
 auth) and Prefect (PostgreSQL) on loopback, and a worker on a process work pool."""
 
+import contextvars
 import os
 import shutil
 import socket
@@ -103,7 +104,7 @@ def small_overrides(demo_kit, tmp_path: Path, experiment: str) -> list[str]:
     return [
         f"policy.model={demo_kit.instruct}", f"reward.model={demo_kit.reward}",
         f"tracking.experiment={experiment}", f"ppo.checkpoint_dir={tmp_path / 'checkpoints'}",
-        "ppo.batch_size=32", "ppo.mini_batch_size=16", "ppo.max_steps=640", "ppo.iterations_per_epoch=5",
+        "ppo.batch_size=32", "ppo.mini_batch_size=16", "ppo.max_steps=320", "ppo.iterations_per_epoch=5",
         "ppo.learning_rate=2e-4", "data.eval_size=64", "evaluation.bootstrap_samples=200",
     ]
 
@@ -123,7 +124,7 @@ def test_scheduled_deployment_runs_on_the_worker_and_registers_a_champion(stack,
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 
     experiment = "team-scheduled"
-    args = ["deploy", "--name", "every-minute", "--interval", "60", "--pool", "alignflow-test-pool"]
+    args = ["deploy", "--name", "every-minute", "--interval", "60", "--pool", "alignflow-test-pool", "--concurrency-limit", "1"]
     for override in small_overrides(demo_kit, tmp_path, experiment):
         args += ["--set", override]
     env = {**os.environ, **as_client}
@@ -132,29 +133,30 @@ def test_scheduled_deployment_runs_on_the_worker_and_registers_a_champion(stack,
     assert done.returncode == 0, done.stdout + done.stderr
     deployment_id = done.stdout.split("(")[1].split(")")[0]
 
+    from prefect.exceptions import ObjectNotFound
+    from prefect.states import Cancelled
+
     deadline = time.monotonic() + 600
-    picked = None
     with get_client(sync_client=True) as prefect:
         while True:  # nobody triggers it: the schedule does, and the worker runs it
             runs = prefect.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])))
-            if picked is None:
-                started = [r for r in runs if r.state and r.state.is_running()]
-                if started:  # one run is enough: stop the schedule and drop the runs queued behind it
-                    picked = started[0].id
-                    prefect.pause_deployment(deployment_id)
-                    for queued in runs:
-                        if queued.id != picked and queued.state_name in ("Scheduled", "Late"):
-                            prefect.delete_flow_run(queued.id)
-            else:
-                flow_run = prefect.read_flow_run(picked)
-                if flow_run.state and flow_run.state.is_final():
-                    break
+            finished = [r for r in runs if r.state and r.state.is_final()]
+            if finished:
+                break
             assert time.monotonic() < deadline, (f"no scheduled run finished; runs: {[(r.name, r.state_name) for r in runs]}\n"
                                                  f"{(stack.state / 'logs' / 'worker.log').read_text()[-3000:]}")
             time.sleep(3)
+        flow_run = finished[0]
+        deployment = prefect.read_deployment(deployment_id)
+        prefect.delete_deployment(deployment_id)  # no more runs every minute for the rest of the tests
+        for other in runs:  # deleting the deployment deleted its scheduled runs; cancel one already started
+            if other.id != flow_run.id and not (other.state and other.state.is_final()):
+                try:
+                    prefect.set_flow_run_state(other.id, Cancelled(), force=True)
+                except ObjectNotFound:
+                    pass
         assert flow_run.state.is_completed(), f"{flow_run.name}: {flow_run.state}\n{(stack.state / 'logs' / 'worker.log').read_text()[-3000:]}"
         assert flow_run.auto_scheduled
-        deployment = prefect.read_deployment(deployment_id)
         assert deployment.schedules and deployment.schedules[0].schedule.interval.total_seconds() == 60
         assert deployment.work_pool_name == "alignflow-test-pool"
 
@@ -194,7 +196,8 @@ def test_concurrent_promotions_leave_exactly_one_champion_the_better_one(stack, 
             with concurrency(PROMOTION_LOCK, occupy=1, timeout_seconds=60, strict=True):
                 outcomes[score] = tracking.promote_if_best(name, versions[score], score, evaluated_against=None)
 
-        threads = [threading.Thread(target=promote, args=(score,)) for score in order]
+        # Each thread carries this context (Prefect's settings live in context variables).
+        threads = [threading.Thread(target=contextvars.copy_context().run, args=(promote, score)) for score in order]
         [t.start() for t in threads]
         [t.join(120) for t in threads]
         assert set(outcomes) == {1.0, 2.0}
@@ -208,7 +211,7 @@ def test_mlflow_down_mid_run_fails_clearly_and_a_rerun_resumes(stack, as_client,
     from flows.pipeline import pipeline
     from flows.tasks import ServerUnreachable
 
-    overrides = small_overrides(demo_kit, tmp_path, "team-outage") + ["ppo.max_steps=320"]
+    overrides = small_overrides(demo_kit, tmp_path, "team-outage")
     real_step = PPOTrainer.step
 
     def step_then_outage(self, prompts):
@@ -256,6 +259,7 @@ def test_prefect_yaml_deploys_the_nightly_schedule(stack, as_client):
 
     env = {**os.environ, **as_client, "ALIGNFLOW_HOME": str(PROJECT_ROOT)}
     prefect = str(Path(os.sys.executable).parent / "prefect")
+    subprocess.run([prefect, "work-pool", "create", "alignflow-pool", "--type", "process"], env=env, capture_output=True, timeout=120)
     done = subprocess.run([prefect, "--no-prompt", "deploy", "--all", "--prefect-file", "prefect.yaml"],
                           cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
