@@ -184,6 +184,11 @@ def test_concurrent_promotions_leave_exactly_one_champion_the_better_one(stack, 
             mv = tracking.log_policy_model(tiny_lm_dir, name, {"gates_passed": True, "eval_mean_score": score})
         versions[score] = str(mv.version)
     with get_client(sync_client=True) as client:
+        # A fresh limit: a run cancelled earlier in this module may still hold a slot until its lease expires.
+        try:
+            client.delete_global_concurrency_limit_by_name(PROMOTION_LOCK)
+        except Exception:
+            pass
         client.upsert_global_concurrency_limit_by_name(PROMOTION_LOCK, 1)
 
     for order in ((1.0, 2.0), (2.0, 1.0)):
