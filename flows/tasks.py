@@ -11,6 +11,8 @@ import json
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -381,6 +383,21 @@ def register(config: RunConfig, trainer: PPOTrainer, data_md5: str, report: Gate
 PROMOTION_LOCK = "alignflow-promotion"
 
 
+@contextmanager
+def promotion_lock(timeout_seconds: float = 600) -> Iterator[None]:
+    """One promotion at a time across every run on the server: a Prefect global concurrency limit of 1.
+
+    A failed lease renewal is logged, not fatal (Prefect's default under strict=True is to cancel the
+    holder mid-call, and a registry update cut in half is worse than a late one); the lease lasts
+    300 s and promote_if_best still compares before it sets.
+    """
+    with get_client(sync_client=True) as client:
+        client.upsert_global_concurrency_limit_by_name(PROMOTION_LOCK, 1)
+    with concurrency(PROMOTION_LOCK, occupy=1, timeout_seconds=timeout_seconds, strict=True,
+                     raise_on_lease_renewal_failure=False):
+        yield
+
+
 @task(retries=2, retry_delay_seconds=[2, 10], cache_policy=NONE)
 def promote(config: RunConfig, version: str, report: GateReport, candidate: Evaluated, champion: tuple[str, Evaluated] | None) -> bool:
     """Only a version that passed every gate becomes champion; a failure leaves the champion alone.
@@ -392,9 +409,7 @@ def promote(config: RunConfig, version: str, report: GateReport, candidate: Eval
     if not report.passed:
         logger.warning("version %s not promoted: %s", version, report.summary())
         return False
-    with get_client(sync_client=True) as client:
-        client.upsert_global_concurrency_limit_by_name(PROMOTION_LOCK, 1)
-    with concurrency(PROMOTION_LOCK, occupy=1, timeout_seconds=600, strict=True):
+    with promotion_lock():
         promoted, why = tracking.promote_if_best(
             config.tracking.registered_model, version, candidate.summary.mean_score, config.tracking.champion_alias,
             evaluated_against=champion[0] if champion else None,
