@@ -135,7 +135,7 @@ def test_scheduled_deployment_runs_on_the_worker_and_registers_a_champion(stack,
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 
     experiment = "team-scheduled"
-    args = ["deploy", "--name", "every-minute", "--interval", "60", "--pool", "alignflow-test-pool", "--concurrency-limit", "1"]
+    args = ["deploy", "--name", "every-10s", "--interval", "10", "--pool", "alignflow-test-pool", "--concurrency-limit", "1"]
     for override in small_overrides(demo_kit, tmp_path, experiment):
         args += ["--set", override]
     env = {**os.environ, **as_client}
@@ -148,9 +148,13 @@ def test_scheduled_deployment_runs_on_the_worker_and_registers_a_champion(stack,
     from prefect.states import Cancelled
 
     deadline = time.monotonic() + 600
+    paused = False
     with get_client(sync_client=True) as prefect:
         while True:  # nobody triggers it: the schedule does, and the worker runs it
             runs = prefect.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])))
+            if not paused and any(r.state and not r.state.is_scheduled() for r in runs):
+                prefect.pause_deployment(deployment_id)  # one run is enough; pausing deletes the scheduled ones
+                paused = True
             finished = [r for r in runs if r.state and r.state.is_final()]
             if finished:
                 break
@@ -168,7 +172,7 @@ def test_scheduled_deployment_runs_on_the_worker_and_registers_a_champion(stack,
                     pass
         assert flow_run.state.is_completed(), f"{flow_run.name}: {flow_run.state}\n{(stack.state / 'logs' / 'worker.log').read_text()[-3000:]}"
         assert flow_run.auto_scheduled
-        assert deployment.schedules and deployment.schedules[0].schedule.interval.total_seconds() == 60
+        assert deployment.schedules and deployment.schedules[0].schedule.interval.total_seconds() == 10
         assert deployment.work_pool_name == "alignflow-test-pool"
 
     client = MlflowClient(as_client["MLFLOW_TRACKING_URI"])  # a separate client, as a teammate would use
@@ -188,11 +192,10 @@ def test_concurrent_promotions_leave_exactly_one_champion_the_better_one(stack, 
     name = "race-policy"
     tracking.use_tracking(TrackingConfig(tracking_uri=as_client["MLFLOW_TRACKING_URI"]))
     mlflow.set_experiment("race")
-    versions = {}
-    for score in (1.0, 2.0):
-        with mlflow.start_run():
-            mv = tracking.log_policy_model(tiny_lm_dir, name, {"gates_passed": True, "eval_mean_score": score})
-        versions[score] = str(mv.version)
+    with mlflow.start_run():  # two candidates of one logged model: the registry calls are what races
+        first = tracking.log_policy_model(tiny_lm_dir, name, {"gates_passed": True, "eval_mean_score": 1.0})
+    second = mlflow.register_model(first.source, name, tags={"gates_passed": "true", "eval_mean_score": "2.0"})
+    versions = {1.0: str(first.version), 2.0: str(second.version)}
     with get_client(sync_client=True) as client:
         # A fresh limit: a run cancelled earlier in this module may still hold a slot until its lease expires.
         try:
