@@ -3,8 +3,8 @@
     .venv/bin/python -m benchmarks.data_parallel [--iterations 4] [--batch-size 32]
 
 Runs the demo configuration's models through `components.ppo.launch` with --num_processes 1 and 2, alternating
-(1 2 2 1), and reports the median over runs of the median episodes/s over the iterations after the first (warm-up). Process start-up and
-model loading are excluded: the time is the engine's own time/rollout + time/scoring + time/update.
+(1 2 2 1), and reports the median over runs of the median episodes/s over the iterations after the first (warm-up). Results go to
+benchmarks/results/data_parallel.json. Process start-up and model loading are excluded: the time is the engine's own time/rollout + time/scoring + time/update.
 """
 
 from __future__ import annotations
@@ -24,14 +24,19 @@ from components.config import DEMO_CONFIG, PROJECT_ROOT, load_config
 def run(processes: int, config_path: Path, prompts_path: Path, iterations: int, work: Path, threads: int) -> list[dict]:
     stats = work / f"stats-{processes}.json"
     checkpoint = work / f"checkpoint-{processes}"
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes), "--cpu",
+    # As the flow launches them: torchrun (--multi_gpu) for several processes, a gloo group on the CPU.
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
+               "--multi_gpu" if processes > 1 else "--cpu",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "components.ppo.launch",
                "--config", str(config_path), "--prompts", str(prompts_path), "--checkpoint", str(checkpoint),
                "--iterations", str(iterations), "--stats", str(stats)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     subprocess.run(command, check=True, cwd=PROJECT_ROOT, env=env, capture_output=True)
     subprocess.run(["rm", "-rf", str(checkpoint)], check=True)
-    return json.loads(stats.read_text())["history"]
+    result = json.loads(stats.read_text())
+    if result["num_processes"] != processes:
+        raise RuntimeError(f"asked for {processes} processes, the launcher ran {result['num_processes']}")
+    return result["history"]
 
 
 def episodes_per_second(history: list[dict], batch_size: int) -> float:
@@ -68,8 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     one, two = (statistics.median(results[n]) for n in (1, 2))
     print(f"data-parallel PPO on {cores} CPU cores, demo models, batch {args.batch_size}: "
           f"1 process {one:.1f} episodes/s, 2 processes {two:.1f} episodes/s (x{two / one:.2f})")
-    print(json.dumps({"cores": cores, "threads": args.threads, "load_average": os.getloadavg(), "batch_size": args.batch_size,
-                      "episodes_per_second": {"1": results[1], "2": results[2]}}))
+    record = {"cores": cores, "threads": args.threads, "load_average": os.getloadavg(), "batch_size": args.batch_size,
+              "iterations": args.iterations, "episodes_per_second": {"1": results[1], "2": results[2]},
+              "median_episodes_per_second": {"1": one, "2": two}}
+    out = PROJECT_ROOT / "benchmarks" / "results" / "data_parallel.json"
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"written to {out.relative_to(PROJECT_ROOT)}")
     return 0
 
 

@@ -169,6 +169,11 @@ class PPOConfig(Section):
                 f"ppo.mini_batch_size ({self.mini_batch_size}) must be a multiple of "
                 f"ppo.gradient_accumulation_steps ({self.gradient_accumulation_steps})"
             )
+        if self.gradient_accumulation_steps % self.num_processes:
+            raise ValueError(
+                f"ppo.gradient_accumulation_steps ({self.gradient_accumulation_steps}) must be a multiple of "
+                f"ppo.num_processes ({self.num_processes}): each process takes the same number of micro-batches"
+            )
         return self
 
 

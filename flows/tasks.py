@@ -8,6 +8,7 @@ from __future__ import annotations
 import getpass
 import hashlib
 import json
+import socket
 import subprocess
 import sys
 import tempfile
@@ -18,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-import torch
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
@@ -301,6 +301,12 @@ def ppo_epoch(trainer: PPOTrainer, epoch: int, prompts: list[str], config: RunCo
     return trainer.stop_reason
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def launch_ppo_iterations(
     trainer: PPOTrainer, prompts: list[str], config: RunConfig, directory: Path, iterations: int
 ) -> list[dict[str, float]]:
@@ -321,15 +327,20 @@ def launch_ppo_iterations(
         if config.ppo.accelerate_config:
             command += ["--config_file", config.ppo.accelerate_config]
         else:
-            command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-            command += [] if torch.cuda.is_available() else ["--cpu"]
+            # torchrun under Accelerate; without CUDA the processes join a gloo group on the CPU (see launch.py).
+            # (Accelerate's --cpu flag starts a single process whatever --num_processes says.)
+            command += ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                        "--main_process_port", str(free_port())]  # two runs on one machine do not collide
         command += ["-m", "components.ppo.launch", "--config", str(work / "run.yaml"), "--prompts", str(work / "prompts.json"),
                     "--checkpoint", str(directory), "--iterations", str(iterations), "--stats", str(work / "stats.json")]
         get_run_logger().info("launching %d PPO processes: %s", config.ppo.num_processes, " ".join(command))
         done = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"accelerate launch exited with {done.returncode}; its last output:\n{done.stderr[-3000:]}")
-        history = json.loads((work / "stats.json").read_text())["history"]
+        stats = json.loads((work / "stats.json").read_text())
+        if stats["num_processes"] != config.ppo.num_processes:
+            raise RuntimeError(f"accelerate launch ran {stats['num_processes']} process(es); ppo.num_processes is {config.ppo.num_processes}")
+        history = stats["history"]
     trainer.load_checkpoint(directory)
     return history
 

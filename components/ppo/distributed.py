@@ -6,8 +6,9 @@ The scheme keeps an N-process iteration equal to a 1-process one over the same g
     drawing its slice of the global sampling noise, and stops decoding when every rank's rows have ended;
   - the rollouts are gathered, so rewards, GAE, advantage whitening, the score moments and the KL controller
     see the global batch, identically on every rank;
-  - the micro-batches of each global minibatch are dealt out among the ranks and their (already weighted)
-    gradients summed with an all-reduce, so every rank takes the same optimizer step.
+  - the micro-batches of each global minibatch are dealt out among the ranks, and their (already weighted)
+    gradients summed by DistributedDataParallel through Accelerate (`data_parallel`), so every rank takes
+    the same optimizer step.
 """
 
 from __future__ import annotations
@@ -78,17 +79,39 @@ def gather_rows(tensors: Sequence[torch.Tensor], pad_values: Sequence[float], le
     return gathered
 
 
-def all_sum_gradients(parameters: Sequence[torch.nn.Parameter]) -> None:
-    """Sum the gradients over ranks (a rank without a micro-batch in this minibatch contributes zeros)."""
-    if world_size() == 1:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
-    flat = all_sum(torch.cat([g.reshape(-1) for g in grads]))
-    offset = 0
-    for p, g in zip(parameters, grads):
-        n = g.numel()
-        p.grad = flat[offset : offset + n].view_as(p).clone()
-        offset += n
+def data_parallel(module: torch.nn.Module, find_unused_parameters: bool = False):
+    """`module` wrapped for data-parallel training by Accelerate (DistributedDataParallel under a multi-CPU or
+    multi-GPU launch), and the Accelerator. Gradients of a backward through the wrapper are averaged over the
+    ranks; `Accelerator.no_sync` defers that to the last micro-batch of a minibatch.
+
+    The process group must be one Accelerate knows (`accelerate launch`, or the RANK/WORLD_SIZE/LOCAL_RANK/
+    MASTER_ADDR/MASTER_PORT environment). Sharded engines (FSDP, DeepSpeed) and mixed precision are refused:
+    the rollout samples from the unwrapped policy and its log-probabilities must match the update's."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, DistributedType
+
+    device = next(module.parameters()).device
+    accelerator = Accelerator(
+        cpu=device.type == "cpu", device_placement=False,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)],
+    )
+    if accelerator.num_processes != world_size():
+        raise RuntimeError(
+            f"Accelerate sees {accelerator.num_processes} process(es) but the process group has {world_size()}: "
+            "start the processes with `accelerate launch` (or set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT)"
+        )
+    supported = {DistributedType.MULTI_CPU, DistributedType.MULTI_GPU, DistributedType.MULTI_XPU, DistributedType.MULTI_NPU}
+    if accelerator.distributed_type not in supported:
+        raise ValueError(
+            f"Accelerate's distributed_type is {accelerator.distributed_type.value}; alignflow's PPO runs data-parallel "
+            "(MULTI_CPU / MULTI_GPU): FSDP and DeepSpeed sharding are not supported yet"
+        )
+    if accelerator.mixed_precision != "no":
+        raise ValueError(
+            f"Accelerate's mixed_precision is {accelerator.mixed_precision!r}; use 'no' (rollout and update "
+            "log-probabilities must come from the same precision)"
+        )
+    return accelerator.prepare_model(module), accelerator
 
 
 def barrier() -> None:

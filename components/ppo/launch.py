@@ -1,11 +1,13 @@
 """One PPO epoch in each of N data-parallel processes, started by Accelerate's launcher:
 
-    accelerate launch --num_processes 2 --cpu -m components.ppo.launch \\
+    accelerate launch --num_processes 2 --multi_gpu -m components.ppo.launch \\
         --config run.yaml --prompts prompts.json --checkpoint DIR --iterations 10 --stats stats.json
 
 Every process builds the trainer from the run configuration (model references already resolved to local
 paths or hub ids by the caller), resumes from `--checkpoint` when it exists, and runs the iterations; the
-main process writes the checkpoint and the iterations' statistics (`{"stop_reason", "history"}`) as JSON.
+main process writes the checkpoint and the iterations' statistics (`{"stop_reason", "num_processes", "history"}`)
+as JSON. Without CUDA the processes form a gloo group on the CPU (`--multi_gpu` is Accelerate's torchrun path;
+its `--cpu` flag would start one process).
 Metrics go nowhere else: the caller logs them, once.
 """
 
@@ -29,7 +31,7 @@ from components.reward import RewardScorer
 def run_epoch(config_path: Path, prompts_path: Path, checkpoint: Path, iterations: int, stats_path: Path) -> None:
     from accelerate import PartialState
 
-    state = PartialState()  # joins the process group the launcher describes (gloo on CPU)
+    state = PartialState(cpu=not torch.cuda.is_available())  # joins the launcher's process group (gloo on CPU)
     if state.device.type == "cpu" and state.num_processes > 1:
         local = int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
@@ -50,7 +52,7 @@ def run_epoch(config_path: Path, prompts_path: Path, checkpoint: Path, iteration
     trainer.save_checkpoint(checkpoint)
     if distributed.is_main_process():
         tmp = stats_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"stop_reason": result.stop_reason, "history": result.history}))
+        tmp.write_text(json.dumps({"stop_reason": result.stop_reason, "num_processes": distributed.world_size(), "history": result.history}))
         tmp.replace(stats_path)
     state.wait_for_everyone()
     state.destroy_process_group()

@@ -42,6 +42,7 @@ Statistics returned by `step` (and passed to the `train` callback), named as in 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -130,6 +131,22 @@ class TrainResult:
         return self.history[-1] if self.history else {}
 
 
+class PolicyValue(torch.nn.Module):
+    """What the update trains, as one module (so a data-parallel wrapper sees one forward): the policy's
+    logits over the response positions and the values there, from the shared value head on the policy's
+    hidden states or from the separate critic."""
+
+    def __init__(self, policy: torch.nn.Module, value_head: ValueHead | None, critic: Critic | None):
+        super().__init__()
+        self.policy, self.value_head, self.critic = policy, value_head, critic
+
+    def forward(self, queries, query_mask, responses, mask) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, hidden = response_forward(self.policy, queries, query_mask, responses, mask)
+        if self.value_head is not None:
+            return logits, self.value_head(hidden)
+        return logits, self.critic.value_head(response_hidden(None, queries, query_mask, responses, mask, backbone=self.critic.backbone))
+
+
 class PPOTrainer:
     """The PPO engine. Knows nothing of Prefect or MLflow: metrics go to a callback.
 
@@ -193,6 +210,16 @@ class PPOTrainer:
         self.eos_ids = eos_token_ids(tokenizer, policy).to(self.device)
         self.pad_token_id = pad_id(tokenizer)
 
+        self.learner: torch.nn.Module = PolicyValue(self.policy, self.value_head, self.critic)
+        self.accelerator = None
+        if distributed.world_size() > 1:
+            if ppo.gradient_accumulation_steps % distributed.world_size():
+                raise ValueError(
+                    f"ppo.gradient_accumulation_steps ({ppo.gradient_accumulation_steps}) must be a multiple of the "
+                    f"{distributed.world_size()} processes: each takes the same number of micro-batches per minibatch"
+                )
+            # A separate critic loaded from another model may hold layers the value never reads (a pooler).
+            self.learner, self.accelerator = distributed.data_parallel(self.learner, find_unused_parameters=value_head == "separate")
         self.optimizer = torch.optim.AdamW(self._trainable_parameters(), lr=ppo.learning_rate, weight_decay=0.0)
         self.total_iterations = math.ceil(ppo.max_steps / ppo.batch_size)
         total = self.total_iterations
@@ -350,11 +377,6 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------ learning
 
-    def _values(self, hidden: torch.Tensor, queries, query_mask, responses, mask) -> torch.Tensor:
-        if self.value_head is not None:
-            return self.value_head(hidden)
-        return self.critic.value_head(response_hidden(None, queries, query_mask, responses, mask, backbone=self.critic.backbone))
-
     def _micro_batch_loss(self, exp: Experience, index: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         query_mask = exp.query_mask[index]
         # Trim: keep only the prompt columns some row uses (prompts are padded on one side), and the
@@ -365,10 +387,9 @@ class PPOTrainer:
         cut = lambda t: t[index, :width]  # noqa: E731
         responses, mask = cut(exp.responses), cut(exp.mask)
 
-        logits, hidden = response_forward(self.policy, queries, query_mask, responses, mask)
+        logits, values = self.learner(queries, query_mask, responses, mask)
         logits = logits.float() / self.generation.temperature
         logprobs = logprobs_of(logits, responses)
-        values = self._values(hidden, queries, query_mask, responses, mask)
 
         pg_loss, stats = policy_loss(logprobs, cut(exp.logprobs), cut(exp.advantages), mask, self.ppo.clip_range)
         vf_loss, vstats = value_loss(values, cut(exp.values), cut(exp.returns), mask, self.ppo.clip_range_value)
@@ -383,9 +404,22 @@ class PPOTrainer:
         stats.update({"policy/entropy": entropy.detach(), "loss/policy": pg_loss.detach(), "loss/value": vf_loss.detach()})
         return loss, stats
 
+    @staticmethod
+    def _backward(loss: torch.Tensor, stats: dict[str, torch.Tensor], iteration: int, epoch: int, minibatch: int, weight: float) -> None:
+        """Backward of `loss * weight`: the micro-batch's share of its minibatch (1 / gradient_accumulation_steps),
+        times the number of ranks, whose mean DistributedDataParallel takes, so the ranks' gradients add up."""
+        if not torch.isfinite(loss):
+            raise PPOError(
+                f"iteration {iteration}: non-finite loss (policy {stats['loss/policy'].item()}, "
+                f"value {stats['loss/value'].item()}) in epoch {epoch}, minibatch {minibatch}; "
+                f"no optimizer step was taken for it"
+            )
+        (loss * weight).backward()
+
     def learn(self, exp: Experience) -> dict[str, float]:
         """`ppo_epochs` passes over shuffled minibatches; one optimizer step per minibatch. Under N processes
-        the micro-batches of each minibatch are dealt out among them and the gradients summed over ranks."""
+        the micro-batches of each minibatch are dealt out among them and the gradients summed over ranks by
+        DistributedDataParallel (Accelerate)."""
         iteration = self.iteration + 1
         batch = exp.queries.shape[0]
         mini = self.ppo.mini_batch_size
@@ -400,22 +434,17 @@ class PPOTrainer:
             for minibatch_number, start in enumerate(range(0, batch, mini)):
                 minibatch = order[start : start + mini]
                 self.optimizer.zero_grad(set_to_none=True)
-                for micro_number, micro_start in enumerate(range(0, len(minibatch), micro)):
-                    if micro_number % ranks != rank:
-                        continue
+                mine = [s for n, s in enumerate(range(0, len(minibatch), micro)) if n % ranks == rank]
+                for micro_start in mine:
                     index = minibatch[micro_start : micro_start + micro]
-                    loss, stats = self._micro_batch_loss(exp, index)
-                    if not torch.isfinite(loss):
-                        raise PPOError(
-                            f"iteration {iteration}: non-finite loss (policy {stats['loss/policy'].item()}, "
-                            f"value {stats['loss/value'].item()}) in epoch {epoch}, minibatch {minibatch_number}; "
-                            f"no optimizer step was taken for it"
-                        )
-                    (loss * (len(index) / len(minibatch))).backward()  # = loss / gradient_accumulation_steps
+                    # Data-parallel: the gradients are all-reduced once per minibatch, on its last micro-batch.
+                    last = micro_start == mine[-1]
+                    with self.accelerator.no_sync(self.learner) if self.accelerator and not last else contextlib.nullcontext():
+                        loss, stats = self._micro_batch_loss(exp, index)
+                        self._backward(loss, stats, iteration, epoch, minibatch_number, len(index) / len(minibatch) * ranks)
                     for name, value in stats.items():
                         totals[name] = totals.get(name, 0.0) + value.item()
                     count += 1
-                distributed.all_sum_gradients(params)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
                 if not torch.isfinite(grad_norm):
                     raise PPOError(

@@ -53,6 +53,9 @@ def test_choices_are_listed():
 def test_batch_sizes_must_divide():
     with pytest.raises(ConfigError, match=r"ppo.batch_size \(60\) must be a multiple of ppo.mini_batch_size \(16\)"):
         load_config(overrides=["ppo.batch_size=60"])
+    with pytest.raises(ConfigError, match=r"ppo.gradient_accumulation_steps \(1\) must be a multiple of ppo.num_processes \(2\)"):
+        load_config(overrides=["ppo.num_processes=2"])
+    assert load_config(overrides=["ppo.num_processes=2", "ppo.gradient_accumulation_steps=4"]).ppo.num_processes == 2
 
 
 def test_model_references():

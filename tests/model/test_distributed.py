@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -45,9 +46,14 @@ def parameters(trainer):
     }
 
 
-def _worker(rank: int, world: int, rendezvous: str, lm_dir: str, out: str) -> None:
+def _worker(rank: int, world: int, port: int, lm_dir: str, out: str) -> None:
+    """One process as `accelerate launch --cpu` starts it: its place in the environment, Accelerate's state."""
+    from accelerate import PartialState
+
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    PartialState(cpu=True)  # the gloo process group
     try:
         trainer = make_trainer(lm_dir)
         history = run_iterations(trainer, 2)
@@ -58,6 +64,12 @@ def _worker(rank: int, world: int, rendezvous: str, lm_dir: str, out: str) -> No
         dist.destroy_process_group()
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def assert_same_stats(got, expected):
     for name, value in expected.items():
         if name not in TIMING:
@@ -66,7 +78,7 @@ def assert_same_stats(got, expected):
 
 
 def test_two_processes_take_the_same_steps_as_one_and_their_checkpoint_resumes_in_one(tiny_lm_dir, tmp_path):
-    mp.start_processes(_worker, args=(2, str(tmp_path / "rendezvous"), str(tiny_lm_dir), str(tmp_path)), nprocs=2,
+    mp.start_processes(_worker, args=(2, free_port(), str(tiny_lm_dir), str(tmp_path)), nprocs=2,
                        start_method="spawn")
     two = torch.load(tmp_path / "result.pt", weights_only=False)
 
@@ -98,13 +110,14 @@ def test_the_accelerate_launcher_runs_an_epoch_whose_checkpoint_resumes_in_one_p
     (tmp_path / "run.yaml").write_text(config.to_yaml())
     (tmp_path / "prompts.json").write_text(json.dumps(PROMPTS))
     checkpoint = tmp_path / "checkpoint"
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--multi_gpu", "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "components.ppo.launch",
                "--config", str(tmp_path / "run.yaml"), "--prompts", str(tmp_path / "prompts.json"),
                "--checkpoint", str(checkpoint), "--iterations", "1", "--stats", str(tmp_path / "stats.json")]
     subprocess.run(command, check=True, cwd=PROJECT_ROOT, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     stats = json.loads((tmp_path / "stats.json").read_text())
     assert stats["stop_reason"] == "iterations" and [s["episodes"] for s in stats["history"]] == [8.0]
+    assert stats["num_processes"] == 2
 
     def trainer():
         path = str(tiny_lm_dir)
@@ -116,3 +129,19 @@ def test_the_accelerate_launcher_runs_an_epoch_whose_checkpoint_resumes_in_one_p
     resumed.load_checkpoint(checkpoint)
     assert (resumed.iteration, resumed.episodes) == (1, 8)
     assert_same_stats(resumed.train(PROMPTS, iterations=1).last, single.train(PROMPTS, iterations=1).last)
+
+
+def test_a_launch_in_mixed_precision_is_refused_with_the_reason(tiny_lm_dir, tiny_reward_dir, tmp_path):
+    config = load_config(None, [f"policy.model={tiny_lm_dir}", f"reward.model={tiny_reward_dir}", "ppo.batch_size=8",
+                                "ppo.mini_batch_size=4", "ppo.gradient_accumulation_steps=2", "ppo.num_processes=2"])
+    (tmp_path / "run.yaml").write_text(config.to_yaml())
+    (tmp_path / "prompts.json").write_text(json.dumps(PROMPTS))
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--multi_gpu", "--num_machines", "1",
+               "--mixed_precision", "bf16", "--dynamo_backend", "no", "-m", "components.ppo.launch",
+               "--config", str(tmp_path / "run.yaml"), "--prompts", str(tmp_path / "prompts.json"),
+               "--checkpoint", str(tmp_path / "checkpoint"), "--iterations", "1", "--stats", str(tmp_path / "stats.json")]
+    done = subprocess.run(command, cwd=PROJECT_ROOT, timeout=300, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode != 0
+    assert "mixed_precision is 'bf16'" in done.stderr, done.stderr[-2000:]
+    assert not (tmp_path / "checkpoint").exists() and not (tmp_path / "stats.json").exists()
