@@ -60,7 +60,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from components.config import GenerationConfig, PPOConfig, RewardConfig, RunConfig
 from components.ppo import distributed
-from components.ppo.actor_critic import Critic, ValueHead, backbone_of, hidden_size, is_encoder_decoder, reference_of
+from components.ppo.actor_critic import Critic, ValueHead, backbone_of, fuse_gelu, hidden_size, is_encoder_decoder, reference_of
 from components.ppo.checkpoint import resolve_checkpoint, write_atomically
 from components.ppo.core import (
     RunningMoments,
@@ -186,6 +186,7 @@ class PPOTrainer:
         self.tokenizer, self.reward_fn, self.seed = tokenizer, reward_fn, seed
         self.use_chat_template = use_chat_template
         self.device = policy.device
+        fuse_gelu(policy)  # before the reference is copied from it
         self.policy = policy.eval()  # eval: dropout off (LoRA's too), so rollout and update log-probs agree
         self.reference = reference_of(policy) if reference is None else reference.eval().requires_grad_(False)
         self.value_head_type = value_head
@@ -220,7 +221,8 @@ class PPOTrainer:
                 )
             # A separate critic loaded from another model may hold layers the value never reads (a pooler).
             self.learner, self.accelerator = distributed.data_parallel(self.learner, find_unused_parameters=value_head == "separate")
-        self.optimizer = torch.optim.AdamW(self._trainable_parameters(), lr=ppo.learning_rate, weight_decay=0.0)
+        # fused: one kernel for all parameters instead of a loop of small ops per tensor (the CPU default)
+        self.optimizer = torch.optim.AdamW(self._trainable_parameters(), lr=ppo.learning_rate, weight_decay=0.0, fused=True)
         self.total_iterations = math.ceil(ppo.max_steps / ppo.batch_size)
         total = self.total_iterations
         linear = ppo.lr_schedule == "linear"

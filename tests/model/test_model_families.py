@@ -14,7 +14,7 @@ from components import tracking
 from components.config import GenerationConfig, RunConfig, TrackingConfig
 from components.models import load_policy, load_tokenizer
 from components.ppo import PPOTrainer, PromptError
-from components.ppo.actor_critic import AdapterDisabled
+from components.ppo.actor_critic import AdapterDisabled, fuse_gelu
 from components.ppo.rollout import response_logprobs, tokenize_prompts
 from components.reward import RewardScorer
 
@@ -96,6 +96,7 @@ def test_lora_on_each_policy_family_trains_the_adapter_against_the_base_model(po
     assert finite(second) and second["objective/kl"] != 0.0  # the adapter moved the policy
 
     base = load_policy(str(policies[family]))
+    fuse_gelu(base)  # as the trainer does to its policy (same function, other rounding)
     torch.testing.assert_close(reference_logprobs(trainer, trainer.reference), reference_logprobs(trainer, base), atol=1e-6, rtol=0)
     assert not torch.allclose(reference_logprobs(trainer, trainer.policy), reference_logprobs(trainer, base), atol=1e-4)
     assert all(p.requires_grad for name, p in trainer.policy.named_parameters() if name in trainable)  # re-enabled after the reference pass
@@ -228,3 +229,11 @@ def test_the_flan_t5_lab_config_validates():
     assert cfg.data.prompt_template == "Summarize the following conversation.\n\n{prompt}\n\nSummary: "
     assert (cfg.ppo.learning_rate, cfg.ppo.ppo_epochs, cfg.ppo.mini_batch_size, cfg.ppo.batch_size) == (1.41e-5, 1, 4, 16)
     assert cfg.generation.max_new_tokens == 100
+
+
+def test_fused_gelu_is_the_same_function_in_one_kernel(tiny_lm_dir):
+    model, fused = load_policy(str(tiny_lm_dir)), load_policy(str(tiny_lm_dir))
+    assert fuse_gelu(fused) == model.config.n_layer and fuse_gelu(fused) == 0  # one per block, once
+    ids = torch.randint(0, model.config.vocab_size, (3, 12), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(fused(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
+    assert fused.config.activation_function == "gelu_new"  # what it saves is unchanged
