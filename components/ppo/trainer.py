@@ -222,7 +222,8 @@ class PPOTrainer:
             # A separate critic loaded from another model may hold layers the value never reads (a pooler).
             self.learner, self.accelerator = distributed.data_parallel(self.learner, find_unused_parameters=value_head == "separate")
         # fused: one kernel for all parameters instead of a loop of small ops per tensor (the CPU default)
-        self.optimizer = torch.optim.AdamW(self._trainable_parameters(), lr=ppo.learning_rate, weight_decay=0.0, fused=True)
+        self.optimizer = torch.optim.AdamW(self._trainable_parameters(), lr=ppo.learning_rate, weight_decay=0.0,
+                                           fused=self.device.type in ("cpu", "cuda"))
         self.total_iterations = math.ceil(ppo.max_steps / ppo.batch_size)
         total = self.total_iterations
         linear = ppo.lr_schedule == "linear"
