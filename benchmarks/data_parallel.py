@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 from components.config import DEMO_CONFIG, PROJECT_ROOT, load_config
+from flows.tasks import free_port
 
 
 def run(processes: int, config_path: Path, prompts_path: Path, iterations: int, work: Path, threads: int) -> list[dict]:
@@ -27,7 +28,8 @@ def run(processes: int, config_path: Path, prompts_path: Path, iterations: int, 
     # As the flow launches them: torchrun (--multi_gpu) for several processes, a gloo group on the CPU.
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
                "--multi_gpu" if processes > 1 else "--cpu",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "components.ppo.launch",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(free_port()), "-m", "components.ppo.launch",
                "--config", str(config_path), "--prompts", str(prompts_path), "--checkpoint", str(checkpoint),
                "--iterations", str(iterations), "--stats", str(stats)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}

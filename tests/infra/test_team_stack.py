@@ -185,6 +185,26 @@ def test_scheduled_deployment_runs_on_the_worker_and_registers_a_champion(stack,
     assert "objective/scores" in run.data.metrics
 
 
+def test_a_manual_remote_run_is_executed_by_the_worker_and_waited_for(stack, as_client, demo_kit, tmp_path):
+    """`alignflow run --remote NAME --wait`: the flow runs on the worker, not here, and the command reports its end."""
+    alignflow = shutil.which("alignflow") or str(Path(os.sys.executable).parent / "alignflow")
+    env = {**os.environ, **as_client}
+    sets = [arg for override in small_overrides(demo_kit, tmp_path, "team-manual") for arg in ("--set", override)]
+    deployed = subprocess.run([alignflow, "deploy", "--name", "manual", "--pool", "alignflow-test-pool", *sets],
+                              env=env, capture_output=True, text=True, timeout=300)
+    assert deployed.returncode == 0 and "no schedule" in deployed.stdout, deployed.stdout + deployed.stderr
+    done = subprocess.run([alignflow, "run", "--remote", "manual", "--wait", *sets], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr + (stack.state / "logs" / "worker.log").read_text()[-3000:]
+    assert "of alignflow-pipeline/manual: Completed" in done.stdout, done.stdout
+    flow_run_id = done.stdout.split("(")[1].split(")")[0]
+
+    client = MlflowClient(as_client["MLFLOW_TRACKING_URI"])
+    [run] = client.search_runs([client.get_experiment_by_name("team-manual").experiment_id],
+                               filter_string=f"tags.`alignflow.prefect_flow_run_id` = '{flow_run_id}'")
+    assert run.info.status == "FINISHED" and run.data.tags["alignflow.model_version"]
+    assert run.data.params["ppo.max_steps"] == "320"  # the overrides travelled as the flow run's parameters
+
+
 def test_concurrent_promotions_leave_exactly_one_champion_the_better_one(stack, as_client, tiny_lm_dir):
     from flows.tasks import PROMOTION_LOCK, promotion_lock
     from prefect.client.orchestration import get_client

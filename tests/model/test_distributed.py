@@ -111,7 +111,7 @@ def test_the_accelerate_launcher_runs_an_epoch_whose_checkpoint_resumes_in_one_p
     (tmp_path / "prompts.json").write_text(json.dumps(PROMPTS))
     checkpoint = tmp_path / "checkpoint"
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--multi_gpu", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "components.ppo.launch",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), "-m", "components.ppo.launch",
                "--config", str(tmp_path / "run.yaml"), "--prompts", str(tmp_path / "prompts.json"),
                "--checkpoint", str(checkpoint), "--iterations", "1", "--stats", str(tmp_path / "stats.json")]
     subprocess.run(command, check=True, cwd=PROJECT_ROOT, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -137,7 +137,7 @@ def test_a_launch_in_mixed_precision_is_refused_with_the_reason(tiny_lm_dir, tin
     (tmp_path / "run.yaml").write_text(config.to_yaml())
     (tmp_path / "prompts.json").write_text(json.dumps(PROMPTS))
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--multi_gpu", "--num_machines", "1",
-               "--mixed_precision", "bf16", "--dynamo_backend", "no", "-m", "components.ppo.launch",
+               "--mixed_precision", "bf16", "--dynamo_backend", "no", "--main_process_port", str(free_port()), "-m", "components.ppo.launch",
                "--config", str(tmp_path / "run.yaml"), "--prompts", str(tmp_path / "prompts.json"),
                "--checkpoint", str(tmp_path / "checkpoint"), "--iterations", "1", "--stats", str(tmp_path / "stats.json")]
     done = subprocess.run(command, cwd=PROJECT_ROOT, timeout=300, capture_output=True, text=True,
