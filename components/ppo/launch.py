@@ -14,6 +14,7 @@ Metrics go nowhere else: the caller logs them, once.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 from pathlib import Path
@@ -55,6 +56,12 @@ def run_epoch(config_path: Path, prompts_path: Path, checkpoint: Path, iteration
         tmp.write_text(json.dumps({"stop_reason": result.stop_reason, "num_processes": distributed.world_size(), "history": result.history}))
         tmp.replace(stats_path)
     state.wait_for_everyone()
+    # The DDP wrapper's reducer holds the process group: free it first. Destroying the group under a live
+    # reducer left the reducer's destructor joining a gloo thread forever (a finished rank that never exited).
+    if trainer.accelerator is not None:
+        trainer.accelerator.free_memory()
+    del trainer
+    gc.collect()
     state.destroy_process_group()
 
 

@@ -1,5 +1,6 @@
 """Data-parallel PPO (gloo, CPU): N processes over a global batch take the same step as one process."""
 
+import gc
 import json
 import os
 import socket
@@ -60,6 +61,9 @@ def _worker(rank: int, world: int, port: int, lm_dir: str, out: str) -> None:
         trainer.save_checkpoint(Path(out) / "checkpoint")
         if distributed.is_main_process():
             torch.save({"history": history, "parameters": parameters(trainer)}, Path(out) / "result.pt")
+        trainer.accelerator.free_memory()  # the DDP reducer goes before its process group (as launch.py does)
+        del trainer
+        gc.collect()
     finally:
         dist.destroy_process_group()
 
