@@ -40,6 +40,15 @@ class ValueHead(nn.Linear):
         return super().forward(hidden).squeeze(-1)
 
 
+def classifier_head(model: nn.Module) -> nn.Linear | None:
+    """The one-output linear head a sequence classifier applies to the last hidden state at the last token
+    (`score` in GPT-2, Llama, Qwen, Mistral, GPT-NeoX...), or None."""
+    head = getattr(model, "score", None)
+    if isinstance(head, nn.Linear) and head.out_features == 1 and head.in_features == hidden_size(model):
+        return head
+    return None
+
+
 def hidden_size(model: PreTrainedModel) -> int:
     config = model.config
     for name in ("hidden_size", "n_embd", "d_model", "dim"):
@@ -193,6 +202,21 @@ class Critic(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.value_head = ValueHead(hidden)
+
+    @classmethod
+    def from_classifier(cls, model: PreTrainedModel) -> "Critic":
+        """A critic from a one-output sequence classifier (a reward model), keeping its scoring head: V(s_t) starts
+        as the reward model's score of the text up to t, so the critic predicts the final score from the first
+        iteration (TRL and OpenRLHF initialise their critic from the reward model too). A classifier whose head
+        is not one linear map of the last hidden state (a pooler, a dense layer first) keeps only its backbone."""
+        critic = cls(model.base_model, hidden_size(model))
+        head = classifier_head(model)
+        if head is not None:
+            with torch.no_grad():
+                critic.value_head.weight.copy_(head.weight)
+                if head.bias is not None:
+                    critic.value_head.bias.copy_(head.bias)
+        return critic
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         return self.value_head(run_backbone(self.backbone, input_ids, attention_mask, position_ids))

@@ -60,7 +60,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from components.config import GenerationConfig, PPOConfig, RewardConfig, RunConfig
 from components.ppo import distributed
-from components.ppo.actor_critic import Critic, ValueHead, backbone_of, fuse_gelu, hidden_size, is_encoder_decoder, reference_of
+from components.ppo.actor_critic import Critic, ValueHead, backbone_of, classifier_head, fuse_gelu, hidden_size, is_encoder_decoder, reference_of
 from components.ppo.checkpoint import resolve_checkpoint, write_atomically
 from components.ppo.core import (
     RunningMoments,
@@ -687,13 +687,15 @@ def with_lora(policy: PreTrainedModel, lora) -> torch.nn.Module:
 def _as_critic(module: torch.nn.Module) -> Critic:
     if isinstance(module, Critic):
         return module
+    if classifier_head(module) is not None:
+        return Critic.from_classifier(module)  # a reward model: its scoring head starts the value head
     if isinstance(module, PreTrainedModel) and module.base_model is not module:
         module = module.base_model  # an LM or classifier: keep its backbone
     return Critic(module, hidden_size(module))
 
 
 def _load_critic_backbone(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) -> torch.nn.Module | None:
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
     source, revision = cfg.policy.critic_model, cfg.policy.revision
     if source is None and not cfg.reward.model.startswith("models:"):
@@ -707,4 +709,8 @@ def _load_critic_backbone(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) ->
         return None  # the trainer copies the policy's backbone
     if source.startswith("models:"):
         raise ValueError(f"policy.critic_model={source!r}: resolve registry URIs to a local path first")
+    config = AutoConfig.from_pretrained(source, revision=revision)
+    if any(a.endswith("ForSequenceClassification") for a in config.architectures or []) and config.num_labels == 1:
+        # A reward model: loaded with its scoring head, which starts the value head (see Critic.from_classifier).
+        return AutoModelForSequenceClassification.from_pretrained(source, revision=revision, dtype=torch.float32)
     return AutoModel.from_pretrained(source, revision=revision, dtype=torch.float32)

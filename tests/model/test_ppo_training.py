@@ -271,9 +271,16 @@ def test_separate_critic_starts_from_the_reward_model_when_vocabularies_match(ti
         }
     )
     trainer = PPOTrainer.from_config(cfg, load_causal_lm(tiny_lm_dir), load_tokenizer(tiny_lm_dir), word_share("good"))
-    reward_backbone = load_reward_model(tiny_reward_dir).transformer.state_dict()
+    reward_model = load_reward_model(tiny_reward_dir)
+    reward_backbone = reward_model.transformer.state_dict()
     for name, tensor in trainer.critic.backbone.state_dict().items():
         torch.testing.assert_close(tensor, reward_backbone[name])
+    # ... and with its scoring head: the critic's first value of a whole text is the reward model's score of it.
+    ids = load_tokenizer(tiny_lm_dir)(["the film was good and the acting great"], return_tensors="pt")
+    with torch.no_grad():
+        value = trainer.critic.value_head(trainer.critic.backbone(**ids).last_hidden_state[:, -1])
+        torch.testing.assert_close(value, reward_model(**ids).logits[:, 0])
+    assert value.abs().item() > 1e-3  # not the zero-initialised head
 
 
 def test_prompt_plus_response_must_fit_the_policy_positions(tiny_lm_dir):
