@@ -177,21 +177,26 @@ def test_fsdp_processes_take_the_same_steps_as_one_and_their_checkpoints_resume_
     assert_same_stats(run_iterations(resumed, 1)[0], run_iterations(single, 1)[0])
 
 
-def test_the_accelerate_launcher_runs_an_epoch_whose_checkpoint_resumes_in_one_process(tiny_lm_dir, tiny_reward_dir, tmp_path):
+@pytest.mark.parametrize("accelerate_config", [None, "infra/accelerate/fsdp.yaml"], ids=["ddp", "fsdp-config"])
+def test_the_accelerate_launcher_runs_an_epoch_whose_checkpoint_resumes_in_one_process(tiny_lm_dir, tiny_reward_dir, tmp_path, accelerate_config):
     config = load_config(None, [f"policy.model={tiny_lm_dir}", f"reward.model={tiny_reward_dir}", "ppo.batch_size=8",
                                 "ppo.mini_batch_size=4", "ppo.gradient_accumulation_steps=2", "ppo.ppo_epochs=1",
                                 "generation.max_new_tokens=6", "ppo.num_processes=2"])
     (tmp_path / "run.yaml").write_text(config.to_yaml())
     (tmp_path / "prompts.json").write_text(json.dumps(PROMPTS))
     checkpoint = tmp_path / "checkpoint"
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--multi_gpu", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), "-m", "components.ppo.launch",
-               "--config", str(tmp_path / "run.yaml"), "--prompts", str(tmp_path / "prompts.json"),
-               "--checkpoint", str(checkpoint), "--iterations", "1", "--stats", str(tmp_path / "stats.json")]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--main_process_port", str(free_port())]
+    if accelerate_config:  # the example config itself, as ppo.accelerate_config passes it (a multi-GPU file: gloo on this CPU)
+        command += ["--config_file", str(PROJECT_ROOT / accelerate_config)]
+    else:
+        command += ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    command += ["-m", "components.ppo.launch", "--config", str(tmp_path / "run.yaml"), "--prompts", str(tmp_path / "prompts.json"),
+                "--checkpoint", str(checkpoint), "--iterations", "1", "--stats", str(tmp_path / "stats.json")]
     subprocess.run(command, check=True, cwd=PROJECT_ROOT, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     stats = json.loads((tmp_path / "stats.json").read_text())
     assert stats["stop_reason"] == "iterations" and [s["episodes"] for s in stats["history"]] == [8.0]
     assert stats["num_processes"] == 2
+    assert stats["sharded"] == (accelerate_config is not None)
 
     def trainer():
         path = str(tiny_lm_dir)
