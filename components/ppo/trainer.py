@@ -171,7 +171,8 @@ class PPOTrainer:
     AutoModel, or a `Critic`), default a copy of the policy's backbone.
 
     The same code runs in N data-parallel processes (a torch.distributed process group, e.g. from
-    `accelerate launch`), taking the same steps as one process over the same global batch: see `distributed`.
+    `accelerate launch`), replicated or sharded by FSDP2 as the Accelerate config says, taking the same steps
+    as one process over the same global batch: see `distributed`.
     """
 
     def __init__(
