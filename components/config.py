@@ -157,7 +157,8 @@ class PPOConfig(Section):
     accelerate_config: str | None = Field(
         None,
         description="An Accelerate config file for the launcher (multi-machine: num_machines, machine_rank, "
-        "main_process_ip); num_processes still comes from ppo.num_processes.",
+        "main_process_ip; sharded: distributed_type FSDP with fsdp_version 2, see infra/accelerate/fsdp.yaml); "
+        "num_processes still comes from ppo.num_processes.",
     )
 
     @model_validator(mode="after")

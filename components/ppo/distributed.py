@@ -13,6 +13,7 @@ The scheme keeps an N-process iteration equal to a 1-process one over the same g
 
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
 import torch
@@ -80,13 +81,14 @@ def gather_rows(tensors: Sequence[torch.Tensor], pad_values: Sequence[float], le
 
 
 def data_parallel(module: torch.nn.Module, find_unused_parameters: bool = False):
-    """`module` wrapped for data-parallel training by Accelerate (DistributedDataParallel under a multi-CPU or
-    multi-GPU launch), and the Accelerator. Gradients of a backward through the wrapper are averaged over the
-    ranks; `Accelerator.no_sync` defers that to the last micro-batch of a minibatch.
+    """`module` prepared for data-parallel training, and the Accelerator. The module is wrapped by Accelerate
+    (DistributedDataParallel under a multi-CPU or multi-GPU launch: gradients of a backward through the wrapper
+    are averaged over the ranks), or, when the launch's Accelerate config asks for FSDP, sharded in place by
+    FSDP2 (`fully_sharded`). Either way `no_sync` defers the gradient reduction to a minibatch's last micro-batch.
 
     The process group must be one Accelerate knows (`accelerate launch`, or the RANK/WORLD_SIZE/LOCAL_RANK/
-    MASTER_ADDR/MASTER_PORT environment). Sharded engines (FSDP, DeepSpeed) and mixed precision are refused:
-    the rollout samples from the unwrapped policy and its log-probabilities must match the update's."""
+    MASTER_ADDR/MASTER_PORT environment). DeepSpeed and mixed precision are refused: the rollout's
+    log-probabilities must match the update's, so both run the same float32 weights."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, DistributedType
 
@@ -100,18 +102,150 @@ def data_parallel(module: torch.nn.Module, find_unused_parameters: bool = False)
             f"Accelerate sees {accelerator.num_processes} process(es) but the process group has {world_size()}: "
             "start the processes with `accelerate launch` (or set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT)"
         )
-    supported = {DistributedType.MULTI_CPU, DistributedType.MULTI_GPU, DistributedType.MULTI_XPU, DistributedType.MULTI_NPU}
-    if accelerator.distributed_type not in supported:
-        raise ValueError(
-            f"Accelerate's distributed_type is {accelerator.distributed_type.value}; alignflow's PPO runs data-parallel "
-            "(MULTI_CPU / MULTI_GPU): FSDP and DeepSpeed sharding are not supported yet"
-        )
     if accelerator.mixed_precision != "no":
         raise ValueError(
             f"Accelerate's mixed_precision is {accelerator.mixed_precision!r}; use 'no' (rollout and update "
             "log-probabilities must come from the same precision)"
         )
+    plugin = fsdp_plugin(accelerator)
+    if plugin is not None:
+        return fully_sharded(module, plugin), accelerator
+    supported = {DistributedType.MULTI_CPU, DistributedType.MULTI_GPU, DistributedType.MULTI_XPU, DistributedType.MULTI_NPU}
+    if accelerator.distributed_type not in supported:
+        raise ValueError(
+            f"Accelerate's distributed_type is {accelerator.distributed_type.value}; alignflow's PPO runs data-parallel "
+            "(MULTI_CPU / MULTI_GPU) or sharded with FSDP (distributed_type: FSDP, fsdp_version: 2): DeepSpeed is not supported"
+        )
     return accelerator.prepare_model(module), accelerator
+
+
+def fsdp_plugin(accelerator):
+    """Accelerate's FSDP settings when the launch asks for FSDP (an Accelerate config with `distributed_type: FSDP`
+    makes `accelerate launch` set ACCELERATE_USE_FSDP and the FSDP_* variables), else None.
+
+    Accelerate 1.15 turns its state to FSDP only on GPUs and other accelerators: a CPU launch stays MULTI_CPU and
+    drops the plugin, so there the plugin is read again from the same environment."""
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+    from accelerate.utils.environment import parse_flag_from_env
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        plugin = accelerator.state.fsdp_plugin
+    elif parse_flag_from_env("ACCELERATE_USE_FSDP"):
+        plugin = FullyShardedDataParallelPlugin()
+    else:
+        return None
+    refused = {
+        "fsdp_version": plugin.fsdp_version != 2,
+        "fsdp_activation_checkpointing": plugin.activation_checkpointing,
+        "fsdp_offload_params": isinstance(plugin.cpu_offload, CPUOffloadPolicy),
+    }
+    for field, bad in refused.items():
+        if bad:
+            raise ValueError(
+                f"the Accelerate config's fsdp_config.{field} is not supported by alignflow's PPO: it shards with FSDP2 "
+                "(fsdp_version: 2), without activation checkpointing or parameter offload (see infra/accelerate/fsdp.yaml)"
+            )
+    return plugin
+
+
+def fully_sharded(module: torch.nn.Module, plugin) -> torch.nn.Module:
+    """`module` sharded in place by FSDP2 (torch's `fully_shard`) as Accelerate's config says: each layer its
+    auto-wrap policy picks (`fsdp_transformer_layer_cls_to_wrap`, by default the models' `_no_split_modules`, or
+    size-based) is a unit, gathered for its forward and backward and freed after (`fsdp_reshard_after_forward`);
+    the rest (embeddings, final norm, LM head, value head) is the root unit. Every parameter becomes a DTensor
+    holding this rank's shard, so build the optimizer afterwards.
+
+    The rollout calls the policy's parts directly, not `module`: its `rollout` method is registered as an FSDP
+    forward method, so the root unit is gathered around the whole rollout and the layers' own hooks gather them
+    step by step (the same number of forwards on every rank: decoding stops on every rank together)."""
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy, get_module_children_bottom_up
+    from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
+
+    plugin.set_auto_wrap_policy(module)
+    wrap = fsdp2_prepare_auto_wrap_policy(plugin, module)
+    if wrap is not None:
+        for child in get_module_children_bottom_up(module)[:-1]:  # inner units first; the last one is `module`
+            if wrap(child) and not isinstance(child, FSDPModule):
+                fully_shard(child, reshard_after_forward=plugin.reshard_after_forward)
+    fully_shard(module)  # the root: kept gathered between its forward and backward
+    register_fsdp_forward_method(module, "rollout")
+    return module
+
+
+def is_sharded(module: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+def reshard(module: torch.nn.Module) -> None:
+    """Free the gathered parameters of a sharded module's root unit (which FSDP keeps after a forward, for the
+    backward that usually follows; none follows the rollout), so that the module's parameters are again this
+    rank's shards, the tensors the optimizer holds."""
+    if is_sharded(module):
+        module.reshard()
+
+
+@contextlib.contextmanager
+def no_sync(module: torch.nn.Module, accelerator):
+    """Backwards in the block keep their gradients on this rank (summed over micro-batches); the next backward
+    outside it reduces the sum over the ranks. FSDP2: `set_requires_gradient_sync`; DDP: Accelerate's no_sync."""
+    if not is_sharded(module):
+        with accelerator.no_sync(module):
+            yield
+        return
+    module.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        module.set_requires_gradient_sync(True)
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a DTensor (a collective: every rank calls it), else the tensor."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def _parameter_names(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The names of the optimizer's parameters, in the order `optimizer.state_dict()` numbers them."""
+    names = {id(p): name for name, p in module.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def full_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """(module state, optimizer state) of a sharded module as one process would hold them: full tensors on
+    the CPU on the main process, empty dicts on the others. The optimizer state is numbered as
+    `optimizer.state_dict()` numbers it, so a checkpoint does not depend on the process count or on sharding.
+    A collective: every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(module, options=options)
+    optimizer_state = get_optimizer_state_dict(module, optimizer, options=options)
+    if not is_main_process():
+        return {}, {}
+    index = {name: i for i, name in enumerate(_parameter_names(module, optimizer))}
+    return model_state, {
+        "state": {index[name]: value for name, value in optimizer_state["state"].items()},
+        "param_groups": [{**group, "params": [index[name] for name in group["params"]]} for group in optimizer_state["param_groups"]],
+    }
+
+
+def load_full_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer, model_state: dict, optimizer_state: dict) -> None:
+    """Load full (one-process) states into a sharded module and its optimizer, every rank keeping its shards.
+    `model_state` may leave out what is not trained (the frozen base of a LoRA policy). A collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, strict=False)
+    set_model_state_dict(module, model_state, options=options)
+    names = _parameter_names(module, optimizer)
+    set_optimizer_state_dict(module, optimizer, {
+        "state": {names[i]: value for i, value in optimizer_state["state"].items()},
+        "param_groups": [{**group, "params": [names[i] for i in group["params"]]} for group in optimizer_state["param_groups"]],
+    }, options=options)
 
 
 def barrier() -> None:

@@ -5,9 +5,10 @@
 
 Every process builds the trainer from the run configuration (model references already resolved to local
 paths or hub ids by the caller), resumes from `--checkpoint` when it exists, and runs the iterations; the
-main process writes the checkpoint and the iterations' statistics (`{"stop_reason", "num_processes", "history"}`)
-as JSON. Without CUDA the processes form a gloo group on the CPU (`--multi_gpu` is Accelerate's torchrun path;
-its `--cpu` flag would start one process).
+main process writes the checkpoint and the iterations' statistics (`{"stop_reason", "num_processes", "sharded",
+"history"}`) as JSON. With an Accelerate config asking for FSDP (`--config_file infra/accelerate/fsdp.yaml`) the
+processes shard the policy and value head (FSDP2) instead of replicating them. Without CUDA the processes form
+a gloo group on the CPU (`--multi_gpu` is Accelerate's torchrun path; its `--cpu` flag would start one process).
 Metrics go nowhere else: the caller logs them, once.
 """
 
@@ -53,7 +54,8 @@ def run_epoch(config_path: Path, prompts_path: Path, checkpoint: Path, iteration
     trainer.save_checkpoint(checkpoint)
     if distributed.is_main_process():
         tmp = stats_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"stop_reason": result.stop_reason, "num_processes": distributed.world_size(), "history": result.history}))
+        tmp.write_text(json.dumps({"stop_reason": result.stop_reason, "num_processes": distributed.world_size(),
+                                  "sharded": distributed.is_sharded(trainer.learner), "history": result.history}))
         tmp.replace(stats_path)
     state.wait_for_everyone()
     # The DDP wrapper's reducer holds the process group: free it first. Destroying the group under a live

@@ -144,7 +144,7 @@ class Rollout:
         return self.mask.sum(1).long()
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference mode: FSDP's gathered parameters are reused by the update's forwards
 def sample(
     policy: PreTrainedModel,
     queries: torch.Tensor,

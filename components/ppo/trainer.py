@@ -51,7 +51,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -60,7 +60,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from components.config import GenerationConfig, PPOConfig, RewardConfig, RunConfig
 from components.ppo import distributed
-from components.ppo.actor_critic import Critic, ValueHead, backbone_of, classifier_head, fuse_gelu, hidden_size, is_encoder_decoder, reference_of
+from components.ppo.actor_critic import (
+    Critic, ValueHead, backbone_of, classifier_head, fuse_gelu, hidden_size, is_encoder_decoder, reference_of, unwrap,
+)
 from components.ppo.checkpoint import resolve_checkpoint, write_atomically
 from components.ppo.core import (
     RunningMoments,
@@ -89,6 +91,7 @@ from components.ppo.rollout import (
 )
 
 RewardFn = Callable[[list[str], list[str]], torch.Tensor]
+T = TypeVar("T")
 Callback = Callable[[dict[str, float]], None]
 
 STOP_REASONS = ("iterations", "target_reward", "max_steps")
@@ -146,6 +149,19 @@ class PolicyValue(torch.nn.Module):
             return logits, self.value_head(hidden)
         return logits, self.critic.value_head(response_hidden(None, queries, query_mask, responses, mask, backbone=self.critic.backbone))
 
+    def rollout(self, run: Callable[[], T]) -> T:
+        """`run()`: the experience making's forwards, which call the policy's parts (and the critic, and a LoRA
+        policy with its adapter off) directly rather than `forward`. Under FSDP this is registered as a forward
+        method, so the sharded parameters are gathered around it (`distributed.fully_sharded`)."""
+        return run()
+
+    @property
+    def _no_split_modules(self) -> list[str]:
+        """The layer classes of the policy (and critic) models: the units Accelerate's FSDP auto-wrap policy
+        shards one by one unless the config names them (`fsdp_transformer_layer_cls_to_wrap`)."""
+        models = [unwrap(self.policy)] + ([self.critic.backbone] if self.critic is not None else [])
+        return sorted({name for model in models for name in (getattr(model, "_no_split_modules", None) or [])})
+
 
 class PPOTrainer:
     """The PPO engine. Knows nothing of Prefect or MLflow: metrics go to a callback.
@@ -157,7 +173,8 @@ class PPOTrainer:
     AutoModel, or a `Critic`), default a copy of the policy's backbone.
 
     The same code runs in N data-parallel processes (a torch.distributed process group, e.g. from
-    `accelerate launch`), taking the same steps as one process over the same global batch: see `distributed`.
+    `accelerate launch`), replicated or sharded by FSDP2 as the Accelerate config says, taking the same steps
+    as one process over the same global batch: see `distributed`.
     """
 
     def __init__(
@@ -211,7 +228,8 @@ class PPOTrainer:
         self.eos_ids = eos_token_ids(tokenizer, policy).to(self.device)
         self.pad_token_id = pad_id(tokenizer)
 
-        self.learner: torch.nn.Module = PolicyValue(self.policy, self.value_head, self.critic)
+        self.policy_value = PolicyValue(self.policy, self.value_head, self.critic)
+        self.learner: torch.nn.Module = self.policy_value  # or its data-parallel wrapper (FSDP shards it in place)
         self.accelerator = None
         if distributed.world_size() > 1:
             if ppo.gradient_accumulation_steps % distributed.world_size():
@@ -220,7 +238,7 @@ class PPOTrainer:
                     f"{distributed.world_size()} processes: each takes the same number of micro-batches per minibatch"
                 )
             # A separate critic loaded from another model may hold layers the value never reads (a pooler).
-            self.learner, self.accelerator = distributed.data_parallel(self.learner, find_unused_parameters=value_head == "separate")
+            self.learner, self.accelerator = distributed.data_parallel(self.policy_value, find_unused_parameters=value_head == "separate")
         # fused: one kernel for all parameters instead of a loop of small ops per tensor (the CPU default)
         self.optimizer = torch.optim.AdamW(self._trainable_parameters(), lr=ppo.learning_rate, weight_decay=0.0,
                                            fused=self.device.type in ("cpu", "cuda"))
@@ -304,17 +322,8 @@ class PPOTrainer:
         )
         queries, query_mask = queries.to(self.device), query_mask.to(self.device)
         start = time.perf_counter()
-        rollout = sample(
-            self.policy, queries, query_mask, self.generation, self.eos_ids, self.pad_token_id,
-            self.sample_generator, self.value_head, rows,
-        )
-        with torch.inference_mode():
-            args = (rollout.queries, rollout.query_mask, rollout.responses, rollout.mask)
-            ref_logprobs = response_logprobs(self.reference, *args, self.generation.temperature)
-            if self.critic is not None:
-                values = self.critic.value_head(response_hidden(None, *args, backbone=self.critic.backbone)) * rollout.mask
-            else:
-                values = rollout.values
+        rollout, ref_logprobs, values = self.policy_value.rollout(lambda: self._rollout(queries, query_mask, rows))
+        distributed.reshard(self.policy_value)
         rollout_time = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -323,7 +332,6 @@ class PPOTrainer:
         scores = self._score(list(prompts), completions, iteration)
         scoring_time = time.perf_counter() - start
 
-        # Leave inference mode: these tensors take part in the autograd graph of the update.
         mask = rollout.mask.clone()
         logprobs, ref_logprobs, values = rollout.logprobs.clone(), ref_logprobs.clone(), values.clone()
         for name, tensor in (("log-probabilities", logprobs), ("reference log-probabilities", ref_logprobs), ("values", values)):
@@ -358,6 +366,21 @@ class PPOTrainer:
             advantages=advantages, returns=returns, scores=scores, kl=kl, ended_with_eos=ended,
         )
         return experience, {"time/rollout": rollout_time, "time/scoring": scoring_time}
+
+    @torch.no_grad()  # not inference mode: under FSDP the gathered parameters are reused by the update
+    def _rollout(self, queries: torch.Tensor, query_mask: torch.Tensor, rows: tuple[int, int] | None):
+        """(rollout, reference log-probabilities, values): sampling, the reference forward, the critic's."""
+        rollout = sample(
+            self.policy, queries, query_mask, self.generation, self.eos_ids, self.pad_token_id,
+            self.sample_generator, self.value_head, rows,
+        )
+        args = (rollout.queries, rollout.query_mask, rollout.responses, rollout.mask)
+        ref_logprobs = response_logprobs(self.reference, *args, self.generation.temperature)
+        if self.critic is not None:
+            values = self.critic.value_head(response_hidden(None, *args, backbone=self.critic.backbone)) * rollout.mask
+        else:
+            values = rollout.values
+        return rollout, ref_logprobs, values
 
     def _score(self, prompts: list[str], completions: list[str], iteration: int) -> torch.Tensor:
         raw = self.reward_fn(prompts, completions)
@@ -422,12 +445,12 @@ class PPOTrainer:
     def learn(self, exp: Experience) -> dict[str, float]:
         """`ppo_epochs` passes over shuffled minibatches; one optimizer step per minibatch. Under N processes
         the micro-batches of each minibatch are dealt out among them and the gradients summed over ranks by
-        DistributedDataParallel (Accelerate)."""
+        DistributedDataParallel (Accelerate) or FSDP2 (each rank then steps its shards)."""
         iteration = self.iteration + 1
         batch = exp.queries.shape[0]
         mini = self.ppo.mini_batch_size
         micro = max(1, mini // self.ppo.gradient_accumulation_steps)
-        params = self._trainable_parameters()
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]  # under FSDP, the shards
         max_norm = self.ppo.max_grad_norm if self.ppo.max_grad_norm is not None else float("inf")
         totals = dict.fromkeys(LEARN_STATS, 0.0)
         count = 0
@@ -442,13 +465,13 @@ class PPOTrainer:
                     index = minibatch[micro_start : micro_start + micro]
                     # Data-parallel: the gradients are all-reduced once per minibatch, on its last micro-batch.
                     last = micro_start == mine[-1]
-                    with self.accelerator.no_sync(self.learner) if self.accelerator and not last else contextlib.nullcontext():
+                    with distributed.no_sync(self.learner, self.accelerator) if self.accelerator and not last else contextlib.nullcontext():
                         loss, stats = self._micro_batch_loss(exp, index)
                         self._backward(loss, stats, iteration, epoch, minibatch_number, len(index) / len(minibatch) * ranks)
                     for name, value in stats.items():
                         totals[name] = totals.get(name, 0.0) + value.item()
                     count += 1
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+                grad_norm = distributed.full_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm))
                 if not torch.isfinite(grad_norm):
                     raise PPOError(
                         f"iteration {iteration}: non-finite gradient norm in epoch {epoch}, minibatch {minibatch_number}; "
@@ -557,19 +580,44 @@ class PPOTrainer:
         """Policy + value head (or critic), optimizer, scheduler, KL controller, score statistics, RNG states
         and counters, written atomically: the previous checkpoint stays intact until this one is complete.
         Under N processes only the main one writes (the state is the same on every rank, and the same as one
-        process would have), and all return once it is written."""
-        path = write_atomically(directory, self._write_checkpoint) if distributed.is_main_process() else None
+        process would have; under FSDP every rank first takes part in gathering the full weights and optimizer
+        state), and all return once it is written."""
+        weights = self._full_weights()
+        if distributed.is_main_process():
+            path = write_atomically(directory, lambda tmp: self._write_checkpoint(tmp, *weights))
+        else:
+            path = None
         distributed.barrier()
         return path if path is not None else Path(directory)
 
-    def _write_checkpoint(self, path: Path) -> None:
-        save_file(trainable_state(self.policy), str(path / "policy.safetensors"))
-        head = self.value_head if self.value_head is not None else self.critic
-        save_model(head, str(path / "value.safetensors"))
+    @property
+    def _head_name(self) -> str:
+        return "value_head" if self.value_head is not None else "critic"
+
+    def _full_weights(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, dict]:
+        """(policy's trainable weights, value head's or critic's weights, optimizer state) as one process holds
+        them. Unsharded, the head's weights are None: `save_model` writes the module itself (it drops tied
+        duplicates). Sharded, a collective whose result only the main process gets."""
+        if not distributed.is_sharded(self.learner):
+            return trainable_state(self.policy), None, self.optimizer.state_dict()
+        model_state, optimizer_state = distributed.full_state(self.learner, self.optimizer)
+        if not model_state:
+            return {}, {}, {}
+        prefix = f"{self._head_name}."
+        policy = {name: model_state[f"policy.{name}"].contiguous() for name in trainable_names(self.policy)}
+        head = {name[len(prefix):]: value.contiguous() for name, value in model_state.items() if name.startswith(prefix)}
+        return policy, head, optimizer_state
+
+    def _write_checkpoint(self, path: Path, policy: dict[str, torch.Tensor], head: dict[str, torch.Tensor] | None, optimizer: dict) -> None:
+        save_file(policy, str(path / "policy.safetensors"))
+        if head is None:
+            save_model(getattr(self, self._head_name), str(path / "value.safetensors"))
+        else:
+            save_file(head, str(path / "value.safetensors"))
         np_state = np.random.get_state()
         torch.save(
             {
-                "optimizer": self.optimizer.state_dict(),
+                "optimizer": optimizer,
                 "scheduler": self.scheduler.state_dict(),
                 "rng": {
                     "python": random.getstate(),
@@ -602,11 +650,21 @@ class PPOTrainer:
         state = json.loads((path / "trainer_state.json").read_text())
         if state["value_head"] != self.value_head_type:
             raise ValueError(f"checkpoint {path} has a {state['value_head']} value head, this trainer a {self.value_head_type} one")
-        load_trainable_state(self.policy, load_file(str(path / "policy.safetensors"), device=str(self.device)), path)
-        head = self.value_head if self.value_head is not None else self.critic
-        load_model(head, str(path / "value.safetensors"), device=str(self.device))
+        policy = load_file(str(path / "policy.safetensors"), device=str(self.device))
         blob = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
-        self.optimizer.load_state_dict(blob["optimizer"])
+        head = getattr(self, self._head_name)
+        if distributed.is_sharded(self.learner):
+            check_trainable_state(self.policy, policy, path)
+            head_state = load_file(str(path / "value.safetensors"), device=str(self.device))
+            if set(head_state) != set(head.state_dict()):
+                raise ValueError(f"checkpoint {path} does not hold this trainer's {self._head_name} weights: {sorted(head_state)[:3]}...")
+            weights = {f"policy.{name}": value for name, value in policy.items()}
+            weights.update({f"{self._head_name}.{name}": value for name, value in head_state.items()})
+            distributed.load_full_state(self.learner, self.optimizer, weights, blob["optimizer"])
+        else:
+            load_trainable_state(self.policy, policy, path)
+            load_model(head, str(path / "value.safetensors"), device=str(self.device))
+            self.optimizer.load_state_dict(blob["optimizer"])
         self.scheduler.load_state_dict(blob["scheduler"])
         rng = blob["rng"]
         random.setstate(rng["python"])
@@ -643,14 +701,22 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
-    expected = set(trainable_state(model))
+def trainable_names(model: torch.nn.Module) -> list[str]:
+    return [name for name, p in model.named_parameters() if p.requires_grad]
+
+
+def check_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
+    expected = set(trainable_names(model))
     if set(state) != expected:
         missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
         raise ValueError(
             f"checkpoint {source} does not hold this policy's trainable weights (LoRA or full fine-tune, same model?): "
             f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}"
         )
+
+
+def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
+    check_trainable_state(model, state, source)
     with torch.no_grad():
         parameters = dict(model.named_parameters())
         for name, tensor in state.items():

@@ -1,4 +1,5 @@
-"""Data-parallel PPO (gloo, CPU): N processes over a global batch take the same step as one process."""
+"""Data-parallel PPO (gloo, CPU): N processes over a global batch take the same step as one process, replicated
+(DistributedDataParallel) or sharded (FSDP2)."""
 
 import gc
 import json
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from ppo_helpers import one_thread, word_share  # noqa: F401
@@ -68,6 +70,43 @@ def _worker(rank: int, world: int, port: int, lm_dir: str, out: str) -> None:
         dist.destroy_process_group()
 
 
+# What `accelerate launch --config_file infra/accelerate/fsdp.yaml` sets for the processes it starts.
+FSDP_ENV = dict(ACCELERATE_USE_FSDP="true", FSDP_VERSION="2", FSDP_AUTO_WRAP_POLICY="TRANSFORMER_BASED_WRAP",
+                FSDP_RESHARD_AFTER_FORWARD="true")
+
+
+def resume(lm_dir, checkpoint):
+    return PPOTrainer.from_checkpoint(checkpoint, load_causal_lm(lm_dir), load_tokenizer(lm_dir), word_share("good"),
+                                      PPOConfig(**PPO), GenerationConfig(max_new_tokens=8, max_prompt_tokens=8),
+                                      RewardConfig(normalize=True))
+
+
+def _fsdp_worker(rank: int, world: int, port: int, lm_dir: str, out: str) -> None:
+    """One FSDP process: an iteration, its checkpoint resumed by a new sharded trainer, a second iteration."""
+    from accelerate import PartialState
+
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **FSDP_ENV)
+    PartialState(cpu=True)
+    try:
+        first = make_trainer(lm_dir)
+        weight = first.policy.get_input_embeddings().weight
+        sharding = {"sharded": distributed.is_sharded(first.learner), "shard_rows": weight.to_local().shape[0],
+                    "rows": weight.shape[0]}
+        history = run_iterations(first, 1)
+        first.save_checkpoint(Path(out) / "first")
+        second = resume(lm_dir, Path(out) / "first")
+        history += run_iterations(second, 1)
+        second.save_checkpoint(Path(out) / "second")
+        if distributed.is_main_process():
+            torch.save({"history": history, **sharding}, Path(out) / "result.pt")
+        del first, second
+        gc.collect()
+    finally:
+        dist.destroy_process_group()
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -107,21 +146,57 @@ def test_two_processes_take_the_same_steps_as_one_and_their_checkpoint_resumes_i
     assert_same_stats(run_iterations(resumed, 1)[0], run_iterations(single, 1)[0])
 
 
-def test_the_accelerate_launcher_runs_an_epoch_whose_checkpoint_resumes_in_one_process(tiny_lm_dir, tiny_reward_dir, tmp_path):
+def test_fsdp_processes_take_the_same_steps_as_one_and_their_checkpoints_resume_sharded_and_in_one(tiny_lm_dir, tmp_path):
+    mp.start_processes(_fsdp_worker, args=(2, free_port(), str(tiny_lm_dir), str(tmp_path)), nprocs=2,
+                       start_method="spawn")
+    two = torch.load(tmp_path / "result.pt", weights_only=False)
+    assert two["sharded"] and two["shard_rows"] == two["rows"] // 2  # each rank held half of the embedding
+
+    single = make_trainer(tiny_lm_dir)
+    history = run_iterations(single, 2)
+    for got, expected in zip(two["history"], history, strict=True):  # the second from the resumed sharded trainer
+        assert_same_stats(got, expected)
+    # The checkpoint holds full weights and optimizer state, as one process writes them.
+    weights = load_file(tmp_path / "second" / "policy.safetensors")
+    weights |= {f"value_head.{name}": value for name, value in load_file(tmp_path / "second" / "value.safetensors").items()}
+    expected = parameters(single)
+    assert set(weights) == set(expected)
+    print("largest parameter difference, 2 FSDP vs 1 process:", max((v - expected[n]).abs().max().item() for n, v in weights.items()))
+    for name, value in weights.items():
+        torch.testing.assert_close(value, expected[name], rtol=1e-4, atol=1e-5, msg=name)
+    optimizer = torch.load(tmp_path / "second" / "trainer_state.pt", weights_only=True)["optimizer"]
+    reference = single.optimizer.state_dict()
+    assert [{**group, "betas": tuple(group["betas"])} for group in optimizer["param_groups"]] == reference["param_groups"]
+    assert optimizer["state"].keys() == reference["state"].keys()
+    for index, state in reference["state"].items():
+        for key, value in state.items():
+            torch.testing.assert_close(optimizer["state"][index][key], value, rtol=1e-4, atol=1e-6, msg=f"{index} {key}")
+
+    resumed = resume(tiny_lm_dir, tmp_path / "second")
+    assert (resumed.iteration, resumed.episodes) == (single.iteration, single.episodes)
+    assert_same_stats(run_iterations(resumed, 1)[0], run_iterations(single, 1)[0])
+
+
+@pytest.mark.parametrize("accelerate_config", [None, "infra/accelerate/fsdp.yaml"], ids=["ddp", "fsdp-config"])
+def test_the_accelerate_launcher_runs_an_epoch_whose_checkpoint_resumes_in_one_process(tiny_lm_dir, tiny_reward_dir, tmp_path, accelerate_config):
     config = load_config(None, [f"policy.model={tiny_lm_dir}", f"reward.model={tiny_reward_dir}", "ppo.batch_size=8",
                                 "ppo.mini_batch_size=4", "ppo.gradient_accumulation_steps=2", "ppo.ppo_epochs=1",
                                 "generation.max_new_tokens=6", "ppo.num_processes=2"])
     (tmp_path / "run.yaml").write_text(config.to_yaml())
     (tmp_path / "prompts.json").write_text(json.dumps(PROMPTS))
     checkpoint = tmp_path / "checkpoint"
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--multi_gpu", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), "-m", "components.ppo.launch",
-               "--config", str(tmp_path / "run.yaml"), "--prompts", str(tmp_path / "prompts.json"),
-               "--checkpoint", str(checkpoint), "--iterations", "1", "--stats", str(tmp_path / "stats.json")]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--main_process_port", str(free_port())]
+    if accelerate_config:  # the example config itself, as ppo.accelerate_config passes it (a multi-GPU file: gloo on this CPU)
+        command += ["--config_file", str(PROJECT_ROOT / accelerate_config)]
+    else:
+        command += ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    command += ["-m", "components.ppo.launch", "--config", str(tmp_path / "run.yaml"), "--prompts", str(tmp_path / "prompts.json"),
+                "--checkpoint", str(checkpoint), "--iterations", "1", "--stats", str(tmp_path / "stats.json")]
     subprocess.run(command, check=True, cwd=PROJECT_ROOT, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     stats = json.loads((tmp_path / "stats.json").read_text())
     assert stats["stop_reason"] == "iterations" and [s["episodes"] for s in stats["history"]] == [8.0]
     assert stats["num_processes"] == 2
+    assert stats["sharded"] == (accelerate_config is not None)
 
     def trainer():
         path = str(tiny_lm_dir)
