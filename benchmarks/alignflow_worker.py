@@ -7,7 +7,7 @@ ENGINE_ROOT (default: this checkout) is the directory whose `components/` is ben
 `git archive` of a commit. Phases are timed by wrapping, from outside, what `PPOTrainer.step` calls:
   generation  `sample` (our KV-cache loop; old log-probs and shared-head values come from it)
   reference   `response_logprobs` (the reference policy's log-probs)
-  value       a separate critic's forward (none with the default shared value head)
+  value       a separate critic's forward in the rollout (none with a shared value head)
   scoring     `decode` + the reward function (re-tokenization and the reward model)
   update      `learn` (the PPO epochs)
   other       the rest (rewards, GAE, whitening, statistics)
@@ -75,6 +75,8 @@ def train(spec: dict) -> dict:
     import transformers
 
     import components
+    from transformers import AutoModelForSequenceClassification
+
     import components.ppo.trainer as engine
     from components.config import GenerationConfig, PPOConfig, RewardConfig
     from components.models import load_causal_lm, load_reward_model, load_tokenizer
@@ -105,7 +107,13 @@ def train(spec: dict) -> dict:
     tokenizer = load_tokenizer(spec["policy"])
     policy = load_causal_lm(spec["policy"])
     scorer = RewardScorer.from_config(reward)
-    trainer = PPOTrainer(policy, tokenizer, scorer, ppo, generation, reward, seed=spec["seed"])
+    critic = None
+    if spec.get("value_head", "shared") == "separate":  # as PPOTrainer.from_config: the critic starts as the reward model
+        critic = AutoModelForSequenceClassification.from_pretrained(spec["reward"], num_labels=1, dtype=torch.float32)
+    trainer = PPOTrainer(
+        policy, tokenizer, scorer, ppo, generation, reward, critic=critic,
+        value_head=spec.get("value_head", "shared"), seed=spec["seed"],
+    )
 
     clock = PhaseClock()
     flops = FlopCounter(clock)
@@ -120,6 +128,8 @@ def train(spec: dict) -> dict:
         parameters["value_backbone"] = flops.watch_backbone("value", trainer.critic.backbone)
     engine.sample = clock.timed("generation", engine.sample)
     engine.response_logprobs = clock.timed("reference", engine.response_logprobs)
+    # the critic's forward: "value" in the rollout, part of "update" inside the PPO epochs
+    engine.response_hidden = clock.timed(lambda *a, **k: "update" if clock.current == "update" else "value", engine.response_hidden)
     engine.decode = clock.timed("scoring", engine.decode)
     trainer.reward_fn = clock.timed("scoring", trainer.reward_fn)
     trainer.learn = clock.timed("update", trainer.learn)

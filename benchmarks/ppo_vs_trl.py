@@ -18,8 +18,9 @@ One run:
 Identical work, and where the engines differ by design (kept, and stated in the output):
   - same policy, reference (a copy of it), reward model, tokenizer, prompts, batch, minibatch, PPO epochs,
     learning rate (constant), KL coefficient, temperature 1 with no top-k/top-p, response length, stop at EOS;
-  - values: TRL trains a separate value model (a copy of the reward model, its documented setup);
-    alignflow reads values from a head on the policy's last hidden state (its default, `value_head: shared`);
+  - values: TRL trains a separate value model (a copy of the reward model, its documented setup); alignflow
+    runs the demo config's critic (`policy.value_head: separate`: also a copy of the reward model, its scoring
+    head included), or with `--value-head shared` a head on the policy's last hidden state;
   - TRL scores token ids straight away; alignflow decodes and re-tokenizes (a reward model may have its own
     tokenizer); TRL does not clip gradients, alignflow clips at max_grad_norm 1.0.
 """
@@ -163,7 +164,7 @@ def run_worker(side: str, spec: dict, python: Path, root: Path, threads: int, la
 def job_spec(workload: Workload, prompts: list[str], seed: int, iterations: int, save_policy: str | None = None) -> dict:
     keys = (
         "policy", "reward", "batch_size", "mini_batch_size", "ppo_epochs", "learning_rate", "kl_coef",
-        "max_new_tokens", "max_prompt_tokens", "temperature", "reward_max_length",
+        "max_new_tokens", "max_prompt_tokens", "temperature", "reward_max_length", "value_head",
     )
     return {**{k: getattr(workload, k) for k in keys}, "prompts": prompts, "seed": seed, "iterations": iterations, "save_policy": save_policy}
 
@@ -210,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=None, help="runs per side and workload, alternating (default 2, quick 1)")
     parser.add_argument("--seeds", type=int, default=None, help="learning-comparison seeds (default 3, quick 1)")
     parser.add_argument("--learn-iterations", type=int, default=None, help="PPO iterations per learning run (default 20, quick 6)")
+    parser.add_argument("--value-head", choices=("shared", "separate"), default=None,
+                        help="alignflow's critic (default: the demo config's policy.value_head)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     args = parser.parse_args(argv)
     seeds = args.seeds or (1 if args.quick else 3)
@@ -221,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     python_trl = trl_python()
     ensure_demo_models()
     root, engine = engine_root(args.engine_ref)
-    workloads = throughput_workloads(args.quick)
+    workloads = throughput_workloads(args.quick, args.value_head)
     train_prompts, eval_prompts = split_prompts()
     threads, probe_before = choose_threads(args.threads)
     log(f"threads {threads}; matmul {probe_before[str(threads)]['best'] / 1e9:.1f} GFLOP/s; engine: {engine}")
@@ -238,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
                 spec = job_spec(workload, train_prompts, seed=repeat, iterations=workload.iterations)
                 raw[workload.name][side].append(run_worker(side, spec, pythons[side], root, threads, workload.name))
 
-    learn = replace(demo_workload(iterations=learn_iterations, warmup=1), name="learning")
+    learn = replace(demo_workload(iterations=learn_iterations, warmup=1, value_head=args.value_head), name="learning")
     policies: dict[str, list[str]] = {side: [] for side in SIDES}
     learning_runs: dict[str, list[dict]] = {side: [] for side in SIDES}
     for seed in range(seeds):
@@ -262,7 +265,10 @@ def main(argv: list[str] | None = None) -> int:
         {"threads": threads, "before": probe_before, "after": probe_after}, engine, time.perf_counter() - started,
     )
     args.out.mkdir(parents=True, exist_ok=True)
-    suffix = "-quick" if args.quick else ""
+    # A run with the other critic than the demo's goes to its own files, next to the default run's.
+    suffix = ("-quick" if args.quick else "") + (
+        f"-{learn.value_head}" if learn.value_head != demo_workload(iterations=1, warmup=0).value_head else ""
+    )
     (args.out / f"ppo_vs_trl{suffix}.json").write_text(json.dumps(report, indent=2))
     (args.out / f"README-snippet{suffix}.md").write_text(markdown(report))
     print_tables(report)
@@ -420,8 +426,8 @@ Both engines run the same policy, reference, reward model, prompts and PPO setti
 {report['repeats']} run(s) per engine and workload in alternating order (A B B A), episodes/s the median over the
 iterations after each run's warm-up. "decode steps" is the mean generated width (the batch stops when every row has
 ended). "gpt2 6x512" is a randomly initialised GPT-2 (6 layers, width 512, ~19M parameters) with a reward model of
-the same shape. By design TRL trains a separate value model (a copy of the reward model), alignflow a value head on
-the policy. Phase columns are shares of iteration time; MFU = model FLOPs (2·N per token forward, 6·N training, per pass
+the same shape. Critics: TRL trains a separate value model (a copy of the reward model); alignflow here
+{"a separate critic, also a copy of the reward model (`policy.value_head: separate`)" if settings.get("value_head") == "separate" else "a value head on the policy (`policy.value_head: shared`)"}. Phase columns are shares of iteration time; MFU = model FLOPs (2·N per token forward, 6·N training, per pass
 each engine runs) / time / matmul peak.
 
 {_md_table(THROUGHPUT_HEADER, _throughput_rows(report))}

@@ -32,6 +32,7 @@ class Workload:
     max_new_tokens: int
     max_prompt_tokens: int
     temperature: float = 1.0
+    value_head: str = "shared"  # alignflow's critic ("separate": a critic from the reward model, as TRL's)
     reward_max_length: int = 128
     iterations: int = 5  # per run, warm-up included
     warmup: int = 1
@@ -40,8 +41,8 @@ class Workload:
         return asdict(self)
 
 
-def demo_workload(iterations: int, warmup: int) -> Workload:
-    """The demo kit's models with the demo run's PPO settings."""
+def demo_workload(iterations: int, warmup: int, value_head: str | None = None) -> Workload:
+    """The demo kit's models with the demo run's PPO settings (and its critic, unless `value_head` is given)."""
     cfg = load_config()
     return Workload(
         name="demo",
@@ -55,15 +56,16 @@ def demo_workload(iterations: int, warmup: int) -> Workload:
         max_new_tokens=cfg.generation.max_new_tokens,
         max_prompt_tokens=cfg.generation.max_prompt_tokens,
         temperature=cfg.generation.temperature,
+        value_head=value_head or cfg.policy.value_head,
         iterations=iterations,
         warmup=warmup,
     )
 
 
-def throughput_workloads(quick: bool) -> list[Workload]:
+def throughput_workloads(quick: bool, value_head: str | None = None) -> list[Workload]:
     """The demo models at the demo settings and on a batch-size x response-length cross, then the
     larger random GPT-2 at the demo settings."""
-    demo = demo_workload(iterations=4 if quick else 6, warmup=1)
+    demo = demo_workload(iterations=4 if quick else 6, warmup=1, value_head=value_head)
     grid = [(128, 24)] if quick else [(32, 24), (128, 24), (64, 12), (64, 48)]
     workloads = [demo]
     for batch, length in grid:

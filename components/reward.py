@@ -82,6 +82,9 @@ class RewardScorer:
             raise ValueError(f"reward.text={text!r}; allowed: 'prompt_and_completion', 'completion'")
         self.text = text
         self.model = model.eval().requires_grad_(False)
+        from components.ppo.actor_critic import fuse_gelu
+
+        fuse_gelu(self.model)  # GPT-2's gelu_new as one kernel: the same scores, faster on the CPU
         self.tokenizer = tokenizer
         self.index = resolve_label(model.config, label)
         self.num_labels = int(getattr(model.config, "num_labels", 1))

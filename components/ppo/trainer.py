@@ -213,6 +213,7 @@ class PPOTrainer:
         else:
             self.value_head = None
             self.critic = _as_critic(critic if critic is not None else copy.deepcopy(backbone_of(policy))).to(self.device).eval()
+            fuse_gelu(self.critic)
         positions = getattr(policy.config, "max_position_embeddings", None)
         if positions and self.encoder_decoder:  # the encoder reads the prompt, the decoder writes the response
             if max(generation.max_prompt_tokens, generation.max_new_tokens + 1) > positions:
