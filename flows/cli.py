@@ -322,6 +322,9 @@ def rollback(
 
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Without a Prefect server, flows run on an ephemeral one whose start (database migrations included) can
+    # take longer than Prefect's default 20 s on a busy small machine: give it 2 minutes unless told otherwise.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
