@@ -203,6 +203,7 @@ def test_the_accelerate_launcher_runs_an_epoch_whose_checkpoint_resumes_in_one_p
         return PPOTrainer.from_config(config, load_policy(path), load_tokenizer(path), RewardScorer.from_config(config.reward))
 
     single = trainer()
+    assert single.critic is not None  # the demo config's critic from the reward model: DDP / FSDP over two models
     assert_same_stats(single.train(PROMPTS, iterations=1).last, stats["history"][0])
     resumed = trainer()
     resumed.load_checkpoint(checkpoint)
