@@ -97,3 +97,15 @@ def test_a_launch_stopped_for_another_machine_ends_its_process(tmp_path):
         os.kill(pid, 0)
     with pytest.raises(launcher.LaunchFailed, match=r"exited with 3; its last output:\nboom"):
         launcher.run([sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"], tmp_path)
+
+
+@pytest.mark.parametrize("name", ["multi-gpu.yaml", "fsdp.yaml", "multi-node.yaml"])
+def test_the_example_accelerate_configs_launch_as_their_comments_say(name):
+    machines = 2 if name == "multi-node.yaml" else 1
+    ppo = load_config(overrides=[f"ppo.accelerate_config=infra/accelerate/{name}", "ppo.num_processes=16",
+                                 "ppo.gradient_accumulation_steps=16", f"ppo.num_machines={machines}",
+                                 "ppo.node_deployment=alignflow-ppo-node/gpu"]).ppo
+    meet = launcher.rendezvous(ppo, PROJECT_ROOT)
+    assert meet.num_machines == machines
+    if name == "multi-node.yaml":  # the file's address and port, as ppo.* leaves them unset
+        assert (meet.main_process_ip, meet.main_process_port) == ("10.0.0.1", 29500)
