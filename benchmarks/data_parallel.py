@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from components.config import DEMO_CONFIG, PROJECT_ROOT, load_config
-from flows.tasks import free_port
+from components.ppo.launcher import free_port
 
 
 def run(processes: int, config_path: Path, prompts_path: Path, iterations: int, work: Path, threads: int) -> list[dict]:

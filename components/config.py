@@ -150,16 +150,57 @@ class PPOConfig(Section):
     checkpoint_dir: str = "checkpoints"
     num_processes: int = Field(
         1, gt=0,
-        description="Data-parallel processes for the PPO epochs (launched with `accelerate launch` when > 1); each "
+        description="Data-parallel processes for the PPO epochs, in total over num_machines (launched with "
+        "`accelerate launch` when > 1); each "
         "rolls out its share of batch_size and computes its share of each minibatch's micro-batches, so make "
         "gradient_accumulation_steps a multiple of it.",
     )
     accelerate_config: str | None = Field(
         None,
-        description="An Accelerate config file for the launcher (multi-machine: num_machines, machine_rank, "
-        "main_process_ip; sharded: distributed_type FSDP with fsdp_version 2, see infra/accelerate/fsdp.yaml); "
-        "num_processes still comes from ppo.num_processes.",
+        description="An Accelerate config file for the launcher (multi-GPU, or sharded: distributed_type FSDP with "
+        "fsdp_version 2, see infra/accelerate/); relative to the project root on every machine. What alignflow "
+        "passes to the launcher wins over the file: num_processes, num_machines, machine_rank (each machine's own), "
+        "main_process_ip and main_process_port. A file that says num_machines, main_process_ip or main_process_port "
+        "must agree with ppo.* where those are set (a contradiction is refused at launch); where ppo.* leaves the "
+        "address or port unset, the file's value is used.",
     )
+    num_machines: int = Field(
+        1, gt=0,
+        description="Machines the PPO epochs run on. num_processes is the total over them (num_processes / "
+        "num_machines per machine). Above 1 the epoch task starts one flow run of node_deployment per other machine "
+        "and runs machine 0 itself; checkpoint_dir must then be on storage every machine sees at the same path.",
+    )
+    main_process_ip: str | None = Field(
+        None,
+        description="Address at which the other machines reach the main machine (machine 0, where the flow runs). "
+        "None: the Accelerate config's main_process_ip, else the address the main machine's host name resolves to "
+        "(refused if that is a loopback address while num_machines > 1).",
+    )
+    main_process_port: int | None = Field(
+        None, ge=1, le=65535,
+        description="Port of the main machine's rendezvous (torch.distributed's store). None: the Accelerate "
+        "config's main_process_port, else a port free on the main machine at launch.",
+    )
+    node_deployment: str | None = Field(
+        None,
+        description="The Prefect deployment, FLOW/DEPLOYMENT (e.g. alignflow-ppo-node/gpu in prefect.yaml), that "
+        "runs one machine's share of a multi-machine launch (flows/node.py) on a work pool of the machines with "
+        "the hardware. Required when num_machines > 1.",
+    )
+
+    @field_validator("node_deployment")
+    @classmethod
+    def _flow_slash_deployment(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[^/\s]+/[^/\s]+", value.strip()):
+            raise ValueError("must name a deployment as FLOW/DEPLOYMENT, e.g. alignflow-ppo-node/gpu")
+        return None if value is None else value.strip()
+
+    @field_validator("main_process_ip")
+    @classmethod
+    def _an_address(cls, value: str | None) -> str | None:
+        if value is not None and (not value.strip() or any(c.isspace() or c in "/:" for c in value.strip())):
+            raise ValueError("must be a host name or IPv4 address the other machines can reach, e.g. 10.0.0.1")
+        return None if value is None else value.strip()
 
     @model_validator(mode="after")
     def _batches_divide(self) -> "PPOConfig":
@@ -174,6 +215,16 @@ class PPOConfig(Section):
             raise ValueError(
                 f"ppo.gradient_accumulation_steps ({self.gradient_accumulation_steps}) must be a multiple of "
                 f"ppo.num_processes ({self.num_processes}): each process takes the same number of micro-batches"
+            )
+        if self.num_processes % self.num_machines:
+            raise ValueError(
+                f"ppo.num_processes ({self.num_processes}) is the total over ppo.num_machines ({self.num_machines}) "
+                "and must be a multiple of it: every machine runs the same number of processes"
+            )
+        if self.num_machines > 1 and self.node_deployment is None:
+            raise ValueError(
+                f"ppo.num_machines is {self.num_machines}: set ppo.node_deployment to the Prefect deployment "
+                "(FLOW/DEPLOYMENT, e.g. alignflow-ppo-node/gpu) that starts the other machines' share"
             )
         return self
 

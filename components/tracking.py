@@ -504,6 +504,20 @@ def recent_runs(experiment: str, n: int = 10) -> list[dict[str, Any]]:
     return rows
 
 
+def pin_model_reference(ref: str) -> str:
+    """`models:/NAME@ALIAS` as `models:/NAME/VERSION`, the version the alias points at now; any other reference
+    unchanged. Machines that resolve a reference later (the other machines of a multi-machine PPO launch) then
+    load the same weights as this one even if the alias moves in between."""
+    match = _REGISTRY_REF.match(ref.strip()) if ref.startswith("models:") else None
+    if match is None or match["alias"] is None:
+        return ref
+    try:
+        found = MlflowClient().get_model_version_by_alias(match["name"], match["alias"])
+    except MlflowException as exc:
+        raise ModelReferenceError(f"cannot resolve {ref}: {exc.message}") from None
+    return f"models:/{match['name']}/{found.version}"
+
+
 def resolve_model_reference(ref: str, cache_dir: Path | None = None) -> str:
     """A directory `from_pretrained` loads (model and tokenizer) for `models:/NAME@ALIAS` or
     `models:/NAME/VERSION`; any other reference (hub id, local path) is returned unchanged.

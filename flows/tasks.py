@@ -8,10 +8,10 @@ from __future__ import annotations
 import getpass
 import hashlib
 import json
-import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,15 +23,16 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 from prefect.client.orchestration import get_client
+from prefect.exceptions import ObjectNotFound
 from prefect.concurrency.sync import concurrency
 from prefect.runtime import flow_run, task_run
 
 from components import tracking
-from components.config import PROJECT_ROOT, RunConfig
+from components.config import PROJECT_ROOT, ConfigError, RunConfig
 from components.data import DataVersion, PromptSet, check_data, load_prompts, split_prompts
 from components.evaluation import GateReport, PolicyEval, check_gates, compare, evaluate_policy
 from components.models import load_policy as load_policy_model, load_tokenizer
-from components.ppo import PPOTrainer
+from components.ppo import PPOTrainer, launcher
 from components.ppo.progress import ProgressBar
 from components.reward import RewardScorer
 
@@ -251,7 +252,18 @@ def max_epochs(config: RunConfig) -> int:
 
 
 def pending_metrics_file(config: RunConfig, run_id: str) -> Path:
-    return checkpoint_dir(config, run_id).with_name(f"{run_id}.pending-metrics.json")
+    return _pending_beside(checkpoint_dir(config, run_id))
+
+
+def _pending_beside(directory: Path) -> Path:
+    return directory.with_name(f"{directory.name}.pending-metrics.json")
+
+
+def keep_pending_metrics(directory: Path, history: list[dict[str, float]]) -> None:
+    """Write an epoch's statistics beside its checkpoint (atomically) until they reach MLflow."""
+    pending = _pending_beside(directory)
+    pending.with_suffix(".tmp").write_text(json.dumps(history))
+    pending.with_suffix(".tmp").replace(pending)
 
 
 def flush_pending_metrics(config: RunConfig, run_id: str) -> None:
@@ -291,9 +303,7 @@ def ppo_epoch(trainer: PPOTrainer, epoch: int, prompts: list[str], config: RunCo
             with ProgressBar(config.ppo.max_steps, f"PPO epoch {epoch}", start_episodes=trainer.episodes) as bar:
                 trainer.train(prompts, iterations=missing, callback=record)
             trainer.save_checkpoint(directory)
-        pending = pending_metrics_file(config, run_id)
-        pending.with_suffix(".tmp").write_text(json.dumps(history))
-        pending.with_suffix(".tmp").replace(pending)
+        keep_pending_metrics(directory, history)
         flush_pending_metrics(config, run_id)
         last = history[-1]
         get_run_logger().info("epoch %d: %d episodes, score %.3f, kl %.3f", epoch, trainer.episodes,
@@ -301,10 +311,12 @@ def ppo_epoch(trainer: PPOTrainer, epoch: int, prompts: list[str], config: RunCo
     return trainer.stop_reason
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def resolved_models(config: RunConfig) -> RunConfig:
+    """The configuration with the policy and reward model references as this machine loads them."""
+    return config.model_copy(update={
+        "policy": config.policy.model_copy(update={"model": model_path(config.policy.model)}),
+        "reward": config.reward.model_copy(update={"model": model_path(config.reward.model)}),
+    })
 
 
 def launch_ppo_iterations(
@@ -312,37 +324,152 @@ def launch_ppo_iterations(
 ) -> list[dict[str, float]]:
     """Run the iterations in `ppo.num_processes` data-parallel processes (`accelerate launch`, with
     `ppo.accelerate_config` if set), from and to the checkpoint; reload it here and return the statistics,
-    which only this process logs."""
+    which only this process logs.
+
+    Over `ppo.num_machines` > 1 machines this one is machine 0 (its processes include the main one, which writes
+    the checkpoint and the statistics); each other machine's share is a flow run of `ppo.node_deployment`,
+    submitted before this machine launches (they meet at the rendezvous) and waited for after it. Any machine
+    failing fails the epoch, naming it: a node run that fails stops the launch here rather than leaving it to
+    wait out the rendezvous, and a launch failing here cancels the node runs."""
     if not directory.exists():
         trainer.save_checkpoint(directory)
-    resolved = config.model_copy(update={
-        "policy": config.policy.model_copy(update={"model": model_path(config.policy.model)}),
-        "reward": config.reward.model_copy(update={"model": model_path(config.reward.model)}),
-    })
+    meet = launcher.rendezvous(config.ppo, PROJECT_ROOT)
+    logger = get_run_logger()
     with tempfile.TemporaryDirectory(prefix="alignflow-launch-") as tmp:
         work = Path(tmp)
-        (work / "run.yaml").write_text(resolved.to_yaml())
+        (work / "run.yaml").write_text(resolved_models(config).to_yaml())
         (work / "prompts.json").write_text(json.dumps(prompts))
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(config.ppo.num_processes)]
-        if config.ppo.accelerate_config:
-            command += ["--config_file", config.ppo.accelerate_config]
-        else:
-            # torchrun under Accelerate; without CUDA the processes join a gloo group on the CPU (see launch.py).
-            # (Accelerate's --cpu flag starts a single process whatever --num_processes says.)
-            command += ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                        "--main_process_port", str(free_port())]  # two runs on one machine do not collide
-        command += ["-m", "components.ppo.launch", "--config", str(work / "run.yaml"), "--prompts", str(work / "prompts.json"),
-                    "--checkpoint", str(directory), "--iterations", str(iterations), "--stats", str(work / "stats.json")]
-        get_run_logger().info("launching %d PPO processes: %s", config.ppo.num_processes, " ".join(command))
-        done = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"accelerate launch exited with {done.returncode}; its last output:\n{done.stderr[-3000:]}")
+        command = launcher.accelerate_command(config.ppo, meet, 0, config=work / "run.yaml", prompts=work / "prompts.json",
+                                              checkpoint=directory, iterations=iterations, stats=work / "stats.json")
+        nodes = start_other_machines(config, meet, prompts, directory, trainer.iteration, iterations)
+        logger.info("launching %d PPO processes%s: %s", config.ppo.num_processes,
+                    f" over {meet.num_machines} machines (this one is machine 0)" if nodes else "", " ".join(command))
+        try:
+            launcher.run(command, PROJECT_ROOT, should_stop=lambda: failed_node(nodes) if nodes else None,
+                         poll_seconds=5.0)
+        except BaseException:
+            cancel_nodes(nodes)
+            raise
         stats = json.loads((work / "stats.json").read_text())
         if stats["num_processes"] != config.ppo.num_processes:
+            cancel_nodes(nodes)
             raise RuntimeError(f"accelerate launch ran {stats['num_processes']} process(es); ppo.num_processes is {config.ppo.num_processes}")
         history = stats["history"]
+    if nodes:  # the iterations ran and are checkpointed: should a node run fail now, the retry logs their metrics
+        keep_pending_metrics(directory, history)
+        problems = wait_for_nodes(nodes)
+        if problems:
+            raise RuntimeError(f"{len(problems)} of the {len(nodes)} other machine(s) did not complete: " + "; ".join(problems))
     trainer.load_checkpoint(directory)
     return history
+
+
+# --- the other machines of a multi-machine launch -----------------------------------------------
+
+
+@dataclass
+class NodeRun:
+    """The flow run of `ppo.node_deployment` that runs machine `machine_rank`'s share."""
+
+    machine_rank: int
+    id: Any
+    name: str
+
+    def __str__(self) -> str:
+        return f"machine {self.machine_rank} (flow run {self.name}, {self.id})"
+
+
+def start_other_machines(config: RunConfig, meet: launcher.Rendezvous, prompts: list[str], directory: Path,
+                         checkpoint_iteration: int, iterations: int) -> list[NodeRun]:
+    """Submit one flow run of `ppo.node_deployment` per machine rank 1..num_machines-1 (none on one machine).
+
+    They get the run configuration with registry aliases pinned to versions (each machine resolves its own
+    copy of the models), the prompts, and the checkpoint's absolute path, which must be on shared storage."""
+    if meet.num_machines == 1:
+        return []
+    from prefect.deployments import run_deployment
+
+    pinned = config.model_copy(update={
+        "policy": config.policy.model_copy(update={"model": tracking.pin_model_reference(config.policy.model)}),
+        "reward": config.reward.model_copy(update={"model": tracking.pin_model_reference(config.reward.model)}),
+    })
+    parameters = {"run_config": pinned.to_yaml(), "prompts": list(prompts), "checkpoint": str(directory.resolve()),
+                  "checkpoint_iteration": checkpoint_iteration, "iterations": iterations,
+                  "main_process_ip": meet.main_process_ip, "main_process_port": meet.main_process_port}
+    nodes: list[NodeRun] = []
+    try:
+        for rank in range(1, meet.num_machines):
+            run = run_deployment(config.ppo.node_deployment, parameters={**parameters, "machine_rank": rank}, timeout=0,
+                                 flow_run_name=f"{flow_run.name or 'ppo'}-machine-{rank}", tags=["alignflow-ppo-node"])
+            nodes.append(NodeRun(rank, run.id, run.name))
+            get_run_logger().info("submitted %s of %s", nodes[-1], config.ppo.node_deployment)
+    except ObjectNotFound:
+        cancel_nodes(nodes)
+        raise ConfigError(f"ppo.node_deployment: the Prefect server has no deployment {config.ppo.node_deployment}; "
+                          "deploy flows/node.py:ppo_node (prefect.yaml: alignflow-ppo-node/gpu) on the GPU work pool") from None
+    except BaseException:
+        cancel_nodes(nodes)
+        raise
+    return nodes
+
+
+def _read_states(nodes: list[NodeRun]) -> list[tuple[NodeRun, Any]]:
+    with get_client(sync_client=True) as client:
+        return [(node, client.read_flow_run(node.id).state) for node in nodes]
+
+
+def failed_node(nodes: list[NodeRun]) -> str | None:
+    """A node run that ended without completing, described; None while every one is scheduled, running or done
+    (and when the Prefect server does not answer: that alone is no reason to stop a training that runs)."""
+    try:
+        states = _read_states(nodes)
+    except Exception as exc:  # noqa: BLE001 - asked again at the next poll
+        get_run_logger().warning("could not read the node runs' states: %s", exc)
+        return None
+    for node, state in states:
+        if state is not None and state.is_final() and not state.is_completed():
+            return f"{node} ended {state.name}: {state.message or 'see its logs'}"
+    return None
+
+
+def wait_for_nodes(nodes: list[NodeRun], timeout_seconds: float = 300) -> list[str]:
+    """Wait until every node run has ended (they end with the launch); what went wrong with each that did not complete.
+
+    A node run still unfinished after `timeout_seconds` is cancelled and reported."""
+    deadline = time.monotonic() + timeout_seconds
+    while True:
+        states = _read_states(nodes)
+        if all(state is not None and state.is_final() for _, state in states) or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    problems = []
+    for node, state in states:
+        if state is None or not state.is_final():
+            problems.append(f"{node} had not finished {timeout_seconds:.0f} s after this machine's launch ended "
+                            f"({state.name if state else 'no state'}); cancelled")
+            cancel_nodes([node])
+        elif not state.is_completed():
+            problems.append(f"{node} ended {state.name}: {state.message or 'see its logs'}")
+    return problems
+
+
+def cancel_nodes(nodes: list[NodeRun]) -> None:
+    """Cancel the node runs that have not ended: a running one is asked to stop (its worker ends the process),
+    one not started yet is cancelled outright. Best effort: the launch's own error is the one to report."""
+    from prefect.states import Cancelled, Cancelling
+
+    if not nodes:
+        return
+    try:
+        with get_client(sync_client=True) as client:
+            for node in nodes:
+                state = client.read_flow_run(node.id).state
+                if state is None or not state.is_final():
+                    client.set_flow_run_state(node.id, Cancelling() if state is not None and state.is_running() else Cancelled(),
+                                              force=True)
+                    get_run_logger().warning("cancelled %s", node)
+    except Exception as exc:  # noqa: BLE001 - reported, and the original failure raised by the caller
+        get_run_logger().error("could not cancel every node run (%s): cancel them in Prefect", exc)
 
 
 # --- gates, registry --------------------------------------------------------------------------

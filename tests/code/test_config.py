@@ -89,3 +89,19 @@ def test_flat_params_cover_every_setting():
     assert flat["ppo.learning_rate"] == 1e-4
     assert flat["policy.lora.r"] == 8
     assert "tracking.registered_model" in flat
+
+
+def test_multi_machine_settings_are_checked_and_named():
+    multi = ["ppo.num_processes=4", "ppo.gradient_accumulation_steps=4", "ppo.num_machines=2"]
+    config = load_config(overrides=[*multi, "ppo.node_deployment=alignflow-ppo-node/gpu", "ppo.main_process_ip=10.0.0.1"])
+    assert (config.ppo.num_machines, config.ppo.node_deployment, config.ppo.main_process_port) == (2, "alignflow-ppo-node/gpu", None)
+    with pytest.raises(ConfigError, match=r"ppo\.num_processes \(4\) is the total over ppo\.num_machines \(3\)"):
+        load_config(overrides=[*multi, "ppo.num_machines=3", "ppo.node_deployment=a/b"])
+    with pytest.raises(ConfigError, match=r"ppo\.num_machines is 2: set ppo\.node_deployment"):
+        load_config(overrides=multi)
+    with pytest.raises(ConfigError, match=r"ppo\.node_deployment: must name a deployment as FLOW/DEPLOYMENT"):
+        load_config(overrides=[*multi, "ppo.node_deployment=gpu"])
+    with pytest.raises(ConfigError, match=r"ppo\.main_process_port: .*less than or equal to 65535"):
+        load_config(overrides=["ppo.main_process_port=70000"])
+    with pytest.raises(ConfigError, match=r"ppo\.main_process_ip: must be a host name or IPv4 address"):
+        load_config(overrides=["ppo.main_process_ip=http://10.0.0.1"])

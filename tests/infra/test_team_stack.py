@@ -300,13 +300,108 @@ def test_prefect_yaml_deploys_the_nightly_schedule(stack, as_client):
 
     env = {**os.environ, **as_client, "ALIGNFLOW_HOME": str(PROJECT_ROOT)}
     prefect = str(Path(os.sys.executable).parent / "prefect")
-    subprocess.run([prefect, "work-pool", "create", "alignflow-pool", "--type", "process"], env=env, capture_output=True, timeout=120)
+    for pool in ("alignflow-pool", "alignflow-gpu"):  # a process pool stands in for the GPU pool (infra/k8s/)
+        subprocess.run([prefect, "work-pool", "create", pool, "--type", "process"], env=env, capture_output=True, timeout=120)
     done = subprocess.run([prefect, "--no-prompt", "deploy", "--all", "--prefect-file", "prefect.yaml"],
                           cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     with get_client(sync_client=True) as client:
         deployment = client.read_deployment_by_name("alignflow-pipeline/nightly")
+        node = client.read_deployment_by_name("alignflow-ppo-node/gpu")
     assert deployment.work_pool_name == "alignflow-pool"
     assert deployment.schedules[0].schedule.cron == "0 3 * * *"
     assert deployment.parameters["config_path"] == "configs/demo.yaml"
     assert deployment.pull_steps[0]["prefect.deployments.steps.set_working_directory"]["directory"] == str(PROJECT_ROOT)
+    assert node.work_pool_name == "alignflow-gpu" and node.entrypoint == "flows/node.py:ppo_node"
+
+
+def node_deployment(name: str, **job_variables) -> str:
+    """flows/node.py deployed on the stack's process pool (standing in for the GPU pool), as prefect.yaml deploys it."""
+    from flows.node import NODE_FLOW, ppo_node
+
+    ppo_node.from_source(source=str(PROJECT_ROOT), entrypoint="flows/node.py:ppo_node").deploy(
+        name=name, work_pool_name="alignflow-test-pool", job_variables=job_variables, build=False, push=False,
+        print_next_steps=False)
+    return f"{NODE_FLOW}/{name}"
+
+
+TWO_MACHINE_PROMPTS = [f"{words} {i}" for i in range(2) for words in
+                       ("the film was", "I loved the movie", "the plot is", "it was a", "the acting", "we hated it but")]
+
+
+def two_machine_overrides(tiny_lm_dir, tiny_reward_dir, tmp_path: Path, node: str, experiment: str) -> list[str]:
+    return [f"policy.model={tiny_lm_dir}", f"reward.model={tiny_reward_dir}", f"tracking.experiment={experiment}",
+            f"ppo.checkpoint_dir={tmp_path / 'checkpoints'}", "ppo.batch_size=8", "ppo.mini_batch_size=4",
+            "ppo.gradient_accumulation_steps=2", "ppo.ppo_epochs=1", "ppo.max_steps=16", "ppo.iterations_per_epoch=2",
+            "generation.max_new_tokens=6", "ppo.num_processes=2", "ppo.num_machines=2", "ppo.main_process_ip=127.0.0.1",
+            f"ppo.node_deployment={node}"]
+
+
+def test_a_two_machine_ppo_epoch_runs_machine_1_on_the_worker_and_logs_once(stack, as_client, tiny_lm_dir, tiny_reward_dir, tmp_path):
+    """ppo.num_machines=2 on loopback: the pipeline's PPO-epoch task runs machine 0 (1 process) and submits machine 1
+    (1 process) as a run of the node deployment, which the stack's worker executes; one 2-process run, logged once.
+    (The pipeline's epochs without its evaluation and registry, which have their own tests: this one stays short.)"""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+
+    from components.config import load_config
+    from flows import tasks
+
+    node = node_deployment("loopback")
+    config = load_config(None, two_machine_overrides(tiny_lm_dir, tiny_reward_dir, tmp_path, node, "team-two-machines"))
+
+    @flow
+    def ppo_epochs() -> tuple[str, int]:  # the pipeline's PPO steps, as flows/pipeline.py calls them
+        run_id = tasks.start_tracking(config, None)
+        scorer = tasks.load_reward_model(config)
+        policy, tokenizer = tasks.load_policy(config)
+        trainer = tasks.build_trainer(config, policy, tokenizer, scorer, run_id)
+        for epoch in range(tasks.max_epochs(config)):
+            tasks.ppo_epoch(trainer, epoch, TWO_MACHINE_PROMPTS, config, run_id)
+        tasks.end_tracking(run_id, failed=False)
+        return run_id, trainer.episodes
+
+    run_id, episodes = ppo_epochs()
+    assert episodes == 16
+    client = MlflowClient(as_client["MLFLOW_TRACKING_URI"])
+    for key in ("objective/scores", "loss/policy", "episodes"):
+        assert [m.step for m in client.get_metric_history(run_id, key)] == [8, 16], key
+    assert client.get_run(run_id).data.params["ppo.num_machines"] == "2"
+
+    with get_client(sync_client=True) as prefect:
+        runs = prefect.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=["alignflow-ppo-node"])))
+    mine = [r for r in runs if r.parameters.get("checkpoint", "").startswith(str(tmp_path))]
+    assert len(mine) == 1, [(r.name, r.state_name) for r in runs]
+    [machine_1] = mine
+    assert machine_1.state.is_completed(), f"{machine_1.name}: {machine_1.state}\n{(stack.state / 'logs' / 'worker.log').read_text()[-3000:]}"
+    assert machine_1.parameters["machine_rank"] == 1 and machine_1.parameters["main_process_ip"] == "127.0.0.1"
+    assert machine_1.work_pool_name == "alignflow-test-pool" and machine_1.infrastructure_pid  # run by the worker's process
+    leftovers = subprocess.run(["pgrep", "-f", f"checkpoint {tmp_path}"], capture_output=True, text=True).stdout.split()
+    assert not leftovers, f"launch processes still alive: {leftovers}"
+
+
+def test_a_machine_that_cannot_start_stops_the_epoch_naming_it(stack, as_client, tiny_lm_dir, tiny_reward_dir, tmp_path):
+    """Machine 1's flow run crashes (its working directory does not exist on that machine): machine 0 stops waiting
+    at the rendezvous, and the epoch fails naming machine 1 and its flow run."""
+    from components.config import load_config
+    from components.models import load_policy, load_tokenizer
+    from components.reward import RewardScorer
+    from flows.tasks import launch_ppo_iterations
+    from prefect import flow
+
+    node = node_deployment("broken", working_dir=str(tmp_path / "not-mounted-here"))
+    config = load_config(None, two_machine_overrides(tiny_lm_dir, tiny_reward_dir, tmp_path, node, "unused"))
+
+    @flow
+    def one_launch() -> None:
+        trainer = PPOTrainer.from_config(config, load_policy(str(tiny_lm_dir)), load_tokenizer(str(tiny_lm_dir)),
+                                         RewardScorer.from_config(config.reward))
+        launch_ppo_iterations(trainer, ["the film was", "the plot is"] * 4, config, tmp_path / "checkpoint", 1)
+
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"stopped the launch on this machine: machine 1 \(flow run .*\) ended (Crashed|Failed)"):
+        one_launch()
+    assert time.monotonic() - start < 120  # not the rendezvous' 600 s timeout
+    leftovers = subprocess.run(["pgrep", "-f", f"checkpoint {tmp_path}"], capture_output=True, text=True).stdout.split()
+    assert not leftovers, f"launch processes still alive: {leftovers}"

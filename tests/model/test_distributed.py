@@ -225,3 +225,49 @@ def test_a_launch_in_mixed_precision_is_refused_with_the_reason(tiny_lm_dir, tin
     assert done.returncode != 0
     assert "mixed_precision is 'bf16'" in done.stderr, done.stderr[-2000:]
     assert not (tmp_path / "checkpoint").exists() and not (tmp_path / "stats.json").exists()
+
+
+def test_two_machines_on_loopback_form_one_run_whose_step_equals_one_process(tiny_lm_dir, tiny_reward_dir, tmp_path):
+    """Machine 0 and machine 1 (each 1 process, `--num_machines 2`, the commands the flow and flows/node.py run)
+    meet at 127.0.0.1 and take one 2-process step; the main process (on machine 0) writes checkpoint and stats."""
+    from components.ppo import launcher
+
+    config = load_config(None, [f"policy.model={tiny_lm_dir}", f"reward.model={tiny_reward_dir}", "ppo.batch_size=8",
+                                "ppo.mini_batch_size=4", "ppo.gradient_accumulation_steps=2", "ppo.ppo_epochs=1",
+                                "generation.max_new_tokens=6", "ppo.num_processes=2", "ppo.num_machines=2",
+                                "ppo.main_process_ip=127.0.0.1", "ppo.node_deployment=alignflow-ppo-node/test"])
+    meet = launcher.rendezvous(config.ppo, PROJECT_ROOT)
+    assert meet.main_process_ip == "127.0.0.1" and meet.num_machines == 2
+    checkpoint = tmp_path / "checkpoint"
+    machines = []
+    for rank in (1, 0):  # the other machine first, as the flow submits it before launching its own
+        work = tmp_path / f"machine-{rank}"
+        work.mkdir()
+        (work / "run.yaml").write_text(config.to_yaml())
+        (work / "prompts.json").write_text(json.dumps(PROMPTS))
+        command = launcher.accelerate_command(config.ppo, meet, rank, config=work / "run.yaml", prompts=work / "prompts.json",
+                                              checkpoint=checkpoint, iterations=1, stats=work / "stats.json")
+        with open(work / "output.txt", "w") as output:
+            machines.append(subprocess.Popen(command, cwd=PROJECT_ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                             stdout=output, stderr=subprocess.STDOUT))
+    try:
+        codes = [machine.wait(timeout=300) for machine in machines]
+    finally:
+        for machine in machines:
+            machine.kill() if machine.poll() is None else None
+    outputs = [(tmp_path / f"machine-{rank}" / "output.txt").read_text()[-2000:] for rank in (1, 0)]
+    assert codes == [0, 0], "\n".join(outputs)
+    assert not (tmp_path / "machine-1" / "stats.json").exists()  # machine 1 holds no main process
+    stats = json.loads((tmp_path / "machine-0" / "stats.json").read_text())
+    assert stats["num_processes"] == 2 and [s["episodes"] for s in stats["history"]] == [8.0]
+
+    def trainer():
+        path = str(tiny_lm_dir)
+        return PPOTrainer.from_config(config, load_policy(path), load_tokenizer(path), RewardScorer.from_config(config.reward))
+
+    single = trainer()
+    assert_same_stats(single.train(PROMPTS, iterations=1).last, stats["history"][0])
+    resumed = trainer()
+    resumed.load_checkpoint(checkpoint)
+    assert (resumed.iteration, resumed.episodes) == (1, 8)
+    assert_same_stats(resumed.train(PROMPTS, iterations=1).last, single.train(PROMPTS, iterations=1).last)
