@@ -2,6 +2,7 @@
 a classifier reward model with its own tokenizer judging the summary by its `nothate` logit."""
 
 import mlflow
+import pytest
 from families import save_tiny_policy, save_tiny_reward
 from mlflow import MlflowClient
 
@@ -13,6 +14,7 @@ def test_flan_t5_shaped_lora_run_registers_an_adapter_that_generates(demo_data, 
     reward = save_tiny_reward(tmp_path / "roberta-hate", "roberta", num_labels=2)
     result = pipeline(overrides=small_run(
         policy, reward,
+        "policy.value_head=shared",  # the demo config's separate critic is for causal LMs (see the next test)
         "policy.lora.enabled=true", "policy.lora.r=4", "policy.lora.alpha=4", "policy.lora.dropout=0.05",
         "policy.lora.target_modules=[q, v]", "policy.lora.save_mode=adapter",
         "reward.label=nothate", "reward.score=logit", "reward.text=completion",
@@ -29,3 +31,10 @@ def test_flan_t5_shaped_lora_run_registers_an_adapter_that_generates(demo_data, 
     mlflow.set_registry_uri(tracking_uri)
     generated = mlflow.pyfunc.load_model(f"models:/alignflow-policy/{result.model_version}").predict(["the film was"])
     assert len(generated) == 1 and isinstance(generated[0], str)
+
+
+def test_an_encoder_decoder_policy_with_the_separate_critic_is_refused_naming_the_field(demo_data, small_run, tmp_path):
+    policy = save_tiny_policy(tmp_path / "flan-t5", "t5")
+    reward = save_tiny_reward(tmp_path / "roberta-hate", "roberta", num_labels=2)
+    with pytest.raises(ValueError, match="policy.value_head=separate is for causal LMs"):
+        pipeline(overrides=small_run(policy, reward, "policy.value_head=separate", "reward.label=nothate"))

@@ -117,6 +117,7 @@ def small_overrides(demo_kit, tmp_path: Path, experiment: str) -> list[str]:
         f"tracking.experiment={experiment}", f"ppo.checkpoint_dir={tmp_path / 'checkpoints'}",
         "ppo.batch_size=32", "ppo.mini_batch_size=16", "ppo.max_steps=320", "ppo.iterations_per_epoch=5",
         "ppo.learning_rate=2e-4", "data.eval_size=64", "evaluation.bootstrap_samples=200",
+        "policy.value_head=shared",  # these tests are about the servers: the cheaper critic
     ]
 
 
