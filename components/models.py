@@ -86,3 +86,16 @@ def load_reward_model(name_or_path: str, revision: str | None = None) -> PreTrai
         model.config.pad_token_id = eos[0] if isinstance(eos, (list, tuple)) else eos
     model.requires_grad_(False)
     return model.eval()
+
+
+def fuse_gelu(model: torch.nn.Module) -> int:
+    """Swap transformers' `gelu_new` modules (GPT-2's tanh-approximate GELU, written as six tensor ops) for
+    the same function as one PyTorch kernel (`gelu_pytorch_tanh`); equal to float rounding, several times
+    faster on the CPU. Returns how many were swapped. The model's config, and so what it saves, is unchanged."""
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    swaps = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
+             if type(child) is NewGELUActivation]
+    for parent, name in swaps:
+        setattr(parent, name, GELUTanh())
+    return len(swaps)

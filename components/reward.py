@@ -15,6 +15,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from components.config import RewardConfig
+from components.models import fuse_gelu
 
 
 class RewardLabelError(ValueError):
@@ -82,8 +83,6 @@ class RewardScorer:
             raise ValueError(f"reward.text={text!r}; allowed: 'prompt_and_completion', 'completion'")
         self.text = text
         self.model = model.eval().requires_grad_(False)
-        from components.ppo.actor_critic import fuse_gelu
-
         fuse_gelu(self.model)  # GPT-2's gelu_new as one kernel: the same scores, faster on the CPU
         self.tokenizer = tokenizer
         self.index = resolve_label(model.config, label)

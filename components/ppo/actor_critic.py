@@ -148,19 +148,6 @@ def position_ids_from(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def fuse_gelu(model: nn.Module) -> int:
-    """Swap transformers' `gelu_new` modules (GPT-2's tanh-approximate GELU, written as six tensor ops) for
-    the same function as one PyTorch kernel (`gelu_pytorch_tanh`); equal to float rounding, several times
-    faster on the CPU. Returns how many were swapped. The model's config, and so what it saves, is unchanged."""
-    from transformers.activations import GELUTanh, NewGELUActivation
-
-    swaps = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
-             if type(child) is NewGELUActivation]
-    for parent, name in swaps:
-        setattr(parent, name, GELUTanh())
-    return len(swaps)
-
-
 def frozen_copy(model: nn.Module) -> nn.Module:
     """A deep copy in eval mode with gradients off: the reference policy of a full fine-tune."""
     reference = copy.deepcopy(model).eval()

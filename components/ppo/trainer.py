@@ -59,9 +59,10 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from components.config import GenerationConfig, PPOConfig, RewardConfig, RunConfig
+from components.models import fuse_gelu
 from components.ppo import distributed
 from components.ppo.actor_critic import (
-    Critic, ValueHead, backbone_of, classifier_head, fuse_gelu, hidden_size, is_encoder_decoder, reference_of, unwrap,
+    Critic, ValueHead, backbone_of, classifier_head, hidden_size, is_encoder_decoder, reference_of, unwrap,
 )
 from components.ppo.checkpoint import resolve_checkpoint, write_atomically
 from components.ppo.core import (

@@ -14,7 +14,8 @@ from components import tracking
 from components.config import GenerationConfig, RunConfig, TrackingConfig
 from components.models import load_policy, load_tokenizer
 from components.ppo import PPOTrainer, PromptError
-from components.ppo.actor_critic import AdapterDisabled, fuse_gelu
+from components.models import fuse_gelu
+from components.ppo.actor_critic import AdapterDisabled
 from components.ppo.rollout import response_logprobs, tokenize_prompts
 from components.reward import RewardScorer
 
