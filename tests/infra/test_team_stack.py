@@ -18,17 +18,12 @@ from mlflow import MlflowClient
 from components import tracking
 from components.config import PROJECT_ROOT, TrackingConfig
 from components.ppo import PPOTrainer
+from components.ppo.launcher import free_port
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
 STACK = PROJECT_ROOT / "infra" / "local-stack"
 MODEL = "alignflow-policy"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def postgres_is_up() -> bool:

@@ -4,7 +4,6 @@
 import gc
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ from ppo_helpers import one_thread, word_share  # noqa: F401
 from components.config import PROJECT_ROOT, GenerationConfig, PPOConfig, RewardConfig, load_config
 from components.models import load_causal_lm, load_tokenizer, load_policy
 from components.ppo import PPOTrainer, distributed
+from components.ppo.launcher import free_port
 from components.reward import RewardScorer
 
 PROMPTS = ["the film was", "I loved the movie", "the plot is", "it was a", "the acting", "we hated it but", "the music", "this movie"]
@@ -105,12 +105,6 @@ def _fsdp_worker(rank: int, world: int, port: int, lm_dir: str, out: str) -> Non
         gc.collect()
     finally:
         dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def assert_same_stats(got, expected):
