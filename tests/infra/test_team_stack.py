@@ -116,6 +116,16 @@ def small_overrides(demo_kit, tmp_path: Path, experiment: str) -> list[str]:
     ]
 
 
+def tiny_overrides(tiny_lm_dir, tiny_reward_dir, tmp_path: Path, experiment: str) -> list[str]:
+    """A pipeline run of seconds on the tiny models, with a registered model of its own (not the champion's)."""
+    return [
+        f"policy.model={tiny_lm_dir}", f"reward.model={tiny_reward_dir}", f"tracking.experiment={experiment}",
+        f"tracking.registered_model={experiment}-policy", f"ppo.checkpoint_dir={tmp_path / 'checkpoints'}",
+        "ppo.batch_size=16", "ppo.mini_batch_size=8", "ppo.ppo_epochs=2", "ppo.max_steps=160", "ppo.iterations_per_epoch=5",
+        "data.eval_size=32", "generation.max_new_tokens=12", "evaluation.bootstrap_samples=200",
+    ]
+
+
 def test_mlflow_rejects_requests_without_credentials(stack, as_client):
     url = f"{as_client['MLFLOW_TRACKING_URI']}/api/2.0/mlflow/experiments/search"
     assert httpx.get(url, params={"max_results": 1}, timeout=60).status_code == 401
@@ -124,6 +134,8 @@ def test_mlflow_rejects_requests_without_credentials(stack, as_client):
     right = httpx.get(url, params={"max_results": 1},
                       auth=(as_client["MLFLOW_TRACKING_USERNAME"], as_client["MLFLOW_TRACKING_PASSWORD"]), timeout=60)
     assert right.status_code == 200
+    # The server remembers a good credential for a minute (auth_cache_ttl_seconds), never a wrong one.
+    assert httpx.get(url, params={"max_results": 1}, auth=("admin", "not-the-password"), timeout=60).status_code == 401
 
 
 def test_scheduled_deployment_runs_on_the_worker_and_registers_a_champion(stack, as_client, demo_kit, tmp_path):
@@ -140,8 +152,7 @@ def test_scheduled_deployment_runs_on_the_worker_and_registers_a_champion(stack,
     assert done.returncode == 0, done.stdout + done.stderr
     deployment_id = done.stdout.split("(")[1].split(")")[0]
 
-    from prefect.exceptions import ObjectNotFound
-    from prefect.states import Cancelled
+    from prefect.states import Cancelled, Cancelling
 
     deadline = time.monotonic() + 600
     paused = False
@@ -159,16 +170,18 @@ def test_scheduled_deployment_runs_on_the_worker_and_registers_a_champion(stack,
             time.sleep(3)
         flow_run = finished[0]
         deployment = prefect.read_deployment(deployment_id)
-        prefect.delete_deployment(deployment_id)  # no more runs every minute for the rest of the tests
-        for other in runs:  # deleting the deployment deleted its scheduled runs; cancel one already started
-            if other.id == flow_run.id:
-                continue
-            try:  # read again: `runs` predates the deletion (setting the state of a deleted run is a 500, not a 404)
-                state = prefect.read_flow_run(other.id).state
-                if not (state and state.is_final()):
-                    prefect.set_flow_run_state(other.id, Cancelled(), force=True)
-            except ObjectNotFound:
-                pass
+        # A second run that was due while the first ran waits for the concurrency slot; pausing does not delete it.
+        # Stop it before deleting the deployment (which holds the slot it would release): one still waiting is
+        # cancelled, one the worker already started is cancelled by the worker, which stops its process.
+        others = lambda: [r for r in prefect.read_flow_runs(  # noqa: E731
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])))
+            if r.id != flow_run.id and not (r.state and r.state.is_final())]
+        for other in others():
+            prefect.set_flow_run_state(other.id, Cancelled() if other.state.is_scheduled() else Cancelling(), force=True)
+        stop_by = time.monotonic() + 120
+        while others() and time.monotonic() < stop_by:
+            time.sleep(2)
+        prefect.delete_deployment(deployment_id)  # no more runs every 10 s for the rest of the tests
         assert flow_run.state.is_completed(), f"{flow_run.name}: {flow_run.state}\n{(stack.state / 'logs' / 'worker.log').read_text()[-3000:]}"
         assert flow_run.auto_scheduled
         assert deployment.schedules and deployment.schedules[0].schedule.interval.total_seconds() == 10
@@ -184,11 +197,11 @@ def test_scheduled_deployment_runs_on_the_worker_and_registers_a_champion(stack,
     assert "objective/scores" in run.data.metrics
 
 
-def test_a_manual_remote_run_is_executed_by_the_worker_and_waited_for(stack, as_client, demo_kit, tmp_path):
+def test_a_manual_remote_run_is_executed_by_the_worker_and_waited_for(stack, as_client, demo_kit, tiny_lm_dir, tiny_reward_dir, tmp_path):
     """`alignflow run --remote NAME --wait`: the flow runs on the worker, not here, and the command reports its end."""
     alignflow = shutil.which("alignflow") or str(Path(os.sys.executable).parent / "alignflow")
     env = {**os.environ, **as_client}
-    sets = [arg for override in small_overrides(demo_kit, tmp_path, "team-manual") for arg in ("--set", override)]
+    sets = [arg for override in tiny_overrides(tiny_lm_dir, tiny_reward_dir, tmp_path, "team-manual") for arg in ("--set", override)]
     deployed = subprocess.run([alignflow, "deploy", "--name", "manual", "--pool", "alignflow-test-pool", *sets],
                               env=env, capture_output=True, text=True, timeout=300)
     assert deployed.returncode == 0 and "no schedule" in deployed.stdout, deployed.stdout + deployed.stderr
@@ -201,7 +214,7 @@ def test_a_manual_remote_run_is_executed_by_the_worker_and_waited_for(stack, as_
     [run] = client.search_runs([client.get_experiment_by_name("team-manual").experiment_id],
                                filter_string=f"tags.`alignflow.prefect_flow_run_id` = '{flow_run_id}'")
     assert run.info.status == "FINISHED" and run.data.tags["alignflow.model_version"]
-    assert run.data.params["ppo.max_steps"] == "320"  # the overrides travelled as the flow run's parameters
+    assert run.data.params["ppo.max_steps"] == "160"  # the overrides travelled as the flow run's parameters
 
 
 def test_concurrent_promotions_leave_exactly_one_champion_the_better_one(stack, as_client, tiny_lm_dir):
@@ -247,11 +260,11 @@ def test_concurrent_promotions_leave_exactly_one_champion_the_better_one(stack, 
         assert list(aliases) == ["champion"]
 
 
-def test_mlflow_down_mid_run_fails_clearly_and_a_rerun_resumes(stack, as_client, demo_kit, tmp_path, monkeypatch):
+def test_mlflow_down_mid_run_fails_clearly_and_a_rerun_resumes(stack, as_client, demo_kit, tiny_lm_dir, tiny_reward_dir, tmp_path, monkeypatch):
     from flows.pipeline import pipeline
     from flows.tasks import ServerUnreachable
 
-    overrides = small_overrides(demo_kit, tmp_path, "team-outage")
+    overrides = tiny_overrides(tiny_lm_dir, tiny_reward_dir, tmp_path, "team-outage")
     real_step = PPOTrainer.step
 
     def step_then_outage(self, prompts):
@@ -273,9 +286,9 @@ def test_mlflow_down_mid_run_fails_clearly_and_a_rerun_resumes(stack, as_client,
     client = MlflowClient(as_client["MLFLOW_TRACKING_URI"])
     assert client.get_run(run_id).data.tags.get("alignflow.model_version") is None  # nothing registered
     result = pipeline(overrides=overrides, resume_run_id=run_id)
-    assert result.run_id == run_id and result.episodes == 320
+    assert result.run_id == run_id and result.episodes == 160
     steps = [m.step for m in client.get_metric_history(run_id, "objective/scores")]
-    assert steps == list(range(32, 321, 32))  # every step once: none lost in the outage, none twice
+    assert steps == list(range(16, 161, 16))  # every step once: none lost in the outage, none twice
     assert client.get_run(run_id).info.status == "FINISHED"
     assert client.get_run(run_id).data.tags["alignflow.model_version"] == result.model_version
 
