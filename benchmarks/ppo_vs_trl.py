@@ -32,6 +32,7 @@ import datetime as dt
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -214,7 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--value-head", choices=("shared", "separate"), default=None,
                         help="alignflow's critic (default: the demo config's policy.value_head)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.command = " ".join([parser.prog, *map(shlex.quote, argv)])  # what the README says produced its table
     seeds = args.seeds or (1 if args.quick else 3)
     repeats = args.repeats or (1 if args.quick else 2)
     learn_iterations = args.learn_iterations or (6 if args.quick else 20)
@@ -327,7 +330,7 @@ def build_report(args, workloads, raw, learn, learning_runs, policies, evaluatio
         },
     ]
     return {
-        "command": "python -m benchmarks.ppo_vs_trl" + (" --quick" if args.quick else ""),
+        "command": args.command,
         "date": dt.datetime.now().isoformat(timespec="seconds"),
         "machine": machine(),
         "engine": engine,
