@@ -261,6 +261,7 @@ def test_concurrent_promotions_leave_exactly_one_champion_the_better_one(stack, 
 
 
 def test_mlflow_down_mid_run_fails_clearly_and_a_rerun_resumes(stack, as_client, demo_kit, tiny_lm_dir, tiny_reward_dir, tmp_path, monkeypatch):
+    from flows import tasks
     from flows.pipeline import pipeline
     from flows.tasks import ServerUnreachable
 
@@ -274,6 +275,8 @@ def test_mlflow_down_mid_run_fails_clearly_and_a_rerun_resumes(stack, as_client,
 
     outage: list[str] = []
     monkeypatch.setattr(PPOTrainer, "step", step_then_outage)
+    # The epoch's retries as in production (2), without their 2 s and 10 s waits.
+    monkeypatch.setattr(tasks, "ppo_epoch", tasks.ppo_epoch.with_options(retry_delay_seconds=0))
     with pytest.raises(ServerUnreachable) as failure:
         pipeline(overrides=overrides)
     message = str(failure.value)
