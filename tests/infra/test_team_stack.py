@@ -177,7 +177,7 @@ def test_scheduled_deployment_runs_on_the_worker_and_registers_a_champion(stack,
             deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])))
             if r.id != flow_run.id and not (r.state and r.state.is_final())]
         for other in others():
-            prefect.set_flow_run_state(other.id, Cancelled() if other.state.is_scheduled() else Cancelling(), force=True)
+            prefect.set_flow_run_state(other.id, Cancelled() if other.state is None or other.state.is_scheduled() else Cancelling(), force=True)
         stop_by = time.monotonic() + 120
         while others() and time.monotonic() < stop_by:
             time.sleep(2)
