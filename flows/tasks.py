@@ -12,7 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -311,12 +311,17 @@ def ppo_epoch(trainer: PPOTrainer, epoch: int, prompts: list[str], config: RunCo
     return trainer.stop_reason
 
 
+def _with_model_references(config: RunConfig, rewrite: Callable[[str], str]) -> RunConfig:
+    """The configuration with the policy's and the reward model's references passed through `rewrite`."""
+    return config.model_copy(update={
+        "policy": config.policy.model_copy(update={"model": rewrite(config.policy.model)}),
+        "reward": config.reward.model_copy(update={"model": rewrite(config.reward.model)}),
+    })
+
+
 def resolved_models(config: RunConfig) -> RunConfig:
     """The configuration with the policy and reward model references as this machine loads them."""
-    return config.model_copy(update={
-        "policy": config.policy.model_copy(update={"model": model_path(config.policy.model)}),
-        "reward": config.reward.model_copy(update={"model": model_path(config.reward.model)}),
-    })
+    return _with_model_references(config, model_path)
 
 
 def launch_ppo_iterations(
@@ -389,10 +394,7 @@ def start_other_machines(config: RunConfig, meet: launcher.Rendezvous, prompts: 
         return []
     from prefect.deployments import run_deployment
 
-    pinned = config.model_copy(update={
-        "policy": config.policy.model_copy(update={"model": tracking.pin_model_reference(config.policy.model)}),
-        "reward": config.reward.model_copy(update={"model": tracking.pin_model_reference(config.reward.model)}),
-    })
+    pinned = _with_model_references(config, tracking.pin_model_reference)
     parameters = {"run_config": pinned.to_yaml(), "prompts": list(prompts), "checkpoint": str(directory.resolve()),
                   "checkpoint_iteration": checkpoint_iteration, "iterations": iterations,
                   "main_process_ip": meet.main_process_ip, "main_process_port": meet.main_process_port}
