@@ -1,6 +1,7 @@
 """The benchmark harness's measuring helpers (benchmarks/, run by `make bench`, not by the tests):
 model-FLOP counting, the phase clock, the matmul probe and the per-run summary. No TRL needed."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -105,3 +106,23 @@ def test_resident_memory_is_reported_in_megabytes():
     # /proc's current RSS and getrusage's peak are sampled differently; they agree to within a little.
     current, peak = rss_mb(), peak_rss_mb()
     assert 1 < current < 1e6 and peak > 0.9 * current
+
+
+def test_speedup_ceiling_is_trls_time_over_alignflows_flops_at_the_matmul_peak():
+    row = {"trl": {"iteration_seconds_median": 20.0}, "alignflow": {"gflop_per_iteration": 2000.0}}
+    # 2000 GFLOP at 200 GFLOP/s take 10 s at best: at most 2x TRL's 20 s
+    assert ppo_vs_trl.speedup_ceiling(row, peak_flops=200e9) == pytest.approx(2.0)
+
+
+def test_render_rebuilds_the_tables_and_snippet_of_a_results_file(tmp_path):
+    results = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "ppo_vs_trl.json"
+    copy = tmp_path / "ppo_vs_trl.json"
+    copy.write_text(results.read_text())
+    assert ppo_vs_trl.main(["--render", str(copy)]) == 0
+    snippet = (tmp_path / "README-snippet.md").read_text()
+    report = json.loads(copy.read_text())
+    larger = report["throughput"][-1]
+    expected = ppo_vs_trl.speedup_ceiling(larger, report["matmul"]["peak_flops"])
+    assert larger["speedup_ceiling"] == pytest.approx(expected)
+    assert f"(ceiling {expected:.2f}x)" in snippet and "| ceiling |" in snippet
+    assert snippet.startswith("## Performance") and report["command"] in snippet
