@@ -139,6 +139,13 @@ class PPOConfig(Section):
     ent_coef: float = Field(0.0, ge=0)
     max_grad_norm: float | None = Field(1.0, gt=0)
     whiten_advantages: bool = True
+    pack_sequences: bool = Field(
+        True,
+        description="Run the reference, critic and update forwards of a causal LM on the episodes' tokens packed into "
+        "rows without padding (same results, fewer FLOPs). Only for model families whose attention keeps packed "
+        "sequences apart, which the engine checks at start (GPT-2, Llama, Qwen2, Mistral, GPT-NeoX do; OPT and BLOOM "
+        "do not, and are run padded).",
+    )
     kl_coef: float = Field(0.05, ge=0)
     adaptive_kl: bool = False
     target_kl: float = Field(6.0, gt=0)

@@ -32,6 +32,7 @@ from components.ppo.actor_critic import (
     unwrap,
 )
 from components.ppo.core import logprobs_of, response_mask
+from components.ppo.packing import pack_episodes, packed_hidden
 
 
 class PromptError(ValueError):
@@ -247,9 +248,13 @@ def response_hidden(
     responses: torch.Tensor,
     mask: torch.Tensor,
     backbone: torch.nn.Module | None = None,
+    pack: bool = False,
 ) -> torch.Tensor:
-    """Hidden states (B, T, H) of the positions that predict each response token (one forward)."""
+    """Hidden states (B, T, H) of the positions that predict each response token (one forward). `pack`: the
+    episodes' real tokens packed into rows without padding (`packing`; only for a backbone `packs_sequences`)."""
     backbone = backbone if backbone is not None else backbone_of(model)
+    if pack:
+        return packed_hidden(backbone, pack_episodes(queries, query_mask, responses, mask))
     input_ids = torch.cat([queries, responses], dim=1)
     attention_mask = torch.cat([query_mask, mask.to(query_mask.dtype)], dim=1)
     hidden = run_backbone(backbone, input_ids, attention_mask, position_ids_from(attention_mask))
@@ -262,6 +267,7 @@ def response_forward(
     query_mask: torch.Tensor,
     responses: torch.Tensor,
     mask: torch.Tensor,
+    pack: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, hidden), each (B, T, .), of the positions that predict each response token, in one forward.
     Causal LM: the backbone over prompt + response, the LM head on the response positions only.
@@ -271,7 +277,7 @@ def response_forward(
         decoder_input_ids = torch.cat([start, responses[:, :-1]], dim=1)
         logits, hidden, _ = seq2seq_forward(model, query_mask, decoder_input_ids, input_ids=queries)
         return logits, hidden
-    hidden = response_hidden(model, queries, query_mask, responses, mask)
+    hidden = response_hidden(model, queries, query_mask, responses, mask, pack=pack)
     return lm_logits(model, hidden), hidden
 
 
@@ -282,11 +288,12 @@ def response_logprobs(
     responses: torch.Tensor,
     mask: torch.Tensor,
     temperature: float = 1.0,
+    pack: bool = False,
 ) -> torch.Tensor:
     """log pi(a_t | s_t) of the given responses at `temperature` (0 on padding). Call under no_grad/inference_mode.
     An `AdapterDisabled` reference is run with the adapter off."""
     with running(model) as model:
-        logits = response_forward(model, queries, query_mask, responses, mask)[0].float() / temperature
+        logits = response_forward(model, queries, query_mask, responses, mask, pack=pack)[0].float() / temperature
     return logprobs_of(logits, responses) * mask
 
 

@@ -78,6 +78,7 @@ from components.ppo.core import (
     value_loss,
 )
 from components.ppo.kl_controller import kl_controller
+from components.ppo.packing import packs_sequences
 from components.ppo.rollout import (
     decode,
     eos_token_ids,
@@ -140,15 +141,22 @@ class PolicyValue(torch.nn.Module):
     logits over the response positions and the values there, from the shared value head on the policy's
     hidden states or from the separate critic."""
 
-    def __init__(self, policy: torch.nn.Module, value_head: ValueHead | None, critic: Critic | None):
+    def __init__(self, policy: torch.nn.Module, value_head: ValueHead | None, critic: Critic | None,
+                 pack_policy: bool = False, pack_critic: bool = False):
         super().__init__()
         self.policy, self.value_head, self.critic = policy, value_head, critic
+        self.pack_policy, self.pack_critic = pack_policy, pack_critic  # forwards on packed episodes (packing.py)
 
     def forward(self, queries, query_mask, responses, mask) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, hidden = response_forward(self.policy, queries, query_mask, responses, mask)
+        logits, hidden = response_forward(self.policy, queries, query_mask, responses, mask, pack=self.pack_policy)
         if self.value_head is not None:
             return logits, self.value_head(hidden)
-        return logits, self.critic.value_head(response_hidden(None, queries, query_mask, responses, mask, backbone=self.critic.backbone))
+        return logits, self.critic_values(queries, query_mask, responses, mask)
+
+    def critic_values(self, queries, query_mask, responses, mask) -> torch.Tensor:
+        """V(s_t) of the separate critic at the positions that predict each response token."""
+        hidden = response_hidden(None, queries, query_mask, responses, mask, backbone=self.critic.backbone, pack=self.pack_critic)
+        return self.critic.value_head(hidden)
 
     def rollout(self, run: Callable[[], T]) -> T:
         """`run()`: the experience making's forwards, which call the policy's parts (and the critic, and a LoRA
@@ -230,7 +238,14 @@ class PPOTrainer:
         self.eos_ids = eos_token_ids(tokenizer, policy).to(self.device)
         self.pad_token_id = pad_id(tokenizer)
 
-        self.policy_value = PolicyValue(self.policy, self.value_head, self.critic)
+        # Packing (ppo.pack_sequences) where the model's attention keeps packed episodes apart; checked now,
+        # before any data-parallel wrapping. The reference is the policy's family.
+        pack = ppo.pack_sequences and not self.encoder_decoder
+        self.policy_value = PolicyValue(
+            self.policy, self.value_head, self.critic,
+            pack_policy=pack and packs_sequences(backbone_of(self.policy)),
+            pack_critic=pack and self.critic is not None and packs_sequences(self.critic.backbone),
+        )
         self.learner: torch.nn.Module = self.policy_value  # or its data-parallel wrapper (FSDP shards it in place)
         self.accelerator = None
         if distributed.world_size() > 1:
@@ -377,9 +392,9 @@ class PPOTrainer:
             self.sample_generator, self.value_head, rows,
         )
         args = (rollout.queries, rollout.query_mask, rollout.responses, rollout.mask)
-        ref_logprobs = response_logprobs(self.reference, *args, self.generation.temperature)
+        ref_logprobs = response_logprobs(self.reference, *args, self.generation.temperature, pack=self.policy_value.pack_policy)
         if self.critic is not None:
-            values = self.critic.value_head(response_hidden(None, *args, backbone=self.critic.backbone)) * rollout.mask
+            values = self.policy_value.critic_values(*args) * rollout.mask
         else:
             values = rollout.values
         return rollout, ref_logprobs, values

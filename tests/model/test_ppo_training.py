@@ -289,3 +289,20 @@ def test_prompt_plus_response_must_fit_the_policy_positions(tiny_lm_dir):
             load_causal_lm(tiny_lm_dir), load_tokenizer(tiny_lm_dir), word_share("good"), PPOConfig(batch_size=16, mini_batch_size=8),
             GenerationConfig(max_prompt_tokens=100, max_new_tokens=50),
         )
+
+
+@pytest.mark.parametrize("value_head", ["shared", "separate"])
+def test_packed_and_padded_training_take_the_same_steps(tiny_lm_dir, value_head):
+    # ragged prompts and responses: packing changes the layout of every forward, not the numbers
+    runs = []
+    for pack in (True, False):
+        trainer = make_trainer(tiny_lm_dir, value_head=value_head, pack_sequences=pack, batch_size=32, mini_batch_size=8)
+        assert trainer.policy_value.pack_policy is pack and trainer.policy_value.pack_critic is (pack and value_head == "separate")
+        history = [trainer.step(PROMPTS * 4) for _ in range(2)]
+        runs.append((trainer, history))
+    (packed, packed_stats), (padded, padded_stats) = runs
+    for a, b in zip(packed_stats, padded_stats):
+        for name in ("objective/scores", "objective/kl", "loss/policy", "loss/value", "policy/approxkl", "val/mean"):
+            assert a[name] == pytest.approx(b[name], rel=1e-3, abs=1e-5), name
+    for a, b in zip(packed._trainable_parameters(), padded._trainable_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
