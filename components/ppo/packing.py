@@ -2,10 +2,11 @@
 
 A batch of episodes laid out as rows [left padding, prompt, response, right padding] spends its FLOPs on
 the padding as on tokens: on the demo task 47% of a rollout batch's positions are padding, 36% of a trimmed
-minibatch's (prompts of 5-16 tokens, responses of 1-24). Packed, each episode's real tokens are placed one after another in a few rows, each
-episode's position ids restarting at 0; transformers reads position ids that restart inside a row as
-separate sequences (its block-diagonal causal mask, `find_packed_sequence_indices`), so no token attends
-across episodes, and the hidden states equal the padded forward's to float rounding.
+minibatch's (prompts of 5-16 tokens, responses of 1-24). Packed, each episode's real tokens are placed one
+after another in a few rows, each episode's position ids restarting at 0; transformers reads position ids
+that restart inside a row as separate sequences (its block-diagonal causal mask,
+`find_packed_sequence_indices`), so no token attends across episodes, and the hidden states equal the padded
+forward's to float rounding.
 
 Rows are filled first-fit by decreasing length, each as wide as the longest episode, so packing never
 widens a row and the attention cost (quadratic in the row width) does not grow. The rest of the engine keeps
