@@ -236,8 +236,10 @@ def checkpoint_dir(config: RunConfig, run_id: str) -> Path:
 
 @task(cache_policy=NONE)
 def build_trainer(config: RunConfig, policy, tokenizer, scorer: RewardScorer, run_id: str) -> PPOTrainer:
-    """The engine around the starting policy; resumes from this run's checkpoint when one exists."""
+    """The engine around the starting policy; resumes from this run's checkpoint when one exists. The run is
+    tagged with the models whose forwards run on packed episodes (ppo.pack_sequences, where the family allows)."""
     trainer = PPOTrainer.from_config(config, policy, tokenizer, scorer)
+    mlflow.set_tag("alignflow.packed_sequences", ", ".join(trainer.packed_models) or "none")
     directory = checkpoint_dir(config, run_id)
     if directory.exists():
         trainer.load_checkpoint(directory)

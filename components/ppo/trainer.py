@@ -315,6 +315,13 @@ class PPOTrainer:
         trainer.load_checkpoint(directory)
         return trainer
 
+    @property
+    def packed_models(self) -> list[str]:
+        """The models whose forwards run on packed episodes: `ppo.pack_sequences` is on and the family keeps
+        packed episodes apart (the reference is the policy's family)."""
+        flags = (("policy", self.policy_value.pack_policy), ("critic", self.policy_value.pack_critic))
+        return [name for name, packed in flags if packed]
+
     def _trainable_parameters(self) -> list[torch.nn.Parameter]:
         modules = [self.policy, self.value_head if self.value_head is not None else self.critic]
         seen, params = set(), []

@@ -106,6 +106,7 @@ def test_demo_pipeline_end_to_end_registers_promotes_and_serves(demo_kit, tmp_pa
     assert run.data.tags["alignflow.model_version"] == result.model_version
     md5 = data_version(PROJECT_ROOT / "data.dvc").md5
     assert run.data.tags["alignflow.data_md5"] == md5
+    assert run.data.tags["alignflow.packed_sequences"] == "policy, critic"  # GPT-2 policy, reference and critic
     [dataset] = run.inputs.dataset_inputs
     assert dataset.dataset.digest == md5 and dataset.dataset.name == "prompts"
     artifacts = {item.path for item in client.list_artifacts(result.run_id)}

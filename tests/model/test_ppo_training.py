@@ -297,7 +297,7 @@ def test_packed_and_padded_training_take_the_same_steps(tiny_lm_dir, value_head)
     runs = []
     for pack in (True, False):
         trainer = make_trainer(tiny_lm_dir, value_head=value_head, pack_sequences=pack, batch_size=32, mini_batch_size=8)
-        assert trainer.policy_value.pack_policy is pack and trainer.policy_value.pack_critic is (pack and value_head == "separate")
+        assert trainer.packed_models == ([] if not pack else ["policy", "critic"] if value_head == "separate" else ["policy"])
         history = [trainer.step(PROMPTS * 4) for _ in range(2)]
         runs.append((trainer, history))
     (packed, packed_stats), (padded, padded_stats) = runs
