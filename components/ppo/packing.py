@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from components.ppo.actor_critic import run_backbone
+from components.ppo.actor_critic import position_ids_from, run_backbone
 
 _SUPPORT: dict[tuple, bool] = {}
 
@@ -58,12 +58,13 @@ def pack_episodes(queries: torch.Tensor, query_mask: torch.Tensor, responses: to
 
     device = tokens.device
     start = torch.tensor(row_of, device=device) * width + torch.tensor(offset_of, device=device)  # (B,)
-    position = real.long().cumsum(1) - 1  # each real token's position within its episode
+    position = position_ids_from(real)  # each real token's position within its episode, as the padded forward's
     destination = (start[:, None] + position)[real]
+    real_tokens = tokens[real]
     # The filler after a row's last episode is a real token of the batch, not the pad id: models warn
     # when they see pad ids without an attention mask.
-    input_ids = tokens[real][:1].repeat(len(fill) * width)
-    input_ids[destination] = tokens[real]
+    input_ids = real_tokens[:1].repeat(len(fill) * width)
+    input_ids[destination] = real_tokens
     # The filler keeps its column as position: it comes after every real token of its row, so causal
     # attention never reads it.
     position_ids = torch.arange(width, device=device).repeat(len(fill))
@@ -101,8 +102,8 @@ def _keeps_sequences_apart(backbone: nn.Module) -> bool:
     second = torch.tensor([[5, 6, 7]], device=device) % vocab
 
     def alone(ids: torch.Tensor) -> torch.Tensor:
-        positions = torch.arange(ids.shape[1], device=device)[None]
-        return run_backbone(backbone, ids, torch.ones_like(ids), positions)
+        mask = torch.ones_like(ids)
+        return run_backbone(backbone, ids, mask, position_ids_from(mask))
 
     try:
         packed = run_backbone(
