@@ -96,6 +96,12 @@ class RewardConfig(Section):
     text: Literal["prompt_and_completion", "completion"] = Field(
         "prompt_and_completion", description="What the reward model reads: prompt + completion, or the completion alone (a summary)."
     )
+    append_eos: bool = Field(
+        True,
+        description="The reward model reads its tokenizer's EOS after a completion the policy ended with EOS, so it "
+        "sees the text is finished (as TRL's and OpenRLHF's PPO do); not added where the tokenizer already ends every "
+        "text with it (T5, BERT).",
+    )
     max_length: int = Field(256, gt=0, description="Reward-model inputs are truncated to this many tokens.")
     batch_size: int = Field(64, gt=0)
     normalize: bool = Field(False, description="Normalise scores with a running mean/std.")

@@ -387,16 +387,19 @@ def load_gold_scorer(spec: str | None):
 
 
 def evaluate_policy(policy, tokenizer, prompts: Sequence[str], scorer, generation, evaluation, use_chat_template: bool = False):
-    """Sample each prompt once with `evaluation.seed`, score prompt + completion with the reward model
-    (and the gold judge, if configured). The same seed makes baseline and candidate comparable.
+    """Sample each prompt once with `evaluation.seed`, score prompt + completion with the reward model as training
+    does (it reads its EOS after a completion that ended with one, `reward.append_eos`), and with the gold judge,
+    if configured. The same seed makes baseline and candidate comparable.
     With `use_chat_template` the policy sees each prompt as a chat turn; the judges see it as written.
 
     Returns (PolicyEval, the samples, the per-prompt scores).
     """
     from components.ppo.rollout import generate
+    from components.reward import takes_ended_with_eos
 
     samples = generate(policy, tokenizer, prompts, generation, seed=evaluation.seed, use_chat_template=use_chat_template)
-    scores = [float(s) for s in scorer(list(prompts), samples.completions).tolist()]
+    eos = {"ended_with_eos": samples.ended_with_eos} if takes_ended_with_eos(scorer) else {}
+    scores = [float(s) for s in scorer(list(prompts), samples.completions, **eos).tolist()]
     judge = load_gold_scorer(evaluation.gold_scorer)
     gold = None if judge is None else [float(judge(p + c)) for p, c in zip(prompts, samples.completions)]
     summary = summarize(scores, samples.lengths, samples.completions, gold,

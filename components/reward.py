@@ -5,11 +5,19 @@ policy's: the trainer decodes completions and the scorer re-tokenizes `prompt + 
 The score is the single output, or the logit (or softmax probability, `reward.score`) of the
 label chosen by name or index (`reward.label`). For a single-output model, `probability` is its sigmoid.
 With `reward.text: completion` the model reads the completion alone (a summary judged on its own).
+
+A completion the policy ended with its EOS is read with the reward tokenizer's EOS after it
+(`reward.append_eos`, pass `ended_with_eos`): the model sees that the text is finished, as TRL's and OpenRLHF's
+PPO feed their reward model the EOS the policy sampled. Besides telling a finished text from one cut off at
+`max_new_tokens`, this gives the stop decision credit of its own: with a critic started from the reward model,
+V(s) before the EOS is the reward model's score of the text so far, so a score of the same text without the
+EOS leaves stopping an advantage of ~0 (on the demo task: gold share 0.77 -> 0.81, responses 6.4 -> 7.4 tokens).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import inspect
+from typing import Callable, Sequence
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -57,6 +65,16 @@ def input_limit(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> i
     return min(limits) if limits else 1_000_000
 
 
+def takes_ended_with_eos(reward_fn: Callable) -> bool:
+    """Whether a reward function wants to know which completions ended with the policy's EOS: it has an
+    `ended_with_eos` parameter (RewardScorer does) or takes **kwargs. Others get (prompts, completions)."""
+    try:
+        parameters = inspect.signature(reward_fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "ended_with_eos" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+
 class RewardScorer:
     """Scores `prompt + completion` texts with a sequence-classification reward model.
 
@@ -76,6 +94,7 @@ class RewardScorer:
         max_length: int = 256,
         batch_size: int = 64,
         text: str = "prompt_and_completion",
+        append_eos: bool = True,
     ):
         if score not in ("logit", "probability"):
             raise ValueError(f"reward.score={score!r}; allowed: 'logit', 'probability'")
@@ -97,6 +116,7 @@ class RewardScorer:
         if getattr(model.config, "pad_token_id", None) != tokenizer.pad_token_id:
             model.config.pad_token_id = tokenizer.pad_token_id
         tokenizer.truncation_side = "left"
+        self.eos_suffix = _eos_suffix(tokenizer) if append_eos else ""
 
     @classmethod
     def from_config(
@@ -108,13 +128,21 @@ class RewardScorer:
         model = model if model is not None else load_reward_model(reward.model, reward.revision)
         if tokenizer is None:
             tokenizer = load_tokenizer(reward.model, reward.revision, padding_side="right")
-        return cls(model, tokenizer, reward.label, reward.score, reward.max_length, reward.batch_size, reward.text)
+        return cls(model, tokenizer, reward.label, reward.score, reward.max_length, reward.batch_size, reward.text, reward.append_eos)
 
     @torch.inference_mode()
-    def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:
+    def __call__(
+        self, prompts: Sequence[str], completions: Sequence[str], ended_with_eos: Sequence[bool] | None = None
+    ) -> torch.Tensor:
+        """Scores (B,). `ended_with_eos[i]`: completion i ended with the policy's EOS, so (with append_eos) the
+        model reads its own EOS after it; None reads every completion as plain text."""
         if len(prompts) != len(completions):
             raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
         texts = list(completions) if self.text == "completion" else [p + c for p, c in zip(prompts, completions)]
+        if ended_with_eos is not None:
+            if len(ended_with_eos) != len(texts):
+                raise ValueError(f"{len(texts)} completions but {len(ended_with_eos)} ended_with_eos flags")
+            texts = [text + self.eos_suffix if ended else text for text, ended in zip(texts, ended_with_eos)]
         device = self.model.device
         scores = []
         for start in range(0, len(texts), self.batch_size):
@@ -136,3 +164,19 @@ class RewardScorer:
             else:
                 scores.append(torch.softmax(logits, dim=-1)[:, self.index])
         return torch.cat(scores).cpu() if scores else torch.zeros(0)
+
+
+def _eos_suffix(tokenizer: PreTrainedTokenizerBase) -> str:
+    """The text that makes the reward tokenizer end a sequence with its EOS token: the token itself, or "" where
+    there is none, or where the tokenizer already ends every text with it (T5's </s>, BERT's [SEP])."""
+    eos, eos_id = tokenizer.eos_token, tokenizer.eos_token_id
+    if eos is None or eos_id is None:
+        return ""
+    if tokenizer("x")["input_ids"][-1:] == [eos_id]:
+        return ""
+    if tokenizer("x" + eos)["input_ids"][-1:] != [eos_id]:
+        raise ValueError(
+            f"reward.append_eos: the reward tokenizer does not read its EOS token {eos!r} in text; "
+            f"set reward.append_eos: false"
+        )
+    return eos

@@ -4,7 +4,7 @@ One iteration (`PPOTrainer.step`) on a batch of prompts:
   1. experience making: sample responses with our KV-cache loop (old log-probs and old values come
      from the same forward), one reference forward for the reference log-probs (for a LoRA policy the
      reference is the policy with its adapter switched off);
-  2. score prompt + completion with the reward function;
+  2. score prompt + completion with the reward function (told which completions ended with EOS);
   3. rewards r_t = -kl_coef (log pi - log pi_ref) on every real token, + score on the last real token;
   4. GAE advantages and returns, advantages whitened over the batch;
   5. `ppo_epochs` passes over shuffled minibatches: clipped surrogate + clipped value loss (+ entropy bonus);
@@ -60,6 +60,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from components.config import GenerationConfig, PPOConfig, RewardConfig, RunConfig
 from components.models import fuse_gelu
+from components.reward import takes_ended_with_eos
 from components.ppo import distributed
 from components.ppo.actor_critic import (
     Critic, ValueHead, backbone_of, classifier_head, hidden_size, is_encoder_decoder, reference_of, unwrap,
@@ -92,7 +93,9 @@ from components.ppo.rollout import (
     tokenize_prompts,
 )
 
-RewardFn = Callable[[list[str], list[str]], torch.Tensor]
+# (prompts, completions) -> scores (B,); one with an `ended_with_eos` parameter (RewardScorer) also gets which
+# completions ended with the policy's EOS (components.reward.takes_ended_with_eos).
+RewardFn = Callable[..., torch.Tensor]
 T = TypeVar("T")
 Callback = Callable[[dict[str, float]], None]
 
@@ -210,6 +213,7 @@ class PPOTrainer:
         self.ppo, self.generation = ppo, generation
         self.reward = reward if reward is not None else RewardConfig()
         self.tokenizer, self.reward_fn, self.seed = tokenizer, reward_fn, seed
+        self.reward_takes_eos = takes_ended_with_eos(reward_fn)
         self.use_chat_template = use_chat_template
         self.device = policy.device
         fuse_gelu(policy)  # before the reference is copied from it
@@ -351,9 +355,10 @@ class PPOTrainer:
         rollout_time = time.perf_counter() - start
 
         start = time.perf_counter()
-        # The reward model judges the prompt as written (as the evaluation does) + the decoded completion.
+        # The reward model judges the prompt as written (as the evaluation does) + the decoded completion, and
+        # its own EOS after a completion the policy ended (reward.append_eos).
         completions = decode(self.tokenizer, rollout)[1]
-        scores = self._score(list(prompts), completions, iteration)
+        scores = self._score(list(prompts), completions, rollout.ended_with_eos.tolist(), iteration)
         scoring_time = time.perf_counter() - start
 
         mask = rollout.mask.clone()
@@ -406,8 +411,11 @@ class PPOTrainer:
             values = rollout.values
         return rollout, ref_logprobs, values
 
-    def _score(self, prompts: list[str], completions: list[str], iteration: int) -> torch.Tensor:
-        raw = self.reward_fn(prompts, completions)
+    def _score(self, prompts: list[str], completions: list[str], ended_with_eos: list[bool], iteration: int) -> torch.Tensor:
+        if self.reward_takes_eos:
+            raw = self.reward_fn(prompts, completions, ended_with_eos=ended_with_eos)
+        else:
+            raw = self.reward_fn(prompts, completions)
         try:
             scores = torch.as_tensor(raw, dtype=torch.float32).detach().clone().cpu()
         except (TypeError, ValueError) as exc:

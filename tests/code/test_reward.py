@@ -97,3 +97,46 @@ def test_mismatched_inputs_are_an_error(tiny_reward_dir):
     scorer = RewardScorer(load_reward_model(tiny_reward_dir), load_tokenizer(tiny_reward_dir))
     with pytest.raises(ValueError, match="2 prompts but 1 completions"):
         scorer(["a", "b"], ["c"])
+
+
+def test_a_completion_the_policy_ended_with_eos_is_read_with_the_reward_tokenizers_eos(tiny_reward_dir):
+    model, tokenizer = load_reward_model(tiny_reward_dir), load_tokenizer(tiny_reward_dir, padding_side="right")
+    scores = RewardScorer(model, tokenizer)(PROMPTS, COMPLETIONS, ended_with_eos=[True, False, True])
+    with_eos = [text + "<eos>" if ended else text for text, ended in zip(texts(), [True, False, True])]
+    assert tokenizer(with_eos[0])["input_ids"][-2:] == [tokenizer.convert_tokens_to_ids("."), tokenizer.eos_token_id]
+    torch.testing.assert_close(scores, unpadded_logits(model, tokenizer, with_eos)[:, 0], atol=1e-5, rtol=0)
+    assert not torch.allclose(scores[0], unpadded_logits(model, tokenizer, texts()[:1])[0, 0], atol=1e-3)
+
+
+def test_the_eos_stays_when_a_long_input_is_truncated(tiny_reward_dir):
+    model, tokenizer = load_reward_model(tiny_reward_dir), load_tokenizer(tiny_reward_dir, padding_side="right")
+    truncated = RewardScorer(model, tokenizer, max_length=4)(["the film was very " * 20], [" good and"], ended_with_eos=[True])
+    tail = unpadded_logits(model, tokenizer, ["very good and <eos>"])[:, 0]
+    torch.testing.assert_close(truncated, tail, atol=1e-5, rtol=0)
+
+
+def test_without_append_eos_or_flags_every_completion_is_plain_text(tiny_reward_dir):
+    model, tokenizer = load_reward_model(tiny_reward_dir), load_tokenizer(tiny_reward_dir, padding_side="right")
+    plain = unpadded_logits(model, tokenizer, texts())[:, 0]
+    off = RewardScorer(model, tokenizer, append_eos=False)(PROMPTS, COMPLETIONS, ended_with_eos=[True, True, True])
+    no_flags = RewardScorer(model, tokenizer)(PROMPTS, COMPLETIONS)
+    torch.testing.assert_close(off, plain, atol=1e-5, rtol=0)
+    torch.testing.assert_close(no_flags, plain, atol=1e-5, rtol=0)
+    assert RewardScorer.from_config(RewardConfig(model=str(tiny_reward_dir), append_eos=False)).eos_suffix == ""
+
+
+def test_no_second_eos_where_the_tokenizer_ends_every_text_with_one(tiny_reward_dir):
+    from tokenizers.processors import TemplateProcessing
+
+    model, tokenizer = load_reward_model(tiny_reward_dir), load_tokenizer(tiny_reward_dir, padding_side="right")
+    eos = tokenizer.eos_token_id
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(single="$A <eos>", special_tokens=[("<eos>", eos)])
+    scorer = RewardScorer(model, tokenizer)
+    assert scorer.eos_suffix == ""
+    torch.testing.assert_close(scorer(PROMPTS, COMPLETIONS, ended_with_eos=[True] * 3), scorer(PROMPTS, COMPLETIONS))
+
+
+def test_ended_with_eos_flags_must_match_the_completions(tiny_reward_dir):
+    scorer = RewardScorer(load_reward_model(tiny_reward_dir), load_tokenizer(tiny_reward_dir))
+    with pytest.raises(ValueError, match="3 completions but 2 ended_with_eos flags"):
+        scorer(PROMPTS, COMPLETIONS, ended_with_eos=[True, False])

@@ -140,6 +140,21 @@ def test_nan_score_stops_the_run_naming_the_iteration_before_any_update(tiny_lm_
     assert trainer.iteration == 1 and trainer.episodes == 16
 
 
+def test_a_reward_function_with_ended_with_eos_learns_which_completions_the_policy_ended(tiny_lm_dir):
+    seen = {}
+
+    def reward_fn(prompts, completions, ended_with_eos):
+        seen["ended"] = list(ended_with_eos)
+        return torch.tensor([1.0 if ended else 0.0 for ended in ended_with_eos])
+
+    trainer = make_trainer(tiny_lm_dir, reward_fn=reward_fn)
+    exp, _ = trainer.make_experience(PROMPTS * 2)
+    assert seen["ended"] == exp.ended_with_eos.tolist() and 0 < sum(seen["ended"]) < 16
+    assert exp.scores.tolist() == [float(ended) for ended in seen["ended"]]
+    assert all(bool(mask[int(mask.sum()) - 1] and response[int(mask.sum()) - 1] == trainer.tokenizer.eos_token_id) == ended
+               for mask, response, ended in zip(exp.mask, exp.responses, seen["ended"]))
+
+
 @pytest.mark.parametrize(
     "reward_fn, message",
     [
