@@ -33,8 +33,9 @@ def main(spec_path: str, result_path: str, engine_root: str) -> None:
 
 
 def evaluate(spec: dict) -> dict:
-    """Each policy in spec["evaluate"] on the held-out prompts, with the same code and seed for all: one
-    sampled completion per prompt, its reward-model score and the gold judge's verdict (as tests/model does)."""
+    """Each policy in spec["evaluate"] on the held-out prompts, with the same code and seeds for all:
+    spec["samples"] sampled completions per prompt (seeds spec["seed"], +1, ...), their reward-model scores and the
+    gold judge's verdicts (as tests/model does). The reward model reads the text as written, as it was trained."""
     import torch
 
     import components
@@ -54,15 +55,21 @@ def evaluate(spec: dict) -> dict:
     out = {"engine": os.path.dirname(os.path.abspath(components.__file__)), "policies": {}}
     for path in spec["evaluate"]:
         policy, tokenizer = load_causal_lm(path), load_tokenizer(path)
-        samples = generate(policy, tokenizer, prompts, generation, seed=spec["seed"])
-        scores = scorer(prompts, samples.completions)
-        gold = [is_gold_positive(p + c) for p, c in zip(prompts, samples.completions)]
+        scores, gold, lengths, ended, examples = [], [], [], [], []
+        for seed in range(spec["seed"], spec["seed"] + spec.get("samples", 1)):
+            samples = generate(policy, tokenizer, prompts, generation, seed=seed)
+            scores += scorer(prompts, samples.completions).tolist()
+            gold += [is_gold_positive(p + c) for p, c in zip(prompts, samples.completions)]
+            lengths += samples.lengths
+            ended += samples.ended_with_eos
+            examples = examples or [p + c for p, c in zip(prompts[:3], samples.completions[:3])]
         out["policies"][path] = {
-            "score": scores.mean().item(),
+            "score": sum(scores) / len(scores),
             "gold_positive_share": sum(gold) / len(gold),
-            "length_mean": sum(samples.lengths) / len(samples.lengths),
-            "eos_fraction": sum(samples.ended_with_eos) / len(samples.ended_with_eos),
-            "examples": [p + c for p, c in zip(prompts[:3], samples.completions[:3])],
+            "length_mean": sum(lengths) / len(lengths),
+            "eos_fraction": sum(ended) / len(ended),
+            "samples": len(scores),
+            "examples": examples,
         }
     return out
 
@@ -97,6 +104,7 @@ def train(spec: dict) -> dict:
         ppo_epochs=spec["ppo_epochs"],
         kl_coef=spec["kl_coef"],
         max_steps=batch * spec["iterations"],
+        max_grad_norm=spec.get("max_grad_norm"),
     )
     generation = GenerationConfig(
         max_new_tokens=spec["max_new_tokens"], temperature=spec["temperature"], top_k=0, top_p=1.0,

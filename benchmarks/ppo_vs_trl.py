@@ -23,7 +23,8 @@ Identical work, and where the engines differ by design (kept, and stated in the 
     runs the demo config's critic (`policy.value_head: separate`: also a copy of the reward model, its scoring
     head included), or with `--value-head shared` a head on the policy's last hidden state;
   - TRL scores token ids straight away; alignflow decodes and re-tokenizes (a reward model may have its own
-    tokenizer); TRL does not clip gradients, alignflow clips at max_grad_norm 1.0.
+    tokenizer), the reward model's EOS appended where the policy ended with one (TRL's ids carry the sampled EOS);
+  - gradient clipping as the demo config says (`ppo.max_grad_norm: null`: none, as TRL's PPOTrainer).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ RESULTS = HERE / "results"
 TRL_VENV = HERE / ".venv-trl"
 TRL_REQUIREMENTS = ("torch==2.13.0", "trl==1.12.0")
 SIDES = ("alignflow", "trl")
+EVAL_SAMPLES = 4  # sampled completions per held-out prompt for each trained policy (seeds 1234, 1235, ...)
 WORKER_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
     "TRL_EXPERIMENTAL_SILENCE": "1",
@@ -166,7 +168,7 @@ def run_worker(side: str, spec: dict, python: Path, root: Path, threads: int, la
 def job_spec(workload: Workload, prompts: list[str], seed: int, iterations: int, save_policy: str | None = None) -> dict:
     keys = (
         "policy", "reward", "batch_size", "mini_batch_size", "ppo_epochs", "learning_rate", "kl_coef",
-        "max_new_tokens", "max_prompt_tokens", "temperature", "reward_max_length", "value_head",
+        "max_new_tokens", "max_prompt_tokens", "temperature", "reward_max_length", "value_head", "max_grad_norm",
     )
     return {**{k: getattr(workload, k) for k in keys}, "prompts": prompts, "seed": seed, "iterations": iterations, "save_policy": save_policy}
 
@@ -263,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     log("evaluating the trained policies on the held-out prompts")
     evaluation = run_worker("alignflow", {
         "evaluate": [learn.policy] + policies["alignflow"] + policies["trl"],
-        "reward": learn.reward, "prompts": eval_prompts, "seed": 1234, "max_new_tokens": learn.max_new_tokens,
+        "reward": learn.reward, "prompts": eval_prompts, "seed": 1234, "samples": EVAL_SAMPLES, "max_new_tokens": learn.max_new_tokens,
         "max_prompt_tokens": learn.max_prompt_tokens, "temperature": learn.temperature, "reward_max_length": 64,
     }, pythons["alignflow"], root, threads, "evaluation")["policies"]
 
@@ -296,7 +298,8 @@ def build_report(args, workloads, raw, learn, learning_runs, policies, evaluatio
             "memory_ratio": sides["alignflow"]["peak_rss_mb"] / sides["trl"]["peak_rss_mb"],
         })
         throughput[-1]["speedup_ceiling"] = speedup_ceiling(throughput[-1], peak_flops)
-    learning = {"baseline": evaluation[learn.policy], "settings": learn.settings(), "episodes": learn.batch_size * learn.iterations}
+    learning = {"baseline": evaluation[learn.policy], "settings": learn.settings(), "episodes": learn.batch_size * learn.iterations,
+                "eval_samples": EVAL_SAMPLES}
     for side in SIDES:
         rows = [evaluation[path] for path in policies[side]]
         learning[side] = {
@@ -451,6 +454,11 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def _samples_text(report: dict) -> str:
+    samples = report["learning"].get("eval_samples", 1)
+    return "one sampled\ncompletion" if samples == 1 else f"{samples} sampled\ncompletions"
+
+
 def markdown(report: dict) -> str:
     m, matmul, learning = report["machine"], report["matmul"], report["learning"]
     settings = learning["settings"]
@@ -472,8 +480,8 @@ same work, no engine passes it on this machine.
 
 {_md_table(THROUGHPUT_HEADER, _throughput_rows(report))}
 
-Learning on the demo task: {settings['iterations']} iterations x {settings['batch_size']} episodes, then one sampled
-completion for each of {128} held-out prompts, scored by the reward model and the gold judge (mean ± sd over seeds).
+Learning on the demo task: {settings['iterations']} iterations x {settings['batch_size']} episodes, then {_samples_text(report)} for each of {128} held-out prompts, scored by the reward model (reading the text as written, as
+it was trained) and the gold judge (mean ± sd over seeds).
 
 {_md_table(LEARNING_HEADER, _learning_rows(report))}
 

@@ -33,6 +33,7 @@ class Workload:
     max_prompt_tokens: int
     temperature: float = 1.0
     value_head: str = "shared"  # alignflow's critic ("separate": a critic from the reward model, as TRL's)
+    max_grad_norm: float | None = None  # alignflow's gradient clipping (TRL's PPOTrainer clips none)
     reward_max_length: int = 128
     iterations: int = 5  # per run, warm-up included
     warmup: int = 1
@@ -57,6 +58,7 @@ def demo_workload(iterations: int, warmup: int, value_head: str | None = None) -
         max_prompt_tokens=cfg.generation.max_prompt_tokens,
         temperature=cfg.generation.temperature,
         value_head=value_head or cfg.policy.value_head,
+        max_grad_norm=cfg.ppo.max_grad_norm,
         iterations=iterations,
         warmup=warmup,
     )

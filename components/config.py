@@ -143,7 +143,11 @@ class PPOConfig(Section):
     clip_range_value: float = Field(0.2, gt=0)
     vf_coef: float = Field(0.1, ge=0)
     ent_coef: float = Field(0.0, ge=0)
-    max_grad_norm: float | None = Field(1.0, gt=0)
+    max_grad_norm: float | None = Field(
+        1.0, gt=0,
+        description="Clip each optimizer step's global gradient norm to this; null: no clipping (as TRL's PPOTrainer). "
+        "A non-finite norm stops the run either way.",
+    )
     whiten_advantages: bool = True
     pack_sequences: bool = Field(
         True,
