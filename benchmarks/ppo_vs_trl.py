@@ -454,6 +454,13 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def _clipping_text(settings: dict) -> str:
+    if "max_grad_norm" not in settings:  # a run from before the harness recorded it: alignflow clipped at 1.0
+        return "alignflow's gradient norm clipped at 1.0"
+    norm = settings["max_grad_norm"]
+    return "no gradient clipping" if norm is None else f"alignflow's gradient norm clipped at {norm}"
+
+
 def _samples_text(report: dict) -> str:
     samples = report["learning"].get("eval_samples", 1)
     return "one sampled\ncompletion" if samples == 1 else f"{samples} sampled\ncompletions"
@@ -468,7 +475,7 @@ def markdown(report: dict) -> str:
 {matmul['threads']} torch thread(s) per process (the best of the harness's fp32 matmul probe, {matmul['peak_flops'] / 1e9:.1f} GFLOP/s,
 the denominator of MFU); {report['date'][:10]}; alignflow engine: {report['engine']}; peer: {report['peer']}.
 Both engines run the same policy, reference, reward model, prompts and PPO settings (demo: batch 64, minibatch 16,
-4 PPO epochs, lr 1e-4, KL coefficient 0.2, up to 24 response tokens, temperature 1), each in a fresh process,
+4 PPO epochs, lr 1e-4, KL coefficient 0.2, {_clipping_text(settings)}, up to 24 response tokens, temperature 1), each in a fresh process,
 {report['repeats']} run(s) per engine and workload in alternating order (A B B A), episodes/s the median over the
 iterations after each run's warm-up. "decode steps" is the mean generated width (the batch stops when every row has
 ended). "gpt2 6x512" is a randomly initialised GPT-2 (6 layers, width 512, ~19M parameters) with a reward model of

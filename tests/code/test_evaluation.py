@@ -247,3 +247,28 @@ def test_report_renders_as_markdown_metrics_tags_and_rich_table():
     assert report.as_tags() == {"alignflow.gates_passed": "false", "alignflow.gates_failed": "kl"}
     assert report.as_tags(prefix="") == {"gates_passed": "false", "gates_failed": "kl"}
     assert report.to_rich_table().row_count == len(report.gates) == 7
+
+
+# --- a policy on the held-out prompts ---------------------------------------------------------
+
+
+def test_the_reward_model_hears_which_evaluation_completions_ended_with_eos_as_in_training(tiny_lm_dir):
+    import torch
+
+    from components.config import EvaluationConfig, GenerationConfig
+    from components.evaluation import evaluate_policy
+    from components.models import load_causal_lm, load_tokenizer
+
+    seen = {}
+
+    def scorer(prompts, completions, ended_with_eos):
+        seen["ended"] = list(ended_with_eos)
+        return torch.tensor([2.0 if ended else 0.0 for ended in ended_with_eos])
+
+    prompts = ["the film was", "I loved the movie", "the plot is", "it was a"] * 4
+    summary, samples, scores = evaluate_policy(
+        load_causal_lm(tiny_lm_dir), load_tokenizer(tiny_lm_dir), prompts, scorer,
+        GenerationConfig(max_new_tokens=6), EvaluationConfig(bootstrap_samples=10),
+    )
+    assert seen["ended"] == samples.ended_with_eos and 0 < sum(seen["ended"]) < len(prompts)
+    assert scores == [2.0 if ended else 0.0 for ended in samples.ended_with_eos]
