@@ -168,7 +168,8 @@ class RewardScorer:
 
 def _eos_suffix(tokenizer: PreTrainedTokenizerBase) -> str:
     """The text that makes the reward tokenizer end a sequence with its EOS token: the token itself, or "" where
-    there is none, or where the tokenizer already ends every text with it (T5's </s>, BERT's [SEP])."""
+    there is none, or where the tokenizer already ends every text with it (T5's </s>, BERT's [SEP]). A reward model
+    whose pad token is its EOS takes the appended EOS for padding and scores the text before it."""
     eos, eos_id = tokenizer.eos_token, tokenizer.eos_token_id
     if eos is None or eos_id is None:
         return ""

@@ -60,7 +60,6 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from components.config import GenerationConfig, PPOConfig, RewardConfig, RunConfig
 from components.models import fuse_gelu
-from components.reward import takes_ended_with_eos
 from components.ppo import distributed
 from components.ppo.actor_critic import (
     Critic, ValueHead, backbone_of, classifier_head, hidden_size, is_encoder_decoder, reference_of, unwrap,
@@ -92,6 +91,7 @@ from components.ppo.rollout import (
     sample,
     tokenize_prompts,
 )
+from components.reward import takes_ended_with_eos
 
 # (prompts, completions) -> scores (B,); one with an `ended_with_eos` parameter (RewardScorer) also gets which
 # completions ended with the policy's EOS (components.reward.takes_ended_with_eos).
