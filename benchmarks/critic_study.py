@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -115,7 +116,9 @@ def run_one(variant: str, seed: int, overrides: list[str]) -> dict:
         lengths += samples.lengths
     row = {"variant": variant, "overrides": overrides, "seed": seed, "score": statistics.mean(scores),
            "gold_positive_share": statistics.mean(gold), "length_mean": statistics.mean(lengths), "train_seconds": train_seconds}
-    if variant != "trl":
+    if variant == "trl":
+        shutil.rmtree(policy_dir)
+    else:
         row["explained_variance_last5"] = statistics.mean(h["val/explained_variance"] for h in history[-5:])
     return row
 
@@ -123,10 +126,11 @@ def run_one(variant: str, seed: int, overrides: list[str]) -> dict:
 def train_trl(seed: int, prompts: list[str]) -> tuple[str, float]:
     """TRL 1.12.0 on the same settings through the harness's own worker and venv; returns (policy dir, seconds)."""
     from benchmarks.ppo_vs_trl import WORKER_ENV, job_spec, trl_python
-    from benchmarks.workloads import demo_workload
+    from benchmarks.workloads import CACHE, demo_workload
 
     workload = demo_workload(iterations=ITERATIONS, warmup=1)
-    out = tempfile.mkdtemp(prefix="trl-policy-")
+    CACHE.mkdir(parents=True, exist_ok=True)
+    out = tempfile.mkdtemp(prefix="trl-policy-", dir=CACHE)
     spec = {**job_spec(workload, prompts, seed=seed, iterations=ITERATIONS, save_policy=out), "threads": 1}
     Path(out, "spec.json").write_text(json.dumps(spec))
     start = time.perf_counter()
