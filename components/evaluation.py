@@ -395,11 +395,11 @@ def evaluate_policy(policy, tokenizer, prompts: Sequence[str], scorer, generatio
     Returns (PolicyEval, the samples, the per-prompt scores).
     """
     from components.ppo.rollout import generate
-    from components.reward import takes_ended_with_eos
+    from components.reward import score_completions
 
     samples = generate(policy, tokenizer, prompts, generation, seed=evaluation.seed, use_chat_template=use_chat_template)
-    eos = {"ended_with_eos": samples.ended_with_eos} if takes_ended_with_eos(scorer) else {}
-    scores = [float(s) for s in scorer(list(prompts), samples.completions, **eos).tolist()]
+    raw = score_completions(scorer, list(prompts), samples.completions, samples.ended_with_eos)
+    scores = [float(s) for s in raw.tolist()]
     judge = load_gold_scorer(evaluation.gold_scorer)
     gold = None if judge is None else [float(judge(p + c)) for p, c in zip(prompts, samples.completions)]
     summary = summarize(scores, samples.lengths, samples.completions, gold,

@@ -65,14 +65,16 @@ def input_limit(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> i
     return min(limits) if limits else 1_000_000
 
 
-def takes_ended_with_eos(reward_fn: Callable) -> bool:
-    """Whether a reward function wants to know which completions ended with the policy's EOS: it has an
-    `ended_with_eos` parameter (RewardScorer does) or takes **kwargs. Others get (prompts, completions)."""
+def score_completions(reward_fn: Callable, prompts: list[str], completions: list[str], ended_with_eos: list[bool]):
+    """`reward_fn(prompts, completions)`, also told which completions ended with the policy's EOS when it has an
+    `ended_with_eos` parameter (RewardScorer does) or takes **kwargs. Training and evaluation both score this way."""
     try:
         parameters = inspect.signature(reward_fn).parameters.values()
     except (TypeError, ValueError):
-        return False
-    return any(p.name == "ended_with_eos" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+        parameters = ()
+    if any(p.name == "ended_with_eos" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return reward_fn(prompts, completions, ended_with_eos=ended_with_eos)
+    return reward_fn(prompts, completions)
 
 
 class RewardScorer:

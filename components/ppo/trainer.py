@@ -91,10 +91,10 @@ from components.ppo.rollout import (
     sample,
     tokenize_prompts,
 )
-from components.reward import takes_ended_with_eos
+from components.reward import score_completions
 
 # (prompts, completions) -> scores (B,); one with an `ended_with_eos` parameter (RewardScorer) also gets which
-# completions ended with the policy's EOS (components.reward.takes_ended_with_eos).
+# completions ended with the policy's EOS (components.reward.score_completions).
 RewardFn = Callable[..., torch.Tensor]
 T = TypeVar("T")
 Callback = Callable[[dict[str, float]], None]
@@ -213,7 +213,6 @@ class PPOTrainer:
         self.ppo, self.generation = ppo, generation
         self.reward = reward if reward is not None else RewardConfig()
         self.tokenizer, self.reward_fn, self.seed = tokenizer, reward_fn, seed
-        self.reward_takes_eos = takes_ended_with_eos(reward_fn)
         self.use_chat_template = use_chat_template
         self.device = policy.device
         fuse_gelu(policy)  # before the reference is copied from it
@@ -412,10 +411,7 @@ class PPOTrainer:
         return rollout, ref_logprobs, values
 
     def _score(self, prompts: list[str], completions: list[str], ended_with_eos: list[bool], iteration: int) -> torch.Tensor:
-        if self.reward_takes_eos:
-            raw = self.reward_fn(prompts, completions, ended_with_eos=ended_with_eos)
-        else:
-            raw = self.reward_fn(prompts, completions)
+        raw = score_completions(self.reward_fn, prompts, completions, ended_with_eos)
         try:
             scores = torch.as_tensor(raw, dtype=torch.float32).detach().clone().cpu()
         except (TypeError, ValueError) as exc:
