@@ -1,9 +1,9 @@
 """Prompt datasets and the data version pinned by DVC.
 
 Prompts load through Hugging Face `datasets` from a hub id, a local JSONL/CSV/Parquet file or a
-directory of them. Rows whose prompt is missing, empty or longer than `data.max_prompt_chars`
-are counted and reported by row number, never dropped silently. A file that cannot be parsed
-fails with the file and line.
+directory of them. Rows whose prompt is missing, empty, not text or longer than `data.max_prompt_chars`
+are counted and reported by row number (1-based, the first data row is row 1), never dropped silently.
+A file that cannot be parsed fails with the file and line, and says why (not UTF-8, not JSON, empty...).
 """
 
 from __future__ import annotations
@@ -17,29 +17,31 @@ from pathlib import Path
 import yaml
 
 from components.config import DataConfig
+from components.errors import UserError
 
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 MAX_REPORTED_ROWS = 20
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A dataset that cannot be used; the message names the file, line or field."""
 
 
 @dataclass
 class PromptReport:
-    """What happened to every row: kept, or left out with the reason and row number (0-based)."""
+    """What happened to every row: kept, or left out with the reason and row number (1-based)."""
 
     source: str
     total: int = 0
     kept: int = 0
     missing: list[int] = field(default_factory=list)
     empty: list[int] = field(default_factory=list)
+    not_text: list[int] = field(default_factory=list)
     too_long: list[int] = field(default_factory=list)
 
     @property
     def rejected(self) -> int:
-        return len(self.missing) + len(self.empty) + len(self.too_long)
+        return len(self.missing) + len(self.empty) + len(self.not_text) + len(self.too_long)
 
     def as_metrics(self) -> dict[str, float]:
         return {
@@ -47,12 +49,14 @@ class PromptReport:
             "data/kept": self.kept,
             "data/missing_prompt": len(self.missing),
             "data/empty_prompt": len(self.empty),
+            "data/not_text_prompt": len(self.not_text),
             "data/too_long_prompt": len(self.too_long),
         }
 
     def summary(self) -> str:
         lines = [f"{self.source}: {self.kept} of {self.total} rows kept"]
-        for reason, rows in (("missing prompt", self.missing), ("empty prompt", self.empty), ("prompt too long", self.too_long)):
+        for reason, rows in (("missing prompt", self.missing), ("empty prompt", self.empty),
+                             ("prompt is not text", self.not_text), ("prompt too long", self.too_long)):
             if rows:
                 shown = ", ".join(map(str, rows[:MAX_REPORTED_ROWS])) + (" ..." if len(rows) > MAX_REPORTED_ROWS else "")
                 lines.append(f"  {len(rows)} left out, {reason}: rows {shown}")
@@ -65,20 +69,37 @@ class PromptSet:
     report: PromptReport
 
 
+def _text_lines(path: Path) -> list[str]:
+    """The file's lines as text; a file that is empty or not UTF-8 fails naming the file and line."""
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise DataError(f"{path}: the file is empty")
+    lines = raw.split(b"\n")
+    for number, line in enumerate(lines, start=1):
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DataError(
+                f"{path}:{number}: not UTF-8 text (byte 0x{line[exc.start]:02x} at column {exc.start + 1}); "
+                "save the file as UTF-8"
+            ) from None
+    return raw.decode("utf-8").split("\n")
+
+
 def _check_jsonl(path: Path) -> None:
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{number}: each line must be a JSON object, got {type(row).__name__}")
+    for number, line in enumerate(_text_lines(path), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{number}: each line must be a JSON object, got {type(row).__name__}")
 
 
 def _check_csv(path: Path) -> None:
+    _text_lines(path)
     with path.open(encoding="utf-8", newline="") as handle:
         reader = csv.reader(handle)
         try:
@@ -128,7 +149,7 @@ def load_rows(data: DataConfig, root: Path = Path(".")):
         try:
             return datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train")
         except Exception as exc:  # datasets wraps parser errors; keep the file name in front
-            raise DataError(f"{local}: cannot read as {builder}: {exc}") from None
+            raise DataError(f"{local}: cannot read as {builder}: {type(exc).__name__}: {exc}") from None
     if data.source.startswith((".", "/")) or Path(data.source).suffix in FILE_BUILDERS:
         raise DataError(f"data.source: file or directory not found: {local}")
     try:
@@ -146,15 +167,17 @@ def load_prompts(data: DataConfig, root: Path = Path(".")) -> PromptSet:
         )
     report = PromptReport(source=data.source, total=len(rows))
     prompts: list[str] = []
-    for index, value in enumerate(rows[data.prompt_field]):
+    for row, value in enumerate(rows[data.prompt_field], start=1):
         if value is None:
-            report.missing.append(index)
-        elif not str(value).strip():
-            report.empty.append(index)
-        elif len(str(value)) > data.max_prompt_chars:
-            report.too_long.append(index)
+            report.missing.append(row)
+        elif not isinstance(value, str):
+            report.not_text.append(row)
+        elif not value.strip():
+            report.empty.append(row)
+        elif len(value) > data.max_prompt_chars:
+            report.too_long.append(row)
         else:
-            prompts.append(str(value).strip())
+            prompts.append(value.strip())
     if data.max_prompts is not None:
         prompts = prompts[: data.max_prompts]
     report.kept = len(prompts)

@@ -23,10 +23,11 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from components.config import RewardConfig
+from components.errors import UserError
 from components.models import fuse_gelu
 
 
-class RewardLabelError(ValueError):
+class RewardLabelError(UserError, ValueError):
     """`reward.label` does not pick exactly one output of the reward model."""
 
 

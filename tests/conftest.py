@@ -13,6 +13,7 @@ os.environ.update(
     TOKENIZERS_PARALLELISM="false",
 )
 
+import subprocess  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
@@ -62,3 +63,24 @@ def demo_kit() -> DemoKit:
     start = time.perf_counter()
     report = bootstrap(data_dir, PROJECT_ROOT / "artifacts" / "demo", BootstrapSettings(progress=False))
     return DemoKit(data_dir, report.instruct_dir, report.reward_dir, report, time.perf_counter() - start)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """`small_disk(size_bytes, read_only=False)`: a directory on a tmpfs of that size (ENOSPC once full), or mounted
+    read-only (EROFS): real file-system faults, which need the right to mount (CI runs as root)."""
+    mounts = []
+
+    def mount(size: int, read_only: bool = False) -> Path:
+        path = tmp_path / f"disk{len(mounts)}"
+        path.mkdir()
+        options = f"size={max(size, 4096)}" + (",ro" if read_only else "")
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}): the storage-fault tests need root")
+        mounts.append(path)
+        return path
+
+    yield mount
+    for path in mounts:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)

@@ -19,6 +19,7 @@ import torch
 from transformers import DynamicCache, EncoderDecoderCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from components.config import GenerationConfig
+from components.errors import UserError
 from components.ppo import distributed
 from components.ppo.actor_critic import (
     backbone_of,
@@ -35,7 +36,7 @@ from components.ppo.core import logprobs_of, response_mask
 from components.ppo.packing import pack_episodes, packed_hidden
 
 
-class PromptError(ValueError):
+class PromptError(UserError, ValueError):
     """A prompt that cannot be used as given (empty, or too long with prompt_overflow=reject)."""
 
 

@@ -38,9 +38,10 @@ def test_each_file_type_loads_and_reports_bad_rows(prompt_file):
     report = loaded.report
     assert (report.total, report.kept) == (5, 2)
     # CSV cannot tell a missing value from an empty one: both are reported, neither is dropped silently.
-    assert sorted(report.missing + report.empty) == [1, 2]
-    assert report.too_long == [3]
-    assert "rows 3" in report.summary()
+    # Rows count from 1, the first data row: in a JSONL file, row N is line N.
+    assert sorted(report.missing + report.empty) == [2, 3]
+    assert report.too_long == [4]
+    assert "rows 4" in report.summary()
 
 
 def test_directory_source_with_split_file(tmp_path):
@@ -96,3 +97,39 @@ def test_split_is_seeded_and_disjoint():
     assert split_prompts(prompts, 5, 4) != (train, held_out)
     with pytest.raises(DataError, match="data.eval_size"):
         split_prompts(prompts, 20, 0)
+
+
+def test_a_prompt_that_is_not_text_is_counted_by_row_not_kept(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in [{"prompt": "The film was"}, {"prompt": 42}, {"prompt": ["a"]}]))
+    loaded = load_prompts(config(path))
+    assert loaded.prompts == ["The film was"]
+    assert loaded.report.not_text == [2, 3] and loaded.report.as_metrics()["data/not_text_prompt"] == 2
+    assert "2 left out, prompt is not text: rows 2, 3" in loaded.report.summary()
+
+
+def test_a_file_that_is_not_utf8_names_the_file_line_and_byte(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"prompt": "ok"}\n{"prompt": "ok"}\n{"prompt": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"latin1\.jsonl:3: not UTF-8 text \(byte 0xe9 at column 16\)"):
+        load_prompts(config(path))
+    csv = tmp_path / "latin1.csv"
+    csv.write_bytes(b"prompt\ncaf\xe9\n")
+    with pytest.raises(DataError, match=r"latin1\.csv:2: not UTF-8 text"):
+        load_prompts(config(csv))
+
+
+def test_an_empty_file_says_it_is_empty(tmp_path):
+    for name in ("empty.jsonl", "empty.csv"):
+        (tmp_path / name).write_text("\n")
+        with pytest.raises(DataError, match=rf"{name}: the file is empty"):
+            load_prompts(config(tmp_path / name))
+
+
+def test_row_numbers_of_a_broken_line_and_of_a_reported_row_agree(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "a"}\n{"prompt": ""}\n{"prompt": "c"}\n')
+    assert load_prompts(config(path)).report.empty == [2]  # row 2 is line 2
+    path.write_text('{"prompt": "a"}\n{"prompt": \n{"prompt": "c"}\n')
+    with pytest.raises(DataError, match=r"p\.jsonl:2: not valid JSON"):
+        load_prompts(config(path))

@@ -12,7 +12,7 @@ from ppo_helpers import one_thread, word_share  # noqa: F401
 from components.config import GenerationConfig, PPOConfig, RewardConfig, RunConfig
 from components.models import load_causal_lm, load_tokenizer
 from components.ppo import PPOError, PPOTrainer
-from components.ppo.checkpoint import resolve_checkpoint
+from components.ppo.checkpoint import StorageError, check_writable, resolve_checkpoint
 
 PROMPTS = ["the film was", "I loved the movie", "the plot is", "it was a", "the acting", "we hated it but", "the music", "this movie"]
 STAT_NAMES = {
@@ -54,7 +54,6 @@ def test_mean_score_rises_while_kl_stays_bounded(tiny_lm_dir):
     assert before < 0.1 and after > 0.7
     assert max(s["objective/kl"] for s in result.history) < 15
     assert set(result.last) == STAT_NAMES | {"policy/ratio"}
-    assert elapsed < 60
 
 
 def test_rollout_and_training_forward_agree_ratio_is_one_on_the_first_minibatch(tiny_lm_dir):
@@ -96,11 +95,11 @@ def test_a_failure_mid_save_leaves_the_previous_checkpoint_intact(tiny_lm_dir, t
     digest = tree_digest(target)
     trainer.step(PROMPTS * 2)
 
-    def disk_full(*args, **kwargs):
-        raise OSError("No space left on device")
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C in the middle of the save
 
-    monkeypatch.setattr("components.ppo.trainer.torch.save", disk_full)
-    with pytest.raises(OSError, match="No space"):
+    monkeypatch.setattr("components.ppo.trainer.torch.save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
         trainer.save_checkpoint(target)
     monkeypatch.undo()
     assert tree_digest(target) == digest
@@ -109,12 +108,34 @@ def test_a_failure_mid_save_leaves_the_previous_checkpoint_intact(tiny_lm_dir, t
     restored.load_checkpoint(target)
     assert restored.iteration == 1
 
-    # a save that died between its two renames: the previous checkpoint is found aside
+    # a save that died between its two renames: the previous checkpoint, kept aside, is put back
     target.rename(tmp_path / ".ckpt.previous")
-    assert resolve_checkpoint(target) == tmp_path / ".ckpt.previous"
+    (tmp_path / ".ckpt.tmp-dead").mkdir()  # and one that died before them left its temporary directory
+    assert resolve_checkpoint(target) == target
+    assert tree_digest(target) == digest and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
     trainer.save_checkpoint(target)  # and the next save completes normally
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
     assert json.loads((target / "trainer_state.json").read_text())["iteration"] == 2
+
+
+def test_a_full_disk_is_named_with_the_path_and_the_key_and_keeps_the_last_checkpoint(tiny_lm_dir, small_disk):
+    trainer = make_trainer(tiny_lm_dir)
+    trainer.step(PROMPTS * 2)
+    disk = small_disk(int(1.5 * trainer.checkpoint_bytes()))  # room for one checkpoint, not for two at once
+    target = trainer.save_checkpoint(disk / "ckpt")
+    digest = tree_digest(target)
+    trainer.step(PROMPTS * 2)
+    with pytest.raises(StorageError, match=r"ppo.checkpoint_dir: cannot write .*ckpt: no space left on the device \(ENOSPC\)"):
+        trainer.save_checkpoint(target)
+    assert tree_digest(target) == digest and sorted(p.name for p in disk.iterdir()) == ["ckpt"]
+    with pytest.raises(StorageError, match=r"has \d+ MB free, a checkpoint of this run needs about"):
+        check_writable(disk, "ppo.checkpoint_dir", need_bytes=2 * trainer.checkpoint_bytes())
+
+
+def test_a_read_only_checkpoint_directory_is_refused_before_training(small_disk):
+    disk = small_disk(1 << 20, read_only=True)
+    with pytest.raises(StorageError, match=r"ppo.checkpoint_dir: cannot write .*: the file system is read-only \(EROFS\)"):
+        check_writable(disk / "runs", "ppo.checkpoint_dir")
 
 
 def test_nan_score_stops_the_run_naming_the_iteration_before_any_update(tiny_lm_dir, tmp_path):
