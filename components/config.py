@@ -15,14 +15,22 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from components.errors import UserError
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = PROJECT_ROOT / "configs" / "demo.yaml"
 
-_REGISTRY_URI = re.compile(r"^models:/[^/@]+(@[A-Za-z0-9_\-]+|/\d+)$")
+_REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[A-Za-z0-9_\-]+)|/(?P<version>\d+))$")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration that cannot be used; the message names the key(s) and what is allowed."""
+
+
+def parse_registry_uri(ref: str) -> tuple[str, str | None, str | None] | None:
+    """`models:/NAME@ALIAS` -> (NAME, ALIAS, None), `models:/NAME/VERSION` -> (NAME, None, VERSION); else None."""
+    match = _REGISTRY_URI.match(ref.strip())
+    return (match["name"], match["alias"], match["version"]) if match else None
 
 
 class Section(BaseModel):
@@ -34,7 +42,7 @@ def _check_model_ref(value: str) -> str:
     value = value.strip()
     if not value:
         raise ValueError("must name a model: a hub id, a local path or models:/NAME@ALIAS")
-    if value.startswith("models:") and not _REGISTRY_URI.match(value):
+    if value.startswith("models:") and parse_registry_uri(value) is None:
         raise ValueError(f"{value!r} is not a registry URI; use models:/NAME@ALIAS or models:/NAME/VERSION")
     return value
 
@@ -164,7 +172,12 @@ class PPOConfig(Section):
     target_reward: float | None = Field(None, description="Stop once the windowed mean score reaches this.")
     target_window: int = Field(5, gt=0, description="Iterations averaged for target_reward.")
     iterations_per_epoch: int = Field(10, gt=0, description="PPO iterations per pipeline epoch (one checkpoint each).")
-    checkpoint_dir: str = "checkpoints"
+    checkpoint_dir: str = Field("checkpoints", description="Where each run keeps its checkpoint (one directory per MLflow run).")
+    keep_checkpoint: bool = Field(
+        False,
+        description="Keep a run's last checkpoint after the run has registered its model; by default it is deleted "
+        "then. A failed or interrupted run always keeps it, for `alignflow run --resume RUN_ID`.",
+    )
     num_processes: int = Field(
         1, gt=0,
         description="Data-parallel processes for the PPO epochs, in total over num_machines (launched with "
@@ -265,13 +278,14 @@ class EvaluationConfig(Section):
 
 
 class GatesConfig(Section):
-    min_reward_gain: float = 0.0
-    min_win_rate: float = Field(0.5, ge=0, le=1)
-    max_kl: float = Field(10.0, ge=0)
-    min_length_ratio: float = Field(0.5, ge=0)
-    max_length_ratio: float = Field(2.0, gt=0)
-    min_distinct2: float = Field(0.2, ge=0, le=1)
-    beat_champion: bool = True
+    min_reward_gain: float = Field(0.0, description="The candidate's mean score gain over the baseline must be at least this.")
+    significant_gain: bool = Field(True, description="The gain's bootstrap 95% CI must lie above zero (its lower bound > 0).")
+    min_win_rate: float = Field(0.5, ge=0, le=1, description="Share of held-out prompts the candidate must win (ties count half).")
+    max_kl: float = Field(10.0, ge=0, description="Largest KL (nats per completion) of the candidate from the starting policy.")
+    min_length_ratio: float = Field(0.5, ge=0, description="Candidate mean completion length over the baseline's: at least this.")
+    max_length_ratio: float = Field(2.0, gt=0, description="Candidate mean completion length over the baseline's: at most this.")
+    min_distinct2: float = Field(0.2, ge=0, le=1, description="Distinct bigrams over all bigrams of the candidate's completions.")
+    beat_champion: bool = Field(True, description="When a champion exists, the candidate's mean score must be higher than its.")
 
     @model_validator(mode="after")
     def _ratio_bounds(self) -> "GatesConfig":

@@ -317,9 +317,10 @@ def check_gates(
     gain, (gain_low, _) = comparison.reward_gain, comparison.reward_gain_ci
     ratio, distinct2 = comparison.length_ratio, comparison.candidate.distinct2
     low, high = gates.min_length_ratio, gates.max_length_ratio
-    rows = [
-        Gate("reward_gain", gain, gates.min_reward_gain, gain >= gates.min_reward_gain, ">=", "min_reward_gain"),
-        Gate("reward_gain_ci_low", gain_low, 0.0, gain_low > 0.0, ">"),
+    rows = [Gate("reward_gain", gain, gates.min_reward_gain, gain >= gates.min_reward_gain, ">=", "min_reward_gain")]
+    if gates.significant_gain:
+        rows.append(Gate("reward_gain_ci_low", gain_low, 0.0, gain_low > 0.0, ">"))
+    rows += [
         Gate("win_rate", comparison.win_rate, gates.min_win_rate, comparison.win_rate >= gates.min_win_rate, ">=", "min_win_rate"),
         Gate("kl", kl, gates.max_kl, kl <= gates.max_kl, "<=", "max_kl"),
         Gate("length_ratio", ratio, (low, high), low <= ratio <= high, "in", ("min_length_ratio", "max_length_ratio")),

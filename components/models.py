@@ -1,11 +1,17 @@
 """Loading the models a run needs: local paths or hub ids via `from_pretrained`, in float32.
 
-MLflow `models:/` URIs are resolved to local paths by the caller, not here.
+`locate(key, ref)` turns a configured reference into what `from_pretrained` takes, or fails at once naming the key:
+a local directory (relative paths are relative to the project root), a registry URI (`models:/NAME@ALIAS`, resolved
+to a local copy), or a hub id found in the local hub cache or answering on the hub. A model whose weights do not
+cover it (a head that `from_pretrained` would initialise at random, e.g. a causal LM given as a reward model) is
+refused by the loaders, naming the key and the missing weights.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
 
 import torch
@@ -20,9 +26,82 @@ from transformers import (
 )
 
 
+from components.config import PROJECT_ROOT
+from components.errors import UserError
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
+
+
+class ModelLoadError(UserError):
+    """A configured model that cannot be found or used; the message names its configuration key."""
+
+
+def locate(key: str, ref: str, revision: str | None = None, root: Path = PROJECT_ROOT) -> str:
+    """The reference `key` holds, as `from_pretrained` takes it, checked before anything is loaded."""
+    if ref.startswith("models:"):
+        from components.registry import ModelReferenceError, resolve_model_reference
+
+        try:
+            return resolve_model_reference(ref)
+        except ModelReferenceError as exc:
+            raise ModelLoadError(f"{key}: {exc}") from None
+    path = Path(ref).expanduser()
+    local = path if path.is_absolute() else root / path
+    if local.is_dir():
+        if not ((local / "config.json").is_file() or (local / "adapter_config.json").is_file()):
+            raise ModelLoadError(f"{key}: {local} is a directory but holds no saved model (no config.json or "
+                                 "adapter_config.json, as save_pretrained writes)")
+        return str(local)
+    looks_local = ref.startswith((".", "/", "~")) or ref.count("/") > 1 or not _HUB_ID.match(ref)
+    if looks_local:
+        raise ModelLoadError(f"{key}: {ref!r} is neither a local directory ({local} does not exist) nor a hub id")
+    why = _hub_problem(ref, revision)
+    if why is not None:
+        raise ModelLoadError(f"{key}: {ref!r} is neither a local directory ({local} does not exist) nor a hub id "
+                             f"that can be reached: {why}")
+    return ref
+
+
+def _hub_problem(repo_id: str, revision: str | None) -> str | None:
+    """Why the hub model `repo_id` cannot be loaded from here, or None. One request, no retries: an unreachable hub
+    is reported in seconds, not after the minutes of retries `from_pretrained` would spend."""
+    import httpx
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    for filename in ("config.json", "adapter_config.json"):
+        if isinstance(try_to_load_from_cache(repo_id, filename, revision=revision), str):
+            return None
+    if constants.HF_HUB_OFFLINE:
+        return "it is not in the local hub cache and HF_HUB_OFFLINE is set"
+    url = f"{constants.ENDPOINT}/api/models/{repo_id}" + (f"/revision/{revision}" if revision else "")
+    token = os.environ.get("HF_TOKEN")
+    try:
+        answer = httpx.head(url, timeout=10, follow_redirects=True,
+                            headers={"Authorization": f"Bearer {token}"} if token else None)
+    except httpx.HTTPError as exc:
+        return f"the hub at {constants.ENDPOINT} cannot be reached ({type(exc).__name__}: {exc})"
+    if answer.status_code in (401, 403):
+        return "the hub refuses access (a private or gated model: set HF_TOKEN)"
+    if answer.status_code == 404:
+        return f"the hub has no model {repo_id}" + (f" at revision {revision}" if revision else "")
+    if answer.status_code >= 400:
+        return f"the hub answered {answer.status_code}"
+    return None
+
+
 def _check_local_ref(name_or_path: str) -> None:
     if str(name_or_path).startswith("models:"):
         raise ValueError(f"{name_or_path!r} is a registry URI; resolve it to a local path before loading")
+
+
+def _refuse_missing_weights(key: str, name_or_path: str, info: dict, what: str) -> None:
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+        raise ModelLoadError(
+            f"{key}: {name_or_path} is not {what}: its weights lack {shown}, which would be initialised at random on "
+            "load. Point the key at a model trained for this role."
+        )
 
 
 def load_tokenizer(
@@ -39,17 +118,21 @@ def load_tokenizer(
     return tokenizer
 
 
-def load_causal_lm(name_or_path: str, revision: str | None = None) -> PreTrainedModel:
+def load_causal_lm(name_or_path: str, revision: str | None = None, key: str = "policy.model") -> PreTrainedModel:
     """A causal LM in float32 and eval mode (dropout off: rollout and update log-probs must agree)."""
     _check_local_ref(name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(str(name_or_path), revision=revision, dtype=torch.float32)
+    model, info = AutoModelForCausalLM.from_pretrained(str(name_or_path), revision=revision, dtype=torch.float32,
+                                                       output_loading_info=True)
+    _refuse_missing_weights(key, name_or_path, info, "a complete causal language model")
     return model.eval()
 
 
-def load_seq2seq_lm(name_or_path: str, revision: str | None = None) -> PreTrainedModel:
+def load_seq2seq_lm(name_or_path: str, revision: str | None = None, key: str = "policy.model") -> PreTrainedModel:
     """An encoder-decoder LM (T5, FLAN-T5, BART...) in float32 and eval mode."""
     _check_local_ref(name_or_path)
-    model = AutoModelForSeq2SeqLM.from_pretrained(str(name_or_path), revision=revision, dtype=torch.float32)
+    model, info = AutoModelForSeq2SeqLM.from_pretrained(str(name_or_path), revision=revision, dtype=torch.float32,
+                                                        output_loading_info=True)
+    _refuse_missing_weights(key, name_or_path, info, "a complete encoder-decoder language model")
     return model.eval()
 
 
@@ -61,7 +144,7 @@ def adapter_base(path: str | Path) -> str | None:
     return None
 
 
-def load_policy(name_or_path: str, revision: str | None = None) -> PreTrainedModel:
+def load_policy(name_or_path: str, revision: str | None = None, key: str = "policy.model") -> PreTrainedModel:
     """The policy LM: an encoder-decoder when its config says so (`is_encoder_decoder`), else a causal LM.
     A saved LoRA adapter (`lora.save_mode: adapter`) is loaded onto its base model and merged into it."""
     _check_local_ref(name_or_path)
@@ -69,18 +152,21 @@ def load_policy(name_or_path: str, revision: str | None = None) -> PreTrainedMod
     if base is not None:
         from peft import PeftModel
 
-        return PeftModel.from_pretrained(load_policy(base), str(name_or_path)).merge_and_unload().eval()
+        return PeftModel.from_pretrained(load_policy(base, key=key), str(name_or_path)).merge_and_unload().eval()
     config = AutoConfig.from_pretrained(str(name_or_path), revision=revision)
     if getattr(config, "is_encoder_decoder", False):
-        return load_seq2seq_lm(name_or_path, revision)
-    return load_causal_lm(name_or_path, revision)
+        return load_seq2seq_lm(name_or_path, revision, key)
+    return load_causal_lm(name_or_path, revision, key)
 
 
-def load_reward_model(name_or_path: str, revision: str | None = None) -> PreTrainedModel:
+def load_reward_model(name_or_path: str, revision: str | None = None, key: str = "reward.model") -> PreTrainedModel:
     """A sequence classifier in float32, eval mode, frozen. Its pad_token_id is set (from EOS if needed)
-    so decoder reward models can find each row's last real token."""
+    so decoder reward models can find each row's last real token. A model without a trained scoring head (a causal
+    LM or a base model, whose head would be initialised at random) is refused, naming `key`."""
     _check_local_ref(name_or_path)
-    model = AutoModelForSequenceClassification.from_pretrained(str(name_or_path), revision=revision, dtype=torch.float32)
+    model, info = AutoModelForSequenceClassification.from_pretrained(
+        str(name_or_path), revision=revision, dtype=torch.float32, output_loading_info=True)
+    _refuse_missing_weights(key, name_or_path, info, "a reward model (a sequence classifier with a trained head)")
     if getattr(model.config, "pad_token_id", None) is None and getattr(model.config, "eos_token_id", None) is not None:
         eos = model.config.eos_token_id
         model.config.pad_token_id = eos[0] if isinstance(eos, (list, tuple)) else eos

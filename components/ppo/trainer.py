@@ -58,7 +58,8 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from components.config import GenerationConfig, PPOConfig, RewardConfig, RunConfig
+from components.config import ConfigError, GenerationConfig, PPOConfig, RewardConfig, RunConfig
+from components.errors import AlignflowError
 from components.models import fuse_gelu
 from components.ppo import distributed
 from components.ppo.actor_critic import (
@@ -103,9 +104,9 @@ STOP_REASONS = ("iterations", "target_reward", "max_steps")
 LEARN_STATS = ("policy/approxkl", "policy/clipfrac", "policy/ratio", "val/clipfrac", "policy/entropy", "loss/policy", "loss/value")
 
 
-class PPOError(RuntimeError):
+class PPOError(AlignflowError, RuntimeError):
     """Training cannot go on (non-finite values, bad reward output); raised before any optimizer step
-    or checkpoint of the failing iteration, so the last good checkpoint is intact."""
+    or checkpoint of the failing iteration, so the last good checkpoint is intact. A retry would meet it again."""
 
 
 @dataclass
@@ -204,10 +205,10 @@ class PPOTrainer:
         use_chat_template: bool = False,
     ):
         if value_head not in ("shared", "separate"):
-            raise ValueError(f"value_head={value_head!r}; allowed: 'shared', 'separate'")
+            raise ConfigError(f"policy.value_head={value_head!r}; allowed: 'shared', 'separate'")
         self.encoder_decoder = is_encoder_decoder(policy)
         if value_head == "separate" and self.encoder_decoder:
-            raise ValueError("policy.value_head=separate is for causal LMs; an encoder-decoder policy uses the shared value head")
+            raise ConfigError("policy.value_head=separate is for causal LMs; an encoder-decoder policy uses the shared value head")
         if use_chat_template:
             render_prompts(tokenizer, ["x"])  # fails now, naming the tokenizer, if it has no chat template
         self.ppo, self.generation = ppo, generation
@@ -229,12 +230,12 @@ class PPOTrainer:
         positions = getattr(policy.config, "max_position_embeddings", None)
         if positions and self.encoder_decoder:  # the encoder reads the prompt, the decoder writes the response
             if max(generation.max_prompt_tokens, generation.max_new_tokens + 1) > positions:
-                raise ValueError(
+                raise ConfigError(
                     f"generation.max_prompt_tokens ({generation.max_prompt_tokens}) or generation.max_new_tokens "
                     f"({generation.max_new_tokens}) exceed the policy's {positions} positions"
                 )
         elif positions and generation.max_prompt_tokens + generation.max_new_tokens > positions:
-            raise ValueError(
+            raise ConfigError(
                 f"generation.max_prompt_tokens ({generation.max_prompt_tokens}) + generation.max_new_tokens "
                 f"({generation.max_new_tokens}) exceed the policy's {positions} positions"
             )
@@ -253,7 +254,7 @@ class PPOTrainer:
         self.accelerator = None
         if distributed.world_size() > 1:
             if ppo.gradient_accumulation_steps % distributed.world_size():
-                raise ValueError(
+                raise ConfigError(
                     f"ppo.gradient_accumulation_steps ({ppo.gradient_accumulation_steps}) must be a multiple of the "
                     f"{distributed.world_size()} processes: each takes the same number of micro-batches per minibatch"
                 )
@@ -281,6 +282,7 @@ class PPOTrainer:
         self.iteration = 0
         self.episodes = 0
         self.recent_scores: deque[float] = deque(maxlen=ppo.target_window)
+        self.history: list[dict[str, float]] = []  # every iteration's statistics, checkpointed with the weights
 
     # ------------------------------------------------------------------ construction helpers
 
@@ -599,6 +601,7 @@ class PPOTrainer:
                 return TrainResult(reason, len(history), self.episodes, history)
             stats = self.step(self.next_prompts(prompts))
             history.append(stats)
+            self.history.append(stats)
             if callback is not None:
                 callback(stats)
 
@@ -666,6 +669,7 @@ class PPOTrainer:
             "score_moments": self.score_moments.state_dict(),
             "prompt_order": self._prompt_order,
             "prompt_cursor": self._prompt_cursor,
+            "history": self.history,
             "value_head": self.value_head_type,
             "ppo": self.ppo.model_dump(mode="json"),
             "generation": self.generation.model_dump(mode="json"),
@@ -677,7 +681,7 @@ class PPOTrainer:
         path = resolve_checkpoint(directory)
         state = json.loads((path / "trainer_state.json").read_text())
         if state["value_head"] != self.value_head_type:
-            raise ValueError(f"checkpoint {path} has a {state['value_head']} value head, this trainer a {self.value_head_type} one")
+            raise ConfigError(f"checkpoint {path} has a {state['value_head']} value head, this trainer a {self.value_head_type} one")
         policy = load_file(str(path / "policy.safetensors"), device=str(self.device))
         blob = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
         head = getattr(self, self._head_name)
@@ -685,7 +689,7 @@ class PPOTrainer:
             check_trainable_state(self.policy, policy, path)
             head_state = load_file(str(path / "value.safetensors"), device=str(self.device))
             if set(head_state) != set(head.state_dict()):
-                raise ValueError(f"checkpoint {path} does not hold this trainer's {self._head_name} weights: {sorted(head_state)[:3]}...")
+                raise ConfigError(f"checkpoint {path} does not hold this trainer's {self._head_name} weights: {sorted(head_state)[:3]}...")
             weights = {f"policy.{name}": value for name, value in policy.items()}
             weights.update({f"{self._head_name}.{name}": value for name, value in head_state.items()})
             distributed.load_full_state(self.learner, self.optimizer, weights, blob["optimizer"])
@@ -707,6 +711,12 @@ class PPOTrainer:
         self.kl_ctl.load_state_dict(state["kl_controller"])
         self.score_moments.load_state_dict(state["score_moments"])
         self._prompt_order, self._prompt_cursor = list(state["prompt_order"]), int(state["prompt_cursor"])
+        self.history = list(state.get("history", []))
+
+    def checkpoint_bytes(self) -> int:
+        """About what a checkpoint of this trainer takes on disk: the trainable weights and AdamW's two moments."""
+        trainable = sum(p.numel() * p.element_size() for p in self._trainable_parameters())
+        return 3 * trainable
 
     def export_policy(self, directory: str | Path, merge: bool = True) -> Path:
         """The policy LM (without value head) and tokenizer, via save_pretrained, for registration.
@@ -737,7 +747,7 @@ def check_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]
     expected = set(trainable_names(model))
     if set(state) != expected:
         missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
-        raise ValueError(
+        raise ConfigError(
             f"checkpoint {source} does not hold this policy's trainable weights (LoRA or full fine-tune, same model?): "
             f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}"
         )
@@ -760,7 +770,7 @@ def lora_target_modules(policy: PreTrainedModel, lora) -> list[str] | str:
         return list(lora.target_modules)
     model_type = policy.config.model_type
     if model_type not in DEFAULTS:
-        raise ValueError(
+        raise ConfigError(
             f"no default LoRA target modules for model type {model_type!r}; set policy.lora.target_modules "
             f"to the names of its attention projections (e.g. [q_proj, v_proj])"
         )
@@ -802,9 +812,12 @@ def _load_critic_backbone(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) ->
     if source is None:
         return None  # the trainer copies the policy's backbone
     if source.startswith("models:"):
-        raise ValueError(f"policy.critic_model={source!r}: resolve registry URIs to a local path first")
+        raise ConfigError(f"policy.critic_model={source!r}: resolve registry URIs to a local path first")
+    key = "policy.critic_model" if cfg.policy.critic_model is not None else "reward.model"
     config = AutoConfig.from_pretrained(source, revision=revision)
     if any(a.endswith("ForSequenceClassification") for a in config.architectures or []) and config.num_labels == 1:
         # A reward model: loaded with its scoring head, which starts the value head (see Critic.from_classifier).
-        return AutoModelForSequenceClassification.from_pretrained(source, revision=revision, dtype=torch.float32)
+        from components.models import load_reward_model
+
+        return load_reward_model(source, revision, key=key).requires_grad_(True)
     return AutoModel.from_pretrained(source, revision=revision, dtype=torch.float32)

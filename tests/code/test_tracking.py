@@ -1,50 +1,15 @@
 import json
-import shutil
-from pathlib import Path
 
 import mlflow
 import pytest
 import yaml
 from mlflow import MlflowClient
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from components import tracking
 from components.config import PROJECT_ROOT, RunConfig, TrackingConfig
-from components.tracking import PromotionError
 
 MODEL = "tiny-policy"
 MD5 = "0123456789abcdef0123456789abcdef"
-
-
-@pytest.fixture(scope="session")
-def empty_store(tmp_path_factory) -> Path:
-    """An initialised, empty SQLite store; creating the schema takes seconds, copying it does not."""
-    path = tmp_path_factory.mktemp("store") / "mlflow.db"
-    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
-    return path
-
-
-@pytest.fixture
-def config(empty_store, tmp_path, monkeypatch) -> RunConfig:
-    """A run configuration pointing at a fresh SQLite store in tmp; MLflow's URIs are restored after."""
-    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    shutil.copy(empty_store, tmp_path / "mlflow.db")
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    run_config = RunConfig(name="test", tracking=TrackingConfig(tracking_uri=uri, experiment="tests", registered_model=MODEL))
-    tracking.use_tracking(run_config.tracking)
-    yield run_config
-    while mlflow.active_run() is not None:
-        mlflow.end_run()
-    mlflow.set_tracking_uri(previous[0])
-    mlflow.set_registry_uri(previous[1])
-
-
-def _register(tiny_lm_dir, gates_passed: bool, **tags):
-    with mlflow.start_run(experiment_id=tracking.ensure_experiment(TrackingConfig(experiment="tests"))):
-        return tracking.log_policy_model(
-            tiny_lm_dir, MODEL, {"gates_passed": gates_passed, **tags}, model_config={"max_new_tokens": 5}
-        )
 
 
 # --- where runs go ----------------------------------------------------------------------------
@@ -149,105 +114,43 @@ def test_recent_runs_reads_the_flow_tags_and_metrics(config):
     assert tracking.recent_runs("no-such-experiment") == []
 
 
-# --- the registry -----------------------------------------------------------------------------
+# --- written once, whatever a resumed run repeats -----------------------------------------------
 
 
-def test_registered_champion_generates_text(config, tiny_lm_dir):
-    version = _register(tiny_lm_dir, gates_passed=True, base_model="tiny")
-    assert str(version.version) == "1" and version.tags["base_model"] == "tiny"
-    assert tracking.get_champion(MODEL) is None
-
-    promoted = tracking.promote(MODEL, version.version, user="ci", reason="first model")
-    assert str(tracking.get_champion(MODEL).version) == "1"
-    assert (promoted.tags["promoted_by"], promoted.tags["promotion_reason"], promoted.tags["forced"]) == ("ci", "first model", "false")
-    assert "previous_champion" not in promoted.tags
-
-    output = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion").predict(["The film was"])
-    assert isinstance(output[0], str) and output[0].startswith("The film was")
+def test_history_logs_each_step_once_however_often_it_is_handed_over(config):
+    history = [{"iteration": float(i), "episodes": 16.0 * i, "objective/scores": 0.1 * i} for i in (1, 2, 3)]
+    with tracking.start_run(config) as run:
+        assert tracking.log_history(history[:2]) == 2
+        assert tracking.log_history(history) == 1  # a resumed run hands the whole history over again
+        assert tracking.log_history(history) == 0
+    steps = [(m.step, m.value) for m in MlflowClient().get_metric_history(run.info.run_id, "objective/scores")]
+    assert steps == [(16, 0.1), (32, 0.2), (48, pytest.approx(0.3))]
 
 
-def test_a_version_whose_gates_failed_needs_force_and_a_reason(config, tiny_lm_dir):
-    good = _register(tiny_lm_dir, gates_passed=True)
-    bad = _register(tiny_lm_dir, gates_passed=False)
-    tracking.promote(MODEL, good.version)
-
-    with pytest.raises(PromotionError, match="cannot promote tiny-policy version 9"):
-        tracking.promote(MODEL, 9)
-    with pytest.raises(PromotionError, match="promotion gates failed; pass force=True with a reason"):
-        tracking.promote(MODEL, bad.version)
-    with pytest.raises(PromotionError, match="needs a reason"):
-        tracking.promote(MODEL, bad.version, force=True)
-    assert tracking.get_champion(MODEL).version == good.version
-
-    forced = tracking.promote(MODEL, bad.version, force=True, reason="KL gate too strict for this data", user="alice")
-    assert tracking.get_champion(MODEL).version == bad.version
-    assert forced.tags["forced"] == "true"
-    assert forced.tags["promoted_by"] == "alice"
-    assert forced.tags["promotion_reason"] == "KL gate too strict for this data"
-    assert forced.tags["previous_champion"] == str(good.version)
+def test_one_off_metrics_dataset_and_samples_are_logged_once(config):
+    samples = [{"prompt": "p", "baseline_completion": "a", "candidate_completion": "b", "baseline_score": 0.0,
+                "candidate_score": 1.0}]
+    with tracking.start_run(config) as run:
+        for _ in range(2):
+            tracking.log_metrics_once({"data/kept": 5.0, "eval/baseline/mean_score": 0.25})
+            tracking.log_dataset("prompts", "data/demo/prompts.jsonl", MD5)
+            tracking.log_eval_samples(samples)
+    client = MlflowClient()
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "data/kept")] == [5.0]
+    assert len(client.get_run(run.info.run_id).inputs.dataset_inputs) == 1
+    table = json.loads(mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/eval_samples.json"))
+    assert len(table["data"]) == 1
 
 
-def test_promote_records_the_gate_result_it_is_given(config, tiny_lm_dir):
-    version = _register(tiny_lm_dir, gates_passed="unknown")
-    with pytest.raises(PromotionError, match="no gate result"):
-        tracking.promote(MODEL, version.version)
-    promoted = tracking.promote(MODEL, version.version, passed_gates=True)
-    assert promoted.tags["gates_passed"] == "true"
+def test_a_recorded_result_is_read_back_and_a_missing_or_torn_one_is_none(config):
+    with tracking.start_run(config) as run:
+        assert tracking.recorded("evaluations/baseline.json") is None
+        tracking.record({"scores": [0.5, 1.5]}, "evaluations/baseline.json")
+        assert tracking.recorded("evaluations/baseline.json") == {"scores": [0.5, 1.5]}
+        mlflow.log_text('{"scores": [0.5,', "evaluations/candidate.json")  # a write cut short
+        assert tracking.recorded("evaluations/candidate.json") is None
 
 
-def test_rollback_restores_the_previous_champion(config, tiny_lm_dir):
-    first = _register(tiny_lm_dir, gates_passed=True)
-    second = _register(tiny_lm_dir, gates_passed=True)
-    with pytest.raises(PromotionError, match="no champion to roll back"):
-        tracking.rollback(MODEL)
-    tracking.promote(MODEL, first.version)
-    tracking.promote(MODEL, second.version)
-    assert [(v.version, v.aliases) for v in tracking.list_versions(MODEL)] == [(2, ["champion"]), (1, [])]
-
-    restored = tracking.rollback(MODEL, user="bob", reason="regression in prod")
-    assert restored.version == first.version == tracking.get_champion(MODEL).version
-    assert restored.tags["rolled_back_from"] == str(second.version) and restored.tags["rolled_back_by"] == "bob"
-    with pytest.raises(PromotionError, match="nothing to roll back to"):
-        tracking.rollback(MODEL)
-    assert tracking.list_versions("no-such-model") == []
-
-
-def test_registry_reference_resolves_to_a_loadable_directory(config, tiny_lm_dir, tmp_path):
-    version = _register(tiny_lm_dir, gates_passed=True)
-    tracking.promote(MODEL, version.version)
-    cache = tmp_path / "registry"
-
-    path = tracking.resolve_model_reference(f"models:/{MODEL}@champion", cache_dir=cache)
-    assert Path(path).parent == cache and Path(path).name.startswith(f"{MODEL}-v1-")
-    model = AutoModelForCausalLM.from_pretrained(path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    assert tokenizer("the film was good")["input_ids"] == AutoTokenizer.from_pretrained(tiny_lm_dir)("the film was good")["input_ids"]
-    original = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
-    assert all((a == b).all() for a, b in zip(model.state_dict().values(), original.state_dict().values()))
-
-    assert tracking.resolve_model_reference(f"models:/{MODEL}/1", cache_dir=cache) == path  # cached per version
-    assert tracking.resolve_model_reference("gpt2") == "gpt2"
-    assert tracking.resolve_model_reference(str(tiny_lm_dir)) == str(tiny_lm_dir)
-    with pytest.raises(tracking.ModelReferenceError, match="cannot resolve"):
-        tracking.resolve_model_reference(f"models:/{MODEL}@staging", cache_dir=cache)
-
-
-def test_same_version_number_in_another_registry_is_not_served_from_the_cache(config, tiny_lm_dir, tmp_path, empty_store):
-    from tiny import save_tiny_lm
-
-    cache = tmp_path / "registry"
-    _register(tiny_lm_dir, gates_passed=True)
-    first = tracking.resolve_model_reference(f"models:/{MODEL}/1", cache_dir=cache)
-
-    other_model = save_tiny_lm(tmp_path / "other-lm", seed=7)
-    other_store = tmp_path / "other"
-    other_store.mkdir()
-    shutil.copy(empty_store, other_store / "mlflow.db")
-    tracking.use_tracking(TrackingConfig(tracking_uri=f"sqlite:///{other_store}/mlflow.db", experiment="tests"))
-    _register(other_model, gates_passed=True)
-    second = tracking.resolve_model_reference(f"models:/{MODEL}/1", cache_dir=cache)
-
-    assert first != second
-    loaded = AutoModelForCausalLM.from_pretrained(second).state_dict()
-    expected = AutoModelForCausalLM.from_pretrained(other_model).state_dict()
-    assert all((loaded[k] == expected[k]).all() for k in expected)
+def test_resuming_an_unknown_run_names_the_id_and_the_store(config):
+    with pytest.raises(tracking.RunNotFound, match=r"--resume 0123abc: the tracking store sqlite:///.*mlflow.db has no run"):
+        tracking.start_run(config, run_id="0123abc")

@@ -10,7 +10,7 @@ from families import POLICY_FAMILIES, REWARD_FAMILIES, SEQ2SEQ_FAMILIES, save_ti
 from ppo_helpers import one_thread, word_share  # noqa: F401
 from transformers import PreTrainedTokenizerFast
 
-from components import tracking
+from components import registry, tracking
 from components.config import GenerationConfig, RunConfig, TrackingConfig
 from components.models import load_policy, load_tokenizer
 from components.ppo import PPOTrainer, PromptError
@@ -206,14 +206,15 @@ def test_a_lora_policy_registers_and_generates_through_pyfunc(policies, store, t
     trainer.step(PROMPTS)
     exported = trainer.export_policy(tmp_path / "policy", merge=save_mode == "merged")
     assert (exported / "adapter_config.json").exists() == (save_mode == "adapter")
-    with mlflow.start_run(experiment_id=tracking.ensure_experiment(store)):
-        version = tracking.log_policy_model(exported, f"{family}-policy", {"gates_passed": True}, model_config={"max_new_tokens": 4})
+    with mlflow.start_run(experiment_id=tracking.ensure_experiment(store)) as run:
+        uri = registry.log_policy(exported, model_config={"max_new_tokens": 4})
+        version = registry.register(f"{family}-policy", run.info.run_id, uri, {"gates_passed": True})
     output = mlflow.pyfunc.load_model(f"models:/{family}-policy/{version.version}").predict(["the film was"])
     text = output[0] if isinstance(output[0], str) else output[0]["generated_text"]
     assert isinstance(text, str) and text.strip()
 
     # and it resolves to a folder the pipeline loads again (champion evaluation, or a new run's policy)
-    path = tracking.resolve_model_reference(f"models:/{family}-policy/{version.version}", cache_dir=tmp_path / "cache")
+    path = registry.resolve_model_reference(f"models:/{family}-policy/{version.version}", cache_dir=tmp_path / "cache")
     reloaded = load_policy(path)
     expected = reference_logprobs(trainer, trainer.policy)
     torch.testing.assert_close(reference_logprobs(trainer, reloaded), expected, atol=1e-5, rtol=0)

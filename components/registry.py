@@ -1,0 +1,426 @@
+"""The model registry: log a policy, register it once per run, promote and roll back the champion alias.
+
+Every change here is idempotent, so a run killed at any point and resumed ends as an uninterrupted run does:
+  - `log_policy` reuses the policy a killed attempt already logged to the run (and deletes one left half-logged);
+  - `register` creates the version WITH all its tags in one call, and a resumed run finds its version by run id
+    instead of registering a second one;
+  - `promote` and `rollback` write their intent on the version before moving the alias and their record after, so a
+    move interrupted between the two is completed by the next call. They must run under the registry's promotion
+    lock (flows/promotion.py takes it), so that a compare-and-set (`evaluated_against`) and the `previous_<alias>`
+    chain stay consistent when several runs and people promote at once.
+
+Version tags written here: the caller's (gates, data, lineage, `eval_mean_score`), then by promotion `promoted_by`,
+`promoted_at`, `promotion_reason`, `forced`, `previous_<alias>`; by rollback `rolled_back_*`.
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+
+from components.config import PROJECT_ROOT, parse_registry_uri
+from components.errors import UserError
+from components.faults import crash_point
+from components.tracking import file_lock
+
+GATES_TAG = "gates_passed"
+SCORE_TAG = "eval_mean_score"
+INTENT_TAG = "alignflow.alias_move"  # write-ahead record of an alias move in progress
+DEFAULT_CACHE = PROJECT_ROOT / "artifacts" / "registry"
+_MISSING = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")
+
+
+class PromotionError(UserError):
+    """A promotion or rollback that must not happen; the message says why and what to do."""
+
+
+class ModelReferenceError(UserError):
+    """A `models:/...` reference that cannot be turned into a loadable directory."""
+
+
+# --- logging and registering a policy ---------------------------------------------------------
+
+
+def default_pip_requirements(with_peft: bool = False) -> list[str]:
+    """Pinned to what is installed here (local version suffixes like `+cpu` dropped)."""
+    pins = []
+    packages = ("torch", "transformers", "tokenizers", "safetensors", "accelerate") + (("peft",) if with_peft else ())
+    for package in packages:
+        try:
+            pins.append(f"{package}=={metadata.version(package).split('+')[0]}")
+        except metadata.PackageNotFoundError:
+            continue
+    return pins
+
+
+def log_policy(
+    policy_dir: Path,
+    *,
+    artifact_name: str = "policy",
+    model_config: dict[str, Any] | None = None,
+    pip_requirements: list[str] | None = None,
+) -> str:
+    """Log the saved policy (model + tokenizer, or LoRA adapter + tokenizer) to the active run; returns its model URI.
+
+    A causal LM is logged in MLflow's transformers flavour as a text-generation pipeline; a LoRA adapter as a PEFT
+    model on its base (only the adapter is stored; a local base is referenced by path, a hub base by id). An
+    encoder-decoder (T5, BART), which transformers 5 no longer serves through a pipeline, is logged as a pyfunc
+    `Seq2SeqGenerator` holding the saved folder. Either way `mlflow.pyfunc.load_model(...).predict` generates text.
+
+    A policy this run logged before (a resumed run) is reused; one left half-logged by a killed attempt is deleted."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from components.models import adapter_base, load_policy
+
+    run = mlflow.active_run()
+    for logged in mlflow.search_logged_models(
+        experiment_ids=[run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'", output_format="list"
+    ):
+        if logged.name != artifact_name:
+            continue
+        if str(logged.status).endswith("READY"):
+            return logged.model_uri
+        MlflowClient().delete_logged_model(logged.model_id)
+
+    policy_dir = Path(policy_dir)
+    base = adapter_base(policy_dir)
+    if base is None and not (policy_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{policy_dir} is not a saved model (no config.json) or adapter (no adapter_config.json)")
+    pip_requirements = pip_requirements or default_pip_requirements(with_peft=base is not None)
+    if getattr(AutoConfig.from_pretrained(base or policy_dir), "is_encoder_decoder", False):
+        info = mlflow.pyfunc.log_model(
+            name=artifact_name, python_model=Seq2SeqGenerator(), artifacts={"policy": str(policy_dir)},
+            code_paths=[str(Path(__file__).resolve().parent)], pip_requirements=pip_requirements, model_config=model_config,
+        )
+    else:
+        if base is None:
+            model = load_policy(str(policy_dir))
+        else:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(load_policy(base), str(policy_dir))
+        info = mlflow.transformers.log_model(
+            {"model": model, "tokenizer": AutoTokenizer.from_pretrained(policy_dir)},
+            name=artifact_name, task="text-generation", pip_requirements=pip_requirements, model_config=model_config,
+            base_model_path=base if base is not None and Path(base).is_dir() else None,
+        )
+    return info.model_uri
+
+
+def version_of_run(name: str, run_id: str) -> ModelVersion | None:
+    """The version of `name` that run `run_id` registered, if any (at most one: `register` never makes a second)."""
+    try:
+        found = MlflowClient().search_model_versions(f"name='{name}' and run_id='{run_id}'")
+    except MlflowException as exc:
+        if exc.error_code in _MISSING:
+            return None
+        raise
+    return min(found, key=lambda v: int(v.version)) if found else None
+
+
+def register(name: str, run_id: str, model_uri: str, tags: dict[str, Any]) -> ModelVersion:
+    """Register the run's logged policy as a version of `name`, with all its tags in the same call. A run that already
+    registered one (a resumed run) gets that version back, any tag it lacks added."""
+    client = MlflowClient()
+    tags = {key: tag_value(value) for key, value in tags.items()}
+    existing = version_of_run(name, run_id)
+    if existing is None:
+        existing = mlflow.register_model(model_uri, name, tags=tags)
+    else:
+        for key, value in tags.items():
+            if key not in existing.tags:
+                client.set_model_version_tag(name, existing.version, key, value)
+    return client.get_model_version(name, str(existing.version))
+
+
+class Seq2SeqGenerator(mlflow.pyfunc.PythonModel):
+    """pyfunc for an encoder-decoder policy: prompts (a list of strings or a one-column DataFrame) -> generated
+    texts. The artifact `policy` is a saved model, or a LoRA adapter on its base model."""
+
+    def load_context(self, context) -> None:
+        from transformers import AutoTokenizer
+
+        from components.models import load_policy
+
+        self.model = load_policy(context.artifacts["policy"])
+        self.tokenizer = AutoTokenizer.from_pretrained(context.artifacts["policy"])
+        self.defaults = dict(context.model_config or {})
+
+    def predict(self, context, model_input, params: dict[str, Any] | None = None) -> list[str]:
+        import pandas as pd
+        import torch
+
+        if isinstance(model_input, pd.DataFrame):
+            prompts = model_input.iloc[:, 0].astype(str).tolist()
+        elif isinstance(model_input, str):
+            prompts = [model_input]
+        else:
+            prompts = [str(p) for p in model_input]
+        settings = {**self.defaults, **(params or {})}
+        batch = self.tokenizer(prompts, return_tensors="pt", padding=True)
+        with torch.inference_mode():
+            out = self.model.generate(**batch, **settings)
+        return self.tokenizer.batch_decode(out, skip_special_tokens=True)
+
+
+# --- the champion -----------------------------------------------------------------------------
+
+
+def local_store_lock_path(tracking_uri: str) -> Path | None:
+    """The lock file that serialises promotions on a registry kept in a local SQLite file, or None for a server."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    database = Path(tracking_uri.removeprefix("sqlite:///")).resolve()
+    return database.with_name(database.name + ".promotion-lock")
+
+
+def get_champion(name: str, alias: str = "champion") -> ModelVersion | None:
+    """The version holding `alias`, or None when the model or the alias does not exist."""
+    try:
+        return MlflowClient().get_model_version_by_alias(name, alias)
+    except MlflowException as exc:
+        if exc.error_code in _MISSING:
+            return None
+        raise
+
+
+def get_version(name: str, version: str | int) -> ModelVersion:
+    """The version, or a PromotionError that lists the versions that do exist."""
+    try:
+        return MlflowClient().get_model_version(name, str(version))
+    except MlflowException as exc:
+        if exc.error_code not in _MISSING:
+            raise
+    existing = [str(v.version) for v in list_versions(name)]
+    listing = f"its versions are {', '.join(reversed(existing))}" if existing else "it has no versions"
+    raise PromotionError(f"{name} has no version {version}: {listing} (see `alignflow models`)") from None
+
+
+def promote(
+    name: str,
+    version: str | int,
+    alias: str = "champion",
+    *,
+    force: bool = False,
+    reason: str | None = None,
+    user: str | None = None,
+    evaluated_against: str | None | bool = False,
+    score: float | None = None,
+) -> tuple[bool, str]:
+    """Point `alias` at `version`; returns (moved, what happened). Call under the promotion lock.
+
+    A version whose gates failed, or with no gate result, is refused unless `force` with a `reason`. For a pipeline
+    run, `evaluated_against` is the champion its gates compared it with (None: there was none) and `score` its
+    evaluation score: if another version took the alias since, this one takes it only with a higher score
+    (compare-and-set). The default False skips that check (a person promoting by hand).
+
+    The move is recorded before it happens (tag INTENT_TAG on the version: previous holder, who, when, why) and
+    completed after it (`previous_<alias>`, `promoted_*`, `forced`); a promotion cut between the two is finished by
+    the next call for the same version."""
+    client = MlflowClient()
+    version = str(version)
+    target = get_version(name, version)
+    current = get_champion(name, alias)
+    if current is not None and str(current.version) == version:
+        if INTENT_TAG in target.tags:
+            _complete_move(client, name, version, json.loads(target.tags[INTENT_TAG]), alias)
+            return True, f"version {version} is now {alias} (its interrupted promotion completed)"
+        return False, f"version {version} is already {alias}"
+    gates = target.tags.get(GATES_TAG)
+    if gates != "true":
+        why = "its promotion gates failed" if gates == "false" else f"it has no gate result (tag {GATES_TAG})"
+        if not force:
+            raise PromotionError(f"refusing to make {name} version {version} the {alias}: {why}. To promote it anyway, "
+                                 f"force it with a reason (alignflow promote {version} --force --reason \"...\")")
+        if not reason or not reason.strip():
+            raise PromotionError(f"forcing {name} version {version} to {alias} needs a reason (who asked, and why)")
+    if evaluated_against is not False and current is not None and str(current.version) != (evaluated_against or ""):
+        current_score = float(current.tags.get(SCORE_TAG, "-inf"))
+        if score is None or current_score >= score:
+            return False, (f"version {current.version} became {alias} meanwhile with score {current_score:.4g} "
+                           f">= {score if score is not None else float('nan'):.4g}; {alias} unchanged")
+    intent = {"action": "promote", "previous": str(current.version) if current is not None else "",
+              "by": user or _current_user(), "at": _now(), "reason": reason or "all gates passed",
+              "forced": force and gates != "true"}
+    client.set_model_version_tag(name, version, INTENT_TAG, json.dumps(intent))
+    crash_point("promote.intent")
+    client.set_registered_model_alias(name, alias, version)
+    crash_point("promote.alias_moved")
+    _complete_move(client, name, version, intent, alias)
+    return True, f"version {version} is now {alias}"
+
+
+def rollback(name: str, alias: str = "champion", *, user: str | None = None, reason: str | None = None) -> ModelVersion:
+    """Move `alias` back to the version recorded in the current holder's `previous_<alias>` tag. Call under the
+    promotion lock. The previous version keeps its own `previous_<alias>`, so rolling back again goes one further."""
+    client = MlflowClient()
+    current = get_champion(name, alias)
+    if current is None:
+        raise PromotionError(f"{name} has no {alias} to roll back")
+    previous = current.tags.get(f"previous_{alias}")
+    if not previous:
+        raise PromotionError(f"{name} version {current.version} has no previous_{alias} tag: nothing to roll back to")
+    get_version(name, previous)
+    intent = {"action": "rollback", "from": str(current.version), "by": user or _current_user(), "at": _now(),
+              "reason": reason or ""}
+    client.set_model_version_tag(name, previous, INTENT_TAG, json.dumps(intent))
+    client.set_registered_model_alias(name, alias, previous)
+    _complete_move(client, name, previous, intent, alias)
+    return client.get_model_version(name, previous)
+
+
+def _complete_move(client: MlflowClient, name: str, version: str, intent: dict, alias: str) -> None:
+    if intent["action"] == "rollback":
+        client.set_model_version_tag(name, intent["from"], f"rolled_back_from_{alias}", f"{intent['at']} by {intent['by']}")
+        record = {"rolled_back_by": intent["by"], "rolled_back_at": intent["at"], "rollback_reason": intent["reason"],
+                  "rolled_back_from": intent["from"]}
+    else:
+        record = {"promoted_by": intent["by"], "promoted_at": intent["at"], "promotion_reason": intent["reason"],
+                  "forced": tag_value(intent["forced"])}
+        if intent["previous"]:
+            record[f"previous_{alias}"] = intent["previous"]
+    for key, value in record.items():
+        client.set_model_version_tag(name, version, key, value)
+    client.delete_model_version_tag(name, version, INTENT_TAG)
+
+
+@dataclass(frozen=True)
+class VersionSummary:
+    version: int
+    aliases: list[str]
+    tags: dict[str, str]
+
+
+def list_versions(name: str) -> list[VersionSummary]:
+    """Every version of a registered model, newest first, with its aliases and tags."""
+    client = MlflowClient()
+    try:
+        aliases_by_version: dict[str, list[str]] = {}
+        for alias, version in client.get_registered_model(name).aliases.items():
+            aliases_by_version.setdefault(str(version), []).append(alias)
+    except MlflowException as exc:
+        if exc.error_code in _MISSING:
+            return []
+        raise
+    versions = client.search_model_versions(f"name='{name}'")
+    return sorted(
+        (VersionSummary(int(v.version), sorted(aliases_by_version.get(str(v.version), [])), dict(v.tags)) for v in versions),
+        key=lambda summary: summary.version,
+        reverse=True,
+    )
+
+
+# --- models:/ references ----------------------------------------------------------------------
+
+
+def _find(ref: str) -> ModelVersion:
+    parsed = parse_registry_uri(ref)
+    if parsed is None:
+        raise ModelReferenceError(f"{ref!r} is not a registry URI; use models:/NAME@ALIAS or models:/NAME/VERSION")
+    name, alias, version = parsed
+    client = MlflowClient()
+    try:
+        return client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
+    except MlflowException as exc:
+        raise ModelReferenceError(f"cannot resolve {ref} in the registry at {mlflow.get_registry_uri()}: {exc.message}") from None
+
+
+def pin_model_reference(ref: str) -> str:
+    """`models:/NAME@ALIAS` as `models:/NAME/VERSION`, the version the alias points at now; any other reference
+    unchanged. What resolves a reference later (the other machines of a multi-machine launch) then loads the same
+    weights as this process even if the alias moves in between."""
+    parsed = parse_registry_uri(ref) if ref.startswith("models:") else None
+    if parsed is None or parsed[1] is None:
+        return ref
+    return f"models:/{parsed[0]}/{_find(ref).version}"
+
+
+def resolve_model_reference(ref: str, cache_dir: Path | None = None) -> str:
+    """A directory `from_pretrained` loads (model and tokenizer) for `models:/NAME@ALIAS` or `models:/NAME/VERSION`;
+    any other reference (hub id, local path) is returned unchanged.
+
+    The transformers flavour stores weights in `model/` and the tokenizer in `components/tokenizer/`; the download
+    is assembled into one folder, cached per registry and version under `cache_dir` (default `artifacts/registry/`)."""
+    if not ref.startswith("models:"):
+        return ref
+    found = _find(ref)
+    name, version = found.name, str(found.version)
+    # Version numbers repeat across registries: the cache key also names the store and the logged model.
+    origin = hashlib.sha256(f"{mlflow.get_registry_uri()}|{found.source}|{found.run_id}".encode()).hexdigest()[:12]
+    target = Path(cache_dir or DEFAULT_CACHE) / f"{name}-v{version}-{origin}"
+    if (target / "config.json").is_file() or (target / "adapter_config.json").is_file():
+        return str(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as scratch:
+        downloaded = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=scratch))
+        assembled = _assemble_policy_dir(downloaded, ref)
+        if target.exists():  # a half-written folder from an interrupted download
+            shutil.rmtree(target)
+        assembled.rename(target)
+    return str(target)
+
+
+def _assemble_policy_dir(downloaded: Path, ref: str) -> Path:
+    """The folder `load_policy` reads: a saved model, or a LoRA adapter whose config names its base."""
+    import yaml
+
+    from components.models import adapter_base
+
+    mlmodel = downloaded / "MLmodel"
+    flavors = (yaml.safe_load(mlmodel.read_text()) or {}).get("flavors", {}) if mlmodel.is_file() else {}
+    flavor = flavors.get("transformers")
+    if flavor is None and (downloaded / "artifacts" / "policy").is_dir():  # a Seq2SeqGenerator pyfunc
+        return downloaded / "artifacts" / "policy"
+    if flavor is None:
+        raise ModelReferenceError(f"{ref} is not a model logged by alignflow (no transformers flavour or policy artifact)")
+    if flavor.get("peft_adaptor"):
+        model_dir = downloaded / flavor["peft_adaptor"]
+        config_path = model_dir / "adapter_config.json"
+        adapter_config = json.loads(config_path.read_text())
+        adapter_config["base_model_name_or_path"] = flavor.get("local_base_model_path") or flavor.get("source_model_name")
+        config_path.write_text(json.dumps(adapter_config, indent=2))
+    else:
+        model_dir = downloaded / flavor.get("model_binary", "model")
+    if not (model_dir / "config.json").is_file() and adapter_base(model_dir) is None:
+        raise ModelReferenceError(
+            f"{ref} holds no model weights (logged with save_pretrained=False?); "
+            f"its source model is {flavor.get('source_model_name')!r}"
+        )
+    for component in flavor.get("components", []):
+        for item in (downloaded / "components" / component).glob("*"):
+            if item.is_file() and not (model_dir / item.name).exists():
+                shutil.copy2(item, model_dir / item.name)
+    return model_dir
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+def tag_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _current_user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # no login name in some containers
+        return "unknown"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

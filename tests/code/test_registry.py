@@ -1,0 +1,158 @@
+"""The registry: one version per run with all its tags, promotions that complete, and a rollback chain."""
+
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from components import registry, tracking
+from components.config import TrackingConfig
+from components.registry import PromotionError
+
+MODEL = "tiny-policy"
+
+
+def register(tiny_lm_dir, gates_passed, **tags) -> str:
+    """A run that logs the tiny policy and registers it, as the pipeline does; returns the version."""
+    with mlflow.start_run(experiment_id=tracking.ensure_experiment(TrackingConfig(experiment="tests"))) as run:
+        uri = registry.log_policy(tiny_lm_dir, model_config={"max_new_tokens": 5})
+        version = registry.register(MODEL, run.info.run_id, uri, {registry.GATES_TAG: gates_passed, **tags})
+    return str(version.version)
+
+
+def test_a_run_registers_one_version_whose_tags_come_with_it(config, tiny_lm_dir):
+    with mlflow.start_run(experiment_id=tracking.ensure_experiment(config.tracking)) as run:
+        uri = registry.log_policy(tiny_lm_dir)
+        assert registry.log_policy(tiny_lm_dir) == uri  # a resumed run reuses what it logged
+        first = registry.register(MODEL, run.info.run_id, uri, {"gates_passed": True, "data_md5": "abc"})
+        again = registry.register(MODEL, run.info.run_id, uri, {"gates_passed": True, "data_md5": "abc", "late": 1})
+    assert str(first.version) == str(again.version) == "1"
+    assert first.tags == {"gates_passed": "true", "data_md5": "abc"}
+    assert again.tags["late"] == "1"
+    assert [v.version for v in registry.list_versions(MODEL)] == [1]
+    assert registry.version_of_run(MODEL, "no-such-run") is None
+
+
+def test_registered_champion_generates_text(config, tiny_lm_dir):
+    version = register(tiny_lm_dir, gates_passed=True)
+    assert registry.get_champion(MODEL) is None
+    assert registry.promote(MODEL, version, user="ci", reason="first model") == (True, "version 1 is now champion")
+    promoted = registry.get_champion(MODEL)
+    assert (promoted.tags["promoted_by"], promoted.tags["promotion_reason"], promoted.tags["forced"]) == ("ci", "first model", "false")
+    assert "previous_champion" not in promoted.tags and registry.INTENT_TAG not in promoted.tags
+    assert registry.promote(MODEL, version) == (False, "version 1 is already champion")
+
+    output = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion").predict(["The film was"])
+    assert isinstance(output[0], str) and output[0].startswith("The film was")
+
+
+def test_a_version_whose_gates_failed_needs_force_and_a_reason(config, tiny_lm_dir):
+    good = register(tiny_lm_dir, gates_passed=True)
+    bad = register(tiny_lm_dir, gates_passed=False)
+    unknown = register(tiny_lm_dir, gates_passed="unknown")
+    registry.promote(MODEL, good)
+
+    with pytest.raises(PromotionError, match="has no version 9: its versions are 1, 2, 3"):
+        registry.promote(MODEL, 9)
+    with pytest.raises(PromotionError, match=r"promotion gates failed. To promote it anyway, force it with a reason"):
+        registry.promote(MODEL, bad)
+    with pytest.raises(PromotionError, match="no gate result"):
+        registry.promote(MODEL, unknown)
+    with pytest.raises(PromotionError, match="needs a reason"):
+        registry.promote(MODEL, bad, force=True)
+    assert str(registry.get_champion(MODEL).version) == good
+
+    registry.promote(MODEL, bad, force=True, reason="KL gate too strict for this data", user="alice")
+    forced = registry.get_champion(MODEL)
+    assert str(forced.version) == bad
+    assert (forced.tags["forced"], forced.tags["promoted_by"]) == ("true", "alice")
+    assert forced.tags["promotion_reason"] == "KL gate too strict for this data"
+    assert forced.tags["previous_champion"] == good
+
+
+def test_compare_and_set_keeps_a_better_champion_that_arrived_meanwhile(config, tiny_lm_dir):
+    first = register(tiny_lm_dir, gates_passed=True, eval_mean_score=1.0)
+    second = register(tiny_lm_dir, gates_passed=True, eval_mean_score=2.0)
+    registry.promote(MODEL, second)  # arrived while `first` was being evaluated against no champion
+    moved, why = registry.promote(MODEL, first, evaluated_against=None, score=1.0)
+    assert not moved and "became champion meanwhile with score 2" in why
+    assert str(registry.get_champion(MODEL).version) == second
+    moved, _ = registry.promote(MODEL, first, evaluated_against=second, score=1.0)  # its gates saw `second`
+    assert moved and registry.get_champion(MODEL).tags["previous_champion"] == second
+
+
+def test_an_alias_move_cut_before_its_tags_is_completed_by_the_next_call(config, tiny_lm_dir):
+    first, second = register(tiny_lm_dir, gates_passed=True), register(tiny_lm_dir, gates_passed=True)
+    registry.promote(MODEL, first)
+    client = MlflowClient()
+    # the state a kill leaves between the alias move and its tags (tests/flows/test_crash_points.py kills for real)
+    intent = {"action": "promote", "previous": first, "by": "pipeline", "at": "t", "reason": "all gates passed", "forced": False}
+    client.set_model_version_tag(MODEL, second, registry.INTENT_TAG, json.dumps(intent))
+    client.set_registered_model_alias(MODEL, "champion", second)
+
+    moved, why = registry.promote(MODEL, second, evaluated_against=first, score=1.0)
+    assert moved and "interrupted promotion completed" in why
+    tags = registry.get_champion(MODEL).tags
+    assert tags["previous_champion"] == first and tags["promoted_by"] == "pipeline" and registry.INTENT_TAG not in tags
+
+
+def test_rollback_walks_the_chain_of_previous_champions(config, tiny_lm_dir):
+    versions = [register(tiny_lm_dir, gates_passed=True) for _ in range(3)]
+    with pytest.raises(PromotionError, match="no champion to roll back"):
+        registry.rollback(MODEL)
+    for version in versions:
+        registry.promote(MODEL, version)
+    assert [(v.version, v.aliases) for v in registry.list_versions(MODEL)] == [(3, ["champion"]), (2, []), (1, [])]
+
+    restored = registry.rollback(MODEL, user="bob", reason="regression in prod")
+    assert str(restored.version) == "2" == str(registry.get_champion(MODEL).version)
+    assert restored.tags["rolled_back_from"] == "3" and restored.tags["rolled_back_by"] == "bob"
+    assert str(registry.rollback(MODEL).version) == "1"
+    with pytest.raises(PromotionError, match="nothing to roll back to"):
+        registry.rollback(MODEL)
+    assert registry.list_versions("no-such-model") == []
+
+
+def test_registry_reference_resolves_to_a_loadable_directory(config, tiny_lm_dir, tmp_path):
+    registry.promote(MODEL, register(tiny_lm_dir, gates_passed=True))
+    cache = tmp_path / "registry"
+
+    path = registry.resolve_model_reference(f"models:/{MODEL}@champion", cache_dir=cache)
+    assert Path(path).parent == cache and Path(path).name.startswith(f"{MODEL}-v1-")
+    model = AutoModelForCausalLM.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    assert tokenizer("the film was good")["input_ids"] == AutoTokenizer.from_pretrained(tiny_lm_dir)("the film was good")["input_ids"]
+    original = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
+    assert all((a == b).all() for a, b in zip(model.state_dict().values(), original.state_dict().values()))
+
+    assert registry.resolve_model_reference(f"models:/{MODEL}/1", cache_dir=cache) == path  # cached per version
+    assert registry.resolve_model_reference("gpt2") == "gpt2"
+    assert registry.pin_model_reference(f"models:/{MODEL}@champion") == f"models:/{MODEL}/1"
+    with pytest.raises(registry.ModelReferenceError, match="cannot resolve"):
+        registry.resolve_model_reference(f"models:/{MODEL}@staging", cache_dir=cache)
+
+
+def test_same_version_number_in_another_registry_is_not_served_from_the_cache(config, tiny_lm_dir, tmp_path, empty_store):
+    import shutil
+
+    from tiny import save_tiny_lm
+
+    cache = tmp_path / "registry"
+    register(tiny_lm_dir, gates_passed=True)
+    first = registry.resolve_model_reference(f"models:/{MODEL}/1", cache_dir=cache)
+
+    other_model = save_tiny_lm(tmp_path / "other-lm", seed=7)
+    other_store = tmp_path / "other"
+    other_store.mkdir()
+    shutil.copy(empty_store, other_store / "mlflow.db")
+    tracking.use_tracking(TrackingConfig(tracking_uri=f"sqlite:///{other_store}/mlflow.db", experiment="tests"))
+    register(other_model, gates_passed=True)
+    second = registry.resolve_model_reference(f"models:/{MODEL}/1", cache_dir=cache)
+
+    assert first != second
+    loaded = AutoModelForCausalLM.from_pretrained(second).state_dict()
+    expected = AutoModelForCausalLM.from_pretrained(other_model).state_dict()
+    assert all((loaded[k] == expected[k]).all() for k in expected)
