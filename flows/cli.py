@@ -1,11 +1,23 @@
-"""The `alignflow` command: run, schedule, inspect and promote; plus config, data and demo helpers."""
+"""The `alignflow` command: run, schedule, inspect and promote; plus config, data and demo helpers.
+
+An error alignflow explains (`components.errors`: bad configuration, data, model reference, registry request,
+storage) ends the command with its message alone and exit code 2 (1 for other explained failures); the traceback goes
+to the log file under artifacts/logs/ and, with `--debug`, to the terminal. Anything else keeps its traceback.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import logging
 import os
+import signal
+import subprocess
 import sys
+import time
+import traceback
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import typer
 from rich.console import Console
@@ -13,8 +25,10 @@ from rich.markup import escape
 from rich.table import Table
 
 from components.config import PROJECT_ROOT, ConfigError, load_config
+from components.errors import explained
 
-app = typer.Typer(help="alignflow: RLHF with PPO as a scheduled, auditable MLOps workflow.", no_args_is_help=True)
+app = typer.Typer(help="alignflow: RLHF with PPO as a scheduled, auditable MLOps workflow.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
 config_app = typer.Typer(help="Inspect the run configuration.", no_args_is_help=True)
 data_app = typer.Typer(help="Check the data pinned by data.dvc.", no_args_is_help=True)
 demo_app = typer.Typer(help="The offline demo kit (the embedded default).", no_args_is_help=True)
@@ -30,8 +44,42 @@ ConfigOption = typer.Option(None, "--config", "-c", help="Run configuration (YAM
 SetOption = typer.Option([], "--set", "-s", help="Override a setting, e.g. --set ppo.learning_rate=1e-5 (repeatable).")
 
 
+LOG_DIR = Path(os.environ.get("ALIGNFLOW_LOG_DIR", PROJECT_ROOT / "artifacts" / "logs"))
+_options = {"debug": False, "log_file": None}
+
+
+@app.callback()
+def options(debug: bool = typer.Option(False, "--debug", help="Show the traceback of an error (always in the log file).")) -> None:
+    """alignflow: RLHF with PPO as a scheduled, auditable MLOps workflow."""
+    _options["debug"] = debug
+
+
+def explain_errors(command):
+    """An error alignflow explains ends the command with its message and exit code; the traceback goes to the log
+    file, and to the terminal with --debug."""
+
+    @functools.wraps(command)
+    def run_command(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except Exception as exc:
+            error = explained(exc)
+            if error is None:
+                raise
+            logging.getLogger("alignflow").error("%s", error, exc_info=exc)
+            if _options["debug"]:
+                traceback.print_exception(exc)
+            errors.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
+            if _options["log_file"]:
+                errors.print(f"(details: {_options['log_file']}; --debug shows the traceback)", style="dim",
+                             highlight=False, soft_wrap=True)
+            raise typer.Exit(error.exit_code) from None
+
+    return run_command
+
+
 def fail(message: str, code: int = 2) -> None:
-    errors.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    errors.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -43,12 +91,14 @@ def resolved(config: Optional[Path], overrides: list[str]):
 
 
 @config_app.command("show")
+@explain_errors
 def config_show(config: Optional[Path] = ConfigOption, set_: list[str] = SetOption) -> None:
     """Print the resolved configuration (YAML), after overrides and defaults."""
     console.print(resolved(config, set_).to_yaml(), highlight=False, soft_wrap=True)
 
 
 @data_app.command("check")
+@explain_errors
 def data_check(config: Optional[Path] = ConfigOption, set_: list[str] = SetOption) -> None:
     """Check data/ against data.dvc and report the prompt rows that would be left out."""
     from components.data import DataError, check_data, load_prompts
@@ -64,6 +114,7 @@ def data_check(config: Optional[Path] = ConfigOption, set_: list[str] = SetOptio
 
 
 @demo_app.command("data")
+@explain_errors
 def demo_data(out: Path = typer.Option(PROJECT_ROOT / "data/demo", help="Where to write the demo datasets."), seed: int = 0) -> None:
     """Regenerate the demo datasets exactly (the same seed gives the bytes data.dvc pins)."""
     from components.demo.domain import generate_demo_data
@@ -74,6 +125,7 @@ def demo_data(out: Path = typer.Option(PROJECT_ROOT / "data/demo", help="Where t
 
 
 @demo_app.command("bootstrap")
+@explain_errors
 def demo_bootstrap(
     data_dir: Path = typer.Option(PROJECT_ROOT / "data/demo"),
     out: Path = typer.Option(PROJECT_ROOT / "artifacts/demo"),
@@ -113,6 +165,7 @@ def prepare_demo_if_needed(run) -> None:
 
 
 @app.command()
+@explain_errors
 def run(
     config: Optional[Path] = ConfigOption,
     set_: list[str] = SetOption,
@@ -128,11 +181,56 @@ def run(
     if remote:
         trigger_remote(remote, parameters, wait)
         return
+    if resume:
+        from components.tracking import find_run
+
+        find_run(run_config.tracking, resume)  # an unknown id fails here, naming the store
     prepare_demo_if_needed(run_config)
     from flows.pipeline import pipeline
 
-    result = pipeline(**parameters)
+    with prefect_api():
+        result = pipeline(**parameters)
     show_result(result, run_config)
+
+
+@contextlib.contextmanager
+def prefect_api() -> Iterator[None]:
+    """The Prefect API the flow reports to: PREFECT_API_URL, else a temporary server of this process's own that dies
+    with it, even when this process is killed (Prefect's own temporary server would outlive a SIGKILL)."""
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if PREFECT_API_URL.value():
+        yield
+        return
+
+    class OwnedServer(SubprocessASGIServer):
+        def _run_uvicorn_command(self):
+            popen = subprocess.Popen
+
+            def dying_with_us(*args, **kwargs):
+                return popen(*args, preexec_fn=_die_with_parent, **kwargs)
+
+            subprocess.Popen = dying_with_us
+            try:
+                return super()._run_uvicorn_command()
+            finally:
+                subprocess.Popen = popen
+
+    server = OwnedServer()  # registered as Prefect's temporary server: the client finds it, not a second one
+    server.start()
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+            yield
+    finally:
+        server.stop()
+
+
+def _die_with_parent() -> None:
+    """In a child before it runs its program: the kernel sends it SIGTERM when its parent dies (PR_SET_PDEATHSIG)."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
 def trigger_remote(deployment: str, parameters: dict, wait: bool) -> None:
@@ -150,6 +248,7 @@ PIPELINE_FLOW = "alignflow-pipeline"
 
 
 @app.command()
+@explain_errors
 def deploy(
     config: Optional[Path] = ConfigOption,
     set_: list[str] = SetOption,
@@ -193,7 +292,7 @@ def show_result(result, run_config) -> None:
         gates.add_row(row["gate"], f"{row['value']:.4g}", escape(row["requirement"]), "[green]pass" if row["passed"] else "[bold red]FAIL")
     console.print(gates)
     colour = "green" if result.gates_passed else "red"
-    console.print(f"gates: [{colour}]{result.gate_summary}[/]")
+    console.print(f"gates: [{colour}]{escape(result.gate_summary)}[/]")
     name, alias = run_config.tracking.registered_model, run_config.tracking.champion_alias
     state = f"promoted to @{alias}" if result.promoted else f"not promoted (@{alias} unchanged)"
     console.print(f"stop reason: {result.stop_reason} after {result.episodes} episodes")
@@ -204,6 +303,7 @@ def show_result(result, run_config) -> None:
 
 
 @app.command()
+@explain_errors
 def serve(
     config: Optional[Path] = ConfigOption,
     set_: list[str] = SetOption,
@@ -240,6 +340,7 @@ def require_prefect_server() -> str:
 
 
 @app.command()
+@explain_errors
 def runs(config: Optional[Path] = ConfigOption, set_: list[str] = SetOption, limit: int = typer.Option(10, "-n")) -> None:
     """Recent pipeline runs: status, stop reason, score gain, KL, gate result and model version."""
     from components import tracking
@@ -261,9 +362,10 @@ def _num(value) -> str:
 
 
 @app.command()
+@explain_errors
 def models(config: Optional[Path] = ConfigOption, set_: list[str] = SetOption) -> None:
     """Versions of the registered policy with their aliases and gate results."""
-    from components import tracking
+    from components import registry, tracking
 
     run_config = resolved(config, set_)
     tracking.use_tracking(run_config.tracking)
@@ -271,7 +373,7 @@ def models(config: Optional[Path] = ConfigOption, set_: list[str] = SetOption) -
     table = Table(title=f"Registered model {name}")
     for column in ("version", "aliases", "gates", "failed gates", "eval score", "KL", "data md5", "promoted by"):
         table.add_column(column)
-    for version in tracking.list_versions(name):
+    for version in registry.list_versions(name):
         tags = version.tags
         gates = {"true": "[green]passed", "false": "[red]failed"}.get(tags.get("gates_passed", ""), "-")
         table.add_row(str(version.version), ", ".join(version.aliases) or "-", gates, tags.get("gates_failed") or "-",
@@ -281,6 +383,7 @@ def models(config: Optional[Path] = ConfigOption, set_: list[str] = SetOption) -
 
 
 @app.command()
+@explain_errors
 def promote(
     version: str,
     config: Optional[Path] = ConfigOption,
@@ -288,51 +391,101 @@ def promote(
     force: bool = typer.Option(False, help="Promote a version whose gates failed (needs --reason)."),
     reason: Optional[str] = typer.Option(None, help="Why (recorded in the version's tags)."),
 ) -> None:
-    """Make VERSION the champion; refuses a version that failed its gates unless --force --reason."""
-    from components import tracking
+    """Make VERSION the champion; refuses a version that failed its gates unless --force --reason. Takes the same lock
+    as the pipeline's promotions, so promotions at the same time keep one champion and a consistent chain."""
+    from flows import promotion
 
     run_config = resolved(config, set_)
-    tracking.use_tracking(run_config.tracking)
     name, alias = run_config.tracking.registered_model, run_config.tracking.champion_alias
-    try:
-        promoted = tracking.promote(name, version, alias, force=force, reason=reason)
-    except tracking.PromotionError as exc:
-        fail(str(exc) + (" (use --force --reason \"...\")" if not force else ""))
-    console.print(f"{name} version {promoted.version} is now @{alias}")
+    with prefect_api() if promotion.needs_prefect_server(run_config) else contextlib.nullcontext():
+        moved, why = promotion.promote(run_config, version, force=force, reason=reason)
+    console.print(f"{name}: {why}" if moved else f"{name}: {why}; @{alias} unchanged")
 
 
 @app.command()
+@explain_errors
 def rollback(
     config: Optional[Path] = ConfigOption,
     set_: list[str] = SetOption,
     reason: Optional[str] = typer.Option(None, help="Why (recorded in the versions' tags)."),
 ) -> None:
     """Move the champion alias back to the previous champion."""
-    from components import tracking
+    from flows import promotion
 
     run_config = resolved(config, set_)
-    tracking.use_tracking(run_config.tracking)
     name, alias = run_config.tracking.registered_model, run_config.tracking.champion_alias
-    try:
-        restored = tracking.rollback(name, alias, reason=reason)
-    except tracking.PromotionError as exc:
-        fail(str(exc))
+    with prefect_api() if promotion.needs_prefect_server(run_config) else contextlib.nullcontext():
+        restored = promotion.rollback(run_config, reason=reason)
     console.print(f"{name} @{alias} is back on version {restored.version}")
 
 
-def main() -> None:
+class _WithoutExplainedTracebacks(logging.Formatter):
+    """Wraps a console handler's formatter: an error alignflow explains is logged by its message, without the traceback
+    (which the log file keeps)."""
+
+    def __init__(self, inner: logging.Formatter | None):
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        if not (record.exc_info and explained(record.exc_info[1]) is not None):
+            return self.inner.format(record)
+        saved = record.exc_info, record.exc_text
+        record.exc_info, record.exc_text = None, None
+        try:
+            return self.inner.format(record)
+        finally:
+            record.exc_info, record.exc_text = saved
+
+
+def _setup_logging(argv: list[str]) -> Path | None:
+    """A log file for this command (every record, tracebacks included) and console handlers that leave out the
+    traceback of explained errors unless --debug."""
+    import prefect  # noqa: F401 - configures its logging, whose console handler is wrapped here
+
+    if "--debug" not in argv:
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                handler.setFormatter(_WithoutExplainedTracebacks(handler.formatter))
+    command = next((a for a in argv if not a.startswith("-")), "alignflow")
+    try:
+        LOG_DIR.mkdir(parents=True, exist_ok=True)
+        path = LOG_DIR / f"{time.strftime('%Y%m%d-%H%M%S')}-{command}-{os.getpid()}.log"
+        handler = logging.FileHandler(path)
+    except OSError:
+        return None
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+    logging.getLogger().setLevel(min(logging.getLogger().level or logging.INFO, logging.INFO))
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # Without a Prefect server, flows run on an ephemeral one whose start (database migrations included) can
+    # Without a Prefect server, flows run on a temporary one whose start (database migrations included) can
     # take longer than Prefect's default 20 s on a busy small machine: give it 2 minutes unless told otherwise.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
+    _options["log_file"] = _setup_logging(argv)
     try:
-        app()
+        code = app(argv, standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except KeyboardInterrupt:
         errors.print("interrupted")
         sys.exit(130)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        errors.print("aborted")
+        sys.exit(1)
+    except typer.TyperException as exc:  # click's usage errors: bad options, missing arguments, help
+        exc.show()
+        sys.exit(getattr(exc, "exit_code", 2))
+
 
 
 if __name__ == "__main__":

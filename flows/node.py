@@ -21,7 +21,7 @@ from prefect.cache_policies import NONE
 
 from components.config import PROJECT_ROOT, RunConfig, load_config
 from components.ppo import launcher
-from flows.tasks import resolved_models
+from flows.multinode import resolved_models
 
 NODE_FLOW = "alignflow-ppo-node"
 

@@ -1,9 +1,10 @@
 """The alignflow pipeline, as Prefect tells it.
 
-prepare_dataset -> load_reward_model -> evaluate baseline -> PPO epochs -> evaluate candidate
--> gates -> register -> promote
+check inputs -> prepare_dataset -> load models -> (start the MLflow run) -> evaluate baseline -> PPO epochs
+-> evaluate candidate -> gates -> register -> promote -> finish
 
-Each step is a thin task around one component call (flows/tasks.py); the math lives in components/.
+Each step is a thin task around one component call (flows/tasks.py); the math lives in components/. Every step can
+run again: `alignflow run --resume RUN_ID` after a crash at any point ends where an uninterrupted run ends.
 """
 
 from __future__ import annotations
@@ -19,14 +20,23 @@ from flows.tasks import PipelineResult
 def pipeline(config_path: str | None = None, overrides: list[str] | None = None, resume_run_id: str | None = None) -> PipelineResult:
     """Align the configured policy with PPO against the reward model; promote it if every gate passes."""
     config: RunConfig = load_config(config_path, overrides or [])
-    run_id = tasks.start_tracking(config, resume_run_id)
+    models = tasks.check_inputs(config, resume_run_id)  # the same run with its model references resolved here
+    version = tasks.check_data_version(config)
+    data = tasks.as_prepared(tasks.prepare_dataset(config, version.md5))
+    scorer = tasks.load_reward_model(models)
+    policy, tokenizer = tasks.load_policy(models)
+    trainer = tasks.build_trainer(models, policy, tokenizer, scorer)
+
+    run_id = tasks.start_tracking(config, resume_run_id)  # inputs are good: the run is recorded from here on
     try:
-        version = tasks.check_data_version(config)
-        data = tasks.as_prepared(tasks.prepare_dataset(config, version.md5))
+        settled = tasks.recorded_result() if resume_run_id else None
+        if settled is not None:
+            print(f"run {run_id} had settled its outcome: closing it")
+            tasks.close(config, settled)
+            tasks.end_tracking(run_id, failed=False)
+            return settled
         tasks.log_dataset(config, data, version)
-        scorer = tasks.load_reward_model(config)
-        policy, tokenizer = tasks.load_policy(config)
-        trainer = tasks.build_trainer(config, policy, tokenizer, scorer, run_id)
+        tasks.resume_trainer(trainer, config, run_id)
         reference = trainer.reference
         baseline = tasks.evaluate("baseline", reference, tokenizer, data.eval_prompts, scorer, config)
 
@@ -39,11 +49,15 @@ def pipeline(config_path: str | None = None, overrides: list[str] | None = None,
         candidate = tasks.evaluate("candidate", trainer.policy, tokenizer, data.eval_prompts, scorer, config, reference=reference)
         champion = tasks.evaluate_champion(config, data.eval_prompts, scorer)
         report = tasks.gates(config, baseline, candidate, champion)
-        model_version = tasks.register(config, trainer, version.md5, report, candidate, stop_reason)
+        model_version = tasks.register(config, trainer, run_id, version.md5, report, candidate, champion, stop_reason)
         promoted = tasks.promote(config, model_version, report, candidate, champion)
         result = tasks.finish(run_id, config, trainer, stop_reason, baseline, candidate, report, model_version, promoted, champion)
+        tasks.close(config, result)
     except BaseException as exc:
         tasks.end_tracking(run_id, failed=True)
-        raise tasks.explain_failure(exc, config, run_id) from exc
+        failure = tasks.explain_failure(exc, config, run_id)
+        if failure is exc:
+            raise
+        raise failure from exc
     tasks.end_tracking(run_id, failed=False)
     return result

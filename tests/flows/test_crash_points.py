@@ -1,0 +1,174 @@
+"""Crash consistency: a real `alignflow run` killed with SIGKILL at every named crash point (components/faults.py),
+then `alignflow run --resume RUN_ID`, ends where an uninterrupted run ends: each step logged once with the same
+values, one version for the run with all its tags, the right champion and chain, no checkpoint lost or left over.
+
+The kills are chained, as an unlucky night would chain them: the run is killed at the first point, its resume at the
+second, that resume's resume at the third, and so on; the last resume runs to the end. After each kill the store is
+checked for the state that point leaves (so a point that was not reached fails the test), and the end state is
+compared with an uninterrupted run of the same configuration from the same starting store.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+from processes import alignflow, cli_in_child
+from support import register_versions
+
+from components import registry, tracking
+from components.config import TrackingConfig
+from components.faults import CRASH_ENV, POINTS
+
+pytestmark = pytest.mark.slow
+
+MODEL = "crash-policy"
+EXPERIMENT = "crash"
+TIMING = ("time/", "perf/")
+# The kill of each link of the chain: a point, and the N-th time this process reaches it ("#N").
+CHAIN = [
+    "tracking.started",
+    "evaluation.recorded",  # the baseline's
+    "checkpoint.written",  # epoch 0's save, before its renames
+    "epoch.checkpointed",  # epoch 0's checkpoint in place, its metrics not logged
+    "checkpoint.between_renames",  # epoch 1's save: epoch 0's checkpoint renamed aside, the new one not in place
+    "epoch.logged",  # epoch 1 logged, nothing evaluated yet
+    "evaluation.recorded",  # the candidate's
+    "register.logged",
+    "register.created",
+    "promote.intent",
+    "promote.alias_moved",
+    "finish.artifacts",
+    "finish.tagged",
+]
+
+
+def overrides(tiny_lm_dir: Path, tiny_reward_dir: Path, store: Path) -> list[str]:
+    gates_that_pass = ["gates.min_reward_gain=-1000", "gates.significant_gain=false", "gates.min_win_rate=0",
+                       "gates.max_kl=1000000", "gates.min_length_ratio=0", "gates.max_length_ratio=1000",
+                       "gates.min_distinct2=0", "gates.beat_champion=false"]
+    return [
+        f"policy.model={tiny_lm_dir}", f"reward.model={tiny_reward_dir}", "policy.value_head=shared",
+        f"tracking.tracking_uri=sqlite:///{store}/mlflow.db", f"tracking.experiment={EXPERIMENT}",
+        f"tracking.registered_model={MODEL}", f"ppo.checkpoint_dir={store}/checkpoints",
+        "ppo.batch_size=16", "ppo.mini_batch_size=8", "ppo.ppo_epochs=1", "ppo.max_steps=32", "ppo.iterations_per_epoch=1",
+        "data.eval_size=16", "generation.max_new_tokens=8", "evaluation.bootstrap_samples=100",
+        "evaluation.num_samples_logged=4", *gates_that_pass,
+    ]
+
+
+def seed_champion(store: Path, tiny_lm_dir: Path) -> None:
+    """A store whose registered model already has a champion (version 1), so a promotion has a chain to extend."""
+    store.mkdir(parents=True, exist_ok=True)
+    register_versions(TrackingConfig(tracking_uri=f"sqlite:///{store}/mlflow.db", experiment="seed"), MODEL, tiny_lm_dir, [-100.0])
+    registry.promote(MODEL, "1", reason="seed")
+
+
+def the_run(store: Path):
+    client = MlflowClient(f"sqlite:///{store}/mlflow.db")
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    runs = client.search_runs([experiment.experiment_id]) if experiment else []
+    assert len(runs) <= 1, "a resume started a second run"
+    return client, (runs[0] if runs else None)
+
+
+def end_state(store: Path) -> dict:
+    """What an uninterrupted run leaves, in terms that do not depend on when it ran."""
+    client, run = the_run(store)
+    run_id = run.info.run_id
+    metrics = {}
+    for key in sorted(run.data.metrics):
+        history = client.get_metric_history(run_id, key)
+        steps = [m.step for m in history]
+        metrics[key] = steps if key.startswith(TIMING) else [(m.step, round(m.value, 5)) for m in history]
+    versions = client.search_model_versions(f"name='{MODEL}'")
+    mine = [v for v in versions if v.run_id == run_id]
+    champion = client.get_model_version_by_alias(MODEL, "champion")
+    volatile = {"promoted_at", "prefect_flow_run_id", "mlflow_run_id"}
+    tags = {k: v for k, v in mine[0].tags.items() if k not in volatile} if mine else {}
+    logged = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
+    artifacts = sorted(a.path for a in client.list_artifacts(run_id)) + sorted(
+        a.path for a in client.list_artifacts(run_id, "evaluations"))
+    samples = json.loads(mlflow.artifacts.load_text(f"{run.info.artifact_uri}/eval_samples.json"))
+    return {
+        "status": run.info.status,
+        "tags": {k: run.data.tags.get(k) for k in (tracking.FINISHED_TAG, tracking.MODEL_VERSION_TAG, tracking.PROMOTED_TAG,
+                                                   tracking.STOP_REASON_TAG, tracking.GATES_PASSED_TAG)},
+        "metrics": metrics,
+        "versions": sorted(int(v.version) for v in versions),
+        "versions_of_the_run": len(mine),
+        "version_tags": tags,
+        "champion": str(champion.version),
+        "logged_models": len([m for m in logged if m.source_run_id == run_id]),
+        "artifacts": artifacts,
+        "eval_samples": len(samples["data"]),
+        "leftovers": sorted(p.name for p in (store / "checkpoints").iterdir()) if (store / "checkpoints").exists() else [],
+    }
+
+
+def left_where_it_was_killed(point: str, store: Path) -> None:
+    """The state each point leaves: proof the process died there, not somewhere else."""
+    client, run = the_run(store)
+    assert run is not None and run.info.status == "RUNNING"
+    run_dir = store / "checkpoints" / run.info.run_id
+    checkpoint, aside = run_dir / "checkpoint", run_dir / ".checkpoint.previous"
+    tags = run.data.tags
+    version = registry.version_of_run(MODEL, run.info.run_id)
+    if point == "checkpoint.written":
+        assert not checkpoint.exists() and list(run_dir.glob(".checkpoint.tmp-*"))
+    elif point == "checkpoint.between_renames":
+        assert aside.is_dir() and not checkpoint.exists()  # the loss of issue 13: this one used to be ignored
+    elif point == "epoch.checkpointed":
+        assert checkpoint.is_dir() and not client.get_metric_history(run.info.run_id, "iteration")
+    elif point == "register.logged":
+        assert version is None
+    elif point == "register.created":
+        assert version is not None and registry.GATES_TAG in version.tags
+        assert tracking.MODEL_VERSION_TAG not in tags
+    elif point == "promote.intent":
+        assert registry.INTENT_TAG in version.tags and str(registry.get_champion(MODEL).version) == "1"
+    elif point == "promote.alias_moved":
+        assert registry.INTENT_TAG in version.tags and str(registry.get_champion(MODEL).version) == str(version.version)
+    elif point == "finish.tagged":
+        assert tags.get(tracking.PROMOTED_TAG) == "true" and tags.get(tracking.FINISHED_TAG) is None and run_dir.exists()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(demo_data, tiny_lm_dir, tiny_reward_dir, tmp_path_factory):
+    store = tmp_path_factory.mktemp("uninterrupted")
+    seed_champion(store, tiny_lm_dir)
+    assert cli_in_child(["run", *sum((["--set", o] for o in overrides(tiny_lm_dir, tiny_reward_dir, store)), [])]) == 0
+    return end_state(store)
+
+
+def test_every_crash_point_is_in_the_chain():
+    assert set(CHAIN) == set(POINTS)
+
+
+def test_a_run_killed_at_every_crash_point_and_resumed_ends_as_an_uninterrupted_run(uninterrupted, tiny_lm_dir,
+                                                                                      tiny_reward_dir, tmp_path):
+    store = tmp_path / "store"
+    seed_champion(store, tiny_lm_dir)
+    settings = sum((["--set", o] for o in overrides(tiny_lm_dir, tiny_reward_dir, store)), [])
+    run_id = None
+    for point in CHAIN:
+        argv = ["run", *settings] + (["--resume", run_id] if run_id else [])
+        assert cli_in_child(argv, env={CRASH_ENV: point}) == -9, f"alignflow run was not killed at {point}"
+        left_where_it_was_killed(point, store)
+        run_id = the_run(store)[1].info.run_id
+
+    done = alignflow(["run", *settings, "--resume", run_id], env={CRASH_ENV: ""})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"registered {MODEL} version 2: promoted to @champion" in done.stdout
+    state = end_state(store)
+    assert state == uninterrupted
+    assert state["status"] == "FINISHED" and state["versions"] == [1, 2] and state["champion"] == "2"
+    assert state["version_tags"]["previous_champion"] == "1" and registry.INTENT_TAG not in state["version_tags"]
+    assert state["leftovers"] == [] and state["logged_models"] == 1
+
+    # a finished run resumed again changes nothing
+    assert cli_in_child(["run", *settings, "--resume", run_id]) == 0
+    assert end_state(store) == uninterrupted
