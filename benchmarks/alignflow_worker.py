@@ -26,7 +26,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def main(spec_path: str, result_path: str, engine_root: str) -> None:
     sys.path.insert(0, engine_root)
     sys.path.insert(0, HERE)
-    from measure import write_json
+    from measure import reset_peak_rss, write_json
+
+    reset_peak_rss()  # the peak from here on is this worker's own (measure.py)
 
     spec = json.load(open(spec_path))
     write_json(result_path, evaluate(spec) if "evaluate" in spec else train(spec))
@@ -75,7 +77,7 @@ def evaluate(spec: dict) -> dict:
 
 
 def train(spec: dict) -> dict:
-    from measure import FlopCounter, PhaseClock, peak_rss_mb, rss_mb
+    from measure import FlopCounter, PhaseClock, peak_rss, rss_mb
 
     started = time.perf_counter()
     import torch
@@ -172,7 +174,7 @@ def train(spec: dict) -> dict:
         "parameters": parameters,
         "setup_seconds": setup_seconds,
         "rss_before_train_mb": rss_before,
-        "peak_rss_mb": peak_rss_mb(),
+        **peak_rss(),
         "iterations": iterations,
     }
     if spec.get("save_policy"):

@@ -51,6 +51,7 @@ RESULTS = HERE / "results"
 TRL_VENV = HERE / ".venv-trl"
 TRL_REQUIREMENTS = ("torch==2.13.0", "trl==1.12.0")
 SIDES = ("alignflow", "trl")
+OLD_PEAK_METHOD = "ru_maxrss (includes the harness's resident size at fork)"
 EVAL_SAMPLES = 4  # sampled completions per held-out prompt for each trained policy (seeds 1234, 1235, ...)
 WORKER_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
@@ -188,6 +189,8 @@ def summarize(runs: list[dict], workload: Workload, peak_flops: float) -> dict:
         "iteration_seconds_median": statistics.median(seconds),
         "phase_share": phases,
         "peak_rss_mb": max(run["peak_rss_mb"] for run in runs),
+        # results from before the memory fix have no method: their figure was ru_maxrss, the parent's size included
+        "peak_rss_method": runs[0].get("peak_rss_method", OLD_PEAK_METHOD),
         "rss_before_train_mb": max(run["rss_before_train_mb"] for run in runs),
         "runs": len(runs),
         "gflop_per_iteration": statistics.mean(flops) / 1e9,
@@ -466,6 +469,11 @@ def _samples_text(report: dict) -> str:
     return "one sampled\ncompletion" if samples == 1 else f"{samples} sampled\ncompletions"
 
 
+def _peak_text(report: dict) -> str:
+    method = report["throughput"][0]["alignflow"].get("peak_rss_method", OLD_PEAK_METHOD)
+    return f"each worker's, as {method}"
+
+
 def markdown(report: dict) -> str:
     m, matmul, learning = report["machine"], report["matmul"], report["learning"]
     settings = learning["settings"]
@@ -483,7 +491,7 @@ the same shape. Critics: TRL trains a separate value model (a copy of the reward
 {"a separate critic, also a copy of the reward model (`policy.value_head: separate`)" if settings.get("value_head") == "separate" else "a value head on the policy (`policy.value_head: shared`)"}. Phase columns are shares of iteration time; MFU = model FLOPs (2·N per token forward, 6·N training, per pass
 each engine runs) / time / matmul peak. "ceiling" is the speed-up alignflow would have if its own model FLOPs per
 iteration ran at 100% of the matmul peak (TRL's measured iteration time / (alignflow's GFLOP/iter / peak)): with the
-same work, no engine passes it on this machine.
+same work, no engine passes it on this machine. Peak RSS: {_peak_text(report)}.
 
 {_md_table(THROUGHPUT_HEADER, _throughput_rows(report))}
 

@@ -25,10 +25,11 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from measure import FlopCounter, PhaseClock, peak_rss_mb, rss_mb, write_json  # noqa: E402
+from measure import FlopCounter, PhaseClock, peak_rss, reset_peak_rss, rss_mb, write_json  # noqa: E402
 
 
 def main(spec_path: str, result_path: str) -> None:
+    reset_peak_rss()  # the peak from here on is this worker's own (measure.py)
     spec = json.load(open(spec_path))
     started = time.perf_counter()
     import torch
@@ -155,7 +156,7 @@ def main(spec_path: str, result_path: str) -> None:
         "parameters": parameters,
         "setup_seconds": setup_seconds,
         "rss_before_train_mb": rss_before,
-        "peak_rss_mb": peak_rss_mb(),
+        **peak_rss(),
         "iterations": iterations,
     }
     if spec.get("save_policy"):
