@@ -72,17 +72,24 @@ def log(message: str) -> None:
 
 def trl_python() -> Path:
     """The peer's interpreter, installing torch==2.13.0 (CPU build) and trl==1.12.0 on first use."""
-    python = TRL_VENV / "bin" / "python"
+    return venv_python(TRL_VENV, TRL_REQUIREMENTS)
+
+
+def venv_python(venv: Path, requirements: tuple[str, ...]) -> Path:
+    """The interpreter of a peer's own virtual environment, created with exactly `requirements` (torch==X, trl==Y)
+    on first use, or reinstalled when the versions there differ. Never alignflow's environment."""
+    python = venv / "bin" / "python"
+    wanted = [r.split("==")[1] for r in requirements]
     probe = "import torch, trl; print(torch.__version__.split('+')[0], trl.__version__)"
     if python.exists():
         found = subprocess.run([python, "-c", probe], capture_output=True, text=True)
-        if found.returncode == 0 and found.stdout.split() == ["2.13.0", "1.12.0"]:
+        if found.returncode == 0 and found.stdout.split() == wanted:
             return python
     else:
-        log(f"creating {TRL_VENV}")
-        subprocess.run([sys.executable, "-m", "venv", str(TRL_VENV)], check=True)
-    log(f"installing {' '.join(TRL_REQUIREMENTS)} into {TRL_VENV}")
-    subprocess.run([python, "-m", "pip", "install", "--quiet", *TRL_REQUIREMENTS], check=True)
+        log(f"creating {venv}")
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    log(f"installing {' '.join(requirements)} into {venv}")
+    subprocess.run([python, "-m", "pip", "install", "--quiet", *requirements], check=True)
     return python
 
 
@@ -90,9 +97,14 @@ def ensure_demo_models() -> None:
     if (DEMO_DIR / "instruct" / "config.json").is_file() and (DEMO_DIR / "reward" / "config.json").is_file():
         return
     from components.demo import bootstrap
+    from components.demo.domain import generate_demo_data
 
+    data_dir = PROJECT_ROOT / "data" / "demo"
+    if not data_dir.exists():  # a fresh clone: the data is generated, not stored (the same seed gives data.dvc's bytes)
+        log(f"generating the demo data into {data_dir}")
+        generate_demo_data(data_dir, seed=0)
     log("bootstrapping the demo models (about a minute)")
-    bootstrap(PROJECT_ROOT / "data" / "demo", DEMO_DIR)
+    bootstrap(data_dir, DEMO_DIR)
 
 
 def engine_root(ref: str | None) -> tuple[Path, str]:
