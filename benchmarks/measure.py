@@ -3,6 +3,7 @@ the TRL worker imports this file from its own virtual environment, where alignfl
 
 - `matmul_flops_per_second`: the machine's fp32 matrix-multiply throughput (the MFU denominator).
 - `PhaseClock`: wall time split into named phases (generation, reference, value, scoring, update, other).
+- `Budgets`: saves the policy at budgets of episodes, with the training wall-clock seconds at each save.
 - `FlopCounter`: model FLOPs of the passes a side actually runs, from forward hooks on the backbones
   and output heads, charged to the current phase of a `PhaseClock`.
 - `reset_peak_rss` / `peak_rss` / `rss_mb`: resident memory of this process, its peak its own (below).
@@ -219,6 +220,37 @@ class FlopCounter:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+
+class Budgets:
+    """Saves the policy once the episodes trained reach each budget (one save covers every budget passed in the
+    same iteration) and records the training wall-clock seconds at that point. The clock starts at construction
+    (or `start()`, at the first step) and excludes the time spent saving, in this save and every earlier one."""
+
+    def __init__(self, budgets: list[int], directory: str | None, save: Callable[[str], object]) -> None:
+        if budgets and not directory:
+            raise ValueError("save budgets need a save_dir")
+        self.pending = sorted(budgets)
+        self.directory, self.save = directory, save
+        self.saved: list[dict] = []
+        self.start()
+
+    def start(self) -> None:
+        self._start, self._excluded = time.perf_counter(), 0.0
+
+    def train_seconds(self, now: float | None = None) -> float:
+        return (time.perf_counter() if now is None else now) - self._start - self._excluded
+
+    def reached(self, episodes: int) -> None:
+        now = time.perf_counter()
+        passed = [budget for budget in self.pending if episodes >= budget]
+        if not passed:
+            return
+        self.pending = self.pending[len(passed):]
+        path = os.path.join(self.directory, f"episodes-{episodes:07d}")
+        self.save(path)
+        self.saved.append({"episodes": episodes, "budgets": passed, "train_seconds": self.train_seconds(now), "path": path})
+        self._excluded += time.perf_counter() - now
 
 
 def write_json(path: str, payload: dict) -> None:
