@@ -35,7 +35,7 @@ def main(spec_path: str, result_path: str, engine_root: str) -> None:
 
     spec = json.load(open(spec_path))
     if "probe" in spec:
-        write_json(result_path, probe(spec["probe"], spec.get("k", 4)))
+        write_json(result_path, {"algorithms": probe(spec["probe"], spec.get("k", 4))})
     else:
         write_json(result_path, evaluate(spec) if "evaluate" in spec else train(spec))
 

@@ -89,6 +89,22 @@ def trl_config(spec: dict, output_dir: str):
     )
 
 
+def keep_special_tokens(tokenizer):
+    """`tokenizer`, encoding text with its own special tokens even when TRL asks for none. TRL 1.16 tokenizes the
+    reward model's text with add_special_tokens=False (chat-templated text carries them already); plain text then
+    loses what the tokenizer's template adds, e.g. the demo reward tokenizer's <bos>, which its reward model was
+    trained with and reads in alignflow's scorer and TRL 1.12's token ids alike. SPEC["reward_special_tokens"]=false
+    leaves TRL's behaviour as it is."""
+
+    class KeepSpecialTokens(type(tokenizer)):
+        def __call__(self, *args, **kwargs):
+            kwargs["add_special_tokens"] = True
+            return super().__call__(*args, **kwargs)
+
+    tokenizer.__class__ = KeepSpecialTokens
+    return tokenizer
+
+
 def main(spec_path: str, result_path: str) -> None:
     reset_peak_rss()  # the peak from here on is this worker's own (measure.py)
     spec = json.load(open(spec_path))
@@ -114,6 +130,8 @@ def main(spec_path: str, result_path: str) -> None:
     # The reward model reads prompt + completion as text, with its own tokenizer (`reward_processing_classes`).
     reward_model = AutoModelForSequenceClassification.from_pretrained(spec["reward"], num_labels=1, dtype=torch.float32)
     reward_tokenizer = AutoTokenizer.from_pretrained(spec["reward"])
+    if spec.get("reward_special_tokens", True):
+        reward_tokenizer = keep_special_tokens(reward_tokenizer)
 
     # Prompts as text, over-long ones keeping their end as alignflow's tokenizer does (max_prompt_tokens); TRL 1.16
     # has no max_prompt_length of its own. Prompts are the demo's plain text, not chat messages.
@@ -226,6 +244,7 @@ def main(spec_path: str, result_path: str) -> None:
             "gradient_checkpointing", "loss_type", "scale_rewards", "normalize_advantages", "use_bias_correction_kl",
             "importance_sampling_level", "mask_truncated_completions",
         ) if hasattr(args, key)},
+        "reward_special_tokens": spec.get("reward_special_tokens", True),
         "versions": {"trl": trl.__version__, "torch": torch.__version__, "transformers": transformers.__version__},
         "threads": torch.get_num_threads(),
         "parameters": parameters,
