@@ -54,9 +54,8 @@ def probe(algorithms: list[str], k: int) -> dict:
             PPOConfig(**settings)
             out[name] = {"available": True, "reason": ""}
         except Exception as error:  # pydantic's ValidationError, or the engine's ConfigError
-            first = str(error).strip().splitlines()
-            out[name] = {"available": False, "reason": f"the engine's PPOConfig refuses {sorted(settings)}: "
-                         + " ".join(first[:3])}
+            out[name] = {"available": False, "reason": f"this engine's PPOConfig does not accept "
+                         f"{', '.join(sorted(settings))} ({type(error).__name__})"}
     return out
 
 

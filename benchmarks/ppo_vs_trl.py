@@ -51,6 +51,8 @@ RESULTS = HERE / "results"
 TRL_VENV = HERE / ".venv-trl"
 TRL_REQUIREMENTS = ("torch==2.13.0", "trl==1.12.0")
 SIDES = ("alignflow", "trl")
+# Each side's worker script; "trl116" (TRL 1.16.0's RLOO and GRPO trainers) is run by benchmarks/time_to_quality.py.
+WORKERS = {"alignflow": "alignflow_worker.py", "trl": "trl_worker.py", "trl116": "trl_group_worker.py"}
 OLD_PEAK_METHOD = "ru_maxrss (includes the harness's resident size at fork)"
 EVAL_SAMPLES = 4  # sampled completions per held-out prompt for each trained policy (seeds 1234, 1235, ...)
 WORKER_ENV = {
@@ -162,7 +164,7 @@ def run_worker(side: str, spec: dict, python: Path, root: Path, threads: int, la
     workdir = Path(tempfile.mkdtemp(prefix=f"{side}-", dir=CACHE))
     spec_path, result_path, log_path = workdir / "spec.json", workdir / "result.json", workdir / "worker.log"
     spec_path.write_text(json.dumps({**spec, "threads": threads}))
-    script = HERE / ("trl_worker.py" if side == "trl" else "alignflow_worker.py")
+    script = HERE / WORKERS[side]
     command = [str(python), str(script), str(spec_path), str(result_path)]
     if side == "alignflow":
         command.append(str(root))

@@ -509,7 +509,7 @@ def plot(report: dict, path: Path) -> None:
     by_time.set_xlabel("training wall-clock seconds (mean over seeds at each save)")
     by_episodes.set_xlabel("episodes (completions)")
     by_time.set_ylabel(f"gold share, {learning['eval']['prompts']} held-out prompts x {learning['eval']['samples']}")
-    by_episodes.legend(fontsize=8, loc="lower right")
+    by_episodes.legend(fontsize=8, loc="best")
     fig.suptitle(f"Time to quality on the demo task ({learning['seeds']} seed(s); dashed: TRL)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
