@@ -122,3 +122,17 @@ def test_targets_say_not_measured_for_an_unavailable_algorithm():
     rows = {t["target"]: t for t in ttq.targets(report)}
     rloo = rows["alignflow rloo gold share >= TRL 1.16's at equal episodes (within one standard error)"]
     assert rloo["met"] is None and "refuses" in rloo["measured"]
+
+
+def test_trls_reward_tokenizer_keeps_its_special_tokens_when_trl_asks_for_none():
+    import trl_group_worker  # imports without TRL: TRL is only imported inside its functions
+
+    from components.demo.bootstrap import train_tokenizer
+
+    tokenizer = train_tokenizer(["the film was good", "the plot was bad"] * 20, vocab_size=300, model_max_length=64)
+    plain = tokenizer("the film", add_special_tokens=False)["input_ids"]
+    kept = trl_group_worker.keep_special_tokens(tokenizer)
+    # what TRL 1.16 calls for a reward model: padding on the right, add_special_tokens=False
+    ids = kept(text=["the film"], padding=True, padding_side="right", add_special_tokens=False)["input_ids"][0]
+    assert ids == [tokenizer.bos_token_id] + plain
+    assert kept.pad_token_id == tokenizer.pad_token_id  # still the same tokenizer otherwise
