@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--group-epochs", type=int, default=1, help="passes over each generation batch of the critic-free runs")
     parser.add_argument("--seconds-step", type=float, default=None, help="the wall-clock budgets of the curves (default: 1/16 of the longest run)")
     parser.add_argument("--quick-throughput", action="store_true", help="the throughput half on ppo_vs_trl's --quick workloads")
-    parser.add_argument("--repeats", type=int, default=1, help="throughput runs per engine and workload, alternating")
+    parser.add_argument("--repeats", type=int, default=None, help="throughput runs per engine and workload, alternating (default 2: A B .. B A; smoke 1)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--engine-ref", default=None, help="benchmark alignflow's components/ at this git ref")
     parser.add_argument("--skip-learning", action="store_true")
@@ -188,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     args.command = " ".join([parser.prog, *map(shlex.quote, argv)])
     if args.smoke:
         args.seeds, args.budget, args.max_episodes = 1, 64, 128
+    args.repeats = args.repeats or (1 if args.smoke else 2)
     engines = args.engines or DEFAULT_ENGINES
     started = time.perf_counter()
     CACHE.mkdir(parents=True, exist_ok=True)
