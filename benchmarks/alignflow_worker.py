@@ -2,7 +2,10 @@
 
     python benchmarks/alignflow_worker.py SPEC.json RESULT.json [ENGINE_ROOT]
 
-With an "evaluate" list in SPEC it instead evaluates saved policies (both engines') on held-out prompts.
+With an "evaluate" list in SPEC it instead evaluates saved policies (both engines') on held-out prompts; with a
+"probe" list of algorithm names it reports which of them the engine has (benchmarks/algorithms.py).
+SPEC["algorithm"] (default "ppo") picks the algorithm; with "save_budgets" (episode counts) and "save_dir" the
+policy is saved at each budget with the training wall-clock seconds so far (saving excluded), as the TRL workers do.
 ENGINE_ROOT (default: this checkout) is the directory whose `components/` is benchmarked, e.g. a
 `git archive` of a commit. Phases are timed by wrapping, from outside, what `PPOTrainer.step` calls:
   generation  `sample` (our KV-cache loop; old log-probs and shared-head values come from it)
@@ -26,10 +29,34 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def main(spec_path: str, result_path: str, engine_root: str) -> None:
     sys.path.insert(0, engine_root)
     sys.path.insert(0, HERE)
-    from measure import write_json
+    from measure import reset_peak_rss, write_json
+
+    reset_peak_rss()  # the peak from here on is this worker's own (measure.py)
 
     spec = json.load(open(spec_path))
-    write_json(result_path, evaluate(spec) if "evaluate" in spec else train(spec))
+    if "probe" in spec:
+        write_json(result_path, {"algorithms": probe(spec["probe"], spec.get("k", 4))})
+    else:
+        write_json(result_path, evaluate(spec) if "evaluate" in spec else train(spec))
+
+
+def probe(algorithms: list[str], k: int) -> dict:
+    """{algorithm: {"available": bool, "reason": str}}: whether this engine's PPOConfig accepts the algorithm's
+    settings (algorithms.py). An engine without them refuses the unknown keys; nothing is run."""
+    from algorithms import alignflow_settings
+
+    from components.config import PPOConfig
+
+    out = {}
+    for name in algorithms:
+        settings = alignflow_settings(name, k)["ppo"]
+        try:
+            PPOConfig(**settings)
+            out[name] = {"available": True, "reason": ""}
+        except Exception as error:  # pydantic's ValidationError, or the engine's ConfigError
+            out[name] = {"available": False, "reason": f"this engine's PPOConfig does not accept "
+                         f"{', '.join(sorted(settings))} ({type(error).__name__})"}
+    return out
 
 
 def evaluate(spec: dict) -> dict:
@@ -75,7 +102,8 @@ def evaluate(spec: dict) -> dict:
 
 
 def train(spec: dict) -> dict:
-    from measure import FlopCounter, PhaseClock, peak_rss_mb, rss_mb
+    from algorithms import alignflow_settings
+    from measure import Budgets, FlopCounter, PhaseClock, peak_rss, rss_mb
 
     started = time.perf_counter()
     import torch
@@ -96,7 +124,9 @@ def train(spec: dict) -> dict:
     transformers.logging.set_verbosity_error()
     torch.manual_seed(spec["seed"])
 
-    batch = spec["batch_size"]
+    batch = spec["batch_size"]  # episodes (completions) per iteration, for every algorithm
+    algorithm = spec.get("algorithm", "ppo")
+    settings = alignflow_settings(algorithm, spec.get("k", 4))
     ppo = PPOConfig(
         learning_rate=spec["learning_rate"],
         batch_size=batch,
@@ -105,6 +135,7 @@ def train(spec: dict) -> dict:
         kl_coef=spec["kl_coef"],
         max_steps=batch * spec["iterations"],
         max_grad_norm=spec.get("max_grad_norm"),
+        **settings["ppo"],
     )
     generation = GenerationConfig(
         max_new_tokens=spec["max_new_tokens"], temperature=spec["temperature"], top_k=0, top_p=1.0,
@@ -115,13 +146,12 @@ def train(spec: dict) -> dict:
     tokenizer = load_tokenizer(spec["policy"])
     policy = load_causal_lm(spec["policy"])
     scorer = RewardScorer.from_config(reward)
-    critic = None
-    if spec.get("value_head", "shared") == "separate":  # as PPOTrainer.from_config: the critic starts as the reward model
-        critic = AutoModelForSequenceClassification.from_pretrained(spec["reward"], num_labels=1, dtype=torch.float32)
-    trainer = PPOTrainer(
-        policy, tokenizer, scorer, ppo, generation, reward, critic=critic,
-        value_head=spec.get("value_head", "shared"), seed=spec["seed"],
-    )
+    critic, critic_args = None, {}
+    if settings["critic"]:
+        critic_args["value_head"] = spec.get("value_head", "shared")
+        if critic_args["value_head"] == "separate":  # as PPOTrainer.from_config: the critic starts as the reward model
+            critic = AutoModelForSequenceClassification.from_pretrained(spec["reward"], num_labels=1, dtype=torch.float32)
+    trainer = PPOTrainer(policy, tokenizer, scorer, ppo, generation, reward, critic=critic, seed=spec["seed"], **critic_args)
 
     clock = PhaseClock()
     flops = FlopCounter(clock)
@@ -146,6 +176,8 @@ def train(spec: dict) -> dict:
     rss_before = rss_mb()
     iterations = []
     prompts = spec["prompts"]
+    budgets = Budgets(spec.get("save_budgets") or [], spec.get("save_dir"), lambda path: (
+        trainer.policy.save_pretrained(path), tokenizer.save_pretrained(path)))
     for _ in range(spec["iterations"]):
         clock.lap(), flops.lap()
         clock.switch("other")
@@ -162,18 +194,22 @@ def train(spec: dict) -> dict:
             "response_length": stats["response/length_mean"],
             "generation_steps": steps,
         })
+        budgets.reached(batch * len(iterations))
     flops.close()
     result = {
         "side": "alignflow",
         "engine": os.path.dirname(os.path.abspath(components.__file__)),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "threads": torch.get_num_threads(),
-        "value_head": trainer.value_head_type,
+        "algorithm": algorithm,
+        "engine_settings": settings,
+        "value_head": getattr(trainer, "value_head_type", None),
         "parameters": parameters,
         "setup_seconds": setup_seconds,
         "rss_before_train_mb": rss_before,
-        "peak_rss_mb": peak_rss_mb(),
+        **peak_rss(),
         "iterations": iterations,
+        "saved": budgets.saved,
     }
     if spec.get("save_policy"):
         trainer.policy.save_pretrained(spec["save_policy"])

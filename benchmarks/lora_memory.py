@@ -3,8 +3,8 @@
     .venv/bin/python -m benchmarks.lora_memory            # both variants, prints and writes JSON
     .venv/bin/python -m benchmarks.lora_memory --iterations 5
 
-Each variant runs in a fresh subprocess, so its peak RSS (ru_maxrss, the high-water mark of the
-resident set) is its own: a randomly initialised GPT-2 (~25M parameters), a few PPO iterations with
+Each variant runs in a fresh subprocess and reports its own peak RSS (VmHWM, reset at its start:
+benchmarks/measure.py; ru_maxrss would include this parent's size at fork): a randomly initialised GPT-2 (~25M parameters), a few PPO iterations with
 a word-share reward (no reward model, so only the policy side is measured). The full fine-tune holds
 the policy, a frozen reference copy, gradients and AdamW's two moments for every weight; LoRA holds
 the weights once (its reference is the same model with the adapter off) and trains only the adapter.
@@ -15,19 +15,16 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from benchmarks.measure import peak_rss_mb, reset_peak_rss
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "lora_memory.json"
 PROMPTS = ["the film was", "I loved the movie", "the plot is", "it was a", "the acting", "we hated it but", "the music", "this movie"]
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def run_variant(variant: str, iterations: int, seed: int) -> dict:
@@ -75,6 +72,7 @@ def main() -> None:
     parser.add_argument("--variant", choices=["full", "lora"], help=argparse.SUPPRESS)  # the child process
     args = parser.parse_args()
     if args.variant:
+        reset_peak_rss()
         print(json.dumps(run_variant(args.variant, args.iterations, args.seed)))
         return
 

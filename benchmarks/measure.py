@@ -3,9 +3,10 @@ the TRL worker imports this file from its own virtual environment, where alignfl
 
 - `matmul_flops_per_second`: the machine's fp32 matrix-multiply throughput (the MFU denominator).
 - `PhaseClock`: wall time split into named phases (generation, reference, value, scoring, update, other).
+- `Budgets`: saves the policy at budgets of episodes, with the training wall-clock seconds at each save.
 - `FlopCounter`: model FLOPs of the passes a side actually runs, from forward hooks on the backbones
   and output heads, charged to the current phase of a `PhaseClock`.
-- `peak_rss_mb` / `rss_mb`: resident memory of this process.
+- `reset_peak_rss` / `peak_rss` / `rss_mb`: resident memory of this process, its peak its own (below).
 
 Model FLOPs (Kaplan et al. 2020; PaLM's MFU, Chowdhery et al. 2022):
     forward pass       2 * N * tokens
@@ -59,10 +60,59 @@ def rss_mb() -> float:
         return peak_rss_mb()
 
 
+# Peak memory of a worker is its own high-water mark, VmHWM in /proc/self/status. Not `ru_maxrss`: Linux carries
+# the parent's resident size at fork into the child's ru_maxrss across exec (a child of an 800 MB harness reports
+# 813 MB while its own VmHWM is 13.5 MB), which is why every alignflow demo row once read the harness's 487 MB.
+# After exec VmHWM belongs to the new address space already; a worker also resets it at its start (writing "5" to
+# /proc/self/clear_refs, Linux >= 4.0) so nothing before its own work can count, and says whether that worked.
+VMHWM_RESET = "VmHWM from /proc/self/status, reset through /proc/self/clear_refs at the worker's start"
+VMHWM = "VmHWM from /proc/self/status (high-water mark since exec; reset through clear_refs failed)"
+RU_MAXRSS = "ru_maxrss (FALLBACK, no /proc: includes the parent's resident size at fork)"
+_peak_method = VMHWM
+
+
+def _status_kb(field: str) -> int | None:
+    """A `field:   N kB` line of /proc/self/status, in KiB; None where there is no /proc."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def reset_peak_rss() -> str:
+    """Reset this process's high-water mark to its current resident size; returns the method `peak_rss` will use.
+    Checked, not assumed: the reset counts only if VmHWM then reads at most the current VmRSS (plus slack for pages
+    touched in between)."""
+    global _peak_method
+    if _status_kb("VmHWM") is None:
+        _peak_method = RU_MAXRSS
+        return _peak_method
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        hwm, rss = _status_kb("VmHWM"), _status_kb("VmRSS")
+        _peak_method = VMHWM_RESET if hwm is not None and rss is not None and hwm <= rss + 1024 else VMHWM
+    except OSError:
+        _peak_method = VMHWM
+    return _peak_method
+
+
+def peak_rss() -> dict:
+    """{"peak_rss_mb": this process's own peak resident size, "peak_rss_method": how it was measured}."""
+    hwm = _status_kb("VmHWM")
+    if hwm is not None:
+        return {"peak_rss_mb": hwm / 2**10, "peak_rss_method": _peak_method}
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return {"peak_rss_mb": peak / 2**20 if sys.platform == "darwin" else peak / 2**10, "peak_rss_method": RU_MAXRSS}
+
+
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far (ru_maxrss: KiB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+    """This process's own peak resident set size in MB (see `peak_rss` for how it is measured)."""
+    return peak_rss()["peak_rss_mb"]
 
 
 class PhaseClock:
@@ -170,6 +220,37 @@ class FlopCounter:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+
+class Budgets:
+    """Saves the policy once the episodes trained reach each budget (one save covers every budget passed in the
+    same iteration) and records the training wall-clock seconds at that point. The clock starts at construction
+    (or `start()`, at the first step) and excludes the time spent saving, in this save and every earlier one."""
+
+    def __init__(self, budgets: list[int], directory: str | None, save: Callable[[str], object]) -> None:
+        if budgets and not directory:
+            raise ValueError("save budgets need a save_dir")
+        self.pending = sorted(budgets)
+        self.directory, self.save = directory, save
+        self.saved: list[dict] = []
+        self.start()
+
+    def start(self) -> None:
+        self._start, self._excluded = time.perf_counter(), 0.0
+
+    def train_seconds(self, now: float | None = None) -> float:
+        return (time.perf_counter() if now is None else now) - self._start - self._excluded
+
+    def reached(self, episodes: int) -> None:
+        now = time.perf_counter()
+        passed = [budget for budget in self.pending if episodes >= budget]
+        if not passed:
+            return
+        self.pending = self.pending[len(passed):]
+        path = os.path.join(self.directory, f"episodes-{episodes:07d}")
+        self.save(path)
+        self.saved.append({"episodes": episodes, "budgets": passed, "train_seconds": self.train_seconds(now), "path": path})
+        self._excluded += time.perf_counter() - now
 
 
 def write_json(path: str, payload: dict) -> None:

@@ -51,6 +51,9 @@ RESULTS = HERE / "results"
 TRL_VENV = HERE / ".venv-trl"
 TRL_REQUIREMENTS = ("torch==2.13.0", "trl==1.12.0")
 SIDES = ("alignflow", "trl")
+# Each side's worker script; "trl116" (TRL 1.16.0's RLOO and GRPO trainers) is run by benchmarks/time_to_quality.py.
+WORKERS = {"alignflow": "alignflow_worker.py", "trl": "trl_worker.py", "trl116": "trl_group_worker.py"}
+OLD_PEAK_METHOD = "ru_maxrss (includes the harness's resident size at fork)"
 EVAL_SAMPLES = 4  # sampled completions per held-out prompt for each trained policy (seeds 1234, 1235, ...)
 WORKER_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
@@ -71,17 +74,24 @@ def log(message: str) -> None:
 
 def trl_python() -> Path:
     """The peer's interpreter, installing torch==2.13.0 (CPU build) and trl==1.12.0 on first use."""
-    python = TRL_VENV / "bin" / "python"
+    return venv_python(TRL_VENV, TRL_REQUIREMENTS)
+
+
+def venv_python(venv: Path, requirements: tuple[str, ...]) -> Path:
+    """The interpreter of a peer's own virtual environment, created with exactly `requirements` (torch==X, trl==Y)
+    on first use, or reinstalled when the versions there differ. Never alignflow's environment."""
+    python = venv / "bin" / "python"
+    wanted = [r.split("==")[1] for r in requirements]
     probe = "import torch, trl; print(torch.__version__.split('+')[0], trl.__version__)"
     if python.exists():
         found = subprocess.run([python, "-c", probe], capture_output=True, text=True)
-        if found.returncode == 0 and found.stdout.split() == ["2.13.0", "1.12.0"]:
+        if found.returncode == 0 and found.stdout.split() == wanted:
             return python
     else:
-        log(f"creating {TRL_VENV}")
-        subprocess.run([sys.executable, "-m", "venv", str(TRL_VENV)], check=True)
-    log(f"installing {' '.join(TRL_REQUIREMENTS)} into {TRL_VENV}")
-    subprocess.run([python, "-m", "pip", "install", "--quiet", *TRL_REQUIREMENTS], check=True)
+        log(f"creating {venv}")
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    log(f"installing {' '.join(requirements)} into {venv}")
+    subprocess.run([python, "-m", "pip", "install", "--quiet", *requirements], check=True)
     return python
 
 
@@ -89,9 +99,14 @@ def ensure_demo_models() -> None:
     if (DEMO_DIR / "instruct" / "config.json").is_file() and (DEMO_DIR / "reward" / "config.json").is_file():
         return
     from components.demo import bootstrap
+    from components.demo.domain import generate_demo_data
 
+    data_dir = PROJECT_ROOT / "data" / "demo"
+    if not data_dir.exists():  # a fresh clone: the data is generated, not stored (the same seed gives data.dvc's bytes)
+        log(f"generating the demo data into {data_dir}")
+        generate_demo_data(data_dir, seed=0)
     log("bootstrapping the demo models (about a minute)")
-    bootstrap(PROJECT_ROOT / "data" / "demo", DEMO_DIR)
+    bootstrap(data_dir, DEMO_DIR)
 
 
 def engine_root(ref: str | None) -> tuple[Path, str]:
@@ -149,7 +164,7 @@ def run_worker(side: str, spec: dict, python: Path, root: Path, threads: int, la
     workdir = Path(tempfile.mkdtemp(prefix=f"{side}-", dir=CACHE))
     spec_path, result_path, log_path = workdir / "spec.json", workdir / "result.json", workdir / "worker.log"
     spec_path.write_text(json.dumps({**spec, "threads": threads}))
-    script = HERE / ("trl_worker.py" if side == "trl" else "alignflow_worker.py")
+    script = HERE / WORKERS[side]
     command = [str(python), str(script), str(spec_path), str(result_path)]
     if side == "alignflow":
         command.append(str(root))
@@ -188,6 +203,8 @@ def summarize(runs: list[dict], workload: Workload, peak_flops: float) -> dict:
         "iteration_seconds_median": statistics.median(seconds),
         "phase_share": phases,
         "peak_rss_mb": max(run["peak_rss_mb"] for run in runs),
+        # results from before the memory fix have no method: their figure was ru_maxrss, the parent's size included
+        "peak_rss_method": runs[0].get("peak_rss_method", OLD_PEAK_METHOD),
         "rss_before_train_mb": max(run["rss_before_train_mb"] for run in runs),
         "runs": len(runs),
         "gflop_per_iteration": statistics.mean(flops) / 1e9,
@@ -466,6 +483,11 @@ def _samples_text(report: dict) -> str:
     return "one sampled\ncompletion" if samples == 1 else f"{samples} sampled\ncompletions"
 
 
+def _peak_text(report: dict) -> str:
+    method = report["throughput"][0]["alignflow"].get("peak_rss_method", OLD_PEAK_METHOD)
+    return f"each worker's, as {method}"
+
+
 def markdown(report: dict) -> str:
     m, matmul, learning = report["machine"], report["matmul"], report["learning"]
     settings = learning["settings"]
@@ -483,7 +505,7 @@ the same shape. Critics: TRL trains a separate value model (a copy of the reward
 {"a separate critic, also a copy of the reward model (`policy.value_head: separate`)" if settings.get("value_head") == "separate" else "a value head on the policy (`policy.value_head: shared`)"}. Phase columns are shares of iteration time; MFU = model FLOPs (2·N per token forward, 6·N training, per pass
 each engine runs) / time / matmul peak. "ceiling" is the speed-up alignflow would have if its own model FLOPs per
 iteration ran at 100% of the matmul peak (TRL's measured iteration time / (alignflow's GFLOP/iter / peak)): with the
-same work, no engine passes it on this machine.
+same work, no engine passes it on this machine. Peak RSS: {_peak_text(report)}.
 
 {_md_table(THROUGHPUT_HEADER, _throughput_rows(report))}
 

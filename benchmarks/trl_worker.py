@@ -4,9 +4,10 @@ Runs in the harness's own virtual environment (benchmarks/.venv-trl), never alig
 
     benchmarks/.venv-trl/bin/python benchmarks/trl_worker.py SPEC.json RESULT.json
 
-SPEC is written by benchmarks/ppo_vs_trl.py (see `job_spec` there). TRL's `train()` runs all
-iterations in one call, so the phases are timed by wrapping the functions its training loop calls
-through its module namespace (the code itself is not changed):
+SPEC is written by benchmarks/ppo_vs_trl.py (see `job_spec` there) or benchmarks/time_to_quality.py, which adds
+"save_budgets" and "save_dir": the policy is saved at those episode counts with the training seconds so far.
+TRL's `train()` runs all iterations in one call, so the phases are timed by wrapping the functions its training
+loop calls through its module namespace (the code itself is not changed):
   generation  `batch_generation` (HF `generate` with output_scores: the old log-probs come from it)
   reference   `forward` under no_grad (the reference policy's log-probs)
   value       `get_reward(value_model, ...)` (old values from the separate value model)
@@ -25,10 +26,11 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from measure import FlopCounter, PhaseClock, peak_rss_mb, rss_mb, write_json  # noqa: E402
+from measure import Budgets, FlopCounter, PhaseClock, peak_rss, reset_peak_rss, rss_mb, write_json  # noqa: E402
 
 
 def main(spec_path: str, result_path: str) -> None:
+    reset_peak_rss()  # the peak from here on is this worker's own (measure.py)
     spec = json.load(open(spec_path))
     started = time.perf_counter()
     import torch
@@ -112,12 +114,15 @@ def main(spec_path: str, result_path: str) -> None:
 
     iterations: list[dict] = []
     record: dict = {}  # the iteration's logged metrics
+    budgets = Budgets(spec.get("save_budgets") or [], spec.get("save_dir"), lambda path: (
+        trainer.policy_model.save_pretrained(path), tokenizer.save_pretrained(path)))
 
     class Timing(TrainerCallback):
         def on_train_begin(self, *a, **k):
             clock.lap(), flops.lap()
             clock.switch("other")
             self.start = time.perf_counter()
+            budgets.start()
 
         def on_log(self, args, state, control, logs=None, **k):
             if logs and "objective/scores" in logs:
@@ -137,7 +142,9 @@ def main(spec_path: str, result_path: str) -> None:
                 "eos_tokens": record.get("val/num_eos_tokens"),
                 "generation_steps": steps,
             })
-            self.start = now
+            budgets.reached(batch * len(iterations))
+            clock.lap(), clock.switch("other")  # a save's time belongs to no iteration
+            self.start = time.perf_counter()
 
     trainer = PPOTrainer(
         args=args, processing_class=tokenizer, model=policy, ref_model=reference, reward_model=reward_model,
@@ -155,8 +162,9 @@ def main(spec_path: str, result_path: str) -> None:
         "parameters": parameters,
         "setup_seconds": setup_seconds,
         "rss_before_train_mb": rss_before,
-        "peak_rss_mb": peak_rss_mb(),
+        **peak_rss(),
         "iterations": iterations,
+        "saved": budgets.saved,
     }
     if spec.get("save_policy"):
         trainer.policy_model.save_pretrained(spec["save_policy"])

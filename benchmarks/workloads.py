@@ -35,6 +35,7 @@ class Workload:
     value_head: str = "shared"  # alignflow's critic ("separate": a critic from the reward model, as TRL's)
     max_grad_norm: float | None = None  # alignflow's gradient clipping (TRL's PPOTrainer clips none)
     reward_max_length: int = 128
+    samples_per_prompt: int = 1  # k completions of each prompt (group methods); batch_size counts completions
     iterations: int = 5  # per run, warm-up included
     warmup: int = 1
 
@@ -78,6 +79,15 @@ def throughput_workloads(quick: bool, value_head: str | None = None) -> list[Wor
         larger = replace(larger, name="gpt2 6x512 b16", batch_size=16, iterations=2)
     workloads.append(larger)
     return workloads
+
+
+def group_workload(workload: Workload, k: int, mini_batch_size: int | None = None, epochs: int = 1) -> Workload:
+    """`workload` for a group method: the same episodes (completions) per iteration, batch_size / k prompts x k.
+    By default one optimizer step per generation batch (minibatch = batch, 1 epoch), TRL's default for its
+    RLOO and GRPO trainers; every other setting (lr, KL coefficient, lengths, temperature) unchanged."""
+    if workload.batch_size % k:
+        raise ValueError(f"{workload.name}: batch {workload.batch_size} is not a multiple of k={k}")
+    return replace(workload, samples_per_prompt=k, mini_batch_size=mini_batch_size or workload.batch_size, ppo_epochs=epochs)
 
 
 def split_prompts() -> tuple[list[str], list[str]]:
