@@ -48,15 +48,35 @@ def _check_model_ref(value: str) -> str:
 
 
 class DataConfig(Section):
-    source: str = Field("data/demo/prompts.jsonl", description="Hub dataset id, or a local JSONL/CSV/Parquet file or directory.")
+    """The prompts a run trains and evaluates on. Which rows are left out, and why, is reported by row number."""
+
+    source: str = Field(
+        "data/demo/prompts.jsonl",
+        description="Hub dataset id, or a local file (.jsonl, .json, .csv, .parquet; .gz, .bz2, .xz or .zst compressed) "
+        "or directory of them, relative to the project root.",
+    )
     split: str = Field("train", description="Split to read (hub datasets and directories).")
-    prompt_field: str = Field("prompt", description="Column that holds the prompt text.")
-    prompt_template: str | None = Field(None, description="Optional template with a {prompt} placeholder.")
-    max_prompt_chars: int = Field(1000, gt=0, description="Prompts longer than this are reported and left out.")
+    subset: str | None = Field(None, description="A hub dataset's configuration name (datasets' `name`), if it has several.")
+    data_dir: str | None = Field(None, description="A hub dataset's sub-directory, e.g. harmless-base of Anthropic/hh-rlhf.")
+    format: Literal["text", "messages", "dialogue", "preference"] = Field(
+        "text",
+        description="What a row holds: text (prompt_field is the prompt), messages (prompt_field is a list of "
+        "{role, content}), dialogue (prompt_field is a Human:/Assistant: transcript awaiting the assistant), or "
+        "preference (chosen_field and rejected_field are whole transcripts; the prompt is their shared part up to "
+        "the last Assistant: turn, as in Anthropic's hh-rlhf).",
+    )
+    prompt_field: str = Field("prompt", description="Column holding the prompt (formats text, messages, dialogue).")
+    chosen_field: str = Field("chosen", description="Column holding the preferred transcript (format preference).")
+    rejected_field: str = Field("rejected", description="Column holding the other transcript (format preference).")
+    prompt_template: str | None = Field(None, description="Optional template with a {prompt} placeholder (format text).")
+    max_prompt_chars: int = Field(1000, gt=0, description="Prompts longer than this many characters are reported and left out.")
     max_prompts: int | None = Field(None, gt=0, description="Use at most this many prompts (after filtering).")
     eval_size: int = Field(64, gt=0, description="Held-out evaluation prompts, split off with `seed`.")
-    dvc_file: str = Field("data.dvc", description="The DVC file that pins the data version.")
-    check_dvc: bool = Field(True, description="Refuse to run when the data does not match the DVC file.")
+    check_dvc: bool = Field(
+        True,
+        description="Refuse a local dataset that DVC does not track, or whose bytes differ from what its .dvc file "
+        "pins. false: run on it anyway; the run records the file's own md5 and tags it unversioned.",
+    )
 
     @field_validator("prompt_template")
     @classmethod
@@ -82,7 +102,12 @@ class PolicyConfig(Section):
     revision: str | None = None
     value_head: Literal["shared", "separate"] = Field("shared", description="Shared backbone, or a separate critic.")
     critic_model: str | None = Field(None, description="Separate critic's initial model (default: the reward model).")
-    use_chat_template: bool = False
+    use_chat_template: bool = Field(
+        False,
+        description="Render prompts with the policy tokenizer's chat template: a conversation (data.format messages, "
+        "dialogue or preference) with its turns and roles, a text prompt as one user turn. false: a conversation is "
+        "written as a Human:/Assistant: transcript ending with Assistant:.",
+    )
     lora: LoraConfig = Field(default_factory=LoraConfig)
 
     @field_validator("model")
@@ -111,6 +136,12 @@ class RewardConfig(Section):
         "text with it (T5, BERT).",
     )
     max_length: int = Field(256, gt=0, description="Reward-model inputs are truncated to this many tokens.")
+    conversation_format: Literal["auto", "chat_template", "transcript"] = Field(
+        "auto",
+        description="How the reward model reads a conversation prompt and its completion: with its own tokenizer's "
+        "chat template (as TRL does), or as a Human:/Assistant: transcript; auto: the chat template if its tokenizer "
+        "has one.",
+    )
     batch_size: int = Field(64, gt=0)
     normalize: bool = Field(False, description="Normalise scores with a running mean/std.")
     clip: float | None = Field(None, gt=0, description="Clip scores to [-clip, clip].")
@@ -134,8 +165,12 @@ class GenerationConfig(Section):
     temperature: float = Field(1.0, gt=0)
     top_k: int = Field(0, ge=0, description="0 disables top-k.")
     top_p: float = Field(1.0, gt=0, le=1.0)
-    max_prompt_tokens: int = Field(64, gt=0)
-    prompt_overflow: Literal["truncate", "reject"] = Field("truncate", description="Longer prompts are left-truncated or rejected.")
+    max_prompt_tokens: int = Field(64, gt=0, description="The most prompt tokens the policy reads (its template included).")
+    prompt_overflow: Literal["truncate", "drop", "reject"] = Field(
+        "truncate",
+        description="A longer prompt is shortened (a conversation by its oldest turns, a text by its start), left out, "
+        "or stops the run; either way it is counted and reported by row.",
+    )
 
 
 class PPOConfig(Section):
@@ -365,6 +400,18 @@ def _apply_override(tree: dict[str, Any], override: str) -> None:
     node[parts[-1]] = value
 
 
+# Keys a configuration written for an earlier release may hold: what to do instead. Never silently ignored.
+RETIRED_KEYS: dict[str, str] = {
+    "data.dvc_file": "the .dvc file that tracks data.source is found by DVC itself (README: Your own data)",
+}
+
+
+def _retired(tree: dict[str, Any]) -> list[str]:
+    flat = _flatten(tree)
+    found = [key for key in RETIRED_KEYS if key in flat or any(k.startswith(key + ".") for k in flat)]
+    return [f"  {key}: no longer a setting: {RETIRED_KEYS[key]}" for key in found]
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Read a YAML run configuration (default: the embedded demo) and apply `key=value` overrides."""
     path = Path(path) if path is not None else DEMO_CONFIG
@@ -379,6 +426,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     for override in overrides:
         _apply_override(tree, override)
     source = str(path) + (f" with --set {' '.join(overrides)}" if overrides else "")
+    retired = _retired(tree)
+    if retired:
+        raise ConfigError("\n".join([f"invalid configuration ({source}):", *retired]))
     try:
         return RunConfig.model_validate(tree)
     except ValidationError as exc:

@@ -387,14 +387,15 @@ def load_gold_scorer(spec: str | None):
         raise ValueError(f"evaluation.gold_scorer: cannot import {spec!r} ({exc})") from None
 
 
-def evaluate_policy(policy, tokenizer, prompts: Sequence[str], scorer, generation, evaluation, use_chat_template: bool = False):
+def evaluate_policy(policy, tokenizer, prompts: Sequence, scorer, generation, evaluation, use_chat_template: bool = False):
     """Sample each prompt once with `evaluation.seed`, score prompt + completion with the reward model as training
     does (it reads its EOS after a completion that ended with one, `reward.append_eos`), and with the gold judge,
-    if configured. The same seed makes baseline and candidate comparable.
-    With `use_chat_template` the policy sees each prompt as a chat turn; the judges see it as written.
+    if configured. The same seed makes baseline and candidate comparable. A prompt is a text or a conversation; the
+    gold judge reads a conversation as a Human:/Assistant: transcript.
 
-    Returns (PolicyEval, the samples, the per-prompt scores).
+    Returns (PolicyEval, the samples, the per-prompt scores); `samples.prompts_seen` is each prompt as the policy read it.
     """
+    from components.dialogue import render_transcript
     from components.ppo.rollout import generate
     from components.reward import score_completions
 
@@ -402,7 +403,8 @@ def evaluate_policy(policy, tokenizer, prompts: Sequence[str], scorer, generatio
     raw = score_completions(scorer, list(prompts), samples.completions, samples.ended_with_eos)
     scores = [float(s) for s in raw.tolist()]
     judge = load_gold_scorer(evaluation.gold_scorer)
-    gold = None if judge is None else [float(judge(p + c)) for p, c in zip(prompts, samples.completions)]
+    texts = [p if isinstance(p, str) else render_transcript(p) for p in prompts]
+    gold = None if judge is None else [float(judge(p + c)) for p, c in zip(texts, samples.completions)]
     summary = summarize(scores, samples.lengths, samples.completions, gold,
                         n_resamples=evaluation.bootstrap_samples, seed=evaluation.seed)
     return summary, samples, scores

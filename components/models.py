@@ -62,6 +62,20 @@ def locate(key: str, ref: str, revision: str | None = None, root: Path = PROJECT
     return ref
 
 
+def tokenizer_fingerprint(ref: str) -> str:
+    """What identifies a tokenizer: the md5 of a local directory's tokenizer files, else the hub id."""
+    import hashlib
+
+    path = Path(ref)
+    if not path.is_dir():
+        return ref
+    digest = hashlib.md5()
+    for item in sorted(path.iterdir()):
+        if item.is_file() and item.name.startswith(("tokenizer", "vocab", "merges", "special_tokens", "added_tokens")):
+            digest.update(item.name.encode() + item.read_bytes())
+    return digest.hexdigest()
+
+
 def _hub_problem(repo_id: str, revision: str | None) -> str | None:
     """Why the hub model `repo_id` cannot be loaded from here, or None. One request, no retries: an unreachable hub
     is reported in seconds, not after the minutes of retries `from_pretrained` would spend."""

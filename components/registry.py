@@ -304,6 +304,11 @@ class VersionSummary:
     tags: dict[str, str]
 
 
+def registered_models() -> list[str]:
+    """The names of every registered model of the store."""
+    return sorted(model.name for model in MlflowClient().search_registered_models())
+
+
 def list_versions(name: str) -> list[VersionSummary]:
     """Every version of a registered model, newest first, with its aliases and tags."""
     client = MlflowClient()

@@ -23,6 +23,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from components.config import RewardConfig
+from components.dialogue import render_transcript
 from components.errors import UserError
 from components.models import fuse_gelu
 
@@ -98,6 +99,7 @@ class RewardScorer:
         batch_size: int = 64,
         text: str = "prompt_and_completion",
         append_eos: bool = True,
+        conversation_format: str = "auto",
     ):
         if score not in ("logit", "probability"):
             raise ValueError(f"reward.score={score!r}; allowed: 'logit', 'probability'")
@@ -120,6 +122,11 @@ class RewardScorer:
             model.config.pad_token_id = tokenizer.pad_token_id
         tokenizer.truncation_side = "left"
         self.eos_suffix = _eos_suffix(tokenizer) if append_eos else ""
+        has_template = bool(getattr(tokenizer, "chat_template", None))
+        if conversation_format == "chat_template" and not has_template:
+            raise RewardLabelError(f"reward.conversation_format is chat_template but the reward tokenizer of "
+                                   f"{tokenizer.name_or_path!r} has no chat template; use transcript or auto")
+        self.chat = conversation_format == "chat_template" or (conversation_format == "auto" and has_template)
 
     @classmethod
     def from_config(
@@ -131,32 +138,45 @@ class RewardScorer:
         model = model if model is not None else load_reward_model(reward.model, reward.revision)
         if tokenizer is None:
             tokenizer = load_tokenizer(reward.model, reward.revision, padding_side="right")
-        return cls(model, tokenizer, reward.label, reward.score, reward.max_length, reward.batch_size, reward.text, reward.append_eos)
+        return cls(model, tokenizer, reward.label, reward.score, reward.max_length, reward.batch_size, reward.text,
+                   reward.append_eos, reward.conversation_format)
+
+    def text_of(self, prompt, completion: str) -> tuple[str, bool]:
+        """(what the reward model reads for a prompt and completion, whether that text comes from a chat template,
+        which brings its own special tokens and end of turn). A conversation prompt is read with the reward
+        tokenizer's chat template, or as a Human:/Assistant: transcript (`reward.conversation_format`)."""
+        if self.text == "completion":
+            return completion, False
+        if isinstance(prompt, str):
+            return prompt + completion, False
+        if self.chat:
+            answer = [{"role": "assistant", "content": completion.strip()}]
+            return self.tokenizer.apply_chat_template(list(prompt) + answer, tokenize=False), True
+        return render_transcript(prompt) + completion, False
 
     @torch.inference_mode()
     def __call__(
-        self, prompts: Sequence[str], completions: Sequence[str], ended_with_eos: Sequence[bool] | None = None
+        self, prompts: Sequence, completions: Sequence[str], ended_with_eos: Sequence[bool] | None = None
     ) -> torch.Tensor:
         """Scores (B,). `ended_with_eos[i]`: completion i ended with the policy's EOS, so (with append_eos) the
-        model reads its own EOS after it; None reads every completion as plain text."""
+        model reads its own EOS after it; None reads every completion as plain text. A prompt is a text or a
+        conversation (a list of messages)."""
         if len(prompts) != len(completions):
             raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
-        texts = list(completions) if self.text == "completion" else [p + c for p, c in zip(prompts, completions)]
-        if ended_with_eos is not None:
-            if len(ended_with_eos) != len(texts):
-                raise ValueError(f"{len(texts)} completions but {len(ended_with_eos)} ended_with_eos flags")
-            texts = [text + self.eos_suffix if ended else text for text, ended in zip(texts, ended_with_eos)]
+        if ended_with_eos is not None and len(ended_with_eos) != len(completions):
+            raise ValueError(f"{len(completions)} completions but {len(ended_with_eos)} ended_with_eos flags")
+        read = [self.text_of(p, c) for p, c in zip(prompts, completions)]
+        texts = [text + self.eos_suffix if ended_with_eos is not None and ended_with_eos[i] and not templated else text
+                 for i, (text, templated) in enumerate(read)]
+        templated = [t for _, t in read]
         device = self.model.device
         scores = []
         for start in range(0, len(texts), self.batch_size):
-            batch = self.tokenizer(
-                texts[start : start + self.batch_size],
-                padding=True,
-                padding_side="right",
-                truncation=True,
-                max_length=self.max_length,
-                return_tensors="pt",
-            ).to(device)
+            rows = [
+                self.tokenizer(text, add_special_tokens=not chat, truncation=True, max_length=self.max_length)
+                for text, chat in zip(texts[start : start + self.batch_size], templated[start : start + self.batch_size])
+            ]
+            batch = self.tokenizer.pad(rows, padding=True, padding_side="right", return_tensors="pt").to(device)
             logits = self.model(**batch).logits.float()
             if logits.shape[-1] != self.num_labels:
                 raise ValueError(f"the reward model returned {logits.shape[-1]} outputs, its config says {self.num_labels}")

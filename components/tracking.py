@@ -318,13 +318,18 @@ def log_eval_samples(rows: list[dict[str, Any]], artifact_file: str = "eval_samp
     mlflow.log_table({column: [row.get(column) for row in rows] for column in columns}, artifact_file=artifact_file)
 
 
-def recent_runs(experiment: str, n: int = 10) -> list[dict[str, Any]]:
-    """The newest `n` runs of an experiment, from the tags and metrics named at the top of this module."""
+def recent_runs(experiment: str | None, n: int = 10) -> list[dict[str, Any]]:
+    """The newest `n` runs of an experiment (None: of every experiment), from the tags and metrics named at the top
+    of this module."""
     client = MlflowClient()
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
+    if experiment is None:
+        experiments = {e.experiment_id: e.name for e in client.search_experiments()}
+    else:
+        found = client.get_experiment_by_name(experiment)
+        experiments = {found.experiment_id: found.name} if found else {}
+    if not experiments:
         return []
-    runs = client.search_runs([found.experiment_id], max_results=n, order_by=["attributes.start_time DESC"])
+    runs = client.search_runs(list(experiments), max_results=n, order_by=["attributes.start_time DESC"])
     rows = []
     for run in runs:
         tags, metrics = run.data.tags, run.data.metrics
@@ -333,6 +338,7 @@ def recent_runs(experiment: str, n: int = 10) -> list[dict[str, Any]]:
             {
                 "run_id": run.info.run_id,
                 "run_name": run.info.run_name,
+                "experiment": experiments.get(run.info.experiment_id, run.info.experiment_id),
                 "start_time": datetime.fromtimestamp(run.info.start_time / 1000, tz=timezone.utc),
                 "status": run.info.status,
                 "stop_reason": tags.get(STOP_REASON_TAG),
@@ -343,9 +349,3 @@ def recent_runs(experiment: str, n: int = 10) -> list[dict[str, Any]]:
             }
         )
     return rows
-
-
-# --- helpers ----------------------------------------------------------------------------------
-
-
-

@@ -30,7 +30,7 @@ from components.errors import explained
 app = typer.Typer(help="alignflow: RLHF with PPO as a scheduled, auditable MLOps workflow.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
 config_app = typer.Typer(help="Inspect the run configuration.", no_args_is_help=True)
-data_app = typer.Typer(help="Check the data pinned by data.dvc.", no_args_is_help=True)
+data_app = typer.Typer(help="Check the dataset a run reads, against the .dvc file that pins it.", no_args_is_help=True)
 demo_app = typer.Typer(help="The offline demo kit (the embedded default).", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(data_app, name="data")
@@ -100,17 +100,26 @@ def config_show(config: Optional[Path] = ConfigOption, set_: list[str] = SetOpti
 @data_app.command("check")
 @explain_errors
 def data_check(config: Optional[Path] = ConfigOption, set_: list[str] = SetOption) -> None:
-    """Check data/ against data.dvc and report the prompt rows that would be left out."""
-    from components.data import DataError, check_data, load_prompts
+    """Check the dataset a run would read against its .dvc file, and report every row left out or shortened (to
+    generation.max_prompt_tokens, counted with the policy's tokenizer) by row number."""
+    from components.data import prepare
+    from components.models import load_tokenizer, locate
+    from components.ppo.rollout import prompt_ids
+    from components.versioning import dataset_version
 
     run = resolved(config, set_)
-    try:
-        version = check_data(PROJECT_ROOT / run.data.dvc_file)
-        prompts = load_prompts(run.data, PROJECT_ROOT)
-    except DataError as exc:
-        fail(str(exc))
-    console.print(f"data version (md5 from {run.data.dvc_file}): [bold]{version.md5}[/] ({version.files} files)")
-    console.print(prompts.report.summary(), highlight=False)
+    if run.data.source.startswith("data/demo"):
+        ensure_demo_data()
+    version = dataset_version(run.data, PROJECT_ROOT)
+    tokenizer = load_tokenizer(locate("policy.model", run.policy.model, run.policy.revision), run.policy.revision)
+    chat = run.policy.use_chat_template
+    prepared = prepare(run.data, run.generation, lambda prompt: len(prompt_ids(tokenizer, [prompt], chat)[0]), run.seed,
+                       PROJECT_ROOT)
+    pinned = f"pinned by {version.dvc_file}" if version.versioned else "[yellow]not versioned by DVC[/] (data.check_dvc: false)"
+    console.print(f"dataset [bold]{escape(version.name)}[/] ({escape(version.source)}): md5 of the bytes read "
+                  f"[bold]{version.md5}[/], {pinned}")
+    console.print(escape(prepared.summary), highlight=False)
+    console.print(f"{len(prepared.train_prompts)} training prompts, {len(prepared.eval_prompts)} held out (data.eval_size)")
 
 
 @demo_app.command("data")
@@ -140,17 +149,15 @@ def demo_bootstrap(
 
 
 def ensure_demo_data(data_dir: Path = PROJECT_ROOT / "data/demo") -> None:
-    """Generate the demo data when it is missing (a fresh clone), then check it against data.dvc."""
-    from components.data import DataError, check_data
+    """Generate the demo data when it is missing (a fresh clone); it must then match what data.dvc pins."""
+    from components.config import DataConfig
     from components.demo.domain import generate_demo_data
+    from components.versioning import dataset_version
 
     if not data_dir.exists():
         console.print(f"{data_dir} is missing: regenerating the demo data (seed 0)")
         generate_demo_data(data_dir, seed=0)
-    try:
-        check_data(PROJECT_ROOT / "data.dvc")
-    except DataError as exc:
-        fail(str(exc))
+    dataset_version(DataConfig(source=str(data_dir.relative_to(PROJECT_ROOT))), PROJECT_ROOT)
 
 
 def prepare_demo_if_needed(run) -> None:
@@ -342,18 +349,24 @@ def require_prefect_server() -> str:
 @app.command()
 @explain_errors
 def runs(config: Optional[Path] = ConfigOption, set_: list[str] = SetOption, limit: int = typer.Option(10, "-n")) -> None:
-    """Recent pipeline runs: status, stop reason, score gain, KL, gate result and model version."""
+    """Recent pipeline runs: status, stop reason, score gain, KL, gate result and model version. With --config (or
+    --set), the runs of its experiment; without, the runs of every experiment of the tracking store."""
     from components import tracking
 
     run_config = resolved(config, set_)
-    tracking.use_tracking(run_config.tracking)
-    table = Table(title=f"Recent runs ({run_config.tracking.experiment})")
-    for column in ("run id", "start", "status", "stop reason", "score gain", "KL", "gates", "version"):
+    uri = tracking.use_tracking(run_config.tracking)
+    experiment = run_config.tracking.experiment if (config or set_) else None
+    title = f"Recent runs of experiment {experiment}" if experiment else \
+        "Recent runs of every experiment (--config F shows the runs of F's experiment)"
+    table = Table(title=f"{title}, {uri}")
+    columns = ("run id", "start", "status", "stop reason", "score gain", "KL", "gates", "version")
+    for column in (() if experiment else ("experiment",)) + columns:
         table.add_column(column)
-    for row in tracking.recent_runs(run_config.tracking.experiment, limit):
+    for row in tracking.recent_runs(experiment, limit):
         gates = {None: "-", True: "[green]passed", False: "[red]failed"}[row["gates_passed"]]
-        table.add_row(row["run_id"][:12], row["start_time"].strftime("%Y-%m-%d %H:%M"), row["status"], row["stop_reason"] or "-",
-                      _num(row["reward_gain"]), _num(row["kl"]), gates, row["model_version"] or "-")
+        cells = (row["run_id"][:12], row["start_time"].strftime("%Y-%m-%d %H:%M"), row["status"], row["stop_reason"] or "-",
+                 _num(row["reward_gain"]), _num(row["kl"]), gates, row["model_version"] or "-")
+        table.add_row(*((() if experiment else (escape(row["experiment"]),)) + cells))
     console.print(table)
 
 
@@ -364,22 +377,40 @@ def _num(value) -> str:
 @app.command()
 @explain_errors
 def models(config: Optional[Path] = ConfigOption, set_: list[str] = SetOption) -> None:
-    """Versions of the registered policy with their aliases and gate results."""
+    """Versions of the registered policy with their aliases, gate results, and the reward model and data behind each.
+    With --config (or --set), its registered model; without, every registered model of the store. A score from
+    another reward model than the champion's (or the newest version's) is marked: scores of different reward models
+    are not comparable."""
     from components import registry, tracking
 
     run_config = resolved(config, set_)
-    tracking.use_tracking(run_config.tracking)
-    name = run_config.tracking.registered_model
-    table = Table(title=f"Registered model {name}")
-    for column in ("version", "aliases", "gates", "failed gates", "eval score", "KL", "data md5", "promoted by"):
-        table.add_column(column)
-    for version in registry.list_versions(name):
-        tags = version.tags
-        gates = {"true": "[green]passed", "false": "[red]failed"}.get(tags.get("gates_passed", ""), "-")
-        table.add_row(str(version.version), ", ".join(version.aliases) or "-", gates, tags.get("gates_failed") or "-",
-                      tags.get("eval_mean_score", "-")[:7], tags.get("eval_kl", "-")[:7], tags.get("data_md5", "-")[:10],
-                      tags.get("promoted_by", "-"))
-    console.print(table)
+    uri = tracking.use_tracking(run_config.tracking)
+    names = [run_config.tracking.registered_model] if (config or set_) else registry.registered_models()
+    for name in names:
+        versions = registry.list_versions(name)
+        reference = next((v for v in versions if run_config.tracking.champion_alias in v.aliases), versions[0] if versions else None)
+        scorer = reference.tags.get("reward_model") if reference else None
+        table = Table(title=f"Registered model {name}, {uri}" + ("" if (config or set_) else " (--config F shows F's model)"))
+        for column in ("version", "aliases", "gates", "failed gates", "eval score", "KL", "reward model", "data", "promoted by"):
+            table.add_column(column)
+        mismatched = False
+        for version in versions:
+            tags = version.tags
+            gates = {"true": "[green]passed", "false": "[red]failed"}.get(tags.get("gates_passed", ""), "-")
+            score = tags.get("eval_mean_score", "-")[:7]
+            if tags.get("reward_model") != scorer:
+                score, mismatched = f"{score} [yellow]*[/]", True
+            data = f"{tags.get('data_name', '?')} {tags.get('data_md5', '-')[:8]}"
+            table.add_row(str(version.version), ", ".join(version.aliases) or "-", gates, tags.get("gates_failed") or "-",
+                          score, tags.get("eval_kl", "-")[:7], escape(tags.get("reward_model", "-")), escape(data),
+                          tags.get("promoted_by", "-"))
+        console.print(table)
+        if mismatched:
+            console.print(f"[yellow]*[/] scored by another reward model than {escape(str(scorer))} (the "
+                          f"{'champion' if reference and run_config.tracking.champion_alias in reference.aliases else 'newest version'}"
+                          "'s): not comparable with the other scores")
+    if not names:
+        console.print(f"no registered models in {uri}")
 
 
 @app.command()

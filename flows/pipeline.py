@@ -21,8 +21,8 @@ def pipeline(config_path: str | None = None, overrides: list[str] | None = None,
     """Align the configured policy with PPO against the reward model; promote it if every gate passes."""
     config: RunConfig = load_config(config_path, overrides or [])
     models = tasks.check_inputs(config, resume_run_id)  # the same run with its model references resolved here
-    version = tasks.check_data_version(config)
-    data = tasks.as_prepared(tasks.prepare_dataset(config, version.md5))
+    data_version = tasks.check_data_version(config)
+    data = tasks.as_prepared(tasks.prepare_dataset(config, models, data_version.md5))
     scorer = tasks.load_reward_model(models)
     policy, tokenizer = tasks.load_policy(models)
     trainer = tasks.build_trainer(models, policy, tokenizer, scorer)
@@ -35,7 +35,7 @@ def pipeline(config_path: str | None = None, overrides: list[str] | None = None,
             tasks.close(config, settled)
             tasks.end_tracking(run_id, failed=False)
             return settled
-        tasks.log_dataset(config, data, version)
+        tasks.log_dataset(data, data_version)
         tasks.resume_trainer(trainer, config, run_id)
         reference = trainer.reference
         baseline = tasks.evaluate("baseline", reference, tokenizer, data.eval_prompts, scorer, config)
@@ -49,7 +49,7 @@ def pipeline(config_path: str | None = None, overrides: list[str] | None = None,
         candidate = tasks.evaluate("candidate", trainer.policy, tokenizer, data.eval_prompts, scorer, config, reference=reference)
         champion = tasks.evaluate_champion(config, data.eval_prompts, scorer)
         report = tasks.gates(config, baseline, candidate, champion)
-        model_version = tasks.register(config, trainer, run_id, version.md5, report, candidate, champion, stop_reason)
+        model_version = tasks.register(config, trainer, run_id, data_version, report, candidate, champion, stop_reason)
         promoted = tasks.promote(config, model_version, report, candidate, champion)
         result = tasks.finish(run_id, config, trainer, stop_reason, baseline, candidate, report, model_version, promoted, champion)
         tasks.close(config, result)

@@ -27,24 +27,19 @@ from prefect.runtime import flow_run, task_run
 
 from components import registry, tracking
 from components.config import PROJECT_ROOT, RunConfig
-from components.data import DataVersion, check_data, load_prompts, split_prompts
+from components.data import PreparedData, prepare
+from components.dialogue import render_transcript
 from components.errors import AlignflowError, retryable
 from components.evaluation import GateReport, PolicyEval, check_gates, compare, evaluate_policy
 from components.faults import crash_point
-from components.models import load_policy as load_policy_model, load_tokenizer, locate
+from components.models import load_policy as load_policy_model, load_tokenizer, tokenizer_fingerprint
 from components.ppo import PPOTrainer
 from components.ppo.checkpoint import check_writable, recover, write_atomically
 from components.ppo.progress import ProgressBar
+from components.ppo.rollout import prompt_ids
 from components.reward import RewardScorer
+from components.versioning import DatasetVersion, dataset_version
 from flows import multinode, promotion
-
-
-@dataclass
-class PreparedData:
-    train_prompts: list[str]
-    eval_prompts: list[str]
-    report: dict[str, Any]
-    summary: str
 
 
 @dataclass
@@ -172,27 +167,29 @@ def check_inputs(config: RunConfig, resume_run_id: str | None) -> RunConfig:
 
 
 @task(retries=1, retry_condition_fn=retryable)
-def check_data_version(config: RunConfig) -> DataVersion:
-    """data/ must match data.dvc; the md5 is this run's data version."""
-    if not config.data.check_dvc:
-        return DataVersion(md5="unchecked", path=config.data.source, files=None, size=None)
-    return check_data(PROJECT_ROOT / config.data.dvc_file)
+def check_data_version(config: RunConfig) -> DatasetVersion:
+    """The version of the dataset this run reads: the md5 of its bytes, checked against the .dvc file that pins it."""
+    return dataset_version(config.data, PROJECT_ROOT)
 
 
 def _prepare_key(context, parameters) -> str:
     config: RunConfig = parameters["config"]
+    models: RunConfig = parameters["models"]
     settings = {"md5": parameters["data_md5"], "data": config.data.model_dump(mode="json"), "seed": config.seed,
-                "eval_size": config.data.eval_size}
+                "generation": config.generation.model_dump(mode="json"), "chat": config.policy.use_chat_template,
+                "tokenizer": tokenizer_fingerprint(models.policy.model)}
     return "prepare-" + hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:32]
 
 
 @task(cache_key_fn=_prepare_key, persist_result=True, result_serializer="json")
-def prepare_dataset(config: RunConfig, data_md5: str) -> dict[str, Any]:
-    """Load, filter and split the prompts. Cached by data version and data settings."""
-    prompts = load_prompts(config.data, PROJECT_ROOT)
-    train, held_out = split_prompts(prompts.prompts, config.data.eval_size, config.seed)
-    report = prompts.report
-    return {"train_prompts": train, "eval_prompts": held_out, "report": report.as_metrics(), "summary": report.summary()}
+def prepare_dataset(config: RunConfig, models: RunConfig, data_md5: str) -> dict[str, Any]:
+    """Load the prompts, fit them to the policy's prompt limit (counted with its tokenizer, as the engine renders
+    them), split off the held-out ones. Cached by data version, data and generation settings, and tokenizer."""
+    tokenizer = load_tokenizer(models.policy.model, models.policy.revision)
+    chat = config.policy.use_chat_template
+    prepared = prepare(config.data, config.generation, lambda prompt: len(prompt_ids(tokenizer, [prompt], chat)[0]),
+                       config.seed, PROJECT_ROOT)
+    return asdict(prepared)
 
 
 def as_prepared(raw: dict[str, Any]) -> PreparedData:
@@ -200,12 +197,16 @@ def as_prepared(raw: dict[str, Any]) -> PreparedData:
 
 
 @task(cache_policy=NONE)
-def log_dataset(config: RunConfig, data: PreparedData, version: DataVersion) -> None:
+def log_dataset(data: PreparedData, version: DatasetVersion) -> None:
+    """The data version on the run (tags, and a dataset input named after the dataset, whose digest is the md5 of the
+    bytes read) and what happened to its rows (data/* metrics)."""
     get_run_logger().info(data.summary)
-    mlflow.set_tag("alignflow.data_md5", version.md5)
+    mlflow.set_tags(version.as_tags())
     tracking.log_metrics_once(data.report)
-    rows = [{"prompt": p, "split": "train"} for p in data.train_prompts] + [{"prompt": p, "split": "eval"} for p in data.eval_prompts]
-    tracking.log_dataset("prompts", config.data.source, version.md5, rows=rows)
+    as_text = lambda p: p if isinstance(p, str) else render_transcript(p)  # noqa: E731
+    rows = [{"prompt": as_text(p), "split": "train"} for p in data.train_prompts] + [
+        {"prompt": as_text(p), "split": "eval"} for p in data.eval_prompts]
+    tracking.log_dataset(version.name, version.source, version.md5, rows=rows)
 
 
 # --- models -----------------------------------------------------------------------------------
@@ -248,7 +249,7 @@ def evaluate(name: str, policy, tokenizer, prompts: list[str], scorer: RewardSco
 
             kl = sequence_kl(policy, reference, tokenizer, prompts, samples.completions, config.generation,
                              samples.ended_with_eos, use_chat_template=chat)
-        evaluated = Evaluated(name, summary, list(prompts), samples.completions, scores, kl)
+        evaluated = Evaluated(name, summary, samples.prompts_seen, samples.completions, scores, kl)
         tracking.record(evaluated.to_json(), artifact)
         crash_point("evaluation.recorded")
     tracking.log_metrics_once(evaluated.summary.as_metrics(f"eval/{name}"))
@@ -270,7 +271,7 @@ def evaluate_champion(config: RunConfig, prompts: list[str], scorer: RewardScore
     model, tokenizer = load_policy_model(path), load_tokenizer(path)
     summary, samples, scores = evaluate_policy(model, tokenizer, prompts, scorer, config.generation, config.evaluation,
                                                config.policy.use_chat_template)
-    evaluated = Evaluated("champion", summary, list(prompts), samples.completions, scores, version=str(champion.version))
+    evaluated = Evaluated("champion", summary, samples.prompts_seen, samples.completions, scores, version=str(champion.version))
     tracking.record(evaluated.to_json(), "evaluations/champion.json")
     tracking.log_metrics_once(summary.as_metrics("eval/champion"))
     return evaluated
@@ -358,7 +359,7 @@ def gates(config: RunConfig, baseline: Evaluated, candidate: Evaluated, champion
 
 
 @task(retries=2, retry_delay_seconds=5, cache_policy=NONE, retry_condition_fn=retryable)
-def register(config: RunConfig, trainer: PPOTrainer, run_id: str, data_md5: str, report: GateReport, candidate: Evaluated,
+def register(config: RunConfig, trainer: PPOTrainer, run_id: str, data: DatasetVersion, report: GateReport, candidate: Evaluated,
              champion: Evaluated | None, stop_reason: str | None) -> str:
     """Log the policy (with tokenizer) in MLflow's transformers flavour and register it as a version whose tags are
     written with it. A resumed run that registered already gets its version back."""
@@ -373,7 +374,10 @@ def register(config: RunConfig, trainer: PPOTrainer, run_id: str, data_md5: str,
         tags = {
             registry.GATES_TAG: report.passed,
             "gates_failed": ",".join(report.failed_names),
-            "data_md5": data_md5,
+            "data_md5": data.md5,
+            "data_name": data.name,
+            "data_dvc_file": data.dvc_file or "",
+            "data_versioned": data.versioned,
             "reward_model": config.reward.model,
             "base_policy": config.policy.model,
             "git_commit": git_commit(),

@@ -51,15 +51,15 @@ def demo_kit() -> DemoKit:
     A fresh clone trains the models once here; a checkout that already has them for this data
     and these settings reuses them (the bootstrap's own skip rule).
     """
-    from components.config import PROJECT_ROOT
-    from components.data import check_data
+    from components.config import PROJECT_ROOT, DataConfig
+    from components.versioning import dataset_version
     from components.demo.bootstrap import BootstrapSettings, bootstrap
     from components.demo.domain import generate_demo_data
 
     data_dir = PROJECT_ROOT / "data" / "demo"
     if not data_dir.exists():
         generate_demo_data(data_dir, seed=0)
-    check_data(PROJECT_ROOT / "data.dvc")
+    dataset_version(DataConfig(source="data/demo/prompts.jsonl"), PROJECT_ROOT)  # as data.dvc pins it
     start = time.perf_counter()
     report = bootstrap(data_dir, PROJECT_ROOT / "artifacts" / "demo", BootstrapSettings(progress=False))
     return DemoKit(data_dir, report.instruct_dir, report.reward_dir, report, time.perf_counter() - start)

@@ -29,6 +29,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -66,7 +67,7 @@ class BootstrapSettings:
     eval_samples: int = 256
     max_new_tokens: int = 24
     num_threads: int | None = None  # None: every core
-    progress: bool = True  # show progress bars; does not change the result
+    progress: bool = True  # a live bar in a terminal, a line per stage elsewhere; does not change the result
 
     def fingerprint(self) -> dict:
         """The settings that change the result: what decides whether a bootstrap can be reused."""
@@ -209,7 +210,7 @@ def train_instruct(texts: list[str], tokenizer: PreTrainedTokenizerFast, setting
     scheduler = _schedule(optimizer, settings.lm_steps)
     generator = torch.Generator().manual_seed(settings.seed)
     model.train()
-    bar = tqdm(range(settings.lm_steps), desc="instruct model", disable=not settings.progress)
+    bar = tqdm(range(settings.lm_steps), desc="instruct model", disable=None if settings.progress else True)
     for _ in bar:
         index = torch.randint(0, len(sequences), (settings.lm_batch_size,), generator=generator)
         batch = _pad_right([sequences[i] for i in index], tokenizer.pad_token_id, settings.max_position_offset, generator)
@@ -221,8 +222,15 @@ def train_instruct(texts: list[str], tokenizer: PreTrainedTokenizerFast, setting
         optimizer.step()
         scheduler.step()
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    _stage(settings, f"instruct model: {settings.lm_steps} steps, last loss {loss.item():.3f}")
     model.eval()
     return model
+
+
+def _stage(settings: BootstrapSettings, line: str) -> None:
+    """A line per finished stage where no live progress bar shows (output to a log, not a terminal)."""
+    if settings.progress and not sys.stderr.isatty():
+        print(line, file=sys.stderr, flush=True)
 
 
 # --- Reward model ------------------------------------------------------------------------------
@@ -240,7 +248,7 @@ def train_reward(
     scheduler = _schedule(optimizer, settings.reward_steps)
     generator = torch.Generator().manual_seed(settings.seed + 1)
     model.train()
-    bar = tqdm(range(settings.reward_steps), desc="reward model", disable=not settings.progress)
+    bar = tqdm(range(settings.reward_steps), desc="reward model", disable=None if settings.progress else True)
     for _ in bar:
         index = torch.randint(0, len(pairs), (settings.reward_batch_size,), generator=generator).tolist()
         sequences = [chosen[i] for i in index] + [rejected[i] for i in index]
@@ -253,6 +261,7 @@ def train_reward(
         optimizer.step()
         scheduler.step()
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    _stage(settings, f"reward model: {settings.reward_steps} steps, last loss {loss.item():.3f}")
     model.eval()
     return model
 

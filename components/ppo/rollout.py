@@ -19,6 +19,7 @@ import torch
 from transformers import DynamicCache, EncoderDecoderCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from components.config import GenerationConfig
+from components.dialogue import render_transcript
 from components.errors import UserError
 from components.ppo import distributed
 from components.ppo.actor_critic import (
@@ -60,43 +61,54 @@ def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
     return int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
 
 
-def render_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]) -> list[str]:
-    """Each prompt as the user turn of a chat, followed by the assistant's generation prompt."""
+def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str | list[dict], use_chat_template: bool = False) -> str:
+    """The text the policy reads for a prompt. A text prompt is itself, or with `use_chat_template` one user turn of a
+    chat; a conversation (a list of messages) is rendered with the chat template, its turns and roles kept, or
+    without one as a Human:/Assistant: transcript ending with "Assistant:". The chat template adds the assistant's
+    generation prompt."""
+    if isinstance(prompt, str) and not use_chat_template:
+        return prompt
+    if not use_chat_template:
+        return render_transcript(prompt)
     if not getattr(tokenizer, "chat_template", None):
         raise PromptError(
             f"policy.use_chat_template is true but the tokenizer of {tokenizer.name_or_path!r} has no chat template; "
             f"set policy.use_chat_template=false or use a tokenizer with one"
         )
-    return [
-        tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
-        for p in prompts
-    ]
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompts: Sequence, use_chat_template: bool = False) -> list[list[int]]:
+    """Each prompt's token ids as the policy reads them (before any limit); a chat template adds its own specials."""
+    texts = [render_prompt(tokenizer, prompt, use_chat_template) for prompt in prompts]
+    return tokenizer(texts, add_special_tokens=not use_chat_template, padding=False, truncation=False)["input_ids"]
 
 
 def tokenize_prompts(
     tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[str],
+    prompts: Sequence,
     generation: GenerationConfig,
     use_chat_template: bool = False,
     padding_side: str = "left",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Padded (input_ids, attention_mask): left for a causal LM, right for an encoder (whose positions may
-    not follow the mask). Prompts over `generation.max_prompt_tokens` keep their END
-    (`prompt_overflow: truncate`) or raise a PromptError naming the prompt index (`reject`).
-    With `use_chat_template`, prompts are rendered as a user turn first (the template adds its own specials)."""
+    not follow the mask). Prompts (texts or conversations, `render_prompt`) over `generation.max_prompt_tokens` keep
+    their END (`prompt_overflow: truncate`; the data preparation, components.data.fit_prompts, has already shortened
+    and counted them by row, this is the engine's own guard) or raise a PromptError naming the prompt index."""
     if len(prompts) == 0:
         raise PromptError("no prompts: the prompt batch is empty")
     limit = generation.max_prompt_tokens
-    texts = render_prompts(tokenizer, prompts) if use_chat_template else list(prompts)
-    rows = tokenizer(texts, add_special_tokens=not use_chat_template, padding=False, truncation=False)["input_ids"]
+    rows = prompt_ids(tokenizer, prompts, use_chat_template)
     for index, ids in enumerate(rows):
         if len(ids) == 0:
             raise PromptError(f"prompt {index} is empty after tokenization: {prompts[index]!r}")
         if len(ids) > limit:
-            if generation.prompt_overflow == "reject":
+            if generation.prompt_overflow != "truncate":
                 raise PromptError(
                     f"prompt {index} has {len(ids)} tokens, more than generation.max_prompt_tokens={limit} "
-                    f"(generation.prompt_overflow=reject); shorten it, raise the limit, or use prompt_overflow=truncate"
+                    f"(generation.prompt_overflow={generation.prompt_overflow}); shorten it, raise the limit, or use "
+                    "prompt_overflow=truncate"
                 )
             rows[index] = ids[-limit:]
     width = max(len(ids) for ids in rows)
@@ -323,6 +335,7 @@ class Samples(NamedTuple):
     ended_with_eos: list[bool]
     lengths: list[int]
     logprobs: list[float]  # sum of the completion's token log-probabilities (at the sampling temperature)
+    prompts_seen: list[str]  # each prompt as the policy read it: rendered, within max_prompt_tokens, specials kept
 
 
 def generate(
@@ -337,7 +350,7 @@ def generate(
     """Sample one completion per prompt, reproducibly for a given seed (and batch_size)."""
     generator = torch.Generator(device=policy.device).manual_seed(seed)
     eos_ids, pad = eos_token_ids(tokenizer, policy), pad_id(tokenizer)
-    out = Samples([], [], [], [])
+    out = Samples([], [], [], [], [])
     was_training = policy.training
     policy.eval()
     try:
@@ -350,6 +363,8 @@ def generate(
             out.ended_with_eos.extend(rollout.ended_with_eos.tolist())
             out.lengths.extend(rollout.lengths.tolist())
             out.logprobs.extend(rollout.logprobs.sum(1).tolist())
+            out.prompts_seen.extend(tokenizer.batch_decode(
+                [row[mask.bool()].tolist() for row, mask in zip(rollout.queries, rollout.query_mask)], skip_special_tokens=False))
     finally:
         policy.train(was_training)
     return out

@@ -85,7 +85,7 @@ from components.ppo.rollout import (
     eos_token_ids,
     pad_id,
     prompt_padding_side,
-    render_prompts,
+    render_prompt,
     response_forward,
     response_hidden,
     response_logprobs,
@@ -210,7 +210,7 @@ class PPOTrainer:
         if value_head == "separate" and self.encoder_decoder:
             raise ConfigError("policy.value_head=separate is for causal LMs; an encoder-decoder policy uses the shared value head")
         if use_chat_template:
-            render_prompts(tokenizer, ["x"])  # fails now, naming the tokenizer, if it has no chat template
+            render_prompt(tokenizer, "x", use_chat_template=True)  # fails now, naming the tokenizer, if it has none
         self.ppo, self.generation = ppo, generation
         self.reward = reward if reward is not None else RewardConfig()
         self.tokenizer, self.reward_fn, self.seed = tokenizer, reward_fn, seed

@@ -119,7 +119,8 @@ def test_generate_is_reproducible_for_a_seed(lm):
     again = generate(policy, tokenizer, PROMPTS, generation, seed=7, batch_size=8)
     other = generate(policy, tokenizer, PROMPTS, generation, seed=8, batch_size=8)
     assert first == again and first.completions != other.completions
-    completions, ended, lengths, logprobs = first
+    completions, ended, lengths, logprobs, seen = first
+    assert seen == [tokenizer.decode(tokenizer(p)["input_ids"]) for p in PROMPTS]  # specials kept, as read
     assert len(completions) == len(ended) == len(lengths) == len(logprobs) == len(PROMPTS)
     assert all(lp <= 0 for lp in logprobs) and all(1 <= n <= 8 for n in lengths)
 

@@ -102,10 +102,10 @@ def test_gold_scores_a_bare_completion_like_the_whole_review():
 
 def test_regenerated_demo_data_matches_data_dvc(tmp_path):
     # The pinned data is exactly what the generator writes with the default seed, so a fresh clone
-    # can rebuild data/ without a DVC remote. Checked in a scratch repo: the repo's own data/ is left alone.
+    # can rebuild data/demo without a DVC remote. Checked in a scratch repo: the repo's own data/ is left alone.
     dvc_file = PROJECT_ROOT / "data.dvc"
     if not dvc_file.is_file():
-        pytest.fail(f"{dvc_file} is missing: run `dvc add data` in {PROJECT_ROOT}")
+        pytest.fail(f"{dvc_file} is missing: it pins data/demo")
     subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
     (tmp_path / ".dvc").mkdir()
     (tmp_path / ".dvc" / "config").write_text("[core]\n    analytics = false\n")
@@ -116,9 +116,10 @@ def test_regenerated_demo_data_matches_data_dvc(tmp_path):
     with Repo(str(tmp_path)) as repo:
         # Without the data in its cache DVC says "not in cache" whether or not the data matches,
         # so cache what was generated first, then judge it against the repo's own data.dvc.
-        repo.add(str(tmp_path / "data"))
+        repo.add(str(tmp_path / "data" / "demo"))
+        (tmp_path / "data" / "demo.dvc").unlink()
         shutil.copy(dvc_file, tmp_path / "data.dvc")
         assert repo.status() == {}
 
         (tmp_path / "data" / "demo" / "prompts.jsonl").write_text('{"prompt": "changed"}\n')
-        assert list(repo.status().values()) == [[{"changed outs": {"data": "modified"}}]]
+        assert list(repo.status().values()) == [[{"changed outs": {"data/demo": "modified"}}]]

@@ -133,3 +133,49 @@ def test_row_numbers_of_a_broken_line_and_of_a_reported_row_agree(tmp_path):
     path.write_text('{"prompt": "a"}\n{"prompt": \n{"prompt": "c"}\n')
     with pytest.raises(DataError, match=r"p\.jsonl:2: not valid JSON"):
         load_prompts(config(path))
+
+
+@pytest.mark.parametrize("suffix, opener", [(".gz", "gzip"), (".bz2", "bz2"), (".xz", "lzma")])
+def test_compressed_jsonl_and_csv_load_like_plain_ones(tmp_path, suffix, opener):
+    import importlib
+
+    module = importlib.import_module(opener)
+    jsonl = tmp_path / f"prompts.jsonl{suffix}"
+    with module.open(jsonl, "wt") as handle:
+        handle.write("".join(json.dumps(row) + "\n" for row in ROWS))
+    assert load_prompts(config(jsonl)).prompts == ["The film was", "I watched it and"]
+    csv = tmp_path / f"prompts.csv{suffix}"
+    with module.open(csv, "wt") as handle:
+        handle.write(pd.DataFrame(ROWS).to_csv(index=False))
+    assert load_prompts(config(csv)).prompts == ["The film was", "I watched it and"]
+    broken = tmp_path / f"broken.jsonl{suffix}"
+    with module.open(broken, "wt") as handle:
+        handle.write('{"prompt": "ok"}\n{"prompt": \n')
+    with pytest.raises(DataError, match=rf"broken\.jsonl\{suffix}:2: not valid JSON"):
+        load_prompts(config(broken))
+
+
+def test_a_truncated_archive_names_the_file(tmp_path):
+    path = tmp_path / "cut.jsonl.gz"
+    import gzip
+
+    path.write_bytes(gzip.compress(b'{"prompt": "a"}\n' * 100)[:40])
+    with pytest.raises(DataError, match=r"cut\.jsonl\.gz: cannot decompress"):
+        load_prompts(config(path))
+
+
+def test_a_hub_dataset_that_cannot_be_reached_is_named_with_its_subset_directory_and_split():
+    with pytest.raises(DataError, match=r"data.source: cannot load hub dataset 'Anthropic/hh-rlhf' \(data_dir 'harmless-base', split 'test'\)"):
+        load_prompts(DataConfig(source="Anthropic/hh-rlhf", data_dir="harmless-base", split="test"))
+
+
+def test_a_subset_is_for_hub_datasets_and_a_data_dir_picks_a_local_sub_directory(tmp_path):
+    (tmp_path / "harmless-base").mkdir()
+    (tmp_path / "harmless-base" / "test.jsonl").write_text(json.dumps({"prompt": "A"}) + "\n")
+    (tmp_path / "helpful-base").mkdir()
+    (tmp_path / "helpful-base" / "test.jsonl").write_text(json.dumps({"prompt": "B"}) + "\n")
+    assert load_prompts(config(tmp_path, data_dir="helpful-base", split="test")).prompts == ["B"]
+    with pytest.raises(DataError, match="data.subset names a configuration of a hub dataset"):
+        load_prompts(config(tmp_path, subset="default"))
+    with pytest.raises(DataError, match="data.data_dir: .*red-team is not a directory"):
+        load_prompts(config(tmp_path, data_dir="red-team"))

@@ -6,7 +6,7 @@ from mlflow import MlflowClient
 from typer.testing import CliRunner
 
 from components.config import PROJECT_ROOT
-from components.data import data_version
+from components.versioning import file_md5
 from components.ppo import PPOTrainer
 from flows.cli import app
 from flows.pipeline import pipeline
@@ -27,7 +27,8 @@ def test_gate_failure_registers_without_promoting_and_champion_stays(demo_data, 
     version = client.get_model_version(MODEL, first.model_version)
     assert version.tags["gates_passed"] == "false"
     assert "reward_gain" in version.tags["gates_failed"].split(",")
-    assert version.tags["data_md5"] == data_version(PROJECT_ROOT / "data.dvc").md5
+    assert version.tags["data_md5"] == file_md5(PROJECT_ROOT / "data" / "demo" / "prompts.jsonl")
+    assert (version.tags["data_name"], version.tags["data_dvc_file"], version.tags["data_versioned"]) == ("prompts", "data.dvc", "true")
     assert not client.get_registered_model(MODEL).aliases
 
     store = ["--set", f"tracking.tracking_uri={tracking_uri}"]
@@ -104,7 +105,7 @@ def test_demo_pipeline_end_to_end_registers_promotes_and_serves(demo_kit, tmp_pa
         assert key in run.data.metrics, key
     assert run.data.tags["alignflow.gates_passed"] == "true"
     assert run.data.tags["alignflow.model_version"] == result.model_version
-    md5 = data_version(PROJECT_ROOT / "data.dvc").md5
+    md5 = file_md5(PROJECT_ROOT / "data" / "demo" / "prompts.jsonl")  # the bytes the run read
     assert run.data.tags["alignflow.data_md5"] == md5
     assert run.data.tags["alignflow.packed_sequences"] == "policy, critic"  # GPT-2 policy, reference and critic
     [dataset] = run.inputs.dataset_inputs
