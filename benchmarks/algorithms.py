@@ -5,7 +5,7 @@ Standard library only: the TRL workers load this file by path from their own vir
 `ALGORITHMS[name]` says, for one algorithm:
   samples_per_prompt  "k" (a group method: k completions of each prompt, the harness's --k) or 1
   critic              whether the algorithm trains a value model
-  alignflow           the engine's PPO settings for it, on top of the workload's (lr, batch, KL coefficient ...).
+  alignflow           the engine's rl.* settings for it, on top of the workload's (lr, batch, KL coefficient ...).
                       PPO needs none: it runs the engine as it is today. The critic-free estimators use the keys the
                       engine redesign is adding (names may still change: change them HERE and nowhere else):
                         advantage_estimator  gae|rloo|grpo|dr_grpo|reinforce_pp|reinforce_pp_baseline
@@ -99,14 +99,14 @@ def samples_per_prompt(algorithm: str, k: int) -> int:
 
 
 def alignflow_settings(algorithm: str, k: int) -> dict:
-    """{"ppo": the engine's PPOConfig keys beyond the workload's, "critic": trains a value model}.
+    """{"rl": the engine's RLConfig keys beyond the workload's, "critic": trains a value model}.
     The workload's batch_size is the episodes (completions) per iteration, for every algorithm: k completions of
-    batch_size / k prompts for a group method. If the engine's batch_size turns out to count prompts, divide it here."""
+    batch_size / k prompts for a group method (the engine's rl.rollout_batch_size counts prompts)."""
     entry = ALGORITHMS[algorithm]
-    ppo = dict(entry["alignflow"])
-    if ppo:  # a critic-free estimator: the number of completions per prompt is part of it
-        ppo["samples_per_prompt"] = samples_per_prompt(algorithm, k)
-    return {"ppo": ppo, "critic": entry["critic"]}
+    rl = dict(entry["alignflow"])
+    if rl:  # a critic-free estimator: the number of completions per prompt is part of it
+        rl["samples_per_prompt"] = samples_per_prompt(algorithm, k)
+    return {"rl": rl, "critic": entry["critic"]}
 
 
 def trl_peer(algorithm: str) -> tuple[str, str, dict] | None:

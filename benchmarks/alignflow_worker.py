@@ -1,4 +1,4 @@
-"""alignflow's side of the benchmark: its PPOTrainer on one workload, in a fresh process.
+"""alignflow's side of the benchmark: its engine (components.rl) on one workload, in a fresh process.
 
     python benchmarks/alignflow_worker.py SPEC.json RESULT.json [ENGINE_ROOT]
 
@@ -7,7 +7,8 @@ With an "evaluate" list in SPEC it instead evaluates saved policies (both engine
 SPEC["algorithm"] (default "ppo") picks the algorithm; with "save_budgets" (episode counts) and "save_dir" the
 policy is saved at each budget with the training wall-clock seconds so far (saving excluded), as the TRL workers do.
 ENGINE_ROOT (default: this checkout) is the directory whose `components/` is benchmarked, e.g. a
-`git archive` of a commit. Phases are timed by wrapping, from outside, what `PPOTrainer.step` calls:
+`git archive` of a commit of today's engine layout (components/rl, since the engine's split into experience,
+advantages and learning). Phases are timed by wrapping, from outside, what `Trainer.run_iteration` calls:
   generation  `sample` (our KV-cache loop; old log-probs and shared-head values come from it)
   reference   `response_logprobs` (the reference policy's log-probs)
   value       a separate critic's forward in the rollout (none with a shared value head)
@@ -41,20 +42,20 @@ def main(spec_path: str, result_path: str, engine_root: str) -> None:
 
 
 def probe(algorithms: list[str], k: int) -> dict:
-    """{algorithm: {"available": bool, "reason": str}}: whether this engine's PPOConfig accepts the algorithm's
+    """{algorithm: {"available": bool, "reason": str}}: whether this engine's RLConfig accepts the algorithm's
     settings (algorithms.py). An engine without them refuses the unknown keys; nothing is run."""
     from algorithms import alignflow_settings
 
-    from components.config import PPOConfig
+    from components.config import RLConfig
 
     out = {}
     for name in algorithms:
-        settings = alignflow_settings(name, k)["ppo"]
+        settings = alignflow_settings(name, k)["rl"]
         try:
-            PPOConfig(**settings)
+            RLConfig(**settings)
             out[name] = {"available": True, "reason": ""}
         except Exception as error:  # pydantic's ValidationError, or the engine's ConfigError
-            out[name] = {"available": False, "reason": f"this engine's PPOConfig does not accept "
+            out[name] = {"available": False, "reason": f"this engine's RLConfig does not accept "
                          f"{', '.join(sorted(settings))} ({type(error).__name__})"}
     return out
 
@@ -69,7 +70,7 @@ def evaluate(spec: dict) -> dict:
     from components.config import GenerationConfig, RewardConfig
     from components.demo.gold import is_gold_positive
     from components.models import load_causal_lm, load_tokenizer
-    from components.ppo import generate
+    from components.rl import generate
     from components.reward import RewardScorer
 
     if spec.get("threads"):
@@ -110,14 +111,12 @@ def train(spec: dict) -> dict:
     import transformers
 
     import components
-    from transformers import AutoModelForSequenceClassification
-
-    import components.ppo.trainer as engine
-    from components.config import GenerationConfig, PPOConfig, RewardConfig
-    from components.models import load_causal_lm, load_reward_model, load_tokenizer
-    from components.ppo import PPOTrainer
-    from components.ppo.actor_critic import backbone_of
+    import components.rl.experience as experience
+    from components.config import CriticConfig, GenerationConfig, LoraConfig, RewardConfig, RLConfig
+    from components.models import load_causal_lm, load_tokenizer
     from components.reward import RewardScorer
+    from components.rl import build_trainer
+    from components.rl.roles import backbone_of
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
@@ -127,31 +126,29 @@ def train(spec: dict) -> dict:
     batch = spec["batch_size"]  # episodes (completions) per iteration, for every algorithm
     algorithm = spec.get("algorithm", "ppo")
     settings = alignflow_settings(algorithm, spec.get("k", 4))
-    ppo = PPOConfig(
+    rl = RLConfig(
         learning_rate=spec["learning_rate"],
-        batch_size=batch,
+        rollout_batch_size=batch // settings["rl"].get("samples_per_prompt", 1),
         mini_batch_size=spec["mini_batch_size"],
-        ppo_epochs=spec["ppo_epochs"],
+        update_epochs=spec["ppo_epochs"],
         kl_coef=spec["kl_coef"],
-        max_steps=batch * spec["iterations"],
+        total_episodes=batch * spec["iterations"],
         max_grad_norm=spec.get("max_grad_norm"),
-        **settings["ppo"],
+        **settings["rl"],
     )
     generation = GenerationConfig(
         max_new_tokens=spec["max_new_tokens"], temperature=spec["temperature"], top_k=0, top_p=1.0,
         max_prompt_tokens=spec["max_prompt_tokens"],
     )
     reward = RewardConfig(model=spec["reward"], max_length=spec["reward_max_length"], batch_size=batch)
+    # the separate critic starts as the reward model (build_trainer loads it when it shares the policy's vocabulary)
+    critic = CriticConfig(type=spec.get("value_head", "shared") if settings["critic"] else "none")
 
     tokenizer = load_tokenizer(spec["policy"])
     policy = load_causal_lm(spec["policy"])
     scorer = RewardScorer.from_config(reward)
-    critic, critic_args = None, {}
-    if settings["critic"]:
-        critic_args["value_head"] = spec.get("value_head", "shared")
-        if critic_args["value_head"] == "separate":  # as PPOTrainer.from_config: the critic starts as the reward model
-            critic = AutoModelForSequenceClassification.from_pretrained(spec["reward"], num_labels=1, dtype=torch.float32)
-    trainer = PPOTrainer(policy, tokenizer, scorer, ppo, generation, reward, critic=critic, seed=spec["seed"], **critic_args)
+    trainer = build_trainer(policy, tokenizer, scorer, rl=rl, generation=generation, reward=reward, critic=critic,
+                            lora=LoraConfig(), seed=spec["seed"])
 
     clock = PhaseClock()
     flops = FlopCounter(clock)
@@ -164,13 +161,14 @@ def train(spec: dict) -> dict:
     }
     if trainer.critic is not None:
         parameters["value_backbone"] = flops.watch_backbone("value", trainer.critic.backbone)
-    engine.sample = clock.timed("generation", engine.sample)
-    engine.response_logprobs = clock.timed("reference", engine.response_logprobs)
-    # the critic's forward: "value" in the rollout, part of "update" inside the PPO epochs
-    engine.response_hidden = clock.timed(lambda *a, **k: "update" if clock.current == "update" else "value", engine.response_hidden)
-    engine.decode = clock.timed("scoring", engine.decode)
-    trainer.reward_fn = clock.timed("scoring", trainer.reward_fn)
-    trainer.learn = clock.timed("update", trainer.learn)
+    experience.sample = clock.timed("generation", experience.sample)
+    experience.response_logprobs = clock.timed("reference", experience.response_logprobs)
+    # the critic's forward: "value" in the rollout, part of "update" inside the update epochs
+    experience.response_hidden = clock.timed(lambda *a, **k: "update" if clock.current == "update" else "value",
+                                             experience.response_hidden)
+    experience.decode = clock.timed("scoring", experience.decode)
+    trainer.experience_maker.reward_fn = clock.timed("scoring", trainer.experience_maker.reward_fn)
+    trainer.learner.learn = clock.timed("update", trainer.learner.learn)
 
     setup_seconds = time.perf_counter() - started
     rss_before = rss_mb()
@@ -182,7 +180,7 @@ def train(spec: dict) -> dict:
         clock.lap(), flops.lap()
         clock.switch("other")
         start = time.perf_counter()
-        stats = trainer.step(trainer.next_prompts(prompts))
+        stats = trainer.run_iteration(trainer.next_prompts(prompts))
         seconds = time.perf_counter() - start
         steps = flops.calls.get("policy@generation", 0)
         iterations.append({

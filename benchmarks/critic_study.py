@@ -1,7 +1,7 @@
 """How well PPO learns the demo task with each critic (and engine setting), over many seeds.
 
     python -m benchmarks.critic_study separate frozen-mlp trl --seeds 12
-    python -m benchmarks.critic_study separate --seeds 12 --set reward.append_eos=false --set ppo.max_grad_norm=1.0
+    python -m benchmarks.critic_study separate --seeds 12 --set reward.append_eos=false --set rl.max_grad_norm=1.0
 
 Each (variant, seed) trains in a fresh process, two at a time with one thread each: the demo config's PPO
 (`--set` overrides it) for 20 iterations of 64 episodes on the benchmark's training prompts, then 4 sampled
@@ -11,7 +11,7 @@ benchmarks/results/critic_study.jsonl.
 
 Variants (alignflow's critic):
   separate       the demo config's critic: a copy of the reward model, trained whole (as TRL's)
-  shared         a linear value head on the policy's last hidden state (`policy.value_head: shared`)
+  shared         a linear value head on the policy's last hidden state (`critic.type: shared`)
   frozen-linear  the reward model's backbone frozen, its scoring head trained (at 10x the learning rate)
   frozen-mlp     the same with a residual MLP head: V = score head(h) + MLP(h), the MLP's output starting at 0
   frozen-mlp2    the same with two hidden layers
@@ -70,11 +70,12 @@ def frozen_critic(trainer, depth: int, head_lr_factor: float = 10.0) -> None:
     if depth:
         critic.value_head = ResidualMLPHead(critic.value_head, depth)
     policy = [p for p in trainer.policy.parameters() if p.requires_grad]
-    lr = trainer.ppo.learning_rate
+    lr = trainer.rl.learning_rate
     trainer.optimizer = torch.optim.AdamW(
         [{"params": policy, "lr": lr}, {"params": list(critic.value_head.parameters()), "lr": lr * head_lr_factor}],
         weight_decay=0.0, fused=True,
     )
+    trainer.learner.optimizer = trainer.optimizer
     trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lambda i: 1.0)
 
 
@@ -88,12 +89,12 @@ def run_one(variant: str, seed: int, overrides: list[str]) -> dict:
     from components.config import DEMO_CONFIG, load_config
     from components.demo.gold import is_gold_positive
     from components.models import load_causal_lm, load_tokenizer
-    from components.ppo import PPOTrainer, generate
+    from components.rl import build_trainer, generate
     from components.reward import RewardScorer
 
     train_prompts, eval_prompts = split_prompts()
     value_head = "shared" if variant in ("shared", "trl") else "separate"
-    cfg = load_config(DEMO_CONFIG, [f"seed={seed}", f"ppo.max_steps={64 * ITERATIONS}", f"policy.value_head={value_head}",
+    cfg = load_config(DEMO_CONFIG, [f"seed={seed}", f"rl.total_episodes={64 * ITERATIONS}", f"critic.type={value_head}",
                                     f"policy.model={DEMO_DIR / 'instruct'}", f"reward.model={DEMO_DIR / 'reward'}", *overrides])
     tokenizer = load_tokenizer(cfg.policy.model)
     scorer = RewardScorer.from_config(cfg.reward)
@@ -103,7 +104,7 @@ def run_one(variant: str, seed: int, overrides: list[str]) -> dict:
         policy = load_causal_lm(policy_dir)
     else:
         torch.manual_seed(seed)
-        trainer = PPOTrainer.from_config(cfg, load_causal_lm(cfg.policy.model), tokenizer, scorer)
+        trainer = build_trainer(load_causal_lm(cfg.policy.model), tokenizer, scorer, **cfg.trainer_sections())
         if variant.startswith("frozen"):
             frozen_critic(trainer, depth={"frozen-linear": 0, "frozen-mlp": 1, "frozen-mlp2": 2}[variant])
         history = trainer.train(train_prompts, iterations=ITERATIONS).history

@@ -2,7 +2,7 @@
 
     .venv/bin/python -m benchmarks.data_parallel [--iterations 4] [--batch-size 32]
 
-Runs the demo configuration's models through `components.ppo.launch` with --num_processes 1 and 2, alternating
+Runs the demo configuration's models through `components.rl.launch` with --num_processes 1 and 2, alternating
 (1 2 2 1), and reports the median over runs of the median episodes/s over the iterations after the first (warm-up). Results go to
 benchmarks/results/data_parallel.json. Process start-up and model loading are excluded: the time is the engine's own time/rollout + time/scoring + time/update.
 """
@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from components.config import DEMO_CONFIG, PROJECT_ROOT, load_config
-from components.ppo.launcher import free_port
+from components.rl.launcher import free_port
 
 
 def run(processes: int, config_path: Path, prompts_path: Path, iterations: int, work: Path, threads: int) -> list[dict]:
@@ -29,7 +29,7 @@ def run(processes: int, config_path: Path, prompts_path: Path, iterations: int, 
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
                "--multi_gpu" if processes > 1 else "--cpu",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(free_port()), "-m", "components.ppo.launch",
+               "--main_process_port", str(free_port()), "-m", "components.rl.launch",
                "--config", str(config_path), "--prompts", str(prompts_path), "--checkpoint", str(checkpoint),
                "--iterations", str(iterations), "--stats", str(stats)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
@@ -54,8 +54,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="intra-op threads per process (default: the cores shared out, the same cores either way)")
     args = parser.parse_args(argv)
     cores = os.cpu_count() or 1
-    config = load_config(DEMO_CONFIG, [f"ppo.batch_size={args.batch_size}", f"ppo.mini_batch_size={args.batch_size // 2}",
-                                       "ppo.gradient_accumulation_steps=2"])
+    config = load_config(DEMO_CONFIG, [f"rl.rollout_batch_size={args.batch_size}", f"rl.mini_batch_size={args.batch_size // 2}",
+                                       "rl.gradient_accumulation_steps=2"])
     config = config.model_copy(update={
         "policy": config.policy.model_copy(update={"model": str(PROJECT_ROOT / config.policy.model)}),
         "reward": config.reward.model_copy(update={"model": str(PROJECT_ROOT / config.reward.model)}),

@@ -34,9 +34,8 @@ def run_variant(variant: str, iterations: int, seed: int) -> dict:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from components.config import RunConfig
-    from components.ppo import PPOTrainer
-    from ppo_helpers import word_share
-    from tiny import word_tokenizer
+    from components.rl import build_trainer
+    from support import word_share, word_tokenizer
 
     torch.manual_seed(seed)
     tokenizer = word_tokenizer()
@@ -47,10 +46,10 @@ def run_variant(variant: str, iterations: int, seed: int) -> dict:
     cfg = RunConfig.model_validate({
         "seed": seed,
         "policy": {"lora": {"enabled": variant == "lora", "r": 16, "alpha": 32}},
-        "ppo": {"batch_size": 16, "mini_batch_size": 8, "ppo_epochs": 2, "learning_rate": 1e-4},
+        "rl": {"rollout_batch_size": 16, "mini_batch_size": 8, "update_epochs": 2, "learning_rate": 1e-4},
         "generation": {"max_new_tokens": 16, "max_prompt_tokens": 8},
     })
-    trainer = PPOTrainer.from_config(cfg, policy, tokenizer, word_share("good"))
+    trainer = build_trainer(policy, tokenizer, word_share("good"), **cfg.trainer_sections())
     start = time.perf_counter()
     history = trainer.train(PROMPTS, iterations=iterations).history
     return {

@@ -24,7 +24,7 @@ Identical work, and where the engines differ by design (kept, and stated in the 
     head included), or with `--value-head shared` a head on the policy's last hidden state;
   - TRL scores token ids straight away; alignflow decodes and re-tokenizes (a reward model may have its own
     tokenizer), the reward model's EOS appended where the policy ended with one (TRL's ids carry the sampled EOS);
-  - gradient clipping as the demo config says (`ppo.max_grad_norm: null`: none, as TRL's PPOTrainer).
+  - gradient clipping as the demo config says (`rl.max_grad_norm: null`: none, as TRL's PPOTrainer).
 """
 
 from __future__ import annotations

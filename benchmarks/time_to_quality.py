@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--k", type=int, default=4, help="completions per prompt of the group methods, both engines")
     parser.add_argument("--budget", type=int, default=640, help="save and evaluate the policy every this many episodes")
-    parser.add_argument("--max-episodes", type=int, default=5120, help="episodes per learning run (the demo's ppo.max_steps)")
+    parser.add_argument("--max-episodes", type=int, default=5120, help="episodes per learning run (the demo's rl.total_episodes)")
     parser.add_argument("--group-minibatch", type=int, default=None, help="completions per optimizer step of the critic-free runs (default: the whole batch)")
     parser.add_argument("--group-epochs", type=int, default=1, help="passes over each generation batch of the critic-free runs")
     parser.add_argument("--seconds-step", type=float, default=None, help="the wall-clock budgets of the curves (default: 1/16 of the longest run)")

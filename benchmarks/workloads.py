@@ -7,7 +7,6 @@ are the base, and the grid varies batch size and response length around it.
 from __future__ import annotations
 
 import json
-import random
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -50,16 +49,16 @@ def demo_workload(iterations: int, warmup: int, value_head: str | None = None) -
         name="demo",
         policy=str(DEMO_DIR / "instruct"),
         reward=str(DEMO_DIR / "reward"),
-        batch_size=cfg.ppo.batch_size,
-        mini_batch_size=cfg.ppo.mini_batch_size,
-        ppo_epochs=cfg.ppo.ppo_epochs,
-        learning_rate=cfg.ppo.learning_rate,
-        kl_coef=cfg.ppo.kl_coef,
+        batch_size=cfg.rl.rollout_batch_size,
+        mini_batch_size=cfg.rl.mini_batch_size,
+        ppo_epochs=cfg.rl.update_epochs,
+        learning_rate=cfg.rl.learning_rate,
+        kl_coef=cfg.rl.kl_coef,
         max_new_tokens=cfg.generation.max_new_tokens,
         max_prompt_tokens=cfg.generation.max_prompt_tokens,
         temperature=cfg.generation.temperature,
-        value_head=value_head or cfg.policy.value_head,
-        max_grad_norm=cfg.ppo.max_grad_norm,
+        value_head=value_head or cfg.critic.type,
+        max_grad_norm=cfg.rl.max_grad_norm,
         iterations=iterations,
         warmup=warmup,
     )
@@ -91,10 +90,12 @@ def group_workload(workload: Workload, k: int, mini_batch_size: int | None = Non
 
 
 def split_prompts() -> tuple[list[str], list[str]]:
-    """(train, eval): the demo prompts shuffled with seed 0, the first EVAL_SIZE held out."""
+    """(train, eval): the demo prompts split by the pipeline's own split (components.data.split_prompts) with seed 0,
+    EVAL_SIZE held out."""
+    from components import data
+
     prompts = [json.loads(line)["prompt"] for line in PROMPTS.read_text().splitlines() if line.strip()]
-    random.Random(0).shuffle(prompts)
-    return prompts[EVAL_SIZE:], prompts[:EVAL_SIZE]
+    return data.split_prompts(prompts, EVAL_SIZE, seed=0)
 
 
 def larger_models(n_layer: int = 6, n_embd: int = 512, n_head: int = 8, seed: int = 0) -> tuple[Path, Path]:

@@ -87,10 +87,11 @@ class DataConfig(Section):
 
 
 class LoraConfig(Section):
-    enabled: bool = False
-    r: int = Field(8, gt=0)
-    alpha: int = Field(16, gt=0)
-    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout; inactive while the engine keeps the policy in eval mode.")
+    """LoRA adapters on the policy: only they (and the value head) train; the reference is the policy with them off."""
+
+    enabled: bool = Field(False, description="Train LoRA adapters instead of every weight of the policy.")
+    r: int = Field(8, gt=0, description="The adapters' rank.")
+    alpha: int = Field(16, gt=0, description="The adapters' scaling numerator (scale = alpha / r).")
     target_modules: list[str] | None = Field(
         None, description="None picks PEFT's per-family defaults (c_attn for GPT-2, q_proj/v_proj for Llama, q/v for T5...)."
     )
@@ -98,10 +99,10 @@ class LoraConfig(Section):
 
 
 class PolicyConfig(Section):
+    """The policy: the instruct LM that RL trains, and the reference it is held near (its starting point)."""
+
     model: str = Field("artifacts/demo/instruct", description="Hub id, local path or models:/NAME@ALIAS.")
-    revision: str | None = None
-    value_head: Literal["shared", "separate"] = Field("shared", description="Shared backbone, or a separate critic.")
-    critic_model: str | None = Field(None, description="Separate critic's initial model (default: the reward model).")
+    revision: str | None = Field(None, description="The hub revision (branch, tag or commit) of a hub model.")
     use_chat_template: bool = Field(
         False,
         description="Render prompts with the policy tokenizer's chat template: a conversation (data.format messages, "
@@ -115,7 +116,22 @@ class PolicyConfig(Section):
     def _check_model(cls, value: str) -> str:
         return _check_model_ref(value)
 
-    @field_validator("critic_model")
+
+class CriticConfig(Section):
+    """The critic V(s_t) that GAE needs: a value head on the policy, a model of its own, or none."""
+
+    type: Literal["shared", "separate", "none"] = Field(
+        "shared",
+        description="shared: a value head on the policy's last hidden state (one forward for both); separate: a model "
+        "of its own (causal LMs); none: no critic (only for an advantage estimator that needs none).",
+    )
+    model: str | None = Field(
+        None,
+        description="A separate critic's initial model. None: the reward model when it shares the policy's vocabulary "
+        "(its scoring head starts the value head, as TRL and OpenRLHF do), else a copy of the policy's backbone.",
+    )
+
+    @field_validator("model")
     @classmethod
     def _check_critic(cls, value: str | None) -> str | None:
         return None if value is None else _check_model_ref(value)
@@ -123,9 +139,9 @@ class PolicyConfig(Section):
 
 class RewardConfig(Section):
     model: str = Field("artifacts/demo/reward", description="Hub id, local path or models:/NAME@ALIAS.")
-    revision: str | None = None
+    revision: str | None = Field(None, description="The hub revision (branch, tag or commit) of a hub model.")
     label: str | int | None = Field(None, description="Label name (as in id2label) or index; None for a single output.")
-    score: Literal["logit", "probability"] = "logit"
+    score: Literal["logit", "probability"] = Field("logit", description="The chosen output's logit, or its probability.")
     text: Literal["prompt_and_completion", "completion"] = Field(
         "prompt_and_completion", description="What the reward model reads: prompt + completion, or the completion alone (a summary)."
     )
@@ -142,7 +158,7 @@ class RewardConfig(Section):
         "chat template (as TRL does), or as a Human:/Assistant: transcript; auto: the chat template if its tokenizer "
         "has one.",
     )
-    batch_size: int = Field(64, gt=0)
+    batch_size: int = Field(64, gt=0, description="Texts the reward model scores per forward.")
     normalize: bool = Field(False, description="Normalise scores with a running mean/std.")
     clip: float | None = Field(None, gt=0, description="Clip scores to [-clip, clip].")
     missing_eos_penalty: float | None = Field(None, ge=0, description="Subtracted from the score of completions without EOS.")
@@ -161,10 +177,12 @@ class RewardConfig(Section):
 
 
 class GenerationConfig(Section):
-    max_new_tokens: int = Field(24, gt=0)
-    temperature: float = Field(1.0, gt=0)
-    top_k: int = Field(0, ge=0, description="0 disables top-k.")
-    top_p: float = Field(1.0, gt=0, le=1.0)
+    """How the policy samples its completions, in training and in evaluation alike."""
+
+    max_new_tokens: int = Field(24, gt=0, description="The most tokens a completion has (its EOS included).")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature; log-probabilities are taken at it.")
+    top_k: int = Field(0, ge=0, description="Sample among the k likeliest tokens; 0 disables top-k.")
+    top_p: float = Field(1.0, gt=0, le=1.0, description="Sample within the smallest set of tokens holding this probability.")
     max_prompt_tokens: int = Field(64, gt=0, description="The most prompt tokens the policy reads (its template included).")
     prompt_overflow: Literal["truncate", "drop", "reject"] = Field(
         "truncate",
@@ -173,25 +191,39 @@ class GenerationConfig(Section):
     )
 
 
-class PPOConfig(Section):
-    learning_rate: float = Field(1e-5, gt=0, lt=1)
-    lr_schedule: Literal["constant", "linear"] = "constant"
-    batch_size: int = Field(64, gt=0, description="Prompts (episodes) per PPO iteration.")
+class RLConfig(Section):
+    """The RL algorithm's hyperparameters. An iteration samples `rollout_batch_size` prompts, scores them, estimates
+    advantages and takes `update_epochs` passes (epochs) over the batch in minibatches of `mini_batch_size` episodes;
+    an episode is one sampled completion with its reward."""
+
+    advantage_estimator: Literal["gae"] = Field(
+        "gae", description="How advantages are estimated: gae (Schulman et al. 2016) with the critic's values (PPO).",
+    )
+    learning_rate: float = Field(1e-5, gt=0, lt=1, description="AdamW's learning rate for the policy (and the critic).")
+    lr_schedule: Literal["constant", "linear"] = Field("constant", description="Constant, or linear decay to 0 over total_episodes.")
+    rollout_batch_size: int = Field(64, gt=0, description="Prompts sampled per iteration (one episode each).")
     mini_batch_size: int = Field(16, gt=0, description="Episodes per optimizer step.")
-    gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches each minibatch is split into.")
-    ppo_epochs: int = Field(4, gt=0)
-    gamma: float = Field(1.0, ge=0, le=1)
-    lam: float = Field(0.95, ge=0, le=1)
-    clip_range: float = Field(0.2, gt=0)
-    clip_range_value: float = Field(0.2, gt=0)
-    vf_coef: float = Field(0.1, ge=0)
-    ent_coef: float = Field(0.0, ge=0)
+    gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches each minibatch is split into (memory, not maths).")
+    update_epochs: int = Field(4, gt=0, description="Passes over an iteration's batch (PPO's epochs; CleanRL's update_epochs).")
+    gamma: float = Field(1.0, ge=0, le=1, description="Discount per response token in GAE.")
+    gae_lambda: float = Field(0.95, ge=0, le=1, description="GAE's lambda: 0 is one-step TD, 1 is Monte Carlo returns.")
+    clip_range: float = Field(0.2, gt=0, description="PPO's ratio clip: the surrogate is flat outside [1 - clip_range, 1 + clip_range].")
+    clip_range_value: float = Field(0.2, gt=0, description="The value loss's clip around the rollout's values.")
+    vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss in the total loss.")
+    ent_coef: float = Field(0.0, ge=0, description="Weight of the entropy bonus (0: none; its value is still logged).")
     max_grad_norm: float | None = Field(
         1.0, gt=0,
         description="Clip each optimizer step's global gradient norm to this; null: no clipping (as TRL's PPOTrainer). "
         "A non-finite norm stops the run either way.",
     )
-    whiten_advantages: bool = True
+    whiten_advantages: bool = Field(True, description="Normalise advantages to mean 0, std 1 over the batch's tokens.")
+    kl_coef: float = Field(0.05, ge=0, description="Weight of the KL penalty to the reference, per response token (beta).")
+    adaptive_kl: bool = Field(False, description="Adapt kl_coef towards target_kl (Ziegler et al. 2019); false: fixed.")
+    target_kl: float = Field(6.0, gt=0, description="The per-sequence KL the adaptive controller steers towards.")
+    kl_horizon: int = Field(10000, gt=0, description="The adaptive controller's horizon, in episodes: how slowly it adapts.")
+    total_episodes: int = Field(20000, gt=0, description="Stop after this many episodes (sampled completions).")
+    target_reward: float | None = Field(None, description="Stop once the mean score over target_window iterations reaches this.")
+    target_window: int = Field(5, gt=0, description="Iterations averaged for target_reward.")
     pack_sequences: bool = Field(
         True,
         description="Run the reference, critic and update forwards of a causal LM on the episodes' tokens packed into "
@@ -199,26 +231,28 @@ class PPOConfig(Section):
         "sequences apart, which the engine checks at start (GPT-2, Llama, Qwen2, Mistral, GPT-NeoX do; OPT and BLOOM "
         "do not, and are run padded).",
     )
-    kl_coef: float = Field(0.05, ge=0)
-    adaptive_kl: bool = False
-    target_kl: float = Field(6.0, gt=0)
-    horizon: int = Field(10000, gt=0)
-    max_steps: int = Field(20000, gt=0, description="Stop after this many episodes.")
-    target_reward: float | None = Field(None, description="Stop once the windowed mean score reaches this.")
-    target_window: int = Field(5, gt=0, description="Iterations averaged for target_reward.")
-    iterations_per_epoch: int = Field(10, gt=0, description="PPO iterations per pipeline epoch (one checkpoint each).")
-    checkpoint_dir: str = Field("checkpoints", description="Where each run keeps its checkpoint (one directory per MLflow run).")
-    keep_checkpoint: bool = Field(
-        False,
-        description="Keep a run's last checkpoint after the run has registered its model; by default it is deleted "
-        "then. A failed or interrupted run always keeps it, for `alignflow run --resume RUN_ID`.",
-    )
+
+    @model_validator(mode="after")
+    def _batches_divide(self) -> "RLConfig":
+        if self.rollout_batch_size % self.mini_batch_size:
+            raise ValueError(f"rl.rollout_batch_size ({self.rollout_batch_size}) must be a multiple of rl.mini_batch_size "
+                             f"({self.mini_batch_size})")
+        if self.mini_batch_size % self.gradient_accumulation_steps:
+            raise ValueError(
+                f"rl.mini_batch_size ({self.mini_batch_size}) must be a multiple of "
+                f"rl.gradient_accumulation_steps ({self.gradient_accumulation_steps})"
+            )
+        return self
+
+
+class LaunchConfig(Section):
+    """Where the training iterations run: processes and machines (data parallel or sharded, through Accelerate)."""
+
     num_processes: int = Field(
         1, gt=0,
-        description="Data-parallel processes for the PPO epochs, in total over num_machines (launched with "
-        "`accelerate launch` when > 1); each "
-        "rolls out its share of batch_size and computes its share of each minibatch's micro-batches, so make "
-        "gradient_accumulation_steps a multiple of it.",
+        description="Data-parallel processes for training, in total over num_machines (launched with "
+        "`accelerate launch` when > 1); each rolls out its share of the batch and computes its share of each "
+        "minibatch's micro-batches, so make rl.gradient_accumulation_steps a multiple of it.",
     )
     accelerate_config: str | None = Field(
         None,
@@ -226,14 +260,14 @@ class PPOConfig(Section):
         "fsdp_version 2, see infra/accelerate/); relative to the project root on every machine. What alignflow "
         "passes to the launcher wins over the file: num_processes, num_machines, machine_rank (each machine's own), "
         "main_process_ip and main_process_port. A file that says num_machines, main_process_ip or main_process_port "
-        "must agree with ppo.* where those are set (a contradiction is refused at launch); where ppo.* leaves the "
+        "must agree with launch.* where those are set (a contradiction is refused at launch); where launch.* leaves the "
         "address or port unset, the file's value is used.",
     )
     num_machines: int = Field(
         1, gt=0,
-        description="Machines the PPO epochs run on. num_processes is the total over them (num_processes / "
-        "num_machines per machine). Above 1 the epoch task starts one flow run of node_deployment per other machine "
-        "and runs machine 0 itself; checkpoint_dir must then be on storage every machine sees at the same path.",
+        description="Machines training runs on. num_processes is the total over them (num_processes / num_machines per "
+        "machine). Above 1 the training task starts one flow run of node_deployment per other machine and runs "
+        "machine 0 itself; checkpoint.dir must then be on storage every machine sees at the same path.",
     )
     main_process_ip: str | None = Field(
         None,
@@ -268,38 +302,38 @@ class PPOConfig(Section):
         return None if value is None else value.strip()
 
     @model_validator(mode="after")
-    def _batches_divide(self) -> "PPOConfig":
-        if self.batch_size % self.mini_batch_size:
-            raise ValueError(f"ppo.batch_size ({self.batch_size}) must be a multiple of ppo.mini_batch_size ({self.mini_batch_size})")
-        if self.mini_batch_size % self.gradient_accumulation_steps:
-            raise ValueError(
-                f"ppo.mini_batch_size ({self.mini_batch_size}) must be a multiple of "
-                f"ppo.gradient_accumulation_steps ({self.gradient_accumulation_steps})"
-            )
-        if self.gradient_accumulation_steps % self.num_processes:
-            raise ValueError(
-                f"ppo.gradient_accumulation_steps ({self.gradient_accumulation_steps}) must be a multiple of "
-                f"ppo.num_processes ({self.num_processes}): each process takes the same number of micro-batches"
-            )
+    def _machines(self) -> "LaunchConfig":
         if self.num_processes % self.num_machines:
             raise ValueError(
-                f"ppo.num_processes ({self.num_processes}) is the total over ppo.num_machines ({self.num_machines}) "
+                f"launch.num_processes ({self.num_processes}) is the total over launch.num_machines ({self.num_machines}) "
                 "and must be a multiple of it: every machine runs the same number of processes"
             )
         if self.num_machines > 1 and self.node_deployment is None:
             raise ValueError(
-                f"ppo.num_machines is {self.num_machines}: set ppo.node_deployment to the Prefect deployment "
+                f"launch.num_machines is {self.num_machines}: set launch.node_deployment to the Prefect deployment "
                 "(FLOW/DEPLOYMENT, e.g. alignflow-ppo-node/gpu) that starts the other machines' share"
             )
         return self
 
 
+class CheckpointConfig(Section):
+    """What a run keeps on disk so that `alignflow run --resume RUN_ID` continues it."""
+
+    dir: str = Field("checkpoints", description="Where each run keeps its checkpoint (one directory per MLflow run).")
+    every: int = Field(10, gt=0, description="Iterations between checkpoints (each a Prefect task; metrics logged after each).")
+    keep: bool = Field(
+        False,
+        description="Keep a run's last checkpoint after the run has registered its model; by default it is deleted "
+        "then. A failed or interrupted run always keeps it, for `alignflow run --resume RUN_ID`.",
+    )
+
+
 class EvaluationConfig(Section):
     """Evaluation runs on the held-out prompts (`data.eval_size`), the same ones for every policy."""
 
-    seed: int = 1234
-    bootstrap_samples: int = Field(1000, gt=0)
-    num_samples_logged: int = Field(16, ge=0)
+    seed: int = Field(1234, description="Sampling seed of every evaluation: the reference, the candidate and the champion alike.")
+    bootstrap_samples: int = Field(1000, gt=0, description="Resamples of the bootstrap confidence intervals.")
+    num_samples_logged: int = Field(16, ge=0, description="Held-out prompts whose completions are logged (eval_samples.json).")
     gold_scorer: str | None = Field(
         None, description="Optional ground-truth judge, `module:function` (text -> bool/float), e.g. the demo's."
     )
@@ -313,14 +347,14 @@ class EvaluationConfig(Section):
 
 
 class GatesConfig(Section):
-    min_reward_gain: float = Field(0.0, description="The candidate's mean score gain over the baseline must be at least this.")
+    min_reward_gain: float = Field(0.0, description="The candidate's mean score gain over the reference must be at least this.")
     significant_gain: bool = Field(True, description="The gain's bootstrap 95% CI must lie above zero (its lower bound > 0).")
     min_win_rate: float = Field(0.5, ge=0, le=1, description="Share of held-out prompts the candidate must win (ties count half).")
-    max_kl: float = Field(10.0, ge=0, description="Largest KL (nats per completion) of the candidate from the starting policy.")
-    min_length_ratio: float = Field(0.5, ge=0, description="Candidate mean completion length over the baseline's: at least this.")
-    max_length_ratio: float = Field(2.0, gt=0, description="Candidate mean completion length over the baseline's: at most this.")
+    max_kl: float = Field(10.0, ge=0, description="Largest KL (nats per completion) of the candidate from the reference.")
+    min_length_ratio: float = Field(0.5, ge=0, description="Candidate mean completion length over the reference's: at least this.")
+    max_length_ratio: float = Field(2.0, gt=0, description="Candidate mean completion length over the reference's: at most this.")
     min_distinct2: float = Field(0.2, ge=0, le=1, description="Distinct bigrams over all bigrams of the candidate's completions.")
-    beat_champion: bool = Field(True, description="When a champion exists, the candidate's mean score must be higher than its.")
+    beats_champion: bool = Field(True, description="When a champion exists, the candidate's mean score must be higher than its.")
 
     @model_validator(mode="after")
     def _ratio_bounds(self) -> "GatesConfig":
@@ -331,22 +365,42 @@ class GatesConfig(Section):
 
 class TrackingConfig(Section):
     tracking_uri: str | None = Field(None, description="None: $MLFLOW_TRACKING_URI, else sqlite:///mlruns.db here.")
-    experiment: str = "alignflow"
-    registered_model: str = "alignflow-policy"
-    champion_alias: str = "champion"
+    experiment: str = Field("alignflow", description="The MLflow experiment runs are recorded in.")
+    registered_model: str = Field("alignflow-policy", description="The registered model each run's policy is a version of.")
+    champion_alias: str = Field("champion", description="The alias of the version in production.")
 
 
 class RunConfig(Section):
-    name: str = "alignflow"
-    seed: int = 0
+    name: str = Field("alignflow", description="The MLflow run's name.")
+    seed: int = Field(0, description="Seeds the prompt split, sampling, minibatch order and prompt order.")
     data: DataConfig = Field(default_factory=DataConfig)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    critic: CriticConfig = Field(default_factory=CriticConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
-    ppo: PPOConfig = Field(default_factory=PPOConfig)
+    rl: RLConfig = Field(default_factory=RLConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    launch: LaunchConfig = Field(default_factory=LaunchConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     gates: GatesConfig = Field(default_factory=GatesConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _across_sections(self) -> "RunConfig":
+        if self.rl.gradient_accumulation_steps % self.launch.num_processes:
+            raise ValueError(
+                f"rl.gradient_accumulation_steps ({self.rl.gradient_accumulation_steps}) must be a multiple of "
+                f"launch.num_processes ({self.launch.num_processes}): each process takes the same number of micro-batches"
+            )
+        if self.rl.advantage_estimator == "gae" and self.critic.type == "none":
+            raise ValueError("rl.advantage_estimator=gae needs a critic, but critic.type is none: set critic.type to "
+                             "shared or separate")
+        return self
+
+    def trainer_sections(self) -> dict[str, Any]:
+        """The sections the engine takes (components.rl.build_trainer's keyword arguments), not the whole run."""
+        return {"rl": self.rl, "generation": self.generation, "reward": self.reward, "critic": self.critic,
+                "lora": self.policy.lora, "seed": self.seed, "use_chat_template": self.policy.use_chat_template}
 
     def flat(self) -> dict[str, Any]:
         """`section.key -> value`, for logging as MLflow params."""
@@ -376,7 +430,8 @@ def _format_errors(error: ValidationError, source: str) -> str:
             continue
         message = item["msg"].removeprefix("Value error, ")
         got = f" (got {item['input']!r})" if "input" in item and not isinstance(item["input"], dict) else ""
-        lines.append(f"  {key}: {message}{got}")
+        # a check across keys names them itself ("rl.rollout_batch_size (60) must be ...")
+        lines.append(f"  {message}{got}" if message.startswith(f"{key}.") or key == "(top level)" else f"  {key}: {message}{got}")
     return "\n".join(lines)
 
 
@@ -400,10 +455,69 @@ def _apply_override(tree: dict[str, Any], override: str) -> None:
     node[parts[-1]] = value
 
 
-# Keys a configuration written for an earlier release may hold: what to do instead. Never silently ignored.
+# Keys a configuration written for an earlier release may hold. A renamed key keeps working, with a warning naming
+# its new name (its meaning is unchanged); a retired one is refused, saying why. None is silently ignored.
+RENAMED_KEYS: dict[str, str] = {
+    **{f"ppo.{key}": f"rl.{key}" for key in (
+        "learning_rate", "lr_schedule", "mini_batch_size", "gradient_accumulation_steps", "gamma", "clip_range",
+        "clip_range_value", "vf_coef", "ent_coef", "max_grad_norm", "whiten_advantages", "kl_coef", "adaptive_kl",
+        "target_kl", "target_reward", "target_window", "pack_sequences")},
+    "ppo.batch_size": "rl.rollout_batch_size",
+    "ppo.ppo_epochs": "rl.update_epochs",
+    "ppo.lam": "rl.gae_lambda",
+    "ppo.horizon": "rl.kl_horizon",
+    "ppo.max_steps": "rl.total_episodes",
+    **{f"ppo.{key}": f"launch.{key}" for key in (
+        "num_processes", "accelerate_config", "num_machines", "main_process_ip", "main_process_port", "node_deployment")},
+    "ppo.checkpoint_dir": "checkpoint.dir",
+    "ppo.iterations_per_epoch": "checkpoint.every",
+    "policy.value_head": "critic.type",
+    "policy.critic_model": "critic.model",
+    "gates.beat_champion": "gates.beats_champion",
+}
 RETIRED_KEYS: dict[str, str] = {
     "data.dvc_file": "the .dvc file that tracks data.source is found by DVC itself (README: Your own data)",
+    "policy.lora.dropout": "LoRA dropout would make the update's log-probabilities differ from the rollout's; the "
+                           "engine keeps the policy in eval mode, so it had no effect",
 }
+
+
+class ConfigDeprecation(UserWarning):
+    """A configuration key that was renamed: it still works; the message names its new name."""
+
+
+def _renamed_override(override: str) -> str:
+    """An override of a renamed key, as an override of its new name (with a warning)."""
+    import warnings
+
+    key, sep, value = override.partition("=")
+    new = RENAMED_KEYS.get(key.strip())
+    if not sep or new is None:
+        return override
+    warnings.warn(f"--set {key.strip()} is now --set {new} (the same setting)", ConfigDeprecation, stacklevel=4)
+    return f"{new}={value}"
+
+
+def _rename_keys(tree: dict[str, Any], source: str) -> None:
+    """Move renamed keys of `tree` (in place) to their new names, warning once per key."""
+    import warnings
+
+    for old, new in RENAMED_KEYS.items():
+        section, key = old.split(".", 1)
+        node = tree.get(section)
+        if not isinstance(node, dict) or key not in node:
+            continue
+        new_section, new_key = new.split(".", 1)
+        target = tree.setdefault(new_section, {})
+        if not isinstance(target, dict):
+            raise ConfigError(f"invalid configuration ({source}):\n  {new_section}: must be a section")
+        if new_key in target:
+            raise ConfigError(f"invalid configuration ({source}):\n  {old} and {new} are both set: {old} is the old "
+                              f"name of {new}; keep {new}")
+        target[new_key] = node.pop(key)
+        warnings.warn(f"{source}: {old} is now {new} (the same setting); rename it", ConfigDeprecation, stacklevel=4)
+    if isinstance(tree.get("ppo"), dict) and not tree["ppo"]:
+        del tree["ppo"]
 
 
 def _retired(tree: dict[str, Any]) -> list[str]:
@@ -423,9 +537,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    for override in overrides:
-        _apply_override(tree, override)
     source = str(path) + (f" with --set {' '.join(overrides)}" if overrides else "")
+    retired = _retired(tree)
+    if retired:
+        raise ConfigError("\n".join([f"invalid configuration ({source}):", *retired]))
+    _rename_keys(tree, str(path))
+    for override in overrides:
+        _apply_override(tree, _renamed_override(override))
     retired = _retired(tree)
     if retired:
         raise ConfigError("\n".join([f"invalid configuration ({source}):", *retired]))

@@ -199,3 +199,65 @@ def fuse_gelu(model: torch.nn.Module) -> int:
     for parent, name in swaps:
         setattr(parent, name, GELUTanh())
     return len(swaps)
+
+
+# --- building the roles: LoRA on the policy, the separate critic --------------------------------
+
+
+def lora_target_modules(policy: PreTrainedModel, lora) -> list[str] | str:
+    """`policy.lora.target_modules`, else PEFT's default for the model family (e.g. c_attn for GPT-2,
+    q_proj/v_proj for Llama, Qwen2, Mistral, OPT and BART, query_key_value for GPT-NeoX, q/v for T5)."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
+
+    from components.config import ConfigError
+
+    if lora.target_modules:
+        return list(lora.target_modules)
+    model_type = policy.config.model_type
+    if model_type not in DEFAULTS:
+        raise ConfigError(
+            f"no default LoRA target modules for model type {model_type!r}; set policy.lora.target_modules "
+            f"to the names of its attention projections (e.g. [q_proj, v_proj])"
+        )
+    return DEFAULTS[model_type]
+
+
+def with_lora(policy: PreTrainedModel, lora) -> torch.nn.Module:
+    """Inject LoRA adapters (`policy.lora`) into the policy's own weights (no copy), in eval mode: the engine keeps
+    the policy's dropout off, so the adapters have none."""
+    from peft import LoraConfig, get_peft_model
+
+    from components.rl.roles import is_encoder_decoder
+
+    config = LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=0.0, target_modules=lora_target_modules(policy, lora),
+        task_type="SEQ_2_SEQ_LM" if is_encoder_decoder(policy) else "CAUSAL_LM",
+    )
+    return get_peft_model(policy, config).eval()
+
+
+def load_critic(critic, reward, tokenizer: PreTrainedTokenizerBase) -> torch.nn.Module | None:
+    """The separate critic's initial model (`critic.model`, references resolved to local paths or hub ids), else the
+    reward model when it shares the policy's vocabulary; None: the trainer copies the policy's backbone. A reward
+    model is loaded with its scoring head (refused, naming the key, if its weights lack one), which starts the value
+    head."""
+    from components.config import ConfigError
+
+    source, revision, key = critic.model, None, "critic.model"
+    if source is None and not reward.model.startswith("models:"):
+        try:
+            reward_tokenizer = AutoTokenizer.from_pretrained(reward.model, revision=reward.revision)
+            if reward_tokenizer.get_vocab() == tokenizer.get_vocab():
+                source, revision, key = reward.model, reward.revision, "reward.model"
+        except OSError:
+            pass
+    if source is None:
+        return None
+    if source.startswith("models:"):
+        raise ConfigError(f"critic.model={source!r}: resolve registry URIs to a local path first")
+    config = AutoConfig.from_pretrained(source, revision=revision)
+    if any(a.endswith("ForSequenceClassification") for a in config.architectures or []) and config.num_labels == 1:
+        return load_reward_model(source, revision, key=key).requires_grad_(True)
+    from transformers import AutoModel
+
+    return AutoModel.from_pretrained(source, revision=revision, dtype=torch.float32)

@@ -34,10 +34,10 @@ from mlflow.exceptions import MlflowException
 from components.config import PROJECT_ROOT, parse_registry_uri
 from components.errors import UserError
 from components.faults import crash_point
-from components.tracking import file_lock
 
 GATES_TAG = "gates_passed"
-SCORE_TAG = "eval_mean_score"
+SCORE_TAG = "eval/candidate/mean_score"  # the version's evaluation, under the metric's own name
+KL_TAG = "eval/candidate/kl"
 INTENT_TAG = "alignflow.alias_move"  # write-ahead record of an alias move in progress
 DEFAULT_CACHE = PROJECT_ROOT / "artifacts" / "registry"
 _MISSING = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")
@@ -248,7 +248,7 @@ def promote(
         if not reason or not reason.strip():
             raise PromotionError(f"forcing {name} version {version} to {alias} needs a reason (who asked, and why)")
     if evaluated_against is not False and current is not None and str(current.version) != (evaluated_against or ""):
-        current_score = float(current.tags.get(SCORE_TAG, "-inf"))
+        current_score = float(current.tags.get(SCORE_TAG, current.tags.get("eval_mean_score", "-inf")))  # or its old name
         if score is None or current_score >= score:
             return False, (f"version {current.version} became {alias} meanwhile with score {current_score:.4g} "
                            f">= {score if score is not None else float('nan'):.4g}; {alias} unchanged")

@@ -9,7 +9,7 @@ a later stage needs (evaluations) are recorded as JSON artifacts that a resumed 
 Names the flow writes and `recent_runs` reads back:
     run tags      alignflow.stop_reason, alignflow.gates_passed ("true"/"false"), alignflow.model_version,
                   alignflow.promoted, alignflow.finished ("true" once the run has nothing left to do)
-    run metrics   eval/reward_gain, eval/kl
+    run metrics   eval/reward_gain, eval/candidate/kl
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ MODEL_VERSION_TAG = "alignflow.model_version"
 PROMOTED_TAG = "alignflow.promoted"
 FINISHED_TAG = "alignflow.finished"
 REWARD_GAIN_METRIC = "eval/reward_gain"
-KL_METRIC = "eval/kl"
+KL_METRIC = "eval/candidate/kl"
 STEP_METRIC = "iteration"  # logged at every training step: which steps a run already has
 
 MAX_DIGEST_LENGTH = 36  # MLflow's dataset digest column; a DVC md5 (with `.dir`) fits exactly
@@ -302,7 +302,7 @@ def log_training_curves(
     return figure
 
 
-EVAL_SAMPLE_COLUMNS = ("prompt", "baseline_completion", "candidate_completion", "baseline_score", "candidate_score")
+EVAL_SAMPLE_COLUMNS = ("prompt", "reference_completion", "candidate_completion", "reference_score", "candidate_score")
 
 
 def log_eval_samples(rows: list[dict[str, Any]], artifact_file: str = "eval_samples.json") -> None:

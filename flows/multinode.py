@@ -1,9 +1,9 @@
 """PPO iterations in several processes and on several machines, launched from the pipeline's training task.
 
-`launch_iterations` runs the iterations in `ppo.num_processes` data-parallel processes (`accelerate launch`, with
-`ppo.accelerate_config` if set), from and to the run's checkpoint. Over `ppo.num_machines` > 1 machines this machine
+`launch_iterations` runs the iterations in `launch.num_processes` data-parallel processes (`accelerate launch`, with
+`launch.accelerate_config` if set), from and to the run's checkpoint. Over `launch.num_machines` > 1 machines this machine
 is machine 0 (its processes include the main one, which writes the checkpoint); each other machine's share is a
-flow run of `ppo.node_deployment` (flows/node.py), submitted before this machine launches (they meet at the
+flow run of `launch.node_deployment` (flows/node.py), submitted before this machine launches (they meet at the
 rendezvous) and waited for after it. Any machine failing fails the launch, naming it: a node run that fails stops
 the launch here rather than leaving it to wait out the rendezvous, and a launch failing here cancels the node runs.
 
@@ -27,16 +27,15 @@ from prefect.runtime import flow_run
 from components import registry
 from components.config import PROJECT_ROOT, ConfigError, RunConfig
 from components.models import locate
-from components.ppo import PPOTrainer, launcher
+from components.rl import Trainer, launcher
 
 
 def with_models(config: RunConfig, rewrite) -> RunConfig:
     """The configuration with its model references (policy, reward model, critic) passed through `rewrite(key, ref)`."""
-    critic = config.policy.critic_model
+    critic = config.critic.model
     return config.model_copy(update={
-        "policy": config.policy.model_copy(update={
-            "model": rewrite("policy.model", config.policy.model),
-            "critic_model": None if critic is None else rewrite("policy.critic_model", critic)}),
+        "policy": config.policy.model_copy(update={"model": rewrite("policy.model", config.policy.model)}),
+        "critic": config.critic.model_copy(update={"model": None if critic is None else rewrite("critic.model", critic)}),
         "reward": config.reward.model_copy(update={"model": rewrite("reward.model", config.reward.model)}),
     })
 
@@ -50,21 +49,21 @@ def _revision(config: RunConfig, key: str) -> str | None:
     return config.reward.revision if key == "reward.model" else config.policy.revision
 
 
-def launch_iterations(trainer: PPOTrainer, prompts: list[str], config: RunConfig, directory: Path, iterations: int) -> None:
-    """Run `iterations` more iterations in `ppo.num_processes` processes (over `ppo.num_machines` machines), from and
+def launch_iterations(trainer: Trainer, prompts: list[str], config: RunConfig, directory: Path, iterations: int) -> None:
+    """Run `iterations` more iterations in `launch.num_processes` processes (over `launch.num_machines` machines), from and
     to the checkpoint in `directory`, then reload it into `trainer`."""
     if not directory.exists():
         trainer.save_checkpoint(directory)
-    meet = launcher.rendezvous(config.ppo, PROJECT_ROOT)
+    meet = launcher.rendezvous(config.launch, PROJECT_ROOT)
     logger = get_run_logger()
     with tempfile.TemporaryDirectory(prefix="alignflow-launch-") as tmp:
         work = Path(tmp)
         (work / "run.yaml").write_text(resolved_models(config).to_yaml())
         (work / "prompts.json").write_text(json.dumps(prompts))
-        command = launcher.accelerate_command(config.ppo, meet, 0, config=work / "run.yaml", prompts=work / "prompts.json",
+        command = launcher.accelerate_command(config.launch, meet, 0, config=work / "run.yaml", prompts=work / "prompts.json",
                                               checkpoint=directory, iterations=iterations, stats=work / "stats.json")
         nodes = start_other_machines(config, meet, prompts, directory, trainer.iteration, iterations)
-        logger.info("launching %d PPO processes%s: %s", config.ppo.num_processes,
+        logger.info("launching %d training processes%s: %s", config.launch.num_processes,
                     f" over {meet.num_machines} machines (this one is machine 0)" if nodes else "", " ".join(command))
         try:
             launcher.run(command, PROJECT_ROOT, should_stop=lambda: failed_node(nodes) if nodes else None,
@@ -73,9 +72,9 @@ def launch_iterations(trainer: PPOTrainer, prompts: list[str], config: RunConfig
             cancel_nodes(nodes)
             raise
         stats = json.loads((work / "stats.json").read_text())
-        if stats["num_processes"] != config.ppo.num_processes:
+        if stats["num_processes"] != config.launch.num_processes:
             cancel_nodes(nodes)
-            raise RuntimeError(f"accelerate launch ran {stats['num_processes']} process(es); ppo.num_processes is {config.ppo.num_processes}")
+            raise RuntimeError(f"accelerate launch ran {stats['num_processes']} process(es); launch.num_processes is {config.launch.num_processes}")
     if nodes:  # the iterations ran and are checkpointed: a node run failing now fails the task, whose retry logs them
         problems = wait_for_nodes(nodes)
         if problems:
@@ -88,7 +87,7 @@ def launch_iterations(trainer: PPOTrainer, prompts: list[str], config: RunConfig
 
 @dataclass
 class NodeRun:
-    """The flow run of `ppo.node_deployment` that runs machine `machine_rank`'s share."""
+    """The flow run of `launch.node_deployment` that runs machine `machine_rank`'s share."""
 
     machine_rank: int
     id: Any
@@ -100,7 +99,7 @@ class NodeRun:
 
 def start_other_machines(config: RunConfig, meet: launcher.Rendezvous, prompts: list[str], directory: Path,
                          checkpoint_iteration: int, iterations: int) -> list[NodeRun]:
-    """Submit one flow run of `ppo.node_deployment` per machine rank 1..num_machines-1 (none on one machine).
+    """Submit one flow run of `launch.node_deployment` per machine rank 1..num_machines-1 (none on one machine).
 
     They get the run configuration with registry aliases pinned to versions (each machine resolves its own
     copy of the models), the prompts, and the checkpoint's absolute path, which must be on shared storage."""
@@ -115,13 +114,13 @@ def start_other_machines(config: RunConfig, meet: launcher.Rendezvous, prompts: 
     nodes: list[NodeRun] = []
     try:
         for rank in range(1, meet.num_machines):
-            run = run_deployment(config.ppo.node_deployment, parameters={**parameters, "machine_rank": rank}, timeout=0,
+            run = run_deployment(config.launch.node_deployment, parameters={**parameters, "machine_rank": rank}, timeout=0,
                                  flow_run_name=f"{flow_run.name or 'ppo'}-machine-{rank}", tags=["alignflow-ppo-node"])
             nodes.append(NodeRun(rank, run.id, run.name))
-            get_run_logger().info("submitted %s of %s", nodes[-1], config.ppo.node_deployment)
+            get_run_logger().info("submitted %s of %s", nodes[-1], config.launch.node_deployment)
     except ObjectNotFound:
         cancel_nodes(nodes)
-        raise ConfigError(f"ppo.node_deployment: the Prefect server has no deployment {config.ppo.node_deployment}; "
+        raise ConfigError(f"launch.node_deployment: the Prefect server has no deployment {config.launch.node_deployment}; "
                           "deploy flows/node.py:ppo_node (prefect.yaml: alignflow-ppo-node/gpu) on the GPU work pool") from None
     except BaseException:
         cancel_nodes(nodes)

@@ -1,12 +1,12 @@
 """One machine's share of a multi-machine PPO epoch, as a Prefect flow.
 
 The pipeline's PPO-epoch task runs machine 0 itself and starts one run of this flow per other machine from
-the deployment `ppo.node_deployment` (prefect.yaml: `alignflow-ppo-node/gpu`), so a worker of the work pool
+the deployment `launch.node_deployment` (prefect.yaml: `alignflow-ppo-node/gpu`), so a worker of the work pool
 with the hardware runs it there. The flow launches `accelerate launch --machine_rank R` for the same run
 configuration, prompts, checkpoint and rendezvous; the processes meet the main machine's and train as one
 run. Nothing is logged here: the main machine logs the epoch once.
 
-The checkpoint is read from storage every machine sees at the same path (`ppo.checkpoint_dir`); the run
+The checkpoint is read from storage every machine sees at the same path (`checkpoint.dir`); the run
 configuration and prompts arrive as parameters, so they need no shared storage.
 """
 
@@ -20,7 +20,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
 from components.config import PROJECT_ROOT, RunConfig, load_config
-from components.ppo import launcher
+from components.rl import launcher
 from flows.multinode import resolved_models
 
 NODE_FLOW = "alignflow-ppo-node"
@@ -31,23 +31,23 @@ def check_machine(config: RunConfig, checkpoint: str, checkpoint_iteration: int)
     """Fail before joining the rendezvous (where the main machine would wait for this one until it times out)
     when this machine cannot take part: the main machine's checkpoint not visible, or an Accelerate config missing."""
     launcher.check_shared_checkpoint(Path(checkpoint), checkpoint_iteration)
-    launcher.accelerate_file_settings(config.ppo, PROJECT_ROOT)
+    launcher.accelerate_file_settings(config.launch, PROJECT_ROOT)
 
 
 @task(cache_policy=NONE)
 def launch_machine(config: RunConfig, prompts: list[str], checkpoint: str, iterations: int, machine_rank: int,
                    main_process_ip: str, main_process_port: int) -> None:
     """This machine's `accelerate launch`: num_processes / num_machines processes of the run."""
-    meet = launcher.Rendezvous(config.ppo.num_machines, main_process_ip, main_process_port)
+    meet = launcher.Rendezvous(config.launch.num_machines, main_process_ip, main_process_port)
     with tempfile.TemporaryDirectory(prefix="alignflow-node-") as tmp:
         work = Path(tmp)
         (work / "run.yaml").write_text(config.to_yaml())
         (work / "prompts.json").write_text(json.dumps(prompts))
-        command = launcher.accelerate_command(config.ppo, meet, machine_rank, config=work / "run.yaml",
+        command = launcher.accelerate_command(config.launch, meet, machine_rank, config=work / "run.yaml",
                                               prompts=work / "prompts.json", checkpoint=Path(checkpoint),
                                               iterations=iterations, stats=work / "stats.json")
-        get_run_logger().info("machine %d of %d: launching %d PPO processes: %s", machine_rank, meet.num_machines,
-                              config.ppo.num_processes // meet.num_machines, " ".join(command))
+        get_run_logger().info("machine %d of %d: launching %d training processes: %s", machine_rank, meet.num_machines,
+                              config.launch.num_processes // meet.num_machines, " ".join(command))
         launcher.run(command, PROJECT_ROOT)
 
 

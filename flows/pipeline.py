@@ -1,7 +1,8 @@
 """The alignflow pipeline, as Prefect tells it.
 
-check inputs -> prepare_dataset -> load models -> (start the MLflow run) -> evaluate baseline -> PPO epochs
--> evaluate candidate -> gates -> register -> promote -> finish
+check inputs -> prepare the prompts -> load the reward model and the policy -> (the MLflow run starts)
+-> evaluate the reference -> train, a checkpoint at a time -> evaluate the candidate (and the champion) -> gates
+-> register -> promote -> finish
 
 Each step is a thin task around one component call (flows/tasks.py); the math lives in components/. Every step can
 run again: `alignflow run --resume RUN_ID` after a crash at any point ends where an uninterrupted run ends.
@@ -18,14 +19,14 @@ from flows.tasks import PipelineResult
 
 @flow(name="alignflow-pipeline", log_prints=True)
 def pipeline(config_path: str | None = None, overrides: list[str] | None = None, resume_run_id: str | None = None) -> PipelineResult:
-    """Align the configured policy with PPO against the reward model; promote it if every gate passes."""
+    """Align the configured policy with RL against the reward model; promote it if every gate passes."""
     config: RunConfig = load_config(config_path, overrides or [])
     models = tasks.check_inputs(config, resume_run_id)  # the same run with its model references resolved here
     data_version = tasks.check_data_version(config)
     data = tasks.as_prepared(tasks.prepare_dataset(config, models, data_version.md5))
     scorer = tasks.load_reward_model(models)
     policy, tokenizer = tasks.load_policy(models)
-    trainer = tasks.build_trainer(models, policy, tokenizer, scorer)
+    trainer = tasks.build(models, policy, tokenizer, scorer)
 
     run_id = tasks.start_tracking(config, resume_run_id)  # inputs are good: the run is recorded from here on
     try:
@@ -36,22 +37,24 @@ def pipeline(config_path: str | None = None, overrides: list[str] | None = None,
             tasks.end_tracking(run_id, failed=False)
             return settled
         tasks.log_dataset(data, data_version)
-        tasks.resume_trainer(trainer, config, run_id)
-        reference = trainer.reference
-        baseline = tasks.evaluate("baseline", reference, tokenizer, data.eval_prompts, scorer, config)
+        tasks.resume(trainer, config, run_id)
+        reference = tasks.evaluate("reference", lambda: (trainer.reference, tokenizer), data.eval_prompts, scorer, config)
 
-        stop_reason = trainer.stop_reason
-        for epoch in range(tasks.max_epochs(config)):
-            if stop_reason is not None:
-                break
-            stop_reason = tasks.ppo_epoch(trainer, epoch, data.train_prompts, config, run_id)
+        while trainer.stop_reason is None:
+            tasks.train(trainer, trainer.iteration, data.train_prompts, config, run_id)
 
-        candidate = tasks.evaluate("candidate", trainer.policy, tokenizer, data.eval_prompts, scorer, config, reference=reference)
-        champion = tasks.evaluate_champion(config, data.eval_prompts, scorer)
-        report = tasks.gates(config, baseline, candidate, champion)
-        model_version = tasks.register(config, trainer, run_id, data_version, report, candidate, champion, stop_reason)
-        promoted = tasks.promote(config, model_version, report, candidate, champion)
-        result = tasks.finish(run_id, config, trainer, stop_reason, baseline, candidate, report, model_version, promoted, champion)
+        candidate = tasks.evaluate("candidate", lambda: (trainer.policy, tokenizer), data.eval_prompts, scorer, config,
+                                   reference=trainer.reference)
+        champion_version = tasks.find_champion(config)
+        champion = None if champion_version is None else tasks.evaluate(
+            "champion", tasks.registered_policy(config, champion_version), data.eval_prompts, scorer, config,
+            version=champion_version)
+        report = tasks.gates(config, reference, candidate, champion)
+        policy_dir = tasks.export(trainer, config, run_id)
+        version = tasks.register(config, policy_dir, run_id, data_version, report, candidate, champion, trainer.stop_reason)
+        promoted = tasks.promote(config, version, report, candidate, champion)
+        result = tasks.finish(run_id, config, trainer.history, trainer.stop_reason, reference, candidate, report, version,
+                              promoted, champion)
         tasks.close(config, result)
     except BaseException as exc:
         tasks.end_tracking(run_id, failed=True)

@@ -16,7 +16,7 @@ from typing import Iterator
 
 from components import registry
 from components.config import RunConfig
-from components.tracking import use_tracking
+from components.tracking import file_lock, use_tracking
 
 PROMOTION_LOCK = "alignflow-promotion"
 
@@ -26,7 +26,7 @@ def promotion_lock(tracking_uri: str, timeout_seconds: float = 600) -> Iterator[
     """Hold the registry's promotion lock for the block."""
     path = registry.local_store_lock_path(tracking_uri)
     if path is not None:
-        with registry.file_lock(path, timeout_seconds):
+        with file_lock(path, timeout_seconds):
             yield
         return
     from prefect.client.orchestration import get_client

@@ -1,11 +1,11 @@
-"""The pipeline's tasks: each wraps one component call and adds what Prefect is for (retries, caching,
-artifacts). The MLflow run is started by the flow; tasks run in the flow's thread, so MLflow's active run is theirs.
+"""The pipeline's tasks: each wraps one component call and adds what Prefect is for (retries, caching, artifacts).
+The MLflow run is started by the flow; tasks run in the flow's thread, so MLflow's active run is theirs.
 
 Every task is safe to run again, so that `alignflow run --resume RUN_ID` after a crash ends where an uninterrupted run
-ends: training continues from the run's checkpoint, which carries the statistics of every iteration (each step is
-logged once, `tracking.log_history`); evaluations are recorded on the run and read back; registration finds the
-run's version; promotion completes an interrupted alias move. A task whose error a retry cannot fix
-(`components.errors`) is not retried.
+ends: training continues from the run's checkpoint, which carries every iteration's statistics (each step logged
+once, `tracking.log_history`); evaluations are recorded on the run and read back; registration finds the run's
+version; promotion completes an interrupted alias move. A task whose error a retry cannot fix (components.errors)
+is not retried.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import hashlib
 import json
 import shutil
 import subprocess
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import mlflow
 from prefect import get_run_logger, task
@@ -30,54 +30,57 @@ from components.config import PROJECT_ROOT, RunConfig
 from components.data import PreparedData, prepare
 from components.dialogue import render_transcript
 from components.errors import AlignflowError, retryable
-from components.evaluation import GateReport, PolicyEval, check_gates, compare, evaluate_policy
+from components.evaluation import PolicyEval, compare, comparison_table, evaluate_policy
 from components.faults import crash_point
+from components.gates import GateReport, check_gates
 from components.models import load_policy as load_policy_model, load_tokenizer, tokenizer_fingerprint
-from components.ppo import PPOTrainer
-from components.ppo.checkpoint import check_writable, recover, write_atomically
-from components.ppo.progress import ProgressBar
-from components.ppo.rollout import prompt_ids
 from components.reward import RewardScorer
+from components.rl import Trainer, TrainResult, build_trainer
+from components.rl.checkpoint import check_writable, recover
+from components.rl.progress import ProgressBar
+from components.rl.rollout import prompt_ids
 from components.versioning import DatasetVersion, dataset_version
 from flows import multinode, promotion
 
 
 @dataclass
 class Evaluated:
-    """One policy's evaluation and the samples behind it (for the eval-samples table)."""
+    """One policy's evaluation, and the samples behind it (each prompt as the policy read it)."""
 
     name: str
     summary: PolicyEval
     prompts: list[str]
     completions: list[str]
     scores: list[float]
-    kl: float | None = None
-    version: str | None = None  # the champion's registry version
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+    version: str | None = None  # a registered policy's version (the champion's)
 
     @classmethod
     def from_json(cls, value: dict[str, Any]) -> "Evaluated":
-        summary = value["summary"]
-        summary = PolicyEval(**{**summary, "scores": tuple(summary["scores"]), "score_ci": tuple(summary["score_ci"])})
-        return cls(**{**value, "summary": summary})
+        return cls(**{**value, "summary": PolicyEval.from_json(value["summary"])})
 
 
 @dataclass
 class PipelineResult:
+    """What a run came to: the flow's return value, recorded on the run (result.json) once settled."""
+
     run_id: str
     stop_reason: str | None
     episodes: int
-    baseline: dict[str, float]
-    candidate: dict[str, float]
-    gates_passed: bool
-    gate_summary: str
-    gate_rows: list[dict[str, Any]]
+    reference: PolicyEval
+    candidate: PolicyEval  # its KL from the reference included
+    gates: GateReport
     model_version: str
     promoted: bool
     champion_version: str | None
-    notes: list[str] = field(default_factory=list)
+
+    @property
+    def gates_passed(self) -> bool:
+        return self.gates.passed
+
+    @classmethod
+    def from_json(cls, value: dict[str, Any]) -> "PipelineResult":
+        return cls(**{**value, "reference": PolicyEval.from_json(value["reference"]),
+                      "candidate": PolicyEval.from_json(value["candidate"]), "gates": GateReport.from_json(value["gates"])})
 
 
 # --- tracking around the flow ------------------------------------------------------------------
@@ -99,7 +102,7 @@ def start_tracking(config: RunConfig, resume_run_id: str | None) -> str:
 def recorded_result() -> PipelineResult | None:
     """The result the run recorded once its outcome was settled (`finish`): a resumed run that has it only closes."""
     recorded = tracking.recorded("result.json")
-    return PipelineResult(**recorded) if recorded else None
+    return PipelineResult.from_json(recorded) if recorded else None
 
 
 def end_tracking(run_id: str, failed: bool) -> None:
@@ -137,11 +140,8 @@ def git_commit() -> str:
         return "unknown"
 
 
-# --- inputs -----------------------------------------------------------------------------------
-
-
 def checkpoint_root(config: RunConfig) -> Path:
-    root = Path(config.ppo.checkpoint_dir)
+    root = Path(config.checkpoint.dir)
     return root if root.is_absolute() else PROJECT_ROOT / root
 
 
@@ -150,8 +150,7 @@ def run_directory(config: RunConfig, run_id: str) -> Path:
     return checkpoint_root(config) / run_id
 
 
-def checkpoint_dir(config: RunConfig, run_id: str) -> Path:
-    return run_directory(config, run_id) / "checkpoint"
+# --- inputs -----------------------------------------------------------------------------------
 
 
 @task(cache_policy=NONE)
@@ -162,7 +161,7 @@ def check_inputs(config: RunConfig, resume_run_id: str | None) -> RunConfig:
     if resume_run_id is not None:
         tracking.find_run(config.tracking, resume_run_id)
     resolved = multinode.resolved_models(config)
-    check_writable(checkpoint_root(config), "ppo.checkpoint_dir")
+    check_writable(checkpoint_root(config), "checkpoint.dir")
     return resolved
 
 
@@ -229,164 +228,150 @@ def load_policy(config: RunConfig):
     return load_policy_model(config.policy.model, config.policy.revision), load_tokenizer(config.policy.model, config.policy.revision)
 
 
+@task(cache_policy=NONE)
+def build(config: RunConfig, policy, tokenizer, scorer: RewardScorer) -> Trainer:
+    """The engine around the starting policy, and a check, before any training, that the checkpoint directory's
+    disk has room for a checkpoint of it (a save holds the previous checkpoint and the new one at once)."""
+    trainer = build_trainer(policy, tokenizer, scorer, **config.trainer_sections())
+    check_writable(checkpoint_root(config), "checkpoint.dir", need_bytes=2 * trainer.checkpoint_bytes())
+    return trainer
+
+
+@task(cache_policy=NONE)
+def resume(trainer: Trainer, config: RunConfig, run_id: str) -> None:
+    """Continue from this run's checkpoint when one exists (a checkpoint kept aside by a save that died between its
+    renames included). The run is tagged with the models whose forwards run on packed episodes."""
+    mlflow.set_tag("alignflow.packed_sequences", ", ".join(trainer.packed_models) or "none")
+    directory = run_directory(config, run_id) / "checkpoint"
+    if recover(directory):
+        trainer.load_checkpoint(directory)
+        get_run_logger().info("resumed from %s at iteration %d (%d episodes)", directory, trainer.iteration, trainer.episodes)
+
+
 # --- evaluation -------------------------------------------------------------------------------
 
 
+@task(cache_policy=NONE)
+def find_champion(config: RunConfig) -> str | None:
+    """The version holding the champion alias, recorded on the run: a resumed run compares with the champion its
+    first attempt saw, even if the alias moved since."""
+    done = tracking.recorded("evaluations/champion_version.json")
+    if done is not None:
+        return done["version"]
+    champion = registry.get_champion(config.tracking.registered_model, config.tracking.champion_alias)
+    version = None if champion is None else str(champion.version)
+    tracking.record({"version": version}, "evaluations/champion_version.json")
+    return version
+
+
 @task(cache_policy=NONE, task_run_name="evaluate-{name}")
-def evaluate(name: str, policy, tokenizer, prompts: list[str], scorer: RewardScorer, config: RunConfig, reference=None) -> Evaluated:
-    """Sample the held-out prompts with the evaluation seed, score them, and (for a candidate) its KL. The result is
-    recorded on the run (`evaluations/NAME.json`); a resumed run reads it back instead of evaluating again."""
+def evaluate(name: str, load: Callable[[], tuple[Any, Any]], prompts: list, scorer: RewardScorer, config: RunConfig,
+             reference=None, version: str | None = None) -> Evaluated:
+    """Sample the held-out prompts with the evaluation seed and score them (and, given the `reference`, measure the
+    KL from it). `load()` gives (policy, tokenizer); it is not called for a result the run recorded already
+    (`evaluations/NAME.json`), which a resumed run reads back instead of evaluating again."""
     artifact = f"evaluations/{name}.json"
     done = tracking.recorded(artifact)
     if done is not None:
         evaluated = Evaluated.from_json(done)
     else:
-        chat = config.policy.use_chat_template
-        summary, samples, scores = evaluate_policy(policy, tokenizer, prompts, scorer, config.generation, config.evaluation, chat)
-        kl = None
-        if reference is not None:
-            from components.ppo import sequence_kl
-
-            kl = sequence_kl(policy, reference, tokenizer, prompts, samples.completions, config.generation,
-                             samples.ended_with_eos, use_chat_template=chat)
-        evaluated = Evaluated(name, summary, samples.prompts_seen, samples.completions, scores, kl)
-        tracking.record(evaluated.to_json(), artifact)
+        policy, tokenizer = load()
+        summary, samples, scores = evaluate_policy(policy, tokenizer, prompts, scorer, config.generation,
+                                                   config.evaluation, config.policy.use_chat_template, reference)
+        evaluated = Evaluated(name, summary, samples.prompts_seen, samples.completions, scores, version)
+        tracking.record(asdict(evaluated), artifact)
         crash_point("evaluation.recorded")
     tracking.log_metrics_once(evaluated.summary.as_metrics(f"eval/{name}"))
     return evaluated
 
 
-@task(cache_policy=NONE)
-def evaluate_champion(config: RunConfig, prompts: list[str], scorer: RewardScorer) -> Evaluated | None:
-    """The current champion on the same prompts and seed, or None when there is none yet. Recorded like the other
-    evaluations: a resumed run compares with the champion the first attempt saw, even if the alias moved since."""
-    done = tracking.recorded("evaluations/champion.json")
-    if done is not None:
-        return Evaluated.from_json(done) if done.get("version") else None
-    champion = registry.get_champion(config.tracking.registered_model, config.tracking.champion_alias)
-    if champion is None:
-        tracking.record({"version": None}, "evaluations/champion.json")
-        return None
-    path = registry.resolve_model_reference(f"models:/{config.tracking.registered_model}/{champion.version}")
-    model, tokenizer = load_policy_model(path), load_tokenizer(path)
-    summary, samples, scores = evaluate_policy(model, tokenizer, prompts, scorer, config.generation, config.evaluation,
-                                               config.policy.use_chat_template)
-    evaluated = Evaluated("champion", summary, samples.prompts_seen, samples.completions, scores, version=str(champion.version))
-    tracking.record(evaluated.to_json(), "evaluations/champion.json")
-    tracking.log_metrics_once(summary.as_metrics("eval/champion"))
-    return evaluated
+def registered_policy(config: RunConfig, version: str) -> Callable[[], tuple[Any, Any]]:
+    """A loader of a registered version of the policy (the champion), for `evaluate`."""
+    def load():
+        path = registry.resolve_model_reference(f"models:/{config.tracking.registered_model}/{version}")
+        return load_policy_model(path), load_tokenizer(path)
+    return load
 
 
-# --- PPO --------------------------------------------------------------------------------------
+# --- training ---------------------------------------------------------------------------------
 
 
-@task(cache_policy=NONE)
-def build_trainer(config: RunConfig, policy, tokenizer, scorer: RewardScorer) -> PPOTrainer:
-    """The engine around the starting policy. Checks, before any training, that the checkpoint directory's disk has
-    room for a checkpoint of this trainer (a save holds the previous checkpoint and the new one at once)."""
-    trainer = PPOTrainer.from_config(config, policy, tokenizer, scorer)
-    check_writable(checkpoint_root(config), "ppo.checkpoint_dir", need_bytes=2 * trainer.checkpoint_bytes())
-    return trainer
-
-
-@task(cache_policy=NONE)
-def resume_trainer(trainer: PPOTrainer, config: RunConfig, run_id: str) -> None:
-    """Continue from this run's checkpoint when one exists (a checkpoint kept aside by a save that died between its
-    renames included), logging the steps it holds that the run lacks. The run is tagged with the models whose
-    forwards run on packed episodes (ppo.pack_sequences, where the family allows)."""
-    mlflow.set_tag("alignflow.packed_sequences", ", ".join(trainer.packed_models) or "none")
-    directory = checkpoint_dir(config, run_id)
-    if recover(directory):
-        trainer.load_checkpoint(directory)
-        get_run_logger().info("resumed from %s at iteration %d (%d episodes)", directory, trainer.iteration, trainer.episodes)
-    tracking.log_history(trainer.history)
-
-
-def max_epochs(config: RunConfig) -> int:
-    iterations = -(-config.ppo.max_steps // config.ppo.batch_size)
-    return -(-iterations // config.ppo.iterations_per_epoch)
-
-
-@task(retries=2, retry_delay_seconds=[2, 10], cache_policy=NONE, task_run_name="ppo-epoch-{epoch}",
-      retry_condition_fn=retryable)
-def ppo_epoch(trainer: PPOTrainer, epoch: int, prompts: list[str], config: RunConfig, run_id: str) -> str | None:
-    """PPO iterations up to the end of this epoch, then a checkpoint, then the iterations' metrics; returns the stop
-    reason, if any.
+@task(retries=2, retry_delay_seconds=[2, 10], cache_policy=NONE, retry_condition_fn=retryable,
+      task_run_name="train-from-iteration-{start}")
+def train(trainer: Trainer, start: int, prompts: list, config: RunConfig, run_id: str) -> TrainResult:
+    """Iterations up to the next checkpoint (every `checkpoint.every`) or the end, then the checkpoint, then their
+    metrics; returns what they did.
 
     Idempotent: a retry (or a rerun with --resume) reloads the last checkpoint, logs the steps it holds that MLflow
-    lacks, and runs only the iterations this epoch still lacks. The statistics live in the checkpoint, so no step is
-    logged twice and none is lost while MLflow is down."""
-    directory = checkpoint_dir(config, run_id)
+    lacks, and runs only the iterations still missing. The statistics live in the checkpoint, so no step is logged
+    twice and none is lost while MLflow is down."""
+    directory = run_directory(config, run_id) / "checkpoint"
     if task_run.run_count > 1 and recover(directory):
         trainer.load_checkpoint(directory)
-        tracking.log_history(trainer.history)
-        get_run_logger().warning("attempt %d of epoch %d: resumed from %s at iteration %d",
-                                 task_run.run_count, epoch, directory, trainer.iteration)
-    missing = (epoch + 1) * config.ppo.iterations_per_epoch - trainer.iteration
-    if missing > 0:
-        if config.ppo.num_processes > 1:
-            multinode.launch_iterations(trainer, prompts, config, directory, missing)
-        else:
-            with ProgressBar(config.ppo.max_steps, f"PPO epoch {epoch}", start_episodes=trainer.episodes) as bar:
-                trainer.train(prompts, iterations=missing, callback=bar)
-            trainer.save_checkpoint(directory)
-        crash_point("epoch.checkpointed")
-        tracking.log_history(trainer.history)
-        crash_point("epoch.logged")
-        last = trainer.history[-1]
-        get_run_logger().info("epoch %d: %d episodes, score %.3f, kl %.3f", epoch, trainer.episodes,
+        get_run_logger().warning("attempt %d: resumed from %s at iteration %d", task_run.run_count, directory, trainer.iteration)
+    tracking.log_history(trainer.history)  # what an earlier attempt checkpointed but did not log
+    iterations = config.checkpoint.every - trainer.iteration % config.checkpoint.every
+    if config.launch.num_processes > 1:
+        before = len(trainer.history)
+        multinode.launch_iterations(trainer, prompts, config, directory, iterations)
+        result = TrainResult(trainer.stop_reason or "iterations", len(trainer.history) - before, trainer.episodes,
+                             trainer.history[before:])
+    else:
+        with ProgressBar(config.rl.total_episodes, "training", start_episodes=trainer.episodes) as bar:
+            result = trainer.train(prompts, iterations=iterations, callback=bar)
+        trainer.save_checkpoint(directory)
+    crash_point("train.checkpointed")
+    tracking.log_history(trainer.history)
+    crash_point("train.logged")
+    if result.history:
+        last = result.last
+        get_run_logger().info("iteration %d: %d episodes, score %.3f, kl %.3f", trainer.iteration, trainer.episodes,
                               last["objective/scores"], last["objective/kl"])
-    return trainer.stop_reason
+    return result
 
 
 # --- gates, registry --------------------------------------------------------------------------
 
 
 @task(cache_policy=NONE)
-def gates(config: RunConfig, baseline: Evaluated, candidate: Evaluated, champion: Evaluated | None) -> GateReport:
-    comparison = compare(baseline.summary, candidate.summary, n_resamples=config.evaluation.bootstrap_samples,
+def gates(config: RunConfig, reference: Evaluated, candidate: Evaluated, champion: Evaluated | None) -> GateReport:
+    comparison = compare(reference.summary, candidate.summary, n_resamples=config.evaluation.bootstrap_samples,
                          seed=config.evaluation.seed)
-    champion_score = champion.summary.mean_score if champion else None
-    report = check_gates(comparison, candidate.kl if candidate.kl is not None else float("nan"), config.gates, champion_score)
-    tracking.log_metrics_once({**report.as_metrics(), "eval/reward_gain": comparison.reward_gain,
-                               "eval/reward_gain_ci_low": comparison.reward_gain_ci[0],
-                               "eval/reward_gain_ci_high": comparison.reward_gain_ci[1], "eval/win_rate": comparison.win_rate,
-                               "eval/length_ratio": comparison.length_ratio, "eval/kl": report.kl})
+    report = check_gates(comparison, config.gates, champion.summary.mean_score if champion else None)
+    tracking.log_metrics_once({**comparison.as_metrics(), **report.as_metrics()})
     mlflow.set_tags(report.as_tags())
     mlflow.log_text(report.to_markdown(), "gate_report.md")
     create_markdown_artifact(markdown=report.to_markdown(), key="gate-report", description="alignflow promotion gates")
     return report
 
 
+@task(cache_policy=NONE)
+def export(trainer: Trainer, config: RunConfig, run_id: str) -> Path | None:
+    """The trained policy saved for registration (merged, or its LoRA adapter: `policy.lora.save_mode`), in the run's
+    directory; None when the run registered its version already (a resumed run)."""
+    if registry.version_of_run(config.tracking.registered_model, run_id) is not None:
+        return None
+    return trainer.export_policy(run_directory(config, run_id) / "export", merge=config.policy.lora.save_mode == "merged")
+
+
 @task(retries=2, retry_delay_seconds=5, cache_policy=NONE, retry_condition_fn=retryable)
-def register(config: RunConfig, trainer: PPOTrainer, run_id: str, data: DatasetVersion, report: GateReport, candidate: Evaluated,
-             champion: Evaluated | None, stop_reason: str | None) -> str:
-    """Log the policy (with tokenizer) in MLflow's transformers flavour and register it as a version whose tags are
-    written with it. A resumed run that registered already gets its version back."""
+def register(config: RunConfig, policy_dir: Path | None, run_id: str, data: DatasetVersion, report: GateReport,
+             candidate: Evaluated, champion: Evaluated | None, stop_reason: str | None) -> str:
+    """Log the exported policy (with tokenizer) in MLflow's transformers flavour and register it as a version whose
+    tags are written with it. A resumed run that registered already gets its version back."""
     name = config.tracking.registered_model
     existing = registry.version_of_run(name, run_id)
     if existing is None:
-        export = run_directory(config, run_id) / "export"
-        trainer.export_policy(export, merge=config.policy.lora.save_mode == "merged")
-        model_uri = registry.log_policy(export, model_config={"max_new_tokens": config.generation.max_new_tokens,
-                                                              "do_sample": True, "temperature": config.generation.temperature})
+        model_uri = registry.log_policy(policy_dir, model_config={"max_new_tokens": config.generation.max_new_tokens,
+                                                                  "do_sample": True, "temperature": config.generation.temperature})
         crash_point("register.logged")
         tags = {
-            registry.GATES_TAG: report.passed,
-            "gates_failed": ",".join(report.failed_names),
-            "data_md5": data.md5,
-            "data_name": data.name,
-            "data_dvc_file": data.dvc_file or "",
-            "data_versioned": data.versioned,
-            "reward_model": config.reward.model,
-            "base_policy": config.policy.model,
-            "git_commit": git_commit(),
-            "prefect_flow_run_id": flow_run.id or "",
-            "mlflow_run_id": run_id,
-            registry.SCORE_TAG: candidate.summary.mean_score,
-            "eval_kl": candidate.kl,
-            "evaluated_against": champion.version if champion else "",
-            "stop_reason": stop_reason or "epochs",
+            registry.GATES_TAG: report.passed, "gates_failed": ",".join(report.failed_names),
+            "data_md5": data.md5, "data_name": data.name, "data_dvc_file": data.dvc_file or "", "data_versioned": data.versioned,
+            "reward_model": config.reward.model, "base_policy": config.policy.model, "git_commit": git_commit(),
+            "prefect_flow_run_id": flow_run.id or "", "mlflow_run_id": run_id,
+            registry.SCORE_TAG: candidate.summary.mean_score, registry.KL_TAG: candidate.summary.kl,
+            "evaluated_against": champion.version if champion else "", "stop_reason": stop_reason,
         }
         existing = registry.register(name, run_id, model_uri, tags)
         crash_point("register.created")
@@ -403,33 +388,34 @@ def promote(config: RunConfig, version: str, report: GateReport, candidate: Eval
     if not report.passed:
         logger.warning("version %s not promoted: %s", version, report.summary())
         return False
-    moved, why = promotion.promote(config, version, user=f"alignflow-pipeline ({getpass.getuser()})", reason=report.summary(),
-                                   evaluated_against=champion.version if champion else None, score=candidate.summary.mean_score)
-    champion_now = registry.get_champion(config.tracking.registered_model, config.tracking.champion_alias)
-    promoted = champion_now is not None and str(champion_now.version) == version
+    _, why = promotion.promote(config, version, user=f"alignflow-pipeline ({getpass.getuser()})", reason=report.summary(),
+                               evaluated_against=champion.version if champion else None, score=candidate.summary.mean_score)
+    holder = registry.get_champion(config.tracking.registered_model, config.tracking.champion_alias)
+    promoted = holder is not None and str(holder.version) == version
     (logger.info if promoted else logger.warning)("version %s: %s", version, why)
     return promoted
 
 
 @task(cache_policy=NONE)
-def finish(run_id: str, config: RunConfig, trainer: PPOTrainer, stop_reason: str | None, baseline: Evaluated,
-           candidate: Evaluated, report: GateReport, version: str, promoted: bool, champion: Evaluated | None) -> PipelineResult:
+def finish(run_id: str, config: RunConfig, history: list[dict[str, float]], stop_reason: str | None, reference: Evaluated,
+           candidate: Evaluated, report: GateReport, version: str, promoted: bool,
+           champion: Evaluated | None) -> PipelineResult:
     """Artifacts people would rather see than read (curves, samples, the comparison table), and the run's result,
     recorded: from then on the run's outcome is settled."""
-    if trainer.history:
-        tracking.log_training_curves(trainer.history, step_key="episodes", score_key="objective/scores")
+    if history:
+        tracking.log_training_curves(history, step_key="episodes", score_key="objective/scores")
     n = config.evaluation.num_samples_logged
     tracking.log_eval_samples([
-        {"prompt": p, "baseline_completion": b, "candidate_completion": c, "baseline_score": bs, "candidate_score": cs}
-        for p, b, c, bs, cs in list(zip(baseline.prompts, baseline.completions, candidate.completions, baseline.scores, candidate.scores))[:n]
+        {"prompt": p, "reference_completion": b, "candidate_completion": c, "reference_score": bs, "candidate_score": cs}
+        for p, b, c, bs, cs in list(zip(candidate.prompts, reference.completions, candidate.completions, reference.scores,
+                                        candidate.scores))[:n]
     ])
-    create_table_artifact(table=comparison_rows(baseline, candidate), key="baseline-vs-candidate", description="held-out evaluation")
+    create_table_artifact(table=comparison_table(reference.summary, candidate.summary), key="reference-vs-candidate",
+                          description="held-out evaluation")
     result = PipelineResult(
-        run_id=run_id, stop_reason=stop_reason or "epochs", episodes=trainer.episodes,
-        baseline=baseline.summary.as_metrics("baseline"), candidate={**candidate.summary.as_metrics("candidate"), "candidate/kl": candidate.kl},
-        gates_passed=report.passed, gate_summary=report.summary(), model_version=version, promoted=promoted,
-        gate_rows=[{"gate": g.name, "value": g.value, "requirement": g.rule, "passed": g.passed} for g in report.gates],
-        champion_version=champion.version if champion else None,
+        run_id=run_id, stop_reason=stop_reason, episodes=int(history[-1]["episodes"]) if history else 0,
+        reference=reference.summary, candidate=candidate.summary, gates=report, model_version=version,
+        promoted=promoted, champion_version=champion.version if champion else None,
     )
     tracking.record(asdict(result), "result.json")
     crash_point("finish.artifacts")
@@ -438,21 +424,11 @@ def finish(run_id: str, config: RunConfig, trainer: PPOTrainer, stop_reason: str
 
 @task(cache_policy=NONE)
 def close(config: RunConfig, result: PipelineResult) -> None:
-    """The run's end tags, then its checkpoint removed unless `ppo.keep_checkpoint` (the registered version holds the
+    """The run's end tags, then its checkpoint removed unless `checkpoint.keep` (the registered version holds the
     model now); last, the tag that says the run has nothing left to do."""
-    mlflow.set_tags({tracking.STOP_REASON_TAG: result.stop_reason, tracking.GATES_PASSED_TAG: str(result.gates_passed).lower(),
+    mlflow.set_tags({tracking.STOP_REASON_TAG: result.stop_reason, tracking.GATES_PASSED_TAG: str(result.gates.passed).lower(),
                      tracking.PROMOTED_TAG: str(result.promoted).lower(), tracking.MODEL_VERSION_TAG: result.model_version})
     crash_point("finish.tagged")
-    if not config.ppo.keep_checkpoint:
+    if not config.checkpoint.keep:
         shutil.rmtree(run_directory(config, result.run_id), ignore_errors=True)
     mlflow.set_tag(tracking.FINISHED_TAG, "true")
-
-
-def comparison_rows(baseline: Evaluated, candidate: Evaluated) -> list[dict[str, Any]]:
-    rows = []
-    for key in ("mean_score", "mean_length", "distinct2", "gold_positive_share"):
-        b, c = getattr(baseline.summary, key), getattr(candidate.summary, key)
-        if b is not None:
-            rows.append({"metric": key, "baseline": round(b, 4), "candidate": round(c, 4)})
-    rows.append({"metric": "kl_from_reference", "baseline": 0.0, "candidate": round(candidate.kl or 0.0, 4)})
-    return rows

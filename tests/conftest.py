@@ -20,7 +20,7 @@ from dataclasses import dataclass  # noqa: E402
 import pytest  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny import save_tiny_lm, save_tiny_reward_model  # noqa: E402
+from support import save_tiny_lm, save_tiny_reward_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")

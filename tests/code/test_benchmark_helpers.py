@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import gpt2_config, word_tokenizer
+from support import gpt2_config, word_tokenizer
 from transformers import GPT2LMHeadModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the project root, for `benchmarks`
@@ -129,25 +129,25 @@ def test_render_rebuilds_the_tables_and_snippet_of_a_results_file(tmp_path):
 
 
 def test_the_critic_studys_frozen_critic_trains_its_head_and_leaves_the_backbone(tiny_lm_dir, tiny_reward_dir):
-    from ppo_helpers import word_share
+    from support import word_share
     from transformers import AutoModelForSequenceClassification
 
     from benchmarks.critic_study import ResidualMLPHead, frozen_critic
-    from components.config import GenerationConfig, PPOConfig
+    from components.config import GenerationConfig, RLConfig
     from components.models import load_causal_lm, load_tokenizer
-    from components.ppo import PPOTrainer
+    from components.rl import Trainer
 
     critic = AutoModelForSequenceClassification.from_pretrained(tiny_reward_dir, num_labels=1)
-    trainer = PPOTrainer(
+    trainer = Trainer(
         load_causal_lm(tiny_lm_dir), load_tokenizer(tiny_lm_dir), word_share("good"),
-        PPOConfig(learning_rate=1e-3, batch_size=8, mini_batch_size=4, ppo_epochs=1), GenerationConfig(max_new_tokens=4),
-        critic=critic, value_head="separate",
+        RLConfig(learning_rate=1e-3, rollout_batch_size=8, mini_batch_size=4, update_epochs=1), GenerationConfig(max_new_tokens=4),
+        critic=critic, critic_type="separate",
     )
     frozen_critic(trainer, depth=1)
     assert isinstance(trainer.critic.value_head, ResidualMLPHead)
     backbone = {k: v.clone() for k, v in trainer.critic.backbone.state_dict().items()}
     head = [p.detach().clone() for p in trainer.critic.value_head.mlp.parameters()]
-    trainer.step(["the film was", "it was a"] * 4)
+    trainer.run_iteration(["the film was", "it was a"] * 4)
     assert all(torch.equal(backbone[k], v) for k, v in trainer.critic.backbone.state_dict().items())
     assert not all(torch.equal(a, b) for a, b in zip(head, trainer.critic.value_head.mlp.parameters()))
     assert [group["lr"] for group in trainer.optimizer.param_groups] == [1e-3, 1e-2]

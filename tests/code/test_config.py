@@ -1,6 +1,6 @@
 import pytest
 
-from components.config import DEMO_CONFIG, ConfigError, RunConfig, load_config
+from components.config import DEMO_CONFIG, RENAMED_KEYS, ConfigDeprecation, ConfigError, RunConfig, load_config
 
 
 def write(tmp_path, text):
@@ -12,20 +12,20 @@ def write(tmp_path, text):
 def test_demo_config_is_valid_and_complete():
     config = load_config()
     assert config.policy.model == "artifacts/demo/instruct"
-    assert {"data", "policy", "reward", "ppo", "generation", "gates", "tracking"} <= set(RunConfig.model_fields)
+    assert {"data", "policy", "critic", "reward", "rl", "generation", "launch", "checkpoint", "gates", "tracking"} <= set(RunConfig.model_fields)
     assert load_config(DEMO_CONFIG) == config
 
 
 def test_overrides_parse_yaml_values_and_nest():
-    config = load_config(overrides=["ppo.learning_rate=1e-5", "reward.label=nothate", "reward.label=1", "ppo.adaptive_kl=true"])
-    assert config.ppo.learning_rate == 1e-5
+    config = load_config(overrides=["rl.learning_rate=1e-5", "reward.label=nothate", "reward.label=1", "rl.adaptive_kl=true"])
+    assert config.rl.learning_rate == 1e-5
     assert config.reward.label == 1
-    assert config.ppo.adaptive_kl is True
+    assert config.rl.adaptive_kl is True
 
 
 def test_unknown_key_is_named(tmp_path):
-    with pytest.raises(ConfigError, match=r"ppo\.learnig_rate: unknown key"):
-        load_config(write(tmp_path, "ppo:\n  learnig_rate: 0.1\n"))
+    with pytest.raises(ConfigError, match=r"rl\.learnig_rate: unknown key"):
+        load_config(write(tmp_path, "rl:\n  learnig_rate: 0.1\n"))
 
 
 def test_unknown_section_in_override_is_named():
@@ -34,13 +34,13 @@ def test_unknown_section_in_override_is_named():
 
 
 def test_wrong_type_names_key_and_value():
-    with pytest.raises(ConfigError, match=r"ppo\.batch_size: .*integer.*got 'many'"):
-        load_config(overrides=["ppo.batch_size=many"])
+    with pytest.raises(ConfigError, match=r"rl\.rollout_batch_size: .*integer.*got 'many'"):
+        load_config(overrides=["rl.rollout_batch_size=many"])
 
 
 def test_out_of_range_names_key_and_bound():
-    with pytest.raises(ConfigError, match=r"ppo\.clip_range: Input should be greater than 0"):
-        load_config(overrides=["ppo.clip_range=-0.1"])
+    with pytest.raises(ConfigError, match=r"rl\.clip_range: Input should be greater than 0"):
+        load_config(overrides=["rl.clip_range=-0.1"])
     with pytest.raises(ConfigError, match=r"generation\.top_p: Input should be less than or equal to 1"):
         load_config(overrides=["generation.top_p=1.5"])
 
@@ -51,11 +51,11 @@ def test_choices_are_listed():
 
 
 def test_batch_sizes_must_divide():
-    with pytest.raises(ConfigError, match=r"ppo.batch_size \(60\) must be a multiple of ppo.mini_batch_size \(16\)"):
-        load_config(overrides=["ppo.batch_size=60"])
-    with pytest.raises(ConfigError, match=r"ppo.gradient_accumulation_steps \(1\) must be a multiple of ppo.num_processes \(2\)"):
-        load_config(overrides=["ppo.num_processes=2"])
-    assert load_config(overrides=["ppo.num_processes=2", "ppo.gradient_accumulation_steps=4"]).ppo.num_processes == 2
+    with pytest.raises(ConfigError, match=r"\n  rl.rollout_batch_size \(60\) must be a multiple of rl.mini_batch_size \(16\)"):
+        load_config(overrides=["rl.rollout_batch_size=60"])
+    with pytest.raises(ConfigError, match=r"rl.gradient_accumulation_steps \(1\) must be a multiple of launch.num_processes \(2\)"):
+        load_config(overrides=["launch.num_processes=2"])
+    assert load_config(overrides=["launch.num_processes=2", "rl.gradient_accumulation_steps=4"]).launch.num_processes == 2
 
 
 def test_model_references():
@@ -77,31 +77,77 @@ def test_bad_files_and_overrides(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "missing.yaml")
     with pytest.raises(ConfigError, match="not valid YAML"):
-        load_config(write(tmp_path, "ppo: [unclosed\n"))
+        load_config(write(tmp_path, "rl: [unclosed\n"))
     with pytest.raises(ConfigError, match="must look like section.key=value"):
-        load_config(overrides=["ppo.learning_rate"])
-    with pytest.raises(ConfigError, match="ppo.learning_rate is not a section"):
-        load_config(overrides=["ppo.learning_rate.x=1"])
+        load_config(overrides=["rl.learning_rate"])
+    with pytest.raises(ConfigError, match="rl.learning_rate is not a section"):
+        load_config(overrides=["rl.learning_rate.x=1"])
 
 
 def test_flat_params_cover_every_setting():
     flat = load_config().flat()
-    assert flat["ppo.learning_rate"] == 1e-4
+    assert flat["rl.learning_rate"] == 1e-4
     assert flat["policy.lora.r"] == 8
     assert "tracking.registered_model" in flat
 
 
 def test_multi_machine_settings_are_checked_and_named():
-    multi = ["ppo.num_processes=4", "ppo.gradient_accumulation_steps=4", "ppo.num_machines=2"]
-    config = load_config(overrides=[*multi, "ppo.node_deployment=alignflow-ppo-node/gpu", "ppo.main_process_ip=10.0.0.1"])
-    assert (config.ppo.num_machines, config.ppo.node_deployment, config.ppo.main_process_port) == (2, "alignflow-ppo-node/gpu", None)
-    with pytest.raises(ConfigError, match=r"ppo\.num_processes \(4\) is the total over ppo\.num_machines \(3\)"):
-        load_config(overrides=[*multi, "ppo.num_machines=3", "ppo.node_deployment=a/b"])
-    with pytest.raises(ConfigError, match=r"ppo\.num_machines is 2: set ppo\.node_deployment"):
+    multi = ["launch.num_processes=4", "rl.gradient_accumulation_steps=4", "launch.num_machines=2"]
+    config = load_config(overrides=[*multi, "launch.node_deployment=alignflow-ppo-node/gpu", "launch.main_process_ip=10.0.0.1"])
+    assert (config.launch.num_machines, config.launch.node_deployment, config.launch.main_process_port) == (2, "alignflow-ppo-node/gpu", None)
+    with pytest.raises(ConfigError, match=r"launch\.num_processes \(4\) is the total over launch\.num_machines \(3\)"):
+        load_config(overrides=[*multi, "launch.num_machines=3", "launch.node_deployment=a/b"])
+    with pytest.raises(ConfigError, match=r"launch\.num_machines is 2: set launch\.node_deployment"):
         load_config(overrides=multi)
-    with pytest.raises(ConfigError, match=r"ppo\.node_deployment: must name a deployment as FLOW/DEPLOYMENT"):
-        load_config(overrides=[*multi, "ppo.node_deployment=gpu"])
-    with pytest.raises(ConfigError, match=r"ppo\.main_process_port: .*less than or equal to 65535"):
-        load_config(overrides=["ppo.main_process_port=70000"])
-    with pytest.raises(ConfigError, match=r"ppo\.main_process_ip: must be a host name or IPv4 address"):
-        load_config(overrides=["ppo.main_process_ip=http://10.0.0.1"])
+    with pytest.raises(ConfigError, match=r"launch\.node_deployment: must name a deployment as FLOW/DEPLOYMENT"):
+        load_config(overrides=[*multi, "launch.node_deployment=gpu"])
+    with pytest.raises(ConfigError, match=r"launch\.main_process_port: .*less than or equal to 65535"):
+        load_config(overrides=["launch.main_process_port=70000"])
+    with pytest.raises(ConfigError, match=r"launch\.main_process_ip: must be a host name or IPv4 address"):
+        load_config(overrides=["launch.main_process_ip=http://10.0.0.1"])
+
+
+def test_a_config_written_for_the_last_release_keeps_its_meaning_with_a_warning_naming_each_new_key(tmp_path):
+    old = write(tmp_path, """
+policy: {model: artifacts/demo/instruct, value_head: separate}
+ppo: {batch_size: 32, mini_batch_size: 8, ppo_epochs: 2, lam: 0.9, max_steps: 640, horizon: 500,
+      iterations_per_epoch: 5, checkpoint_dir: ckpts, num_processes: 1}
+gates: {beat_champion: false}
+""")
+    with pytest.warns(ConfigDeprecation) as warned:
+        config = load_config(old)
+    said = " ".join(str(w.message) for w in warned)
+    for old_key, new_key in (("ppo.batch_size", "rl.rollout_batch_size"), ("ppo.max_steps", "rl.total_episodes"),
+                             ("policy.value_head", "critic.type"), ("gates.beat_champion", "gates.beats_champion")):
+        assert f"{old_key} is now {new_key}" in said
+    assert (config.rl.rollout_batch_size, config.rl.update_epochs, config.rl.gae_lambda, config.rl.total_episodes) == (32, 2, 0.9, 640)
+    assert (config.critic.type, config.rl.kl_horizon, config.checkpoint.every, config.checkpoint.dir) == ("separate", 500, 5, "ckpts")
+    assert config.gates.beats_champion is False
+    with pytest.warns(ConfigDeprecation, match=r"--set ppo.max_steps is now --set rl.total_episodes"):
+        assert load_config(overrides=["ppo.max_steps=64"]).rl.total_episodes == 64  # an old override wins, as it did
+    assert all(new.split(".")[0] in RunConfig.model_fields for new in RENAMED_KEYS.values())
+
+
+def test_a_key_set_under_both_names_or_retired_is_refused_naming_it(tmp_path):
+    with pytest.raises(ConfigError, match=r"ppo.max_steps and rl.total_episodes are both set"):
+        load_config(write(tmp_path, "ppo: {max_steps: 10}\nrl: {total_episodes: 20}\n"))
+    with pytest.raises(ConfigError, match=r"policy.lora.dropout: no longer a setting: LoRA dropout would make"):
+        load_config(overrides=["policy.lora.dropout=0.05"])
+    with pytest.raises(ConfigError, match=r"data.dvc_file: no longer a setting"):
+        load_config(overrides=["data.dvc_file=data.dvc"])
+
+
+def test_every_setting_has_a_one_line_description():
+    from pydantic import BaseModel
+
+    def undescribed(model: type[BaseModel], prefix: str = "") -> list[str]:
+        missing = []
+        for name, field in model.model_fields.items():
+            annotation = field.annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                missing += undescribed(annotation, f"{prefix}{name}.")
+            elif not field.description:
+                missing.append(prefix + name)
+        return missing
+
+    assert undescribed(RunConfig) == []

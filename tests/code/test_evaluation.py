@@ -3,16 +3,17 @@ import math
 import numpy as np
 import pytest
 
+import dataclasses
+
+from components import gates as gates_module
 from components.config import GatesConfig
-from components.evaluation import (
-    bootstrap_ci,
-    bootstrap_diff_ci,
-    check_gates,
-    compare,
-    distinct_n,
-    summarize,
-    win_rate,
-)
+from components.evaluation import bootstrap_ci, bootstrap_diff_ci, compare, comparison_table, distinct_n, summarize, win_rate
+
+
+def check_gates(comparison, kl, gates, champion_score=None):
+    """The gates of a comparison whose candidate measured `kl` from the reference."""
+    candidate = dataclasses.replace(comparison.candidate, kl=kl)
+    return gates_module.check_gates(dataclasses.replace(comparison, candidate=candidate), gates, champion_score)
 
 # --- statistics -------------------------------------------------------------------------------
 
@@ -62,9 +63,9 @@ def test_bootstrap_ci_contains_the_mean_and_is_deterministic_for_a_seed():
 
 
 def test_bootstrap_diff_ci_is_the_ci_of_the_per_prompt_differences():
-    candidate, baseline = [1.0, 2.0, 4.0, 7.0], [0.0, 1.5, 1.0, 6.0]
+    candidate, reference = [1.0, 2.0, 4.0, 7.0], [0.0, 1.5, 1.0, 6.0]
     diffs = [1.0, 0.5, 3.0, 1.0]
-    assert bootstrap_diff_ci(candidate, baseline, n_resamples=200, seed=3) == bootstrap_ci(diffs, 200, 3)
+    assert bootstrap_diff_ci(candidate, reference, n_resamples=200, seed=3) == bootstrap_ci(diffs, 200, 3)
     # A constant shift is known exactly.
     assert bootstrap_diff_ci([2.0, 3.0, 4.0], [1.0, 2.0, 3.0], n_resamples=100, seed=0) == (1.0, 1.0)
 
@@ -101,14 +102,14 @@ def test_summarize_rejects_mismatched_lengths():
 def _pair(base_scores, cand_scores, base_len=10.0, cand_len=10.0, cand_texts=None):
     n = len(base_scores)
     texts = cand_texts or [f"w{i} x{i} y{i}" for i in range(n)]
-    baseline = summarize(base_scores, [base_len] * n, [f"b{i} c{i}" for i in range(n)], n_resamples=200)
+    reference = summarize(base_scores, [base_len] * n, [f"b{i} c{i}" for i in range(n)], n_resamples=200)
     candidate = summarize(cand_scores, [cand_len] * n, texts, n_resamples=200)
-    return baseline, candidate
+    return reference, candidate
 
 
 def test_compare_is_paired_by_prompt():
-    baseline, candidate = _pair([0.0, 1.0, 2.0, 3.0], [1.0, 1.0, 4.0, 3.0], base_len=8.0, cand_len=12.0)
-    result = compare(baseline, candidate, n_resamples=200, seed=0)
+    reference, candidate = _pair([0.0, 1.0, 2.0, 3.0], [1.0, 1.0, 4.0, 3.0], base_len=8.0, cand_len=12.0)
+    result = compare(reference, candidate, n_resamples=200, seed=0)
     assert result.reward_gain == 0.75  # diffs 1, 0, 2, 0
     assert result.reward_gain_ci == bootstrap_ci([1.0, 0.0, 2.0, 0.0], 200, 0)
     assert result.win_rate == 0.75  # win, tie, win, tie
@@ -119,10 +120,10 @@ def test_compare_is_paired_by_prompt():
 
 
 def test_compare_refuses_unpaired_evaluations():
-    baseline, _ = _pair([0.0, 1.0], [0.0, 1.0])
+    reference, _ = _pair([0.0, 1.0], [0.0, 1.0])
     _, candidate = _pair([0.0], [0.0])
     with pytest.raises(ValueError, match="same prompts"):
-        compare(baseline, candidate)
+        compare(reference, candidate)
 
 
 # --- gates ------------------------------------------------------------------------------------
@@ -136,10 +137,10 @@ def _good_comparison(**overrides):
     # Every prompt improves by exactly 1 -> gain 1.0, CI (1.0, 1.0), win rate 1.0.
     settings = dict(base=[0.0, 1.0, 2.0, 3.0], cand=[1.0, 2.0, 3.0, 4.0], base_len=10.0, cand_len=10.0)
     settings.update(overrides)
-    baseline, candidate = _pair(
+    reference, candidate = _pair(
         settings["base"], settings["cand"], settings["base_len"], settings["cand_len"], settings.get("texts")
     )
-    return compare(baseline, candidate, n_resamples=200, seed=0)
+    return compare(reference, candidate, n_resamples=200, seed=0)
 
 
 def _row(report, name):
@@ -229,7 +230,7 @@ def test_candidate_must_beat_the_champion():
 
 def test_champion_rule_can_be_switched_off():
     report = check_gates(
-        _good_comparison(), kl=3.0, gates=GATES.model_copy(update={"beat_champion": False}), champion_score=99.0
+        _good_comparison(), kl=3.0, gates=GATES.model_copy(update={"beats_champion": False}), champion_score=99.0
     )
     assert report.passed
     assert "beats_champion" not in [gate.name for gate in report.gates]

@@ -3,13 +3,13 @@ states, and a model family whose attention would mix packed episodes is detected
 
 import pytest
 import torch
-from families import policy_tokenizer, save_tiny_policy
-from ppo_helpers import one_thread  # noqa: F401
+from support import policy_tokenizer, save_tiny_policy
+from support import one_thread  # noqa: F401
 from transformers import AutoModelForCausalLM, BloomConfig
 
-from components.ppo.actor_critic import backbone_of
-from components.ppo.packing import pack_episodes, packs_sequences
-from components.ppo.rollout import response_hidden, response_logprobs
+from components.rl.roles import backbone_of
+from components.rl.packing import pack_episodes, packs_sequences
+from components.rl.rollout import response_hidden, response_logprobs
 
 
 def ragged_batch(vocab: int, seed: int = 0, batch: int = 12, prompt_width: int = 9, response_width: int = 7):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from components.ppo.core import (
+from components.rl.core import (
     RunningMoments,
     compute_gae,
     compute_rewards,
@@ -18,8 +18,8 @@ from components.ppo.core import (
     response_mask,
     value_loss,
 )
-from components.ppo.kl_controller import AdaptiveKLController, FixedKLController, kl_controller
-from components.ppo.rollout import filter_logits
+from components.rl.kl_controller import AdaptiveKLController, FixedKLController, kl_controller
+from components.rl.rollout import filter_logits
 
 
 def mask_from_lengths(lengths, width):

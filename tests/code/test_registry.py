@@ -138,7 +138,7 @@ def test_registry_reference_resolves_to_a_loadable_directory(config, tiny_lm_dir
 def test_same_version_number_in_another_registry_is_not_served_from_the_cache(config, tiny_lm_dir, tmp_path, empty_store):
     import shutil
 
-    from tiny import save_tiny_lm
+    from support import save_tiny_lm
 
     cache = tmp_path / "registry"
     register(tiny_lm_dir, gates_passed=True)

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from ppo_helpers import one_thread  # noqa: F401
-from tiny import save_tiny_reward_model, word_tokenizer
+from support import one_thread  # noqa: F401
+from support import save_tiny_reward_model, word_tokenizer
 
 from components.config import RewardConfig
 from components.models import load_reward_model, load_tokenizer

@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-from ppo_helpers import one_thread  # noqa: F401
+from support import one_thread  # noqa: F401
 
 from components.config import GenerationConfig
 from components.models import load_causal_lm, load_tokenizer
-from components.ppo.actor_critic import ValueHead
-from components.ppo.rollout import (
+from components.rl.roles import ValueHead
+from components.rl.rollout import (
     PromptError,
     decode,
     eos_token_ids,

@@ -43,9 +43,9 @@ def test_log_config_records_every_key_as_a_param_and_the_yaml(config):
     logged = MlflowClient().get_run(run.info.run_id)
     params = logged.data.params
     assert set(params) == set(config.flat())
-    assert params["ppo.learning_rate"] == "1e-05"
+    assert params["rl.learning_rate"] == "1e-05"
     assert params["data.prompt_template"] == "null"
-    assert params["ppo.whiten_advantages"] == "true"
+    assert params["rl.whiten_advantages"] == "true"
     assert params["tracking.experiment"] == "tests"
     assert len(params["name"]) == 6000 and params["name"].endswith("(truncated; see config.yaml)")
     text = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/config.yaml")
@@ -82,8 +82,8 @@ def test_dataset_digest_longer_than_mlflow_allows_is_refused(config):
 def test_training_curves_and_eval_samples_are_run_artifacts(config):
     history = [{"episode": 64 * (i + 1), "objective/scores": 0.1 * i, "objective/kl": 0.5 * i} for i in range(5)]
     samples = [
-        {"prompt": "the film", "baseline_completion": "was bad", "candidate_completion": "was great",
-         "baseline_score": -1.0, "candidate_score": 2.0},
+        {"prompt": "the film", "reference_completion": "was bad", "candidate_completion": "was great",
+         "reference_score": -1.0, "candidate_score": 2.0},
     ]
     with tracking.start_run(config) as run:
         figure = tracking.log_training_curves(history)
@@ -128,11 +128,11 @@ def test_history_logs_each_step_once_however_often_it_is_handed_over(config):
 
 
 def test_one_off_metrics_dataset_and_samples_are_logged_once(config):
-    samples = [{"prompt": "p", "baseline_completion": "a", "candidate_completion": "b", "baseline_score": 0.0,
+    samples = [{"prompt": "p", "reference_completion": "a", "candidate_completion": "b", "reference_score": 0.0,
                 "candidate_score": 1.0}]
     with tracking.start_run(config) as run:
         for _ in range(2):
-            tracking.log_metrics_once({"data/kept": 5.0, "eval/baseline/mean_score": 0.25})
+            tracking.log_metrics_once({"data/kept": 5.0, "eval/reference/mean_score": 0.25})
             tracking.log_dataset("prompts", "data/demo/prompts.jsonl", MD5)
             tracking.log_eval_samples(samples)
     client = MlflowClient()
@@ -143,10 +143,10 @@ def test_one_off_metrics_dataset_and_samples_are_logged_once(config):
 
 
 def test_a_recorded_result_is_read_back_and_a_missing_or_torn_one_is_none(config):
-    with tracking.start_run(config) as run:
-        assert tracking.recorded("evaluations/baseline.json") is None
-        tracking.record({"scores": [0.5, 1.5]}, "evaluations/baseline.json")
-        assert tracking.recorded("evaluations/baseline.json") == {"scores": [0.5, 1.5]}
+    with tracking.start_run(config):
+        assert tracking.recorded("evaluations/reference.json") is None
+        tracking.record({"scores": [0.5, 1.5]}, "evaluations/reference.json")
+        assert tracking.recorded("evaluations/reference.json") == {"scores": [0.5, 1.5]}
         mlflow.log_text('{"scores": [0.5,', "evaluations/candidate.json")  # a write cut short
         assert tracking.recorded("evaluations/candidate.json") is None
 

@@ -11,17 +11,17 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 from prefect import task
-from processes import alignflow
+from support import alignflow
 
 from components.errors import UserError, retryable
 from components.faults import CRASH_ENV
 from components.models import ModelLoadError
-from components.ppo.checkpoint import StorageError
+from components.rl.checkpoint import StorageError
 from flows.pipeline import pipeline
 
 
 def nothing_recorded(tracking_uri: str, checkpoints: Path) -> None:
-    client = MlflowClient(tracking_uri)
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     experiment = client.get_experiment_by_name("alignflow-demo")
     assert experiment is None or not client.search_runs([experiment.experiment_id]), "a run was recorded"
     assert not client.search_registered_models(), "a model was registered"
@@ -45,9 +45,9 @@ def test_a_critic_from_a_classifier_without_its_head_is_refused_naming_its_key(d
     config = json.loads((headless / "config.json").read_text())
     (headless / "config.json").write_text(json.dumps({**config, "architectures": ["GPT2ForSequenceClassification"],
                                                       "num_labels": 1, "id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}}))
-    with pytest.raises(ModelLoadError, match=r"policy.critic_model: .*its weights lack score.weight"):
-        pipeline(overrides=small_run(tiny_lm_dir, tiny_reward_dir, "policy.value_head=separate",
-                                     f"policy.critic_model={headless}"))
+    with pytest.raises(ModelLoadError, match=r"critic.model: .*its weights lack score.weight"):
+        pipeline(overrides=small_run(tiny_lm_dir, tiny_reward_dir, "critic.type=separate",
+                                     f"critic.model={headless}"))
     nothing_recorded(tracking_uri, tmp_path / "checkpoints")
 
 
@@ -68,11 +68,11 @@ def test_a_model_that_is_nowhere_fails_at_once_naming_its_key(demo_data, small_r
 def test_a_read_only_or_full_checkpoint_disk_is_refused_before_training(demo_data, small_run, small_disk, tiny_lm_dir,
                                                                          tiny_reward_dir, tracking_uri):
     read_only = small_disk(1 << 20, read_only=True)
-    with pytest.raises(StorageError, match=r"ppo.checkpoint_dir: cannot write .*: the file system is read-only \(EROFS\)"):
-        pipeline(overrides=small_run(tiny_lm_dir, tiny_reward_dir, f"ppo.checkpoint_dir={read_only}"))
+    with pytest.raises(StorageError, match=r"checkpoint.dir: cannot write .*: the file system is read-only \(EROFS\)"):
+        pipeline(overrides=small_run(tiny_lm_dir, tiny_reward_dir, f"checkpoint.dir={read_only}"))
     full = small_disk(64 << 10)
-    with pytest.raises(StorageError, match=r"ppo.checkpoint_dir: .* has 0 MB free, a checkpoint of this run needs about .*ENOSPC"):
-        pipeline(overrides=small_run(tiny_lm_dir, tiny_reward_dir, f"ppo.checkpoint_dir={full}"))
+    with pytest.raises(StorageError, match=r"checkpoint.dir: .* has 0 MB free, a checkpoint of this run needs about .*ENOSPC"):
+        pipeline(overrides=small_run(tiny_lm_dir, tiny_reward_dir, f"checkpoint.dir={full}"))
     nothing_recorded(tracking_uri, full)
 
 
@@ -102,7 +102,7 @@ def test_the_cli_ends_a_user_error_with_one_message_and_exit_code_2(demo_data, t
     assert "Traceback" not in unknown.stderr + unknown.stdout
 
     missing = alignflow(["run", *store, "--set", "policy.model=/no/such/model", "--set",
-                         f"ppo.checkpoint_dir={tmp_path / 'checkpoints'}"], env=env)
+                         f"checkpoint.dir={tmp_path / 'checkpoints'}"], env=env)
     assert missing.returncode == 2, missing.stderr[-2000:]
     assert "error: policy.model: '/no/such/model' is neither a local directory" in missing.stderr
     assert "Traceback" not in missing.stderr + missing.stdout and "Retry" not in missing.stderr
@@ -141,25 +141,27 @@ def servers_of(home: Path) -> list[int]:
 
 
 def test_a_gate_outside_its_range_prints_the_range(capsys):
+    from components.config import GatesConfig, load_config
+    from components.evaluation import compare, summarize
+    from components.gates import check_gates
     from flows.cli import show_result
     from flows.tasks import PipelineResult
-    from components.config import load_config
 
-    result = PipelineResult(
-        run_id="r", stop_reason="max_steps", episodes=64, baseline={}, candidate={}, gates_passed=False,
-        gate_summary="1 of 6 gates failed: length_ratio 2.648 outside [min_length_ratio 0.5, max_length_ratio 2.0]",
-        gate_rows=[{"gate": "length_ratio", "value": 2.648, "requirement": "in [min_length_ratio 0.5, max_length_ratio 2.0]",
-                    "passed": False}], model_version="3", promoted=False, champion_version=None)
+    reference = summarize([0.0, 1.0], [4.0, 4.0], ["a b", "c d"], n_resamples=50)
+    candidate = summarize([1.0, 2.0], [10.0, 11.2], ["e f", "g h"], kl=1.0, n_resamples=50)
+    report = check_gates(compare(reference, candidate, n_resamples=50), GatesConfig(significant_gain=False))
+    result = PipelineResult(run_id="r", stop_reason="total_episodes", episodes=64, reference=reference,
+                            candidate=candidate, gates=report, model_version="3", promoted=False, champion_version=None)
     show_result(result, load_config())
     printed = capsys.readouterr().out
-    assert "length_ratio 2.648 outside [min_length_ratio 0.5, max_length_ratio 2.0]" in printed
+    assert "length_ratio 2.65 outside [min_length_ratio 0.5, max_length_ratio 2.0]" in printed
     assert "in [min_length_ratio 0.5, max_length_ratio 2.0]" in printed
 
 
 def test_user_errors_are_user_errors():
     from components.config import ConfigError
     from components.data import DataError
-    from components.ppo import PromptError
+    from components.rl import PromptError
     from components.registry import ModelReferenceError, PromotionError
     from components.reward import RewardLabelError
     from components.tracking import RunNotFound

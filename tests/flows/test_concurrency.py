@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 from mlflow import MlflowClient
-from processes import _CONTEXT, _main, cli_in_child
+from support import _CONTEXT, _main, cli_in_child
 
 from components import registry, tracking
 from components.config import TrackingConfig, load_config
@@ -64,8 +64,8 @@ def test_concurrent_promotions_from_the_cli_and_pipelines_keep_one_champion_and_
 
 def test_two_runs_at_once_on_one_store_keep_separate_runs_checkpoints_and_versions(demo_data, small_run, tiny_lm_dir,
                                                                                     tiny_reward_dir, tracking_uri, tmp_path):
-    settings = sum((["--set", o] for o in small_run(tiny_lm_dir, tiny_reward_dir, "ppo.keep_checkpoint=true",
-                                                     "gates.beat_champion=false")), [])
+    settings = sum((["--set", o] for o in small_run(tiny_lm_dir, tiny_reward_dir, "checkpoint.keep=true",
+                                                     "gates.beats_champion=false")), [])
     from prefect.settings import PREFECT_API_URL
 
     runs = [_CONTEXT.Process(target=_main, args=(["run", *settings], {}, PREFECT_API_URL.value())) for _ in range(2)]
@@ -75,7 +75,7 @@ def test_two_runs_at_once_on_one_store_keep_separate_runs_checkpoints_and_versio
         process.join(600)
     assert [p.exitcode for p in runs] == [0, 0]
 
-    client = MlflowClient(tracking_uri)
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     found = client.search_runs([client.get_experiment_by_name("alignflow-demo").experiment_id])
     assert len(found) == 2 and {r.info.status for r in found} == {"FINISHED"}
     versions = client.search_model_versions("name='alignflow-policy'")

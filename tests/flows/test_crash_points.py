@@ -16,7 +16,7 @@ from pathlib import Path
 import mlflow
 import pytest
 from mlflow import MlflowClient
-from processes import alignflow, cli_in_child
+from support import alignflow, cli_in_child
 from support import register_versions
 
 from components import registry, tracking
@@ -31,11 +31,11 @@ TIMING = ("time/", "perf/")
 # The kill of each link of the chain: a point, and the N-th time this process reaches it ("#N").
 CHAIN = [
     "tracking.started",
-    "evaluation.recorded",  # the baseline's
-    "checkpoint.written",  # epoch 0's save, before its renames
-    "epoch.checkpointed",  # epoch 0's checkpoint in place, its metrics not logged
-    "checkpoint.between_renames",  # epoch 1's save: epoch 0's checkpoint renamed aside, the new one not in place
-    "epoch.logged",  # epoch 1 logged, nothing evaluated yet
+    "evaluation.recorded",  # the reference's
+    "checkpoint.written",  # the first save, before its renames
+    "train.checkpointed",  # the first checkpoint in place, its metrics not logged
+    "checkpoint.between_renames",  # the second save: the first renamed aside, the new one not in place
+    "train.logged",  # the last iteration logged, nothing evaluated yet
     "evaluation.recorded",  # the candidate's
     "register.logged",
     "register.created",
@@ -49,12 +49,12 @@ CHAIN = [
 def overrides(tiny_lm_dir: Path, tiny_reward_dir: Path, store: Path) -> list[str]:
     gates_that_pass = ["gates.min_reward_gain=-1000", "gates.significant_gain=false", "gates.min_win_rate=0",
                        "gates.max_kl=1000000", "gates.min_length_ratio=0", "gates.max_length_ratio=1000",
-                       "gates.min_distinct2=0", "gates.beat_champion=false"]
+                       "gates.min_distinct2=0", "gates.beats_champion=false"]
     return [
-        f"policy.model={tiny_lm_dir}", f"reward.model={tiny_reward_dir}", "policy.value_head=shared",
+        f"policy.model={tiny_lm_dir}", f"reward.model={tiny_reward_dir}", "critic.type=shared",
         f"tracking.tracking_uri=sqlite:///{store}/mlflow.db", f"tracking.experiment={EXPERIMENT}",
-        f"tracking.registered_model={MODEL}", f"ppo.checkpoint_dir={store}/checkpoints",
-        "ppo.batch_size=16", "ppo.mini_batch_size=8", "ppo.ppo_epochs=1", "ppo.max_steps=32", "ppo.iterations_per_epoch=1",
+        f"tracking.registered_model={MODEL}", f"checkpoint.dir={store}/checkpoints",
+        "rl.rollout_batch_size=16", "rl.mini_batch_size=8", "rl.update_epochs=1", "rl.total_episodes=32", "checkpoint.every=1",
         "data.eval_size=16", "generation.max_new_tokens=8", "evaluation.bootstrap_samples=100",
         "evaluation.num_samples_logged=4", *gates_that_pass,
     ]
@@ -68,7 +68,7 @@ def seed_champion(store: Path, tiny_lm_dir: Path) -> None:
 
 
 def the_run(store: Path):
-    client = MlflowClient(f"sqlite:///{store}/mlflow.db")
+    client = MlflowClient(f"sqlite:///{store}/mlflow.db", registry_uri=f"sqlite:///{store}/mlflow.db")
     experiment = client.get_experiment_by_name(EXPERIMENT)
     runs = client.search_runs([experiment.experiment_id]) if experiment else []
     assert len(runs) <= 1, "a resume started a second run"
@@ -121,7 +121,7 @@ def left_where_it_was_killed(point: str, store: Path) -> None:
         assert not checkpoint.exists() and list(run_dir.glob(".checkpoint.tmp-*"))
     elif point == "checkpoint.between_renames":
         assert aside.is_dir() and not checkpoint.exists()  # the loss of issue 13: this one used to be ignored
-    elif point == "epoch.checkpointed":
+    elif point == "train.checkpointed":
         assert checkpoint.is_dir() and not client.get_metric_history(run.info.run_id, "iteration")
     elif point == "register.logged":
         assert version is None

@@ -9,13 +9,12 @@ import shutil
 import subprocess
 import sys
 from io import StringIO
-from pathlib import Path
 
 import mlflow
 import pytest
 import yaml
 from mlflow import MlflowClient
-from processes import alignflow
+from support import alignflow
 
 from components.config import PROJECT_ROOT, load_config
 from components.versioning import file_md5
@@ -24,16 +23,16 @@ from flows.pipeline import pipeline
 pytestmark = pytest.mark.slow
 
 EXAMPLES = sorted((PROJECT_ROOT / "configs" / "examples").glob("*.yaml"))
-SHORT = ["ppo.max_steps=16", "ppo.batch_size=8", "ppo.mini_batch_size=4", "ppo.iterations_per_epoch=2",
+SHORT = ["rl.total_episodes=16", "rl.rollout_batch_size=8", "rl.mini_batch_size=4", "checkpoint.every=2",
          "evaluation.bootstrap_samples=50", "generation.max_new_tokens=12"]
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=[p.stem for p in EXAMPLES])
 def test_each_example_config_runs_end_to_end_on_its_fixture(example, demo_kit, tracking_uri, tmp_path):
     result = pipeline(config_path=str(example),
-                      overrides=[f"tracking.tracking_uri={tracking_uri}", f"ppo.checkpoint_dir={tmp_path}", *SHORT])
+                      overrides=[f"tracking.tracking_uri={tracking_uri}", f"checkpoint.dir={tmp_path}", *SHORT])
     config = load_config(example)
-    client = MlflowClient(tracking_uri)
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED" and result.model_version == "1"
     assert run.data.tags["alignflow.data_versioned"] == "false"  # fixtures are committed, not DVC-tracked
@@ -48,9 +47,9 @@ def test_each_example_config_runs_end_to_end_on_its_fixture(example, demo_kit, t
 def test_the_prompt_a_sample_shows_is_the_one_the_model_read_after_shortening(demo_kit, tracking_uri, tmp_path):
     example = PROJECT_ROOT / "configs" / "examples" / "hh-rlhf-preference.yaml"
     result = pipeline(config_path=str(example), overrides=[
-        f"tracking.tracking_uri={tracking_uri}", f"ppo.checkpoint_dir={tmp_path}", *SHORT,
+        f"tracking.tracking_uri={tracking_uri}", f"checkpoint.dir={tmp_path}", *SHORT,
         "generation.max_prompt_tokens=40", "evaluation.num_samples_logged=6"])
-    client = MlflowClient(tracking_uri)
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     run = client.get_run(result.run_id)
     assert run.data.metrics["data/truncated_prompt"] >= 1
     mlflow.set_tracking_uri(tracking_uri)
@@ -101,7 +100,7 @@ def test_a_users_new_file_goes_from_dvc_add_to_a_run_that_records_its_own_md5(de
     config["policy"].update(model=str(demo_kit.instruct), use_chat_template=False)
     config["reward"].update(model=str(demo_kit.reward), max_length=64)
     config["generation"].update(max_new_tokens=12, max_prompt_tokens=16)
-    config["ppo"].update(batch_size=8, mini_batch_size=4, max_steps=16, learning_rate=1e-4)
+    config["rl"].update(rollout_batch_size=8, mini_batch_size=4, total_episodes=16, learning_rate=1e-4)
     (project / "configs" / "mine.yaml").write_text(yaml.safe_dump(config))
     env = {"PYTHONPATH": str(project), "PREFECT_API_URL": PREFECT_API_URL.value(), "ALIGNFLOW_LOG_DIR": str(tmp_path / "logs")}
     mine = ["--config", str(project / "configs" / "mine.yaml")]
@@ -117,7 +116,7 @@ def test_a_users_new_file_goes_from_dvc_add_to_a_run_that_records_its_own_md5(de
     done = alignflow(["run", *mine], env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     md5 = file_md5(data)
-    client = MlflowClient(f"sqlite:///{project}/mlruns.db")
+    client = MlflowClient(f"sqlite:///{project}/mlruns.db", registry_uri=f"sqlite:///{project}/mlruns.db")
     [run] = client.search_runs([client.get_experiment_by_name("my-alignment").experiment_id])
     assert run.data.tags["alignflow.data_md5"] == md5 and run.data.tags["alignflow.data_dvc_file"] == "data/reviews.jsonl.gz.dvc"
     [dataset] = run.inputs.dataset_inputs
@@ -135,7 +134,7 @@ def test_a_users_new_file_goes_from_dvc_add_to_a_run_that_records_its_own_md5(de
 def test_progress_in_a_log_is_a_line_per_stage_not_a_stream_of_updates():
     from rich.console import Console
 
-    from components.ppo.progress import ProgressBar
+    from components.rl.progress import ProgressBar
 
     log = StringIO()
     with ProgressBar(total_episodes=640, console=Console(file=log, width=100)) as bar:

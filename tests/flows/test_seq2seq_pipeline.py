@@ -3,7 +3,7 @@ a classifier reward model with its own tokenizer judging the summary by its `not
 
 import mlflow
 import pytest
-from families import save_tiny_policy, save_tiny_reward
+from support import save_tiny_policy, save_tiny_reward
 from mlflow import MlflowClient
 
 from flows.pipeline import pipeline
@@ -14,17 +14,17 @@ def test_flan_t5_shaped_lora_run_registers_an_adapter_that_generates(demo_data, 
     reward = save_tiny_reward(tmp_path / "roberta-hate", "roberta", num_labels=2)
     result = pipeline(overrides=small_run(
         policy, reward,
-        "policy.value_head=shared",  # the demo config's separate critic is for causal LMs (see the next test)
-        "policy.lora.enabled=true", "policy.lora.r=4", "policy.lora.alpha=4", "policy.lora.dropout=0.05",
+        "critic.type=shared",  # the demo config's separate critic is for causal LMs (see the next test)
+        "policy.lora.enabled=true", "policy.lora.r=4", "policy.lora.alpha=4",
         "policy.lora.target_modules=[q, v]", "policy.lora.save_mode=adapter",
         "reward.label=nothate", "reward.score=logit", "reward.text=completion",
         "data.prompt_template='Summarize the following conversation.\n\n{prompt}\n\nSummary: '",
-        "ppo.max_steps=32", "gates.beat_champion=false",
+        "rl.total_episodes=32", "gates.beats_champion=false",
     ))
     assert result.episodes == 32 and result.model_version == "1"
-    assert result.candidate["candidate/kl"] is not None
+    assert result.candidate.kl is not None
 
-    client = MlflowClient(tracking_uri)
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     version = client.get_model_version("alignflow-policy", result.model_version)
     assert version.tags["base_policy"] == str(policy)
     # an encoder-decoder's decoder positions are all response positions: nothing to pack
@@ -38,5 +38,5 @@ def test_flan_t5_shaped_lora_run_registers_an_adapter_that_generates(demo_data, 
 def test_an_encoder_decoder_policy_with_the_separate_critic_is_refused_naming_the_field(demo_data, small_run, tmp_path):
     policy = save_tiny_policy(tmp_path / "flan-t5", "t5")
     reward = save_tiny_reward(tmp_path / "roberta-hate", "roberta", num_labels=2)
-    with pytest.raises(ValueError, match="policy.value_head=separate is for causal LMs"):
-        pipeline(overrides=small_run(policy, reward, "policy.value_head=separate", "reward.label=nothate"))
+    with pytest.raises(ValueError, match="critic.type=separate is for causal LMs"):
+        pipeline(overrides=small_run(policy, reward, "critic.type=separate", "reward.label=nothate"))

@@ -15,10 +15,11 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
+from support import build_trainer_with
 from components import tracking
 from components.config import PROJECT_ROOT, TrackingConfig
-from components.ppo import PPOTrainer
-from components.ppo.launcher import free_port
+from components.rl import Trainer
+from components.rl.launcher import free_port
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
@@ -109,10 +110,10 @@ def forget_prefect_clients() -> None:
 def small_overrides(demo_kit, tmp_path: Path, experiment: str) -> list[str]:
     return [
         f"policy.model={demo_kit.instruct}", f"reward.model={demo_kit.reward}",
-        f"tracking.experiment={experiment}", f"ppo.checkpoint_dir={tmp_path / 'checkpoints'}",
-        "ppo.batch_size=32", "ppo.mini_batch_size=16", "ppo.max_steps=320", "ppo.iterations_per_epoch=5",
-        "ppo.learning_rate=2e-4", "data.eval_size=64", "evaluation.bootstrap_samples=200",
-        "policy.value_head=shared",  # these tests are about the servers: the cheaper critic
+        f"tracking.experiment={experiment}", f"checkpoint.dir={tmp_path / 'checkpoints'}",
+        "rl.rollout_batch_size=32", "rl.mini_batch_size=16", "rl.total_episodes=320", "checkpoint.every=5",
+        "rl.learning_rate=2e-4", "data.eval_size=64", "evaluation.bootstrap_samples=200",
+        "critic.type=shared",  # these tests are about the servers: the cheaper critic
     ]
 
 
@@ -120,8 +121,8 @@ def tiny_overrides(tiny_lm_dir, tiny_reward_dir, tmp_path: Path, experiment: str
     """A pipeline run of seconds on the tiny models, with a registered model of its own (not the champion's)."""
     return [
         f"policy.model={tiny_lm_dir}", f"reward.model={tiny_reward_dir}", f"tracking.experiment={experiment}",
-        f"tracking.registered_model={experiment}-policy", f"ppo.checkpoint_dir={tmp_path / 'checkpoints'}",
-        "ppo.batch_size=16", "ppo.mini_batch_size=8", "ppo.ppo_epochs=2", "ppo.max_steps=160", "ppo.iterations_per_epoch=5",
+        f"tracking.registered_model={experiment}-policy", f"checkpoint.dir={tmp_path / 'checkpoints'}",
+        "rl.rollout_batch_size=16", "rl.mini_batch_size=8", "rl.update_epochs=2", "rl.total_episodes=160", "checkpoint.every=5",
         "data.eval_size=32", "generation.max_new_tokens=12", "evaluation.bootstrap_samples=200",
     ]
 
@@ -187,7 +188,7 @@ def test_scheduled_deployment_runs_on_the_worker_and_registers_a_champion(stack,
         assert deployment.schedules and deployment.schedules[0].schedule.interval.total_seconds() == 10
         assert deployment.work_pool_name == "alignflow-test-pool"
 
-    client = MlflowClient(as_client["MLFLOW_TRACKING_URI"])  # a separate client, as a teammate would use
+    client = MlflowClient(as_client["MLFLOW_TRACKING_URI"], registry_uri=as_client["MLFLOW_TRACKING_URI"])  # a separate client, as a teammate would use
     [run] = client.search_runs([client.get_experiment_by_name(experiment).experiment_id],
                                filter_string=f"tags.`alignflow.prefect_flow_run_id` = '{flow_run.id}'")
     assert run.info.status == "FINISHED"
@@ -210,11 +211,11 @@ def test_a_manual_remote_run_is_executed_by_the_worker_and_waited_for(stack, as_
     assert "of alignflow-pipeline/manual: Completed" in done.stdout, done.stdout
     flow_run_id = done.stdout.split("(")[1].split(")")[0]
 
-    client = MlflowClient(as_client["MLFLOW_TRACKING_URI"])
+    client = MlflowClient(as_client["MLFLOW_TRACKING_URI"], registry_uri=as_client["MLFLOW_TRACKING_URI"])
     [run] = client.search_runs([client.get_experiment_by_name("team-manual").experiment_id],
                                filter_string=f"tags.`alignflow.prefect_flow_run_id` = '{flow_run_id}'")
     assert run.info.status == "FINISHED" and run.data.tags["alignflow.model_version"]
-    assert run.data.params["ppo.max_steps"] == "160"  # the overrides travelled as the flow run's parameters
+    assert run.data.params["rl.total_episodes"] == "160"  # the overrides travelled as the flow run's parameters
 
 
 def test_concurrent_promotions_leave_exactly_one_champion_the_better_one(stack, as_client, tiny_lm_dir):
@@ -266,7 +267,7 @@ def test_mlflow_down_mid_run_fails_clearly_and_a_rerun_resumes(stack, as_client,
     from flows.tasks import ServerUnreachable
 
     overrides = tiny_overrides(tiny_lm_dir, tiny_reward_dir, tmp_path, "team-outage")
-    real_step = PPOTrainer.step
+    real_step = Trainer.step
 
     def step_then_outage(self, prompts):
         if self.iteration == 6 and not outage:
@@ -274,7 +275,7 @@ def test_mlflow_down_mid_run_fails_clearly_and_a_rerun_resumes(stack, as_client,
         return real_step(self, prompts)
 
     outage: list[str] = []
-    monkeypatch.setattr(PPOTrainer, "step", step_then_outage)
+    monkeypatch.setattr(Trainer, "step", step_then_outage)
     # The epoch's retries as in production (2), without their 2 s and 10 s waits.
     monkeypatch.setattr(tasks, "ppo_epoch", tasks.ppo_epoch.with_options(retry_delay_seconds=0))
     with pytest.raises(ServerUnreachable) as failure:
@@ -286,7 +287,7 @@ def test_mlflow_down_mid_run_fails_clearly_and_a_rerun_resumes(stack, as_client,
     assert (tmp_path / "checkpoints" / run_id).is_dir(), checkpoints
 
     stack("up")  # brings MLflow back
-    client = MlflowClient(as_client["MLFLOW_TRACKING_URI"])
+    client = MlflowClient(as_client["MLFLOW_TRACKING_URI"], registry_uri=as_client["MLFLOW_TRACKING_URI"])
     assert client.get_run(run_id).data.tags.get("alignflow.model_version") is None  # nothing registered
     result = pipeline(overrides=overrides, resume_run_id=run_id)
     assert result.run_id == run_id and result.episodes == 160
@@ -346,14 +347,14 @@ TWO_MACHINE_PROMPTS = [f"{words} {i}" for i in range(2) for words in
 
 def two_machine_overrides(tiny_lm_dir, tiny_reward_dir, tmp_path: Path, node: str, experiment: str) -> list[str]:
     return [f"policy.model={tiny_lm_dir}", f"reward.model={tiny_reward_dir}", f"tracking.experiment={experiment}",
-            f"ppo.checkpoint_dir={tmp_path / 'checkpoints'}", "ppo.batch_size=8", "ppo.mini_batch_size=4",
-            "ppo.gradient_accumulation_steps=2", "ppo.ppo_epochs=1", "ppo.max_steps=16", "ppo.iterations_per_epoch=2",
-            "generation.max_new_tokens=6", "ppo.num_processes=2", "ppo.num_machines=2", "ppo.main_process_ip=127.0.0.1",
-            f"ppo.node_deployment={node}"]
+            f"checkpoint.dir={tmp_path / 'checkpoints'}", "rl.rollout_batch_size=8", "rl.mini_batch_size=4",
+            "rl.gradient_accumulation_steps=2", "rl.update_epochs=1", "rl.total_episodes=16", "checkpoint.every=2",
+            "generation.max_new_tokens=6", "launch.num_processes=2", "launch.num_machines=2", "launch.main_process_ip=127.0.0.1",
+            f"launch.node_deployment={node}"]
 
 
 def test_a_two_machine_ppo_epoch_runs_machine_1_on_the_worker_and_logs_once(stack, as_client, tiny_lm_dir, tiny_reward_dir, tmp_path):
-    """ppo.num_machines=2 on loopback: the pipeline's PPO-epoch task runs machine 0 (1 process) and submits machine 1
+    """launch.num_machines=2 on loopback: the pipeline's PPO-epoch task runs machine 0 (1 process) and submits machine 1
     (1 process) as a run of the node deployment, which the stack's worker executes; one 2-process run, logged once.
     (The pipeline's epochs without its evaluation and registry, which have their own tests: this one stays short.)"""
     from prefect import flow
@@ -379,10 +380,10 @@ def test_a_two_machine_ppo_epoch_runs_machine_1_on_the_worker_and_logs_once(stac
 
     run_id, episodes = ppo_epochs()
     assert episodes == 16
-    client = MlflowClient(as_client["MLFLOW_TRACKING_URI"])
+    client = MlflowClient(as_client["MLFLOW_TRACKING_URI"], registry_uri=as_client["MLFLOW_TRACKING_URI"])
     for key in ("objective/scores", "loss/policy", "episodes"):
         assert [m.step for m in client.get_metric_history(run_id, key)] == [8, 16], key
-    assert client.get_run(run_id).data.params["ppo.num_machines"] == "2"
+    assert client.get_run(run_id).data.params["launch.num_machines"] == "2"
 
     with get_client(sync_client=True) as prefect:
         runs = prefect.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=["alignflow-ppo-node"])))
@@ -410,7 +411,7 @@ def test_a_machine_that_cannot_start_stops_the_epoch_naming_it(stack, as_client,
 
     @flow
     def one_launch() -> None:
-        trainer = PPOTrainer.from_config(config, load_policy(str(tiny_lm_dir)), load_tokenizer(str(tiny_lm_dir)),
+        trainer = build_trainer_with(config, load_policy(str(tiny_lm_dir)), load_tokenizer(str(tiny_lm_dir)),
                                          RewardScorer.from_config(config.reward))
         launch_ppo_iterations(trainer, ["the film was", "the plot is"] * 4, config, tmp_path / "checkpoint", 1)
 

@@ -2,7 +2,6 @@
 loading exactly like hub models."""
 
 import time
-from pathlib import Path
 
 import pytest
 import torch

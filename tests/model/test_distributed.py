@@ -13,12 +13,12 @@ import torch
 from safetensors.torch import load_file
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from ppo_helpers import one_thread, word_share  # noqa: F401
+from support import build_trainer_with, one_thread, word_share  # noqa: F401
 
-from components.config import PROJECT_ROOT, GenerationConfig, PPOConfig, RewardConfig, load_config
+from components.config import PROJECT_ROOT, GenerationConfig, RLConfig, RewardConfig, load_config
 from components.models import load_causal_lm, load_tokenizer, load_policy
-from components.ppo import PPOTrainer, distributed
-from components.ppo.launcher import free_port
+from components.rl import Trainer, distributed
+from components.rl.launcher import free_port
 from components.reward import RewardScorer
 
 PROMPTS = ["the film was", "I loved the movie", "the plot is", "it was a", "the acting", "we hated it but", "the music", "this movie"]
@@ -28,19 +28,19 @@ TIMING = ("perf/tokens_per_second", "time/rollout", "time/scoring", "time/update
 CLIP_SHARES = ("policy/clipfrac", "val/clipfrac")
 # Global batch 8 in minibatches of 4, each of 2 micro-batches (one per rank under 2 processes); global score
 # normalisation and the adaptive KL controller, so every global statistic is exercised.
-PPO = dict(learning_rate=1e-3, batch_size=8, mini_batch_size=4, gradient_accumulation_steps=2, ppo_epochs=2,
-           kl_coef=0.05, adaptive_kl=True, target_kl=0.5, max_steps=10_000)
+RL = dict(learning_rate=1e-3, rollout_batch_size=8, mini_batch_size=4, gradient_accumulation_steps=2, update_epochs=2,
+           kl_coef=0.05, adaptive_kl=True, target_kl=0.5, total_episodes=10_000)
 
 
 def make_trainer(lm_dir, seed=0):
-    return PPOTrainer(
-        load_causal_lm(lm_dir), load_tokenizer(lm_dir), word_share("good"), PPOConfig(**PPO),
+    return Trainer(
+        load_causal_lm(lm_dir), load_tokenizer(lm_dir), word_share("good"), RLConfig(**RL),
         GenerationConfig(max_new_tokens=8, max_prompt_tokens=8), RewardConfig(normalize=True), seed=seed,
     )
 
 
 def run_iterations(trainer, iterations):
-    return [trainer.step(trainer.next_prompts(PROMPTS)) for _ in range(iterations)]
+    return [trainer.run_iteration(trainer.next_prompts(PROMPTS)) for _ in range(iterations)]
 
 
 def parameters(trainer):
@@ -76,9 +76,9 @@ FSDP_ENV = dict(ACCELERATE_USE_FSDP="true", FSDP_VERSION="2", FSDP_AUTO_WRAP_POL
 
 
 def resume(lm_dir, checkpoint):
-    return PPOTrainer.from_checkpoint(checkpoint, load_causal_lm(lm_dir), load_tokenizer(lm_dir), word_share("good"),
-                                      PPOConfig(**PPO), GenerationConfig(max_new_tokens=8, max_prompt_tokens=8),
-                                      RewardConfig(normalize=True))
+    trainer = make_trainer(lm_dir)
+    trainer.load_checkpoint(checkpoint)
+    return trainer
 
 
 def _fsdp_worker(rank: int, world: int, port: int, lm_dir: str, out: str) -> None:
@@ -92,7 +92,7 @@ def _fsdp_worker(rank: int, world: int, port: int, lm_dir: str, out: str) -> Non
     try:
         first = make_trainer(lm_dir)
         weight = first.policy.get_input_embeddings().weight
-        sharding = {"sharded": distributed.is_sharded(first.learner), "shard_rows": weight.to_local().shape[0],
+        sharding = {"sharded": distributed.is_sharded(first.learner.module), "shard_rows": weight.to_local().shape[0],
                     "rows": weight.shape[0]}
         history = run_iterations(first, 1)
         first.save_checkpoint(Path(out) / "first")
@@ -124,7 +124,7 @@ def test_two_processes_take_the_same_steps_as_one_and_their_checkpoint_resumes_i
     for got, expected in zip(two["history"], history):
         assert_same_stats(got, expected)
     assert two["history"][1]["episodes"] == 16
-    assert two["history"][1]["kl_coef"] != PPO["kl_coef"]  # the adaptive controller moved, on the global KL
+    assert two["history"][1]["kl_coef"] != RL["kl_coef"]  # the adaptive controller moved, on the global KL
     expected = parameters(single)
     print("largest parameter difference, 2 vs 1 process:", max((v - expected[n]).abs().max().item() for n, v in two["parameters"].items()))
     for name, value in two["parameters"].items():
@@ -133,9 +133,7 @@ def test_two_processes_take_the_same_steps_as_one_and_their_checkpoint_resumes_i
     assert changed > 1e-4  # the steps did move the weights
 
     # The checkpoint written by 2 processes resumes in 1 exactly where a 1-process run stands.
-    resumed = PPOTrainer.from_checkpoint(tmp_path / "checkpoint", load_causal_lm(tiny_lm_dir), load_tokenizer(tiny_lm_dir),
-                                         word_share("good"), PPOConfig(**PPO), GenerationConfig(max_new_tokens=8, max_prompt_tokens=8),
-                                         RewardConfig(normalize=True))
+    resumed = resume(tiny_lm_dir, tmp_path / "checkpoint")
     assert (resumed.iteration, resumed.episodes) == (single.iteration, single.episodes)
     assert_same_stats(run_iterations(resumed, 1)[0], run_iterations(single, 1)[0])
 
@@ -173,9 +171,9 @@ def test_fsdp_processes_take_the_same_steps_as_one_and_their_checkpoints_resume_
 
 @pytest.mark.parametrize("accelerate_config", [None, "infra/accelerate/fsdp.yaml"], ids=["ddp", "fsdp-config"])
 def test_the_accelerate_launcher_runs_an_epoch_whose_checkpoint_resumes_in_one_process(tiny_lm_dir, tiny_reward_dir, tmp_path, accelerate_config):
-    config = load_config(None, [f"policy.model={tiny_lm_dir}", f"reward.model={tiny_reward_dir}", "ppo.batch_size=8",
-                                "ppo.mini_batch_size=4", "ppo.gradient_accumulation_steps=2", "ppo.ppo_epochs=1",
-                                "generation.max_new_tokens=6", "ppo.num_processes=2"])
+    config = load_config(None, [f"policy.model={tiny_lm_dir}", f"reward.model={tiny_reward_dir}", "rl.rollout_batch_size=8",
+                                "rl.mini_batch_size=4", "rl.gradient_accumulation_steps=2", "rl.update_epochs=1",
+                                "generation.max_new_tokens=6", "launch.num_processes=2"])
     (tmp_path / "run.yaml").write_text(config.to_yaml())
     (tmp_path / "prompts.json").write_text(json.dumps(PROMPTS))
     checkpoint = tmp_path / "checkpoint"
@@ -184,7 +182,7 @@ def test_the_accelerate_launcher_runs_an_epoch_whose_checkpoint_resumes_in_one_p
         command += ["--config_file", str(PROJECT_ROOT / accelerate_config)]
     else:
         command += ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    command += ["-m", "components.ppo.launch", "--config", str(tmp_path / "run.yaml"), "--prompts", str(tmp_path / "prompts.json"),
+    command += ["-m", "components.rl.launch", "--config", str(tmp_path / "run.yaml"), "--prompts", str(tmp_path / "prompts.json"),
                 "--checkpoint", str(checkpoint), "--iterations", "1", "--stats", str(tmp_path / "stats.json")]
     subprocess.run(command, check=True, cwd=PROJECT_ROOT, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     stats = json.loads((tmp_path / "stats.json").read_text())
@@ -194,7 +192,7 @@ def test_the_accelerate_launcher_runs_an_epoch_whose_checkpoint_resumes_in_one_p
 
     def trainer():
         path = str(tiny_lm_dir)
-        return PPOTrainer.from_config(config, load_policy(path), load_tokenizer(path), RewardScorer.from_config(config.reward))
+        return build_trainer_with(config, load_policy(path), load_tokenizer(path), RewardScorer.from_config(config.reward))
 
     single = trainer()
     assert single.critic is not None  # the demo config's critic from the reward model: DDP / FSDP over two models
@@ -206,12 +204,12 @@ def test_the_accelerate_launcher_runs_an_epoch_whose_checkpoint_resumes_in_one_p
 
 
 def test_a_launch_in_mixed_precision_is_refused_with_the_reason(tiny_lm_dir, tiny_reward_dir, tmp_path):
-    config = load_config(None, [f"policy.model={tiny_lm_dir}", f"reward.model={tiny_reward_dir}", "ppo.batch_size=8",
-                                "ppo.mini_batch_size=4", "ppo.gradient_accumulation_steps=2", "ppo.num_processes=2"])
+    config = load_config(None, [f"policy.model={tiny_lm_dir}", f"reward.model={tiny_reward_dir}", "rl.rollout_batch_size=8",
+                                "rl.mini_batch_size=4", "rl.gradient_accumulation_steps=2", "launch.num_processes=2"])
     (tmp_path / "run.yaml").write_text(config.to_yaml())
     (tmp_path / "prompts.json").write_text(json.dumps(PROMPTS))
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--multi_gpu", "--num_machines", "1",
-               "--mixed_precision", "bf16", "--dynamo_backend", "no", "--main_process_port", str(free_port()), "-m", "components.ppo.launch",
+               "--mixed_precision", "bf16", "--dynamo_backend", "no", "--main_process_port", str(free_port()), "-m", "components.rl.launch",
                "--config", str(tmp_path / "run.yaml"), "--prompts", str(tmp_path / "prompts.json"),
                "--checkpoint", str(tmp_path / "checkpoint"), "--iterations", "1", "--stats", str(tmp_path / "stats.json")]
     done = subprocess.run(command, cwd=PROJECT_ROOT, timeout=300, capture_output=True, text=True,
@@ -224,13 +222,13 @@ def test_a_launch_in_mixed_precision_is_refused_with_the_reason(tiny_lm_dir, tin
 def test_two_machines_on_loopback_form_one_run_whose_step_equals_one_process(tiny_lm_dir, tiny_reward_dir, tmp_path):
     """Machine 0 and machine 1 (each 1 process, `--num_machines 2`, the commands the flow and flows/node.py run)
     meet at 127.0.0.1 and take one 2-process step; the main process (on machine 0) writes checkpoint and stats."""
-    from components.ppo import launcher
+    from components.rl import launcher
 
-    config = load_config(None, [f"policy.model={tiny_lm_dir}", f"reward.model={tiny_reward_dir}", "ppo.batch_size=8",
-                                "ppo.mini_batch_size=4", "ppo.gradient_accumulation_steps=2", "ppo.ppo_epochs=1",
-                                "generation.max_new_tokens=6", "ppo.num_processes=2", "ppo.num_machines=2",
-                                "ppo.main_process_ip=127.0.0.1", "ppo.node_deployment=alignflow-ppo-node/test"])
-    meet = launcher.rendezvous(config.ppo, PROJECT_ROOT)
+    config = load_config(None, [f"policy.model={tiny_lm_dir}", f"reward.model={tiny_reward_dir}", "rl.rollout_batch_size=8",
+                                "rl.mini_batch_size=4", "rl.gradient_accumulation_steps=2", "rl.update_epochs=1",
+                                "generation.max_new_tokens=6", "launch.num_processes=2", "launch.num_machines=2",
+                                "launch.main_process_ip=127.0.0.1", "launch.node_deployment=alignflow-ppo-node/test"])
+    meet = launcher.rendezvous(config.launch, PROJECT_ROOT)
     assert meet.main_process_ip == "127.0.0.1" and meet.num_machines == 2
     checkpoint = tmp_path / "checkpoint"
     machines = []
@@ -239,7 +237,7 @@ def test_two_machines_on_loopback_form_one_run_whose_step_equals_one_process(tin
         work.mkdir()
         (work / "run.yaml").write_text(config.to_yaml())
         (work / "prompts.json").write_text(json.dumps(PROMPTS))
-        command = launcher.accelerate_command(config.ppo, meet, rank, config=work / "run.yaml", prompts=work / "prompts.json",
+        command = launcher.accelerate_command(config.launch, meet, rank, config=work / "run.yaml", prompts=work / "prompts.json",
                                               checkpoint=checkpoint, iterations=1, stats=work / "stats.json")
         with open(work / "output.txt", "w") as output:
             machines.append(subprocess.Popen(command, cwd=PROJECT_ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
@@ -257,7 +255,7 @@ def test_two_machines_on_loopback_form_one_run_whose_step_equals_one_process(tin
 
     def trainer():
         path = str(tiny_lm_dir)
-        return PPOTrainer.from_config(config, load_policy(path), load_tokenizer(path), RewardScorer.from_config(config.reward))
+        return build_trainer_with(config, load_policy(path), load_tokenizer(path), RewardScorer.from_config(config.reward))
 
     single = trainer()
     assert_same_stats(single.train(PROMPTS, iterations=1).last, stats["history"][0])

@@ -6,17 +6,17 @@ import math
 import mlflow
 import pytest
 import torch
-from families import POLICY_FAMILIES, REWARD_FAMILIES, SEQ2SEQ_FAMILIES, save_tiny_policy, save_tiny_reward
-from ppo_helpers import one_thread, word_share  # noqa: F401
+from support import POLICY_FAMILIES, REWARD_FAMILIES, SEQ2SEQ_FAMILIES, save_tiny_policy, save_tiny_reward, build_trainer_with
+from support import one_thread, word_share  # noqa: F401
 from transformers import PreTrainedTokenizerFast
 
 from components import registry, tracking
 from components.config import GenerationConfig, RunConfig, TrackingConfig
 from components.models import load_policy, load_tokenizer
-from components.ppo import PPOTrainer, PromptError
+from components.rl import PromptError
 from components.models import fuse_gelu
-from components.ppo.actor_critic import AdapterDisabled
-from components.ppo.rollout import response_logprobs, tokenize_prompts
+from components.rl.roles import AdapterDisabled
+from components.rl.rollout import response_logprobs, tokenize_prompts
 from components.reward import RewardScorer
 
 PROMPTS = ["the film was", "I loved the movie", "the plot is", "it was a", "the acting", "we hated it but", "the music", "this movie"]
@@ -33,7 +33,7 @@ def policies(tmp_path_factory):
 def run_config(policy_dir, lora=False, **sections):
     tree = {
         "policy": {"model": str(policy_dir), "lora": {"enabled": lora, "r": 4, "alpha": 8}},
-        "ppo": {"batch_size": 8, "mini_batch_size": 8, "ppo_epochs": 1, "learning_rate": 1e-2},
+        "rl": {"rollout_batch_size": 8, "mini_batch_size": 8, "update_epochs": 1, "learning_rate": 1e-2},
         "generation": {"max_new_tokens": 6, "max_prompt_tokens": 8},
     }
     for name, values in sections.items():
@@ -53,7 +53,7 @@ def tokenizer_of(model_dir):
 
 def trainer_for(policy_dir, lora=False, reward_fn=None, **sections):
     cfg = run_config(policy_dir, lora, **sections)
-    return PPOTrainer.from_config(cfg, load_policy(str(policy_dir)), tokenizer_of(policy_dir), reward_fn or word_share("good"))
+    return build_trainer_with(cfg, load_policy(str(policy_dir)), tokenizer_of(policy_dir), reward_fn or word_share("good"))
 
 
 def finite(stats):
@@ -75,10 +75,10 @@ def reference_logprobs(trainer, model):
 def test_full_fine_tune_of_each_policy_family(policies, family):
     trainer = trainer_for(policies[family])
     assert trainer.encoder_decoder == (family in SEQ2SEQ_FAMILIES)
-    first = trainer.step(PROMPTS)
+    first = trainer.run_iteration(PROMPTS)
     # one epoch, one minibatch: the update's forward reproduces the rollout's log-probs
     assert first["policy/approxkl"] < 1e-10 and first["policy/ratio"] == pytest.approx(1.0, abs=1e-5)
-    second = trainer.step(PROMPTS)
+    second = trainer.run_iteration(PROMPTS)
     assert finite(first) and finite(second)
     assert second["objective/kl"] != 0.0 and trainer.iteration == 2
 
@@ -91,9 +91,9 @@ def test_lora_on_each_policy_family_trains_the_adapter_against_the_base_model(po
     assert {name.split(".lora_")[0].rsplit(".", 1)[-1] for name in trainable} == LORA_TARGETS[family]
     assert isinstance(trainer.reference, AdapterDisabled)  # no second copy of the weights
 
-    first = trainer.step(PROMPTS)
+    first = trainer.run_iteration(PROMPTS)
     assert first["policy/approxkl"] < 1e-10
-    second = trainer.step(PROMPTS)
+    second = trainer.run_iteration(PROMPTS)
     assert finite(second) and second["objective/kl"] != 0.0  # the adapter moved the policy
 
     base = load_policy(str(policies[family]))
@@ -112,7 +112,7 @@ def test_lora_on_each_policy_family_trains_the_adapter_against_the_base_model(po
     from safetensors.torch import load_file
 
     assert set(load_file(tmp_path / "ckpt" / "policy.safetensors")) == trainable
-    assert restored.step(PROMPTS)["iteration"] == 3
+    assert restored.run_iteration(PROMPTS)["iteration"] == 3
 
 
 def test_a_full_checkpoint_does_not_load_into_a_lora_trainer(policies, tmp_path):
@@ -136,12 +136,12 @@ def test_seq2seq_completions_are_the_decoder_output_and_the_value_head_reads_the
         return torch.zeros(len(completions))
 
     trainer = trainer_for(policies["t5"], reward_fn=record)
-    exp, _ = trainer.make_experience(PROMPTS)
+    exp, _ = trainer.experience_maker.make(PROMPTS, trainer.kl_ctl.kl_coef, 1, trainer.sample_generator)
     assert exp.queries.shape[0] == len(PROMPTS) and exp.query_mask[:, 0].all()  # right-padded for the encoder
     assert not any(completion.startswith(prompt) for prompt, completion in zip(PROMPTS, seen) if completion)
     assert exp.values.abs().sum() == 0  # zero-initialised value head on the decoder's hidden states
     with pytest.raises(ValueError, match="shared value head"):
-        trainer_for(policies["t5"], policy={"value_head": "separate"})
+        trainer_for(policies["t5"], critic={"type": "separate"})
 
 
 def test_chat_template_renders_prompts_as_a_user_turn_and_its_absence_is_an_error(tmp_path, policies):
@@ -150,7 +150,7 @@ def test_chat_template_renders_prompts_as_a_user_turn_and_its_absence_is_an_erro
     queries, mask = tokenize_prompts(tokenizer, ["the film"], GenerationConfig(), use_chat_template=True)
     assert tokenizer.decode(queries[0][mask[0].bool()]) == "<bos> the film <eos> I"
     trainer = trainer_for(chat_dir, policy={"use_chat_template": True})
-    assert finite(trainer.step(PROMPTS))
+    assert finite(trainer.run_iteration(PROMPTS))
     with pytest.raises(PromptError, match="has no chat template"):
         trainer_for(policies["llama"], policy={"use_chat_template": True})
 
@@ -179,7 +179,7 @@ def test_each_reward_model_family_scores_in_batches_and_drives_ppo(policies, fam
     one_batch = RewardScorer(scorer.model, scorer.tokenizer, scorer.index if classifier else None, scorer.score, 12, 64)
     torch.testing.assert_close(one_batch(prompts, completions), scores, atol=1e-5, rtol=0)
 
-    trainer = PPOTrainer.from_config(cfg, load_policy(str(policies["gpt2"])), load_tokenizer(str(policies["gpt2"])), scorer)
+    trainer = build_trainer_with(cfg, load_policy(str(policies["gpt2"])), load_tokenizer(str(policies["gpt2"])), scorer)
     history = trainer.train(PROMPTS, iterations=2).history
     assert len(history) == 2 and all(finite(stats) for stats in history)
 
@@ -203,7 +203,7 @@ def store(tmp_path, monkeypatch):
 @pytest.mark.parametrize("family, save_mode", [("gpt2", "adapter"), ("t5", "merged")])
 def test_a_lora_policy_registers_and_generates_through_pyfunc(policies, store, tmp_path, family, save_mode):
     trainer = trainer_for(policies[family], lora=True)
-    trainer.step(PROMPTS)
+    trainer.run_iteration(PROMPTS)
     exported = trainer.export_policy(tmp_path / "policy", merge=save_mode == "merged")
     assert (exported / "adapter_config.json").exists() == (save_mode == "adapter")
     with mlflow.start_run(experiment_id=tracking.ensure_experiment(store)) as run:
@@ -225,11 +225,11 @@ def test_the_flan_t5_lab_config_validates():
 
     cfg = load_config(PROJECT_ROOT / "configs" / "flan-t5-detox.yaml")
     assert cfg.policy.model == "google/flan-t5-base" and cfg.policy.lora.enabled
-    assert (cfg.policy.lora.r, cfg.policy.lora.alpha, cfg.policy.lora.dropout, cfg.policy.lora.target_modules) == (32, 32, 0.05, ["q", "v"])
+    assert (cfg.policy.lora.r, cfg.policy.lora.alpha, cfg.policy.lora.target_modules) == (32, 32, ["q", "v"])
     assert (cfg.reward.model, cfg.reward.label, cfg.reward.score) == ("facebook/roberta-hate-speech-dynabench-r4-target", "nothate", "logit")
     assert (cfg.data.source, cfg.data.prompt_field, cfg.data.check_dvc) == ("knkarthick/dialogsum", "dialogue", False)
     assert cfg.data.prompt_template == "Summarize the following conversation.\n\n{prompt}\n\nSummary: "
-    assert (cfg.ppo.learning_rate, cfg.ppo.ppo_epochs, cfg.ppo.mini_batch_size, cfg.ppo.batch_size) == (1.41e-5, 1, 4, 16)
+    assert (cfg.rl.learning_rate, cfg.rl.update_epochs, cfg.rl.mini_batch_size, cfg.rl.rollout_batch_size) == (1.41e-5, 1, 4, 16)
     assert cfg.generation.max_new_tokens == 100
 
 

@@ -8,12 +8,12 @@ import random
 import time
 
 import pytest
-from ppo_helpers import one_thread  # noqa: F401
+from support import one_thread  # noqa: F401
 
 from components.config import load_config
 from components.demo.gold import is_gold_positive
 from components.models import load_causal_lm, load_tokenizer
-from components.ppo import PPOTrainer, generate
+from components.rl import build_trainer, generate
 from components.reward import RewardScorer
 
 
@@ -35,7 +35,7 @@ def test_short_ppo_run_raises_reward_and_gold_positive_share(demo_kit):
     scorer = RewardScorer.from_config(cfg.reward)
 
     score_before, gold_before = evaluate(policy, tokenizer, scorer, eval_prompts, cfg.generation)
-    trainer = PPOTrainer.from_config(cfg, policy, tokenizer, scorer)
+    trainer = build_trainer(policy, tokenizer, scorer, **cfg.trainer_sections())
     start = time.perf_counter()
     result = trainer.train(train_prompts, iterations=12)
     elapsed = time.perf_counter() - start

@@ -1,6 +1,6 @@
 """One PPO epoch in each of N data-parallel processes, started by Accelerate's launcher:
 
-    accelerate launch --num_processes 2 --multi_gpu -m components.ppo.launch \\
+    accelerate launch --num_processes 2 --multi_gpu -m components.rl.launch \\
         --config run.yaml --prompts prompts.json --checkpoint DIR --iterations 10 --stats stats.json
 
 Every process builds the trainer from the run configuration (model references already resolved to local
@@ -24,9 +24,9 @@ import torch
 
 from components.config import load_config
 from components.models import load_policy, load_tokenizer
-from components.ppo import distributed
-from components.ppo.checkpoint import resolve_checkpoint
-from components.ppo.trainer import PPOTrainer
+from components.rl import distributed
+from components.rl.checkpoint import resolve_checkpoint
+from components.rl.trainer import build_trainer
 from components.reward import RewardScorer
 
 
@@ -43,7 +43,7 @@ def run_epoch(config_path: Path, prompts_path: Path, checkpoint: Path, iteration
     tokenizer = load_tokenizer(config.policy.model, config.policy.revision)
     scorer = RewardScorer.from_config(config.reward)
     scorer.model.to(state.device)
-    trainer = PPOTrainer.from_config(config, policy, tokenizer, scorer)
+    trainer = build_trainer(policy, tokenizer, scorer, **config.trainer_sections())
     try:
         resumed_from = resolve_checkpoint(checkpoint)
     except FileNotFoundError:
@@ -55,7 +55,7 @@ def run_epoch(config_path: Path, prompts_path: Path, checkpoint: Path, iteration
     if distributed.is_main_process():
         tmp = stats_path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"stop_reason": result.stop_reason, "num_processes": distributed.world_size(),
-                                  "sharded": distributed.is_sharded(trainer.learner), "history": result.history}))
+                                  "sharded": distributed.is_sharded(trainer.learner.module), "history": result.history}))
         tmp.replace(stats_path)
     state.wait_for_everyone()
     # The DDP wrapper's reducer holds the process group: free it first. Destroying the group under a live

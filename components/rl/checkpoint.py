@@ -81,7 +81,7 @@ def _free_bytes(path: Path) -> int:
     return 0
 
 
-def write_atomically(target: str | Path, write: Callable[[Path], None], key: str = "ppo.checkpoint_dir") -> Path:
+def write_atomically(target: str | Path, write: Callable[[Path], None], key: str = "checkpoint.dir") -> Path:
     """Call `write(tmp)` on a fresh temporary sibling directory, sync it, then move it into place. `key` is the
     configuration key the directory comes from, named when the storage fails."""
     target = Path(target)

@@ -1,4 +1,4 @@
-"""One machine's `accelerate launch` of `components.ppo.launch`, the same command on every machine of a run.
+"""One machine's `accelerate launch` of `components.rl.launch`, the same command on every machine of a run.
 
 A multi-machine run is Accelerate's (torchrun's static rendezvous): every machine runs the launcher with the
 same total `--num_processes`, `--num_machines`, `--main_process_ip` and `--main_process_port`, and its own
@@ -6,9 +6,9 @@ same total `--num_processes`, `--num_machines`, `--main_process_ip` and `--main_
 the statistics). This module builds that command from the run configuration and runs it; who starts the
 other machines (a Prefect flow run per machine, flows/node.py) is the flow's business.
 
-What the command says wins over an Accelerate config file (`ppo.accelerate_config`): the launcher fills in
+What the command says wins over an Accelerate config file (`launch.accelerate_config`): the launcher fills in
 from the file only what the command leaves out. So that nobody is surprised by a value silently overridden,
-the file's num_machines, main_process_ip and main_process_port must agree with `ppo.*` where both are set.
+the file's num_machines, main_process_ip and main_process_port must agree with `launch.*` where both are set.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from typing import Callable
 
 import yaml
 
-from components.config import ConfigError, PPOConfig
-from components.ppo.checkpoint import resolve_checkpoint
+from components.config import ConfigError, LaunchConfig
+from components.rl.checkpoint import resolve_checkpoint
 
 
 @dataclass(frozen=True)
@@ -43,17 +43,17 @@ class LaunchFailed(RuntimeError):
     """`accelerate launch` exited non-zero, or was stopped because the run could not succeed any more."""
 
 
-def accelerate_file_settings(ppo: PPOConfig, root: Path) -> dict:
+def accelerate_file_settings(launch: LaunchConfig, root: Path) -> dict:
     """The Accelerate config file's settings (empty without one); relative paths are relative to `root`."""
-    if not ppo.accelerate_config:
+    if not launch.accelerate_config:
         return {}
-    path = Path(ppo.accelerate_config)
+    path = Path(launch.accelerate_config)
     path = path if path.is_absolute() else root / path
     if not path.is_file():
-        raise ConfigError(f"ppo.accelerate_config: {path} is not a file on this machine ({socket.gethostname()})")
+        raise ConfigError(f"launch.accelerate_config: {path} is not a file on this machine ({socket.gethostname()})")
     settings = yaml.safe_load(path.read_text()) or {}
     if not isinstance(settings, dict):
-        raise ConfigError(f"ppo.accelerate_config: {path} is not a mapping of Accelerate settings")
+        raise ConfigError(f"launch.accelerate_config: {path} is not a mapping of Accelerate settings")
     return settings
 
 
@@ -75,46 +75,46 @@ def _is_loopback(address: str) -> bool:
         return address == "localhost"
 
 
-def rendezvous(ppo: PPOConfig, root: Path) -> Rendezvous:
+def rendezvous(launch: LaunchConfig, root: Path) -> Rendezvous:
     """Resolve the rendezvous on the main machine, before any machine launches.
 
-    Precedence: `ppo.main_process_ip/port`, then the Accelerate config's, then this host's address and a free
+    Precedence: `launch.main_process_ip/port`, then the Accelerate config's, then this host's address and a free
     port. The port is chosen here once and handed to every machine, so two runs on one machine never collide."""
-    file = accelerate_file_settings(ppo, root)
-    source = ppo.accelerate_config
-    if "num_machines" in file and int(file["num_machines"]) != ppo.num_machines:
+    file = accelerate_file_settings(launch, root)
+    source = launch.accelerate_config
+    if "num_machines" in file and int(file["num_machines"]) != launch.num_machines:
         raise ConfigError(
-            f"ppo.accelerate_config ({source}) says num_machines: {file['num_machines']} but ppo.num_machines is "
-            f"{ppo.num_machines}: set ppo.num_machines (alignflow starts the other machines from it) and drop or "
+            f"launch.accelerate_config ({source}) says num_machines: {file['num_machines']} but launch.num_machines is "
+            f"{launch.num_machines}: set launch.num_machines (alignflow starts the other machines from it) and drop or "
             "match the file's num_machines"
         )
     for key in ("main_process_ip", "main_process_port"):
-        mine, theirs = getattr(ppo, key), file.get(key)
+        mine, theirs = getattr(launch, key), file.get(key)
         if mine is not None and theirs is not None and str(mine) != str(theirs):
-            raise ConfigError(f"ppo.{key} is {mine} but ppo.accelerate_config ({source}) says {key}: {theirs}: "
+            raise ConfigError(f"launch.{key} is {mine} but launch.accelerate_config ({source}) says {key}: {theirs}: "
                               "keep one of them, or make them agree")
-    port = ppo.main_process_port or (int(file["main_process_port"]) if file.get("main_process_port") else None) or free_port()
-    if ppo.num_machines == 1:
+    port = launch.main_process_port or (int(file["main_process_port"]) if file.get("main_process_port") else None) or free_port()
+    if launch.num_machines == 1:
         return Rendezvous(1, None, port)
-    ip = ppo.main_process_ip or file.get("main_process_ip")
+    ip = launch.main_process_ip or file.get("main_process_ip")
     if ip is None:
         ip = host_address()
         if _is_loopback(ip):
             raise ConfigError(
-                f"ppo.main_process_ip is not set and this host's name ({socket.gethostname()}) resolves to {ip}, which "
-                "the other machines cannot reach: set ppo.main_process_ip to the main machine's address"
+                f"launch.main_process_ip is not set and this host's name ({socket.gethostname()}) resolves to {ip}, which "
+                "the other machines cannot reach: set launch.main_process_ip to the main machine's address"
             )
-    return Rendezvous(ppo.num_machines, str(ip), port)
+    return Rendezvous(launch.num_machines, str(ip), port)
 
 
-def accelerate_command(ppo: PPOConfig, meet: Rendezvous, machine_rank: int, *, config: Path, prompts: Path,
+def accelerate_command(launch: LaunchConfig, meet: Rendezvous, machine_rank: int, *, config: Path, prompts: Path,
                        checkpoint: Path, iterations: int, stats: Path) -> list[str]:
-    """`python -m accelerate.commands.launch ... -m components.ppo.launch ...` for machine `machine_rank`."""
+    """`python -m accelerate.commands.launch ... -m components.rl.launch ...` for machine `machine_rank`."""
     if not 0 <= machine_rank < meet.num_machines:
         raise ValueError(f"machine_rank {machine_rank} is not one of the {meet.num_machines} machines (0..{meet.num_machines - 1})")
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(ppo.num_processes)]
-    if ppo.accelerate_config:
-        command += ["--config_file", ppo.accelerate_config]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(launch.num_processes)]
+    if launch.accelerate_config:
+        command += ["--config_file", launch.accelerate_config]
     else:
         # torchrun under Accelerate; without CUDA the processes join a gloo group on the CPU (see launch.py).
         # (Accelerate's --cpu flag starts a single process whatever --num_processes says.)
@@ -122,7 +122,7 @@ def accelerate_command(ppo: PPOConfig, meet: Rendezvous, machine_rank: int, *, c
     command += ["--num_machines", str(meet.num_machines), "--main_process_port", str(meet.main_process_port)]
     if meet.num_machines > 1:
         command += ["--machine_rank", str(machine_rank), "--main_process_ip", meet.main_process_ip]
-    return command + ["-m", "components.ppo.launch", "--config", str(config), "--prompts", str(prompts),
+    return command + ["-m", "components.rl.launch", "--config", str(config), "--prompts", str(prompts),
                       "--checkpoint", str(checkpoint), "--iterations", str(iterations), "--stats", str(stats)]
 
 
@@ -172,19 +172,19 @@ def _terminate(process: subprocess.Popen, grace_seconds: float = 20.0) -> None:
 
 def check_shared_checkpoint(checkpoint: Path, iteration: int) -> None:
     """The main machine's checkpoint, seen from this machine: it must be there and at the main machine's
-    iteration, else this machine is not on the storage the main one writes (`ppo.checkpoint_dir`)."""
+    iteration, else this machine is not on the storage the main one writes (`checkpoint.dir`)."""
     host = socket.gethostname()
     try:
         path = resolve_checkpoint(checkpoint)
     except FileNotFoundError:
         raise ConfigError(
-            f"ppo.checkpoint_dir: the main machine's checkpoint {checkpoint} is not visible on this machine ({host}); "
+            f"checkpoint.dir: the main machine's checkpoint {checkpoint} is not visible on this machine ({host}); "
             "a multi-machine run needs it on storage every machine mounts at the same path"
         ) from None
     found = json.loads((path / "trainer_state.json").read_text())["iteration"]
     if found != iteration:
         raise ConfigError(
-            f"ppo.checkpoint_dir: the checkpoint at {path} on this machine ({host}) is at iteration {found}, the main "
+            f"checkpoint.dir: the checkpoint at {path} on this machine ({host}) is at iteration {found}, the main "
             f"machine's at {iteration}: this path is not the storage the main machine writes (mount the shared "
             "storage at the same path on every machine)"
         )

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from components.ppo.actor_critic import position_ids_from, run_backbone
+from components.rl.roles import position_ids_from, run_backbone
 
 _SUPPORT: dict[tuple, bool] = {}
 

@@ -1,4 +1,4 @@
-"""A rich progress bar for `PPOTrainer.train(callback=...)`: episodes done, live score and KL."""
+"""A rich progress bar for `Trainer.train(callback=...)`: episodes done, live score and KL."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 class ProgressBar:
     """Use as a context manager and pass it as the callback:
 
-        with ProgressBar(total_episodes=cfg.ppo.max_steps) as bar:
+        with ProgressBar(total_episodes=cfg.rl.total_episodes) as bar:
             trainer.train(prompts, callback=bar)
     """
 

@@ -19,6 +19,7 @@ base weights are held once.
 from __future__ import annotations
 
 import copy
+import copy as copy_module
 import inspect
 from contextlib import contextmanager
 from typing import Iterator
@@ -189,6 +190,20 @@ class Critic(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.value_head = ValueHead(hidden)
+
+    @classmethod
+    def of(cls, module: nn.Module, copy: bool = False) -> "Critic":
+        """A critic from a model: a reward model (its scoring head starts the value head), an LM or classifier (its
+        backbone), or a backbone itself. `copy`: of a copy (a critic from the policy's own backbone)."""
+        if copy:
+            module = copy_module.deepcopy(module)
+        if isinstance(module, Critic):
+            return module
+        if classifier_head(module) is not None:
+            return cls.from_classifier(module)
+        if isinstance(module, PreTrainedModel) and module.base_model is not module:
+            module = module.base_model
+        return cls(module, hidden_size(module))
 
     @classmethod
     def from_classifier(cls, model: PreTrainedModel) -> "Critic":

@@ -21,8 +21,8 @@ from transformers import DynamicCache, EncoderDecoderCache, PreTrainedModel, Pre
 from components.config import GenerationConfig
 from components.dialogue import render_transcript
 from components.errors import UserError
-from components.ppo import distributed
-from components.ppo.actor_critic import (
+from components.rl import distributed
+from components.rl.roles import (
     backbone_of,
     decoder_start_token_id,
     is_encoder_decoder,
@@ -33,8 +33,8 @@ from components.ppo.actor_critic import (
     seq2seq_forward,
     unwrap,
 )
-from components.ppo.core import logprobs_of, response_mask
-from components.ppo.packing import pack_episodes, packed_hidden
+from components.rl.core import logprobs_of, response_mask
+from components.rl.packing import pack_episodes, packed_hidden
 
 
 class PromptError(UserError, ValueError):

@@ -178,3 +178,20 @@ class RunningMoments:
 
     def load_state_dict(self, state: dict[str, float]) -> None:
         self.count, self.mean, self.m2 = int(state["count"]), float(state["mean"]), float(state["m2"])
+
+
+# --- the advantage estimator, chosen in this one place ------------------------------------------
+
+
+def estimate_advantages(experience, rl) -> None:
+    """Set `experience.advantages` (and `.returns`, the critic's targets) with `rl.advantage_estimator`:
+    gae: GAE over the per-token rewards and the critic's values (PPO, Schulman et al. 2016);
+    then, with `rl.whiten_advantages`, normalised over the batch's real tokens."""
+    mask = experience.mask
+    if rl.advantage_estimator == "gae":
+        experience.advantages, experience.returns = compute_gae(experience.rewards, experience.values, mask, rl.gamma,
+                                                                rl.gae_lambda)
+    else:
+        raise ValueError(f"rl.advantage_estimator={rl.advantage_estimator!r} is not one this engine has")
+    if rl.whiten_advantages:
+        experience.advantages = masked_whiten(experience.advantages, mask)

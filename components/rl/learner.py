@@ -1,0 +1,106 @@
+"""Learning from a batch of experience: `rl.update_epochs` passes over shuffled minibatches, each one optimizer step
+of the clipped policy loss (+ the clipped value loss when there is a critic, - the entropy bonus).
+
+Under N processes the micro-batches of each minibatch are dealt out among them and their gradients summed over the
+ranks by DistributedDataParallel (Accelerate) or FSDP2 (each rank then steps its own shards), so every rank takes
+the same step as one process would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from components.config import RLConfig
+from components.rl import distributed
+from components.rl.core import entropy_from_logits, logprobs_of, masked_mean, policy_loss, value_loss
+from components.rl.experience import Experience, TrainingError
+
+STATS = ("policy/approxkl", "policy/clipfrac", "policy/ratio", "policy/token_entropy", "loss/policy")
+VALUE_STATS = ("val/clipfrac", "loss/value")
+
+
+class Learner:
+    def __init__(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, rl: RLConfig, temperature: float,
+                 accelerator=None, has_critic: bool = True):
+        self.module = module  # PolicyValue, or its data-parallel wrapper
+        self.optimizer, self.rl, self.temperature, self.accelerator = optimizer, rl, temperature, accelerator
+        self.has_critic = has_critic
+
+    def learn(self, exp: Experience, iteration: int, shuffle: torch.Generator) -> dict[str, float]:
+        """The iteration's optimizer steps; the statistics averaged over every micro-batch of every epoch."""
+        batch, mini = exp.size, self.rl.mini_batch_size
+        micro = max(1, mini // self.rl.gradient_accumulation_steps)
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]  # under FSDP, the shards
+        max_norm = self.rl.max_grad_norm if self.rl.max_grad_norm is not None else float("inf")
+        names = STATS + (VALUE_STATS if self.has_critic else ())
+        totals = dict.fromkeys(names, 0.0)
+        count = 0
+        ranks, rank = distributed.world_size(), distributed.rank()
+        device = exp.queries.device
+        for epoch in range(self.rl.update_epochs):
+            order = torch.randperm(batch, generator=shuffle).to(device)
+            for number, start in enumerate(range(0, batch, mini)):
+                minibatch = order[start : start + mini]
+                self.optimizer.zero_grad(set_to_none=True)
+                mine = [s for n, s in enumerate(range(0, len(minibatch), micro)) if n % ranks == rank]
+                for micro_start in mine:
+                    index = minibatch[micro_start : micro_start + micro]
+                    # Data-parallel: the gradients are all-reduced once per minibatch, on its last micro-batch.
+                    last = micro_start == mine[-1]
+                    syncing = not self.accelerator or last
+                    with contextlib.nullcontext() if syncing else distributed.no_sync(self.module, self.accelerator):
+                        loss, stats = self.loss(exp, index)
+                        # The micro-batch's share of its minibatch, times the ranks whose mean DDP takes.
+                        weight = len(index) / len(minibatch) * ranks
+                        if not torch.isfinite(loss):
+                            raise TrainingError(
+                                f"iteration {iteration}: non-finite loss ({', '.join(f'{k} {v.item()}' for k, v in stats.items() if k.startswith('loss/'))}) "
+                                f"in epoch {epoch}, minibatch {number}; no optimizer step was taken for it"
+                            )
+                        (loss * weight).backward()
+                    for name, value in stats.items():
+                        totals[name] += value.item()
+                    count += 1
+                grad_norm = distributed.full_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm))
+                if not torch.isfinite(grad_norm):
+                    raise TrainingError(
+                        f"iteration {iteration}: non-finite gradient norm in epoch {epoch}, minibatch {number}; "
+                        f"no optimizer step was taken for it"
+                    )
+                self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        summed = distributed.all_sum(torch.tensor([*totals.values(), count], dtype=torch.float64)).tolist()
+        return {name: total / summed[-1] for name, total in zip(totals, summed)}
+
+    def loss(self, exp: Experience, index: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss of the episodes `index`: the clipped surrogate, + vf_coef * the clipped value loss, - ent_coef *
+        the entropy. The batch is trimmed to the prompt columns some row uses (prompts are padded on one side) and the
+        response columns up to the longest response (responses are right-padded)."""
+        query_mask = exp.query_mask[index]
+        used = query_mask.bool().any(0)
+        width = int(exp.mask[index].sum(1).max())
+        queries, query_mask = exp.queries[index][:, used], query_mask[:, used]
+        cut = lambda t: t[index, :width]  # noqa: E731
+        responses, mask = cut(exp.responses), cut(exp.mask)
+
+        logits, values = self.module(queries, query_mask, responses, mask)
+        logits = logits.float() / self.temperature
+        logprobs = logprobs_of(logits, responses)
+
+        pg_loss, stats = policy_loss(logprobs, cut(exp.logprobs), cut(exp.advantages), mask, self.rl.clip_range)
+        loss = pg_loss
+        if self.has_critic:
+            vf_loss, value_stats = value_loss(values.float(), cut(exp.values), cut(exp.returns), mask, self.rl.clip_range_value)
+            loss = loss + self.rl.vf_coef * vf_loss
+            stats.update(value_stats)
+            stats["loss/value"] = vf_loss.detach()
+        if self.rl.ent_coef > 0:
+            entropy = masked_mean(entropy_from_logits(logits), mask)
+            loss = loss - self.rl.ent_coef * entropy
+        else:
+            with torch.no_grad():
+                entropy = masked_mean(entropy_from_logits(logits), mask)
+        stats.update({"policy/token_entropy": entropy.detach(), "loss/policy": pg_loss.detach()})
+        return loss, stats

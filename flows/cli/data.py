@@ -1,0 +1,93 @@
+"""`alignflow config`, `alignflow data` and `alignflow demo`: the configuration, the dataset, the demo kit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.markup import escape
+
+from components.config import PROJECT_ROOT
+from flows.cli import ConfigOption, SetOption, config_app, console, data_app, demo_app, explain_errors, resolved
+
+
+@config_app.command("show")
+@explain_errors
+def config_show(config: Optional[Path] = ConfigOption, set_: list[str] = SetOption) -> None:
+    """Print the resolved configuration (YAML), after overrides and defaults."""
+    console.print(resolved(config, set_).to_yaml(), highlight=False, soft_wrap=True)
+
+
+@data_app.command("check")
+@explain_errors
+def data_check(config: Optional[Path] = ConfigOption, set_: list[str] = SetOption) -> None:
+    """Check the dataset a run would read against its .dvc file, and report every row left out or shortened (to
+    generation.max_prompt_tokens, counted with the policy's tokenizer) by row number."""
+    from components.data import prepare
+    from components.models import load_tokenizer, locate
+    from components.rl.rollout import prompt_ids
+    from components.versioning import dataset_version
+
+    run = resolved(config, set_)
+    if run.data.source.startswith("data/demo"):
+        ensure_demo_data()
+    version = dataset_version(run.data, PROJECT_ROOT)
+    tokenizer = load_tokenizer(locate("policy.model", run.policy.model, run.policy.revision), run.policy.revision)
+    chat = run.policy.use_chat_template
+    prepared = prepare(run.data, run.generation, lambda prompt: len(prompt_ids(tokenizer, [prompt], chat)[0]), run.seed,
+                       PROJECT_ROOT)
+    pinned = f"pinned by {version.dvc_file}" if version.versioned else "[yellow]not versioned by DVC[/] (data.check_dvc: false)"
+    console.print(f"dataset [bold]{escape(version.name)}[/] ({escape(version.source)}): md5 of the bytes read "
+                  f"[bold]{version.md5}[/], {pinned}")
+    console.print(escape(prepared.summary), highlight=False)
+    console.print(f"{len(prepared.train_prompts)} training prompts, {len(prepared.eval_prompts)} held out (data.eval_size)")
+
+
+@demo_app.command("data")
+@explain_errors
+def demo_data(out: Path = typer.Option(PROJECT_ROOT / "data/demo", help="Where to write the demo datasets."), seed: int = 0) -> None:
+    """Regenerate the demo datasets exactly (the same seed gives the bytes data.dvc pins)."""
+    from components.demo.domain import generate_demo_data
+
+    files = generate_demo_data(out, seed=seed)
+    for name, path in files.items():
+        console.print(f"wrote {name}: {path}")
+
+
+@demo_app.command("bootstrap")
+@explain_errors
+def demo_bootstrap(
+    data_dir: Path = typer.Option(PROJECT_ROOT / "data/demo"),
+    out: Path = typer.Option(PROJECT_ROOT / "artifacts/demo"),
+    force: bool = typer.Option(False, help="Retrain even if the models exist for this data and these settings."),
+) -> None:
+    """Train the demo's instruct model and reward model from scratch on the CPU."""
+    from components.demo.bootstrap import bootstrap
+
+    ensure_demo_data(data_dir)
+    report = bootstrap(data_dir, out, force=force)
+    console.print(report)
+
+
+def ensure_demo_data(data_dir: Path = PROJECT_ROOT / "data/demo") -> None:
+    """Generate the demo data when it is missing (a fresh clone); it must then match what data.dvc pins."""
+    from components.config import DataConfig
+    from components.demo.domain import generate_demo_data
+    from components.versioning import dataset_version
+
+    if not data_dir.exists():
+        console.print(f"{data_dir} is missing: regenerating the demo data (seed 0)")
+        generate_demo_data(data_dir, seed=0)
+    dataset_version(DataConfig(source=str(data_dir.relative_to(PROJECT_ROOT))), PROJECT_ROOT)
+
+
+def prepare_demo_if_needed(run) -> None:
+    """The embedded default brings its own world: data regenerated and models bootstrapped if missing."""
+    from components.demo.bootstrap import bootstrap
+
+    if run.policy.model.startswith("artifacts/demo") or run.reward.model.startswith("artifacts/demo"):
+        ensure_demo_data()
+        report = bootstrap(PROJECT_ROOT / "data/demo", PROJECT_ROOT / "artifacts/demo")
+        if not report.skipped:
+            console.print(report)

@@ -1,0 +1,118 @@
+"""`alignflow runs`, `models`, `promote` and `rollback`: what was run, what was registered, and the champion."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from flows.cli import ConfigOption, SetOption, app, console, explain_errors, resolved
+from flows.cli.run import prefect_api
+
+
+@app.command()
+@explain_errors
+def runs(config: Optional[Path] = ConfigOption, set_: list[str] = SetOption, limit: int = typer.Option(10, "-n")) -> None:
+    """Recent pipeline runs: status, stop reason, score gain, KL, gate result and model version. With --config (or
+    --set), the runs of its experiment; without, the runs of every experiment of the tracking store."""
+    from components import tracking
+
+    run_config = resolved(config, set_)
+    uri = tracking.use_tracking(run_config.tracking)
+    experiment = run_config.tracking.experiment if (config or set_) else None
+    title = f"Recent runs of experiment {experiment}" if experiment else \
+        "Recent runs of every experiment (--config F shows the runs of F's experiment)"
+    table = Table(title=f"{title}, {uri}")
+    columns = ("run id", "start", "status", "stop reason", "score gain", "KL", "gates", "version")
+    for column in (() if experiment else ("experiment",)) + columns:
+        table.add_column(column)
+    for row in tracking.recent_runs(experiment, limit):
+        gates = {None: "-", True: "[green]passed", False: "[red]failed"}[row["gates_passed"]]
+        cells = (row["run_id"][:12], row["start_time"].strftime("%Y-%m-%d %H:%M"), row["status"], row["stop_reason"] or "-",
+                 _num(row["reward_gain"]), _num(row["kl"]), gates, row["model_version"] or "-")
+        table.add_row(*((() if experiment else (escape(row["experiment"]),)) + cells))
+    console.print(table)
+
+
+def _num(value) -> str:
+    return "-" if value is None else f"{value:+.3f}"
+
+
+@app.command()
+@explain_errors
+def models(config: Optional[Path] = ConfigOption, set_: list[str] = SetOption) -> None:
+    """Versions of the registered policy with their aliases, gate results, and the reward model and data behind each.
+    With --config (or --set), its registered model; without, every registered model of the store. A score from
+    another reward model than the champion's (or the newest version's) is marked: scores of different reward models
+    are not comparable."""
+    from components import registry, tracking
+
+    run_config = resolved(config, set_)
+    uri = tracking.use_tracking(run_config.tracking)
+    names = [run_config.tracking.registered_model] if (config or set_) else registry.registered_models()
+    for name in names:
+        versions = registry.list_versions(name)
+        reference = next((v for v in versions if run_config.tracking.champion_alias in v.aliases), versions[0] if versions else None)
+        scorer = reference.tags.get("reward_model") if reference else None
+        table = Table(title=f"Registered model {name}, {uri}" + ("" if (config or set_) else " (--config F shows F's model)"))
+        for column in ("version", "aliases", "gates", "failed gates", "eval score", "KL", "reward model", "data", "promoted by"):
+            table.add_column(column)
+        mismatched = False
+        for version in versions:
+            tags = version.tags
+            gates = {"true": "[green]passed", "false": "[red]failed"}.get(tags.get("gates_passed", ""), "-")
+            score = tags.get(registry.SCORE_TAG, tags.get("eval_mean_score", "-"))[:7]
+            if tags.get("reward_model") != scorer:
+                score, mismatched = f"{score} [yellow]*[/]", True
+            data = f"{tags.get('data_name', '?')} {tags.get('data_md5', '-')[:8]}"
+            table.add_row(str(version.version), ", ".join(version.aliases) or "-", gates, tags.get("gates_failed") or "-",
+                          score, tags.get(registry.KL_TAG, tags.get("eval_kl", "-"))[:7], escape(tags.get("reward_model", "-")), escape(data),
+                          tags.get("promoted_by", "-"))
+        console.print(table)
+        if mismatched:
+            console.print(f"[yellow]*[/] scored by another reward model than {escape(str(scorer))} (the "
+                          f"{'champion' if reference and run_config.tracking.champion_alias in reference.aliases else 'newest version'}"
+                          "'s): not comparable with the other scores")
+    if not names:
+        console.print(f"no registered models in {uri}")
+
+
+@app.command()
+@explain_errors
+def promote(
+    version: str,
+    config: Optional[Path] = ConfigOption,
+    set_: list[str] = SetOption,
+    force: bool = typer.Option(False, help="Promote a version whose gates failed (needs --reason)."),
+    reason: Optional[str] = typer.Option(None, help="Why (recorded in the version's tags)."),
+) -> None:
+    """Make VERSION the champion; refuses a version that failed its gates unless --force --reason. Takes the same lock
+    as the pipeline's promotions, so promotions at the same time keep one champion and a consistent chain."""
+    from flows import promotion
+
+    run_config = resolved(config, set_)
+    name, alias = run_config.tracking.registered_model, run_config.tracking.champion_alias
+    with prefect_api() if promotion.needs_prefect_server(run_config) else contextlib.nullcontext():
+        moved, why = promotion.promote(run_config, version, force=force, reason=reason)
+    console.print(f"{name}: {why}" if moved else f"{name}: {why}; @{alias} unchanged")
+
+
+@app.command()
+@explain_errors
+def rollback(
+    config: Optional[Path] = ConfigOption,
+    set_: list[str] = SetOption,
+    reason: Optional[str] = typer.Option(None, help="Why (recorded in the versions' tags)."),
+) -> None:
+    """Move the champion alias back to the previous champion."""
+    from flows import promotion
+
+    run_config = resolved(config, set_)
+    name, alias = run_config.tracking.registered_model, run_config.tracking.champion_alias
+    with prefect_api() if promotion.needs_prefect_server(run_config) else contextlib.nullcontext():
+        restored = promotion.rollback(run_config, reason=reason)
+    console.print(f"{name} @{alias} is back on version {restored.version}")
