@@ -29,6 +29,18 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
 
+def _refuse_remote_code(value: bool) -> bool:
+    if value:
+        raise ValueError("alignflow never runs code shipped with a model (transformers' trust_remote_code): use a model "
+                         "whose architecture transformers implements; remove this key")
+    return value
+
+
+_ALLOW_PICKLE = ("Load this model's weights from a pickle checkpoint (pytorch_model.bin, *.pt) when it has no "
+                 "safetensors file. Unpickling a file can run any code it holds: only for a model whose origin you trust.")
+_TRUST_REMOTE_CODE = "Never true: a model's own code (transformers' trust_remote_code) is not run; true is refused."
+
+
 def _check_model_ref(value: str) -> str:
     """A model is a hub id (`org/name`), a local path, or `models:/NAME@ALIAS` / `models:/NAME/VERSION`."""
     value = value.strip()
@@ -76,11 +88,18 @@ class PolicyConfig(Section):
     critic_model: str | None = Field(None, description="Separate critic's initial model (default: the reward model).")
     use_chat_template: bool = False
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    allow_pickle: bool = Field(False, description=_ALLOW_PICKLE + " Applies to policy.critic_model too.")
+    trust_remote_code: bool = Field(False, description=_TRUST_REMOTE_CODE)
 
     @field_validator("model")
     @classmethod
     def _check_model(cls, value: str) -> str:
         return _check_model_ref(value)
+
+    @field_validator("trust_remote_code")
+    @classmethod
+    def _no_remote_code(cls, value: bool) -> bool:
+        return _refuse_remote_code(value)
 
     @field_validator("critic_model")
     @classmethod
@@ -107,11 +126,18 @@ class RewardConfig(Section):
     normalize: bool = Field(False, description="Normalise scores with a running mean/std.")
     clip: float | None = Field(None, gt=0, description="Clip scores to [-clip, clip].")
     missing_eos_penalty: float | None = Field(None, ge=0, description="Subtracted from the score of completions without EOS.")
+    allow_pickle: bool = Field(False, description=_ALLOW_PICKLE)
+    trust_remote_code: bool = Field(False, description=_TRUST_REMOTE_CODE)
 
     @field_validator("model")
     @classmethod
     def _check_model(cls, value: str) -> str:
         return _check_model_ref(value)
+
+    @field_validator("trust_remote_code")
+    @classmethod
+    def _no_remote_code(cls, value: bool) -> bool:
+        return _refuse_remote_code(value)
 
     @field_validator("label")
     @classmethod

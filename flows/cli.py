@@ -128,6 +128,12 @@ def run(
     if remote:
         trigger_remote(remote, parameters, wait)
         return
+    from components.model_safety import UnsafeModelError, check_run_models
+
+    try:
+        check_run_models(run_config, PROJECT_ROOT)  # no pickle-only checkpoint, no remote code: one line, before any work
+    except UnsafeModelError as exc:
+        fail(str(exc))
     prepare_demo_if_needed(run_config)
     from flows.pipeline import pipeline
 

@@ -190,7 +190,8 @@ def load_reward_model(config: RunConfig) -> RewardScorer:
 def load_policy(config: RunConfig):
     """The starting policy (causal LM or encoder-decoder, from its config) and its tokenizer."""
     path = model_path(config.policy.model)
-    return load_policy_model(path, config.policy.revision), load_tokenizer(path, config.policy.revision)
+    return (load_policy_model(path, config.policy.revision, allow_pickle=config.policy.allow_pickle),
+            load_tokenizer(path, config.policy.revision))
 
 
 # --- evaluation -------------------------------------------------------------------------------

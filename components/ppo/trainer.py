@@ -791,20 +791,27 @@ def _as_critic(module: torch.nn.Module) -> Critic:
 def _load_critic_backbone(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) -> torch.nn.Module | None:
     from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
+    from components.model_safety import loading
+
     source, revision = cfg.policy.critic_model, cfg.policy.revision
+    key, allow_pickle = "policy.critic_model", cfg.policy.allow_pickle
     if source is None and not cfg.reward.model.startswith("models:"):
         try:
             reward_tokenizer = AutoTokenizer.from_pretrained(cfg.reward.model, revision=cfg.reward.revision)
             if reward_tokenizer.get_vocab() == tokenizer.get_vocab():
                 source, revision = cfg.reward.model, cfg.reward.revision
+                key, allow_pickle = "reward.model", cfg.reward.allow_pickle
         except OSError:
             pass
     if source is None:
         return None  # the trainer copies the policy's backbone
     if source.startswith("models:"):
         raise ValueError(f"policy.critic_model={source!r}: resolve registry URIs to a local path first")
-    config = AutoConfig.from_pretrained(source, revision=revision)
+    config = loading(source, key, allow_pickle, lambda **safe: AutoConfig.from_pretrained(
+        source, revision=revision, trust_remote_code=False))
     if any(a.endswith("ForSequenceClassification") for a in config.architectures or []) and config.num_labels == 1:
         # A reward model: loaded with its scoring head, which starts the value head (see Critic.from_classifier).
-        return AutoModelForSequenceClassification.from_pretrained(source, revision=revision, dtype=torch.float32)
-    return AutoModel.from_pretrained(source, revision=revision, dtype=torch.float32)
+        return loading(source, key, allow_pickle, lambda **safe: AutoModelForSequenceClassification.from_pretrained(
+            source, revision=revision, dtype=torch.float32, **safe))
+    return loading(source, key, allow_pickle, lambda **safe: AutoModel.from_pretrained(
+        source, revision=revision, dtype=torch.float32, **safe))
