@@ -15,6 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from components import secrets
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = PROJECT_ROOT / "configs" / "demo.yaml"
 
@@ -390,8 +392,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     for override in overrides:
         _apply_override(tree, override)
-    source = str(path) + (f" with --set {' '.join(overrides)}" if overrides else "")
+    secrets.prepare_tree(tree, RunConfig)  # warns about plain-text secrets; fills secret keys from ALIGNFLOW_* variables
+    source = secrets.redact_text(str(path) + (f" with --set {' '.join(overrides)}" if overrides else ""))
     try:
-        return RunConfig.model_validate(tree)
+        config = RunConfig.model_validate(tree)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, source)) from None
+        raise ConfigError(secrets.redact_text(_format_errors(exc, source))) from None
+    return secrets.externalize(config)  # tracking URI credentials to MLflow's variables; see components/secrets.py

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -12,6 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from components import secrets
 from components.config import PROJECT_ROOT, ConfigError, load_config
 
 app = typer.Typer(help="alignflow: RLHF with PPO as a scheduled, auditable MLOps workflow.", no_args_is_help=True)
@@ -36,16 +38,36 @@ def fail(message: str, code: int = 2) -> None:
 
 
 def resolved(config: Optional[Path], overrides: list[str]):
+    with warnings.catch_warnings(record=True) as caught:  # a secret in plain text: one line each, before any error
+        warnings.simplefilter("always", secrets.PlaintextSecretWarning)
+        try:
+            run, problem = load_config(config, overrides), None
+        except ConfigError as exc:
+            run, problem = None, str(exc)
+    for warning in caught:
+        if issubclass(warning.category, secrets.PlaintextSecretWarning):
+            errors.print(f"[yellow]warning:[/] {escape(str(warning.message))}", highlight=False, soft_wrap=True)
+    if problem is not None:
+        fail(problem)
+    return run
+
+
+def flow_overrides(overrides: list[str], *, here: bool) -> list[str]:
+    """`--set` overrides as Prefect flow-run parameters, which the Prefect server stores and shows: without secrets
+    (components/secrets.py). A flow that runs in this process gets them through this process's environment
+    (`MLFLOW_TRACKING_USERNAME`/`PASSWORD`, `ALIGNFLOW_<KEY>`); for one that runs on a worker they are refused."""
     try:
-        return load_config(config, overrides)
-    except ConfigError as exc:
+        clean, moved = secrets.scrub_overrides(overrides, refuse=not here)
+    except secrets.SecretInParameters as exc:
         fail(str(exc))
+    os.environ.update(moved)
+    return clean
 
 
 @config_app.command("show")
 def config_show(config: Optional[Path] = ConfigOption, set_: list[str] = SetOption) -> None:
     """Print the resolved configuration (YAML), after overrides and defaults."""
-    console.print(resolved(config, set_).to_yaml(), highlight=False, soft_wrap=True)
+    console.print(secrets.redacted_yaml(resolved(config, set_)), highlight=False, soft_wrap=True)
 
 
 @data_app.command("check")
@@ -124,7 +146,8 @@ def run(
 ) -> None:
     """Run the whole pipeline: data, reward model, baseline, PPO, evaluation, gates, registry."""
     run_config = resolved(config, set_)
-    parameters = {"config_path": str(config) if config else None, "overrides": list(set_), "resume_run_id": resume}
+    parameters = {"config_path": str(config) if config else None, "overrides": flow_overrides(set_, here=not remote),
+                  "resume_run_id": resume}
     if remote:
         trigger_remote(remote, parameters, wait)
         return
@@ -167,11 +190,12 @@ def deploy(
 ) -> None:
     """Create (or update) the pipeline's deployment on the Prefect server, with its schedule and work pool."""
     resolved(config, set_)
+    overrides = flow_overrides(set_, here=False)  # refused before anything reaches the server
     require_prefect_server()
     from prefect import flow as prefect_flow
 
     source = prefect_flow.from_source(source=str(PROJECT_ROOT), entrypoint="flows/pipeline.py:pipeline")
-    parameters = {"config_path": str(config) if config else None, "overrides": list(set_)}
+    parameters = {"config_path": str(config) if config else None, "overrides": overrides}
     deployment_id = source.deploy(
         name=name, work_pool_name=pool, cron=cron, interval=interval, parameters=parameters, build=False, push=False,
         concurrency_limit=concurrency_limit, print_next_steps=False,
@@ -224,7 +248,7 @@ def serve(
     require_prefect_server()
     from flows.pipeline import pipeline
 
-    parameters = {"config_path": str(config) if config else None, "overrides": list(set_)}
+    parameters = {"config_path": str(config) if config else None, "overrides": flow_overrides(set_, here=True)}
     pipeline.serve(name=name, cron=cron, interval=interval, parameters=parameters)
 
 

@@ -27,7 +27,7 @@ from prefect.exceptions import ObjectNotFound
 from prefect.concurrency.sync import concurrency
 from prefect.runtime import flow_run, task_run
 
-from components import tracking
+from components import secrets, tracking
 from components.config import PROJECT_ROOT, ConfigError, RunConfig
 from components.data import DataVersion, PromptSet, check_data, load_prompts, split_prompts
 from components.evaluation import GateReport, PolicyEval, check_gates, compare, evaluate_policy
@@ -398,7 +398,9 @@ def start_other_machines(config: RunConfig, meet: launcher.Rendezvous, prompts: 
     from prefect.deployments import run_deployment
 
     pinned = _with_model_references(config, tracking.pin_model_reference)
-    parameters = {"run_config": pinned.to_yaml(), "prompts": list(prompts), "checkpoint": str(directory.resolve()),
+    # Flow-run parameters are stored and shown by the Prefect server: the configuration goes without its secrets
+    # (a node trains; each machine's worker has its own credentials).
+    parameters = {"run_config": secrets.redacted_yaml(pinned), "prompts": list(prompts), "checkpoint": str(directory.resolve()),
                   "checkpoint_iteration": checkpoint_iteration, "iterations": iterations,
                   "main_process_ip": meet.main_process_ip, "main_process_port": meet.main_process_port}
     nodes: list[NodeRun] = []
