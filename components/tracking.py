@@ -34,7 +34,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
-from components import secrets
+from components import access, secrets
 from components.config import PROJECT_ROOT, RunConfig, TrackingConfig
 
 STOP_REASON_TAG = "alignflow.stop_reason"
@@ -346,6 +346,7 @@ class Seq2SeqGenerator(mlflow.pyfunc.PythonModel):
         return self.tokenizer.batch_decode(out, skip_special_tokens=True)
 
 
+@access.explains_denial("move @{alias} of {name} to version {version}")
 def promote(
     name: str,
     version: str | int,
@@ -425,6 +426,7 @@ def promote_if_best(
     return True, f"version {version} is now {alias}"
 
 
+@access.explains_denial("move @{alias} of {name} back")
 def rollback(name: str, alias: str = "champion", *, user: str | None = None, reason: str | None = None) -> ModelVersion:
     """Move `alias` back to the version recorded in the current holder's `previous_<alias>` tag."""
     client = MlflowClient()
@@ -449,6 +451,8 @@ def get_champion(name: str, alias: str = "champion") -> ModelVersion | None:
         return MlflowClient().get_model_version_by_alias(name, alias)
     except MlflowException as exc:
         if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            return None
+        if access.model_is_missing(exc, name):  # basic auth answers 403, not 404, for an alias of no model
             return None
         raise
 

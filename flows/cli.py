@@ -266,7 +266,23 @@ def require_prefect_server() -> str:
     except httpx.HTTPError as exc:
         fail(f"the Prefect server at {url} is not reachable ({exc}). Start it with `prefect server start` "
              "or `infra/local-stack up`, or fix PREFECT_API_URL")
+    check_prefect_credentials(url)
     return url
+
+
+def check_prefect_credentials(url: str) -> None:
+    """A team's Prefect server answers only its API credential (server.api.auth_string): say so in one line."""
+    import base64
+
+    import httpx
+    from prefect.settings import PREFECT_API_AUTH_STRING
+
+    auth = PREFECT_API_AUTH_STRING.value()
+    headers = {"Authorization": "Basic " + base64.b64encode(auth.encode()).decode()} if auth else {}
+    if httpx.get(f"{url.rstrip('/')}/admin/version", headers=headers, timeout=10).status_code == 401:
+        fail(f"the Prefect server at {url} {'refused PREFECT_API_AUTH_STRING' if auth else 'requires credentials'}: "
+             "set PREFECT_API_AUTH_STRING to the team's Prefect API credential (infra/local-stack: source .stack/env; "
+             "docker compose: PREFECT_AUTH_STRING in infra/.env)")
 
 
 @app.command()
@@ -279,11 +295,27 @@ def runs(config: Optional[Path] = ConfigOption, set_: list[str] = SetOption, lim
     table = Table(title=f"Recent runs ({run_config.tracking.experiment})")
     for column in ("run id", "start", "status", "stop reason", "score gain", "KL", "gates", "version"):
         table.add_column(column)
-    for row in tracking.recent_runs(run_config.tracking.experiment, limit):
+    for row in refused_in_words(lambda: tracking.recent_runs(run_config.tracking.experiment, limit),
+                                f"read the runs of experiment {run_config.tracking.experiment}"):
         gates = {None: "-", True: "[green]passed", False: "[red]failed"}[row["gates_passed"]]
         table.add_row(row["run_id"][:12], row["start_time"].strftime("%Y-%m-%d %H:%M"), row["status"], row["stop_reason"] or "-",
                       _num(row["reward_gain"]), _num(row["kl"]), gates, row["model_version"] or "-")
     console.print(table)
+
+
+def refused_in_words(read, action: str):
+    """`read()`, with MLflow's 401/403 said in one line (who, and what to set) instead of a traceback."""
+    from mlflow.exceptions import MlflowException
+
+    from components.access import explain
+
+    try:
+        return read()
+    except MlflowException as exc:
+        message = explain(exc, action, "it", "READ", "an MLflow admin can give the reader role (README, 'Run it for a team')")
+        if message is None:
+            raise
+        fail(message)
 
 
 def _num(value) -> str:
@@ -301,7 +333,7 @@ def models(config: Optional[Path] = ConfigOption, set_: list[str] = SetOption) -
     table = Table(title=f"Registered model {name}")
     for column in ("version", "aliases", "gates", "failed gates", "eval score", "KL", "data md5", "promoted by"):
         table.add_column(column)
-    for version in tracking.list_versions(name):
+    for version in refused_in_words(lambda: tracking.list_versions(name), f"read the versions of {name}"):
         tags = version.tags
         gates = {"true": "[green]passed", "false": "[red]failed"}.get(tags.get("gates_passed", ""), "-")
         table.add_row(str(version.version), ", ".join(version.aliases) or "-", gates, tags.get("gates_failed") or "-",
@@ -328,6 +360,8 @@ def promote(
         promoted = tracking.promote(name, version, alias, force=force, reason=reason)
     except tracking.PromotionError as exc:
         fail(str(exc) + (" (use --force --reason \"...\")" if not force else ""))
+    except PermissionError as exc:  # components.access.RegistryPermissionError: MLflow's 403, in words
+        fail(str(exc))
     console.print(f"{name} version {promoted.version} is now @{alias}")
 
 
@@ -345,7 +379,7 @@ def rollback(
     name, alias = run_config.tracking.registered_model, run_config.tracking.champion_alias
     try:
         restored = tracking.rollback(name, alias, reason=reason)
-    except tracking.PromotionError as exc:
+    except (tracking.PromotionError, PermissionError) as exc:  # PermissionError: MLflow's 403, in words
         fail(str(exc))
     console.print(f"{name} @{alias} is back on version {restored.version}")
 

@@ -1,10 +1,10 @@
 """The team topology against real servers: infra/local-stack starts MLflow (PostgreSQL backend, basic
-auth) and Prefect (PostgreSQL) on loopback, and a worker on a process work pool."""
+auth) and Prefect (PostgreSQL) on loopback, and a worker on a process work pool (the `stack` and `as_client`
+fixtures of tests/infra/conftest.py)."""
 
 import contextvars
 import os
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -18,92 +18,10 @@ from mlflow import MlflowClient
 from components import tracking
 from components.config import PROJECT_ROOT, TrackingConfig
 from components.ppo import PPOTrainer
-from components.ppo.launcher import free_port
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
-STACK = PROJECT_ROOT / "infra" / "local-stack"
 MODEL = "alignflow-policy"
-
-
-def postgres_is_up() -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", 5432), timeout=2).close()
-        return True
-    except OSError:
-        return False
-
-
-class Stack:
-    def __init__(self, state: Path):
-        self.env = {
-            **os.environ,
-            "ALIGNFLOW_STACK_DIR": str(state),
-            "ALIGNFLOW_DB_PREFIX": f"aftest{os.getpid()}",
-            "ALIGNFLOW_MLFLOW_PORT": str(free_port()),
-            "ALIGNFLOW_PREFECT_PORT": str(free_port()),
-            "ALIGNFLOW_WORK_POOL": "alignflow-test-pool",
-            # Schedules and workers react in seconds, not minutes, so the test is short.
-            "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5",
-            "PREFECT_WORKER_QUERY_SECONDS": "3",
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            "MLFLOW_DISABLE_TELEMETRY": "true",
-            "DO_NOT_TRACK": "1",
-        }
-        self.state = state
-
-    def __call__(self, *args: str) -> str:
-        done = subprocess.run([str(STACK), *args], env=self.env, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, f"local-stack {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
-        return done.stdout
-
-    def exports(self) -> dict[str, str]:
-        values = {}
-        for line in (self.state / "env").read_text().splitlines():
-            key, value = line.removeprefix("export ").split("=", 1)
-            values[key] = value
-        return values
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    if not postgres_is_up():
-        pytest.fail("PostgreSQL is not answering on 127.0.0.1:5432; the team-stack tests need it")
-    stack = Stack(tmp_path_factory.mktemp("stack"))
-    try:
-        printed = stack("up")
-        assert "MLFLOW_TRACKING_URI" in printed and "PREFECT_API_URL" in printed
-        yield stack
-    finally:
-        subprocess.run([str(STACK), "down", "--drop"], env=stack.env, capture_output=True, timeout=120)
-
-
-@pytest.fixture
-def as_client(stack, monkeypatch):
-    """This process talks to the stack's servers, as a team member who sourced its env file."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    values = stack.exports()
-    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
-        monkeypatch.setenv(key, values[key])
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-    mlflow.set_tracking_uri(values["MLFLOW_TRACKING_URI"])
-    mlflow.set_registry_uri(values["MLFLOW_TRACKING_URI"])
-    with temporary_settings(updates={PREFECT_API_URL: values["PREFECT_API_URL"]}):
-        forget_prefect_clients()
-        yield values
-    forget_prefect_clients()
-    mlflow.set_tracking_uri(None)
-
-
-def forget_prefect_clients() -> None:
-    """Prefect acquires concurrency slots through a per-process service whose client keeps the API URL it was
-    first used with; in this session that is the flows tests' harness server. Drained, it reconnects to the
-    stack (a worker's flow-run process talks to one server and never needs this)."""
-    from prefect.concurrency.services import ConcurrencySlotAcquisitionWithLeaseService
-
-    ConcurrencySlotAcquisitionWithLeaseService.drain_all(timeout=30, at_exit=False)
 
 
 def small_overrides(demo_kit, tmp_path: Path, experiment: str) -> list[str]:
@@ -301,13 +219,16 @@ def test_compose_file_is_valid_and_demands_its_secrets():
     if compose is None:
         pytest.fail("docker-compose (Debian's package) is needed to validate infra/docker-compose.yml; `make test` installs it")
     file = str(PROJECT_ROOT / "infra" / "docker-compose.yml")
-    secrets = {"POSTGRES_PASSWORD": "x", "MLFLOW_ADMIN_USER": "a", "MLFLOW_ADMIN_PASSWORD": "b", "MLFLOW_FLASK_SERVER_SECRET_KEY": "c"}
+    secrets = {"POSTGRES_PASSWORD": "x", "MLFLOW_ADMIN_USER": "a", "MLFLOW_ADMIN_PASSWORD": "b", "MLFLOW_FLASK_SERVER_SECRET_KEY": "c",
+               "ALIGNFLOW_PIPELINE_PASSWORD": "d", "PREFECT_AUTH_STRING": "e:f"}
     env = {k: v for k, v in os.environ.items() if k not in secrets}
     valid = subprocess.run([compose, "-f", file, "config", "--services"], env={**env, **secrets}, capture_output=True, text=True)
     assert valid.returncode == 0, valid.stderr
-    assert set(valid.stdout.split()) == {"postgres", "mlflow", "prefect", "worker"}
-    missing = subprocess.run([compose, "-f", file, "config", "-q"], env=env, capture_output=True, text=True)
-    assert missing.returncode != 0 and "POSTGRES_PASSWORD" in missing.stderr
+    assert set(valid.stdout.split()) == {"postgres", "mlflow", "mlflow-roles", "prefect", "worker"}
+    for secret in secrets:  # each one is demanded, none has a default
+        missing = subprocess.run([compose, "-f", file, "config", "-q"], env={**env, **{k: v for k, v in secrets.items() if k != secret}},
+                                 capture_output=True, text=True)
+        assert missing.returncode != 0 and secret in missing.stderr, (secret, missing.stderr)
 
 
 def test_prefect_yaml_deploys_the_nightly_schedule(stack, as_client):
