@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from components import secrets
 from components.errors import UserError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -35,6 +36,18 @@ def parse_registry_uri(ref: str) -> tuple[str, str | None, str | None] | None:
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+def _refuse_remote_code(value: bool) -> bool:
+    if value:
+        raise ValueError("alignflow never runs code shipped with a model (transformers' trust_remote_code): use a model "
+                         "whose architecture transformers implements; remove this key")
+    return value
+
+
+_ALLOW_PICKLE = ("Load this model's weights from a pickle checkpoint (pytorch_model.bin, *.pt) when it has no "
+                 "safetensors file. Unpickling a file can run any code it holds: only for a model whose origin you trust.")
+_TRUST_REMOTE_CODE = "Never true: a model's own code (transformers' trust_remote_code) is not run; true is refused."
 
 
 def _check_model_ref(value: str) -> str:
@@ -110,11 +123,18 @@ class PolicyConfig(Section):
         "written as a Human:/Assistant: transcript ending with Assistant:.",
     )
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    allow_pickle: bool = Field(False, description=_ALLOW_PICKLE)
+    trust_remote_code: bool = Field(False, description=_TRUST_REMOTE_CODE)
 
     @field_validator("model")
     @classmethod
     def _check_model(cls, value: str) -> str:
         return _check_model_ref(value)
+
+    @field_validator("trust_remote_code")
+    @classmethod
+    def _no_remote_code(cls, value: bool) -> bool:
+        return _refuse_remote_code(value)
 
 
 class CriticConfig(Section):
@@ -130,6 +150,7 @@ class CriticConfig(Section):
         description="A separate critic's initial model. None: the reward model when it shares the policy's vocabulary "
         "(its scoring head starts the value head, as TRL and OpenRLHF do), else a copy of the policy's backbone.",
     )
+    allow_pickle: bool = Field(False, description=_ALLOW_PICKLE)
 
     @field_validator("model")
     @classmethod
@@ -162,11 +183,18 @@ class RewardConfig(Section):
     normalize: bool = Field(False, description="Normalise scores with a running mean/std.")
     clip: float | None = Field(None, gt=0, description="Clip scores to [-clip, clip].")
     missing_eos_penalty: float | None = Field(None, ge=0, description="Subtracted from the score of completions without EOS.")
+    allow_pickle: bool = Field(False, description=_ALLOW_PICKLE)
+    trust_remote_code: bool = Field(False, description=_TRUST_REMOTE_CODE)
 
     @field_validator("model")
     @classmethod
     def _check_model(cls, value: str) -> str:
         return _check_model_ref(value)
+
+    @field_validator("trust_remote_code")
+    @classmethod
+    def _no_remote_code(cls, value: bool) -> bool:
+        return _refuse_remote_code(value)
 
     @field_validator("label")
     @classmethod
@@ -537,7 +565,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    source = str(path) + (f" with --set {' '.join(overrides)}" if overrides else "")
+    source = secrets.redact_text(str(path) + (f" with --set {' '.join(overrides)}" if overrides else ""))
     retired = _retired(tree)
     if retired:
         raise ConfigError("\n".join([f"invalid configuration ({source}):", *retired]))
@@ -547,7 +575,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     retired = _retired(tree)
     if retired:
         raise ConfigError("\n".join([f"invalid configuration ({source}):", *retired]))
+    secrets.prepare_tree(tree, RunConfig)  # warns about plain-text secrets; fills secret keys from ALIGNFLOW_* variables
     try:
-        return RunConfig.model_validate(tree)
+        config = RunConfig.model_validate(tree)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, source)) from None
+        raise ConfigError(secrets.redact_text(_format_errors(exc, source))) from None
+    return secrets.externalize(config)  # tracking URI credentials to MLflow's variables; see components/secrets.py

@@ -4,7 +4,9 @@
 a local directory (relative paths are relative to the project root), a registry URI (`models:/NAME@ALIAS`, resolved
 to a local copy), or a hub id found in the local hub cache or answering on the hub. A model whose weights do not
 cover it (a head that `from_pretrained` would initialise at random, e.g. a causal LM given as a reward model) is
-refused by the loaders, naming the key and the missing weights.
+refused by the loaders, naming the key and the missing weights. Weights load from safetensors and no model's own
+code runs (components/model_safety.py): `allow_pickle` (`policy.allow_pickle`, `critic.allow_pickle`,
+`reward.allow_pickle`) admits a pickle-only checkpoint.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from transformers import (
 
 from components.config import PROJECT_ROOT
 from components.errors import UserError
+from components.model_safety import check_model_files, loading
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
 
@@ -123,7 +126,7 @@ def load_tokenizer(
 ) -> PreTrainedTokenizerBase:
     """A tokenizer with a pad token (falls back to EOS) and the given padding side (left for causal LMs)."""
     _check_local_ref(name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), revision=revision)
+    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), revision=revision, trust_remote_code=False)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ValueError(f"tokenizer of {name_or_path} has neither a pad nor an eos token")
@@ -132,20 +135,22 @@ def load_tokenizer(
     return tokenizer
 
 
-def load_causal_lm(name_or_path: str, revision: str | None = None, key: str = "policy.model") -> PreTrainedModel:
+def load_causal_lm(name_or_path: str, revision: str | None = None, key: str = "policy.model", *,
+                   allow_pickle: bool = False) -> PreTrainedModel:
     """A causal LM in float32 and eval mode (dropout off: rollout and update log-probs must agree)."""
     _check_local_ref(name_or_path)
-    model, info = AutoModelForCausalLM.from_pretrained(str(name_or_path), revision=revision, dtype=torch.float32,
-                                                       output_loading_info=True)
+    model, info = loading(name_or_path, key, allow_pickle, lambda **safe: AutoModelForCausalLM.from_pretrained(
+        str(name_or_path), revision=revision, dtype=torch.float32, output_loading_info=True, **safe))
     _refuse_missing_weights(key, name_or_path, info, "a complete causal language model")
     return model.eval()
 
 
-def load_seq2seq_lm(name_or_path: str, revision: str | None = None, key: str = "policy.model") -> PreTrainedModel:
+def load_seq2seq_lm(name_or_path: str, revision: str | None = None, key: str = "policy.model", *,
+                    allow_pickle: bool = False) -> PreTrainedModel:
     """An encoder-decoder LM (T5, FLAN-T5, BART...) in float32 and eval mode."""
     _check_local_ref(name_or_path)
-    model, info = AutoModelForSeq2SeqLM.from_pretrained(str(name_or_path), revision=revision, dtype=torch.float32,
-                                                        output_loading_info=True)
+    model, info = loading(name_or_path, key, allow_pickle, lambda **safe: AutoModelForSeq2SeqLM.from_pretrained(
+        str(name_or_path), revision=revision, dtype=torch.float32, output_loading_info=True, **safe))
     _refuse_missing_weights(key, name_or_path, info, "a complete encoder-decoder language model")
     return model.eval()
 
@@ -158,7 +163,8 @@ def adapter_base(path: str | Path) -> str | None:
     return None
 
 
-def load_policy(name_or_path: str, revision: str | None = None, key: str = "policy.model") -> PreTrainedModel:
+def load_policy(name_or_path: str, revision: str | None = None, key: str = "policy.model", *,
+                allow_pickle: bool = False) -> PreTrainedModel:
     """The policy LM: an encoder-decoder when its config says so (`is_encoder_decoder`), else a causal LM.
     A saved LoRA adapter (`lora.save_mode: adapter`) is loaded onto its base model and merged into it."""
     _check_local_ref(name_or_path)
@@ -166,20 +172,24 @@ def load_policy(name_or_path: str, revision: str | None = None, key: str = "poli
     if base is not None:
         from peft import PeftModel
 
-        return PeftModel.from_pretrained(load_policy(base, key=key), str(name_or_path)).merge_and_unload().eval()
-    config = AutoConfig.from_pretrained(str(name_or_path), revision=revision)
+        base_model = load_policy(base, key=key, allow_pickle=allow_pickle)
+        return loading(name_or_path, key, allow_pickle, lambda **safe: PeftModel.from_pretrained(
+            base_model, str(name_or_path))).merge_and_unload().eval()
+    check_model_files(name_or_path, key, allow_pickle)  # before the config is read: no remote code, no pickle-only weights
+    config = AutoConfig.from_pretrained(str(name_or_path), revision=revision, trust_remote_code=False)
     if getattr(config, "is_encoder_decoder", False):
-        return load_seq2seq_lm(name_or_path, revision, key)
-    return load_causal_lm(name_or_path, revision, key)
+        return load_seq2seq_lm(name_or_path, revision, key, allow_pickle=allow_pickle)
+    return load_causal_lm(name_or_path, revision, key, allow_pickle=allow_pickle)
 
 
-def load_reward_model(name_or_path: str, revision: str | None = None, key: str = "reward.model") -> PreTrainedModel:
+def load_reward_model(name_or_path: str, revision: str | None = None, key: str = "reward.model", *,
+                      allow_pickle: bool = False) -> PreTrainedModel:
     """A sequence classifier in float32, eval mode, frozen. Its pad_token_id is set (from EOS if needed)
     so decoder reward models can find each row's last real token. A model without a trained scoring head (a causal
     LM or a base model, whose head would be initialised at random) is refused, naming `key`."""
     _check_local_ref(name_or_path)
-    model, info = AutoModelForSequenceClassification.from_pretrained(
-        str(name_or_path), revision=revision, dtype=torch.float32, output_loading_info=True)
+    model, info = loading(name_or_path, key, allow_pickle, lambda **safe: AutoModelForSequenceClassification.from_pretrained(
+        str(name_or_path), revision=revision, dtype=torch.float32, output_loading_info=True, **safe))
     _refuse_missing_weights(key, name_or_path, info, "a reward model (a sequence classifier with a trained head)")
     if getattr(model.config, "pad_token_id", None) is None and getattr(model.config, "eos_token_id", None) is not None:
         eos = model.config.eos_token_id
@@ -243,21 +253,23 @@ def load_critic(critic, reward, tokenizer: PreTrainedTokenizerBase) -> torch.nn.
     head."""
     from components.config import ConfigError
 
-    source, revision, key = critic.model, None, "critic.model"
+    source, revision, key, allow_pickle = critic.model, None, "critic.model", critic.allow_pickle
     if source is None and not reward.model.startswith("models:"):
         try:
-            reward_tokenizer = AutoTokenizer.from_pretrained(reward.model, revision=reward.revision)
+            reward_tokenizer = AutoTokenizer.from_pretrained(reward.model, revision=reward.revision, trust_remote_code=False)
             if reward_tokenizer.get_vocab() == tokenizer.get_vocab():
-                source, revision, key = reward.model, reward.revision, "reward.model"
+                source, revision, key, allow_pickle = reward.model, reward.revision, "reward.model", reward.allow_pickle
         except OSError:
             pass
     if source is None:
         return None
     if source.startswith("models:"):
         raise ConfigError(f"critic.model={source!r}: resolve registry URIs to a local path first")
-    config = AutoConfig.from_pretrained(source, revision=revision)
+    config = loading(source, key, allow_pickle, lambda **safe: AutoConfig.from_pretrained(
+        source, revision=revision, trust_remote_code=False))
     if any(a.endswith("ForSequenceClassification") for a in config.architectures or []) and config.num_labels == 1:
-        return load_reward_model(source, revision, key=key).requires_grad_(True)
+        return load_reward_model(source, revision, key=key, allow_pickle=allow_pickle).requires_grad_(True)
     from transformers import AutoModel
 
-    return AutoModel.from_pretrained(source, revision=revision, dtype=torch.float32)
+    return loading(source, key, allow_pickle, lambda **safe: AutoModel.from_pretrained(
+        source, revision=revision, dtype=torch.float32, **safe))

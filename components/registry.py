@@ -31,6 +31,7 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
+from components import access
 from components.config import PROJECT_ROOT, parse_registry_uri
 from components.errors import UserError
 from components.faults import crash_point
@@ -192,7 +193,7 @@ def get_champion(name: str, alias: str = "champion") -> ModelVersion | None:
     try:
         return MlflowClient().get_model_version_by_alias(name, alias)
     except MlflowException as exc:
-        if exc.error_code in _MISSING:
+        if exc.error_code in _MISSING or access.model_is_missing(exc, name):  # basic auth: 403 for no such model
             return None
         raise
 
@@ -209,6 +210,7 @@ def get_version(name: str, version: str | int) -> ModelVersion:
     raise PromotionError(f"{name} has no version {version}: {listing} (see `alignflow models`)") from None
 
 
+@access.explains_denial("move @{alias} of {name} to version {version}")
 def promote(
     name: str,
     version: str | int,
@@ -263,6 +265,7 @@ def promote(
     return True, f"version {version} is now {alias}"
 
 
+@access.explains_denial("move @{alias} of {name} back")
 def rollback(name: str, alias: str = "champion", *, user: str | None = None, reason: str | None = None) -> ModelVersion:
     """Move `alias` back to the version recorded in the current holder's `previous_<alias>` tag. Call under the
     promotion lock. The previous version keeps its own `previous_<alias>`, so rolling back again goes one further."""

@@ -135,7 +135,7 @@ class RewardScorer:
         """Load `reward.model` (a local path or hub id) unless the model/tokenizer are given."""
         from components.models import load_reward_model, load_tokenizer
 
-        model = model if model is not None else load_reward_model(reward.model, reward.revision)
+        model = model if model is not None else load_reward_model(reward.model, reward.revision, allow_pickle=reward.allow_pickle)
         if tokenizer is None:
             tokenizer = load_tokenizer(reward.model, reward.revision, padding_side="right")
         return cls(model, tokenizer, reward.label, reward.score, reward.max_length, reward.batch_size, reward.text,

@@ -30,6 +30,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
+from components import secrets
 from components.config import PROJECT_ROOT, RunConfig, TrackingConfig
 from components.errors import UserError
 
@@ -166,9 +167,10 @@ def end_run(run_id: str, failed: bool = False) -> None:
 
 
 def log_config(config: RunConfig) -> None:
-    """Every `section.key` as a param (YAML-style values) and the resolved config as `config.yaml`."""
-    mlflow.log_params({key: _param_value(value) for key, value in config.flat().items()})
-    mlflow.log_text(config.to_yaml(), "config.yaml")
+    """Every `section.key` as a param (YAML-style values) and the resolved config as `config.yaml`, both without
+    secrets (components/secrets.py)."""
+    mlflow.log_params({key: _param_value(value) for key, value in secrets.redacted_params(config.flat()).items()})
+    mlflow.log_text(secrets.redacted_yaml(config), "config.yaml")
 
 
 def _param_value(value: Any) -> str:

@@ -32,6 +32,7 @@ from components.dialogue import render_transcript
 from components.errors import AlignflowError, retryable
 from components.evaluation import PolicyEval, compare, comparison_table, evaluate_policy
 from components.faults import crash_point
+from components.model_safety import check_run_models
 from components.gates import GateReport, check_gates
 from components.models import load_policy as load_policy_model, load_tokenizer, tokenizer_fingerprint
 from components.reward import RewardScorer
@@ -156,11 +157,12 @@ def run_directory(config: RunConfig, run_id: str) -> Path:
 @task(cache_policy=NONE)
 def check_inputs(config: RunConfig, resume_run_id: str | None) -> RunConfig:
     """Before anything heavy or recorded: the run to resume exists, every model reference is found (local, registry
-    or hub; registry URIs downloaded) and the checkpoint directory is writable. Returns the configuration with the
+    or hub; registry URIs downloaded) and safe to load, and the checkpoint directory is writable. Returns the configuration with the
     references as this machine loads them. A fault is named by its key."""
     if resume_run_id is not None:
         tracking.find_run(config.tracking, resume_run_id)
     resolved = multinode.resolved_models(config)
+    check_run_models(resolved, PROJECT_ROOT)  # no pickle-only checkpoint, no model's own code (model_safety.py)
     check_writable(checkpoint_root(config), "checkpoint.dir")
     return resolved
 
@@ -225,7 +227,8 @@ def load_reward_model(config: RunConfig) -> RewardScorer:
 @task(retries=2, retry_delay_seconds=5, cache_policy=NONE, retry_condition_fn=retryable)
 def load_policy(config: RunConfig):
     """The starting policy (causal LM or encoder-decoder, from its config) and its tokenizer."""
-    return load_policy_model(config.policy.model, config.policy.revision), load_tokenizer(config.policy.model, config.policy.revision)
+    return (load_policy_model(config.policy.model, config.policy.revision, allow_pickle=config.policy.allow_pickle),
+            load_tokenizer(config.policy.model, config.policy.revision))
 
 
 @task(cache_policy=NONE)

@@ -13,6 +13,7 @@ import os
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -20,6 +21,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from components import secrets
 from components.config import PROJECT_ROOT, ConfigError, load_config
 from components.errors import explained
 
@@ -80,10 +82,34 @@ def fail(message: str, code: int = 2) -> None:
 
 
 def resolved(config: Optional[Path], overrides: list[str]):
+    """The run configuration; a renamed key or a secret in plain text gets one warning line each, before any error."""
+    from components.config import ConfigDeprecation
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", secrets.PlaintextSecretWarning)
+        warnings.simplefilter("always", ConfigDeprecation)
+        try:
+            run, problem = load_config(config, overrides), None
+        except ConfigError as exc:
+            run, problem = None, str(exc)
+    for warning in caught:
+        if issubclass(warning.category, (secrets.PlaintextSecretWarning, ConfigDeprecation)):
+            errors.print(f"[yellow]warning:[/] {escape(str(warning.message))}", highlight=False, soft_wrap=True)
+    if problem is not None:
+        fail(problem)
+    return run
+
+
+def flow_overrides(overrides: list[str], *, here: bool) -> list[str]:
+    """`--set` overrides as Prefect flow-run parameters, which the Prefect server stores and shows: without secrets
+    (components/secrets.py). A flow that runs in this process gets them through this process's environment
+    (`MLFLOW_TRACKING_USERNAME`/`PASSWORD`, `ALIGNFLOW_<KEY>`); for one that runs on a worker they are refused."""
     try:
-        return load_config(config, overrides)
-    except ConfigError as exc:
+        clean, moved = secrets.scrub_overrides(overrides, refuse=not here)
+    except secrets.SecretInParameters as exc:
         fail(str(exc))
+    os.environ.update(moved)
+    return clean
 
 
 class _WithoutExplainedTracebacks(logging.Formatter):

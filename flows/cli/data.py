@@ -16,7 +16,9 @@ from flows.cli import ConfigOption, SetOption, config_app, console, data_app, de
 @explain_errors
 def config_show(config: Optional[Path] = ConfigOption, set_: list[str] = SetOption) -> None:
     """Print the resolved configuration (YAML), after overrides and defaults."""
-    console.print(resolved(config, set_).to_yaml(), highlight=False, soft_wrap=True)
+    from components import secrets
+
+    console.print(secrets.redacted_yaml(resolved(config, set_)), highlight=False, soft_wrap=True)
 
 
 @data_app.command("check")

@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from flows.cli import ConfigOption, SetOption, app, console, explain_errors, resolved
+from flows.cli import ConfigOption, SetOption, app, console, explain_errors, fail, resolved
 from flows.cli.run import prefect_api
 
 
@@ -30,12 +30,28 @@ def runs(config: Optional[Path] = ConfigOption, set_: list[str] = SetOption, lim
     columns = ("run id", "start", "status", "stop reason", "score gain", "KL", "gates", "version")
     for column in (() if experiment else ("experiment",)) + columns:
         table.add_column(column)
-    for row in tracking.recent_runs(experiment, limit):
+    for row in refused_in_words(lambda: tracking.recent_runs(experiment, limit),
+                                f"read the runs of {'experiment ' + experiment if experiment else 'the experiments'}"):
         gates = {None: "-", True: "[green]passed", False: "[red]failed"}[row["gates_passed"]]
         cells = (row["run_id"][:12], row["start_time"].strftime("%Y-%m-%d %H:%M"), row["status"], row["stop_reason"] or "-",
                  _num(row["reward_gain"]), _num(row["kl"]), gates, row["model_version"] or "-")
         table.add_row(*((() if experiment else (escape(row["experiment"]),)) + cells))
     console.print(table)
+
+
+def refused_in_words(read, action: str):
+    """`read()`, with MLflow's 401/403 said in one line (who, and what to set) instead of a traceback."""
+    from mlflow.exceptions import MlflowException
+
+    from components.access import explain
+
+    try:
+        return read()
+    except MlflowException as exc:
+        message = explain(exc, action, "it", "READ", "an MLflow admin can give the reader role (README, 'Run it for a team')")
+        if message is None:
+            raise
+        fail(message)
 
 
 def _num(value) -> str:
@@ -53,9 +69,10 @@ def models(config: Optional[Path] = ConfigOption, set_: list[str] = SetOption) -
 
     run_config = resolved(config, set_)
     uri = tracking.use_tracking(run_config.tracking)
-    names = [run_config.tracking.registered_model] if (config or set_) else registry.registered_models()
+    names = [run_config.tracking.registered_model] if (config or set_) else refused_in_words(
+        registry.registered_models, "list the registered models")
     for name in names:
-        versions = registry.list_versions(name)
+        versions = refused_in_words(lambda: registry.list_versions(name), f"read the versions of {name}")
         reference = next((v for v in versions if run_config.tracking.champion_alias in v.aliases), versions[0] if versions else None)
         scorer = reference.tags.get("reward_model") if reference else None
         table = Table(title=f"Registered model {name}, {uri}" + ("" if (config or set_) else " (--config F shows F's model)"))

@@ -13,7 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from components.config import PROJECT_ROOT
-from flows.cli import ConfigOption, SetOption, app, console, explain_errors, fail, resolved
+from flows.cli import ConfigOption, SetOption, app, console, explain_errors, fail, flow_overrides, resolved
 from flows.cli.data import prepare_demo_if_needed
 
 
@@ -30,10 +30,14 @@ def run(
 ) -> None:
     """Run the whole pipeline: data, reward model, reference evaluation, RL, candidate evaluation, gates, registry."""
     run_config = resolved(config, set_)
-    parameters = {"config_path": str(config) if config else None, "overrides": list(set_), "resume_run_id": resume}
+    parameters = {"config_path": str(config) if config else None, "overrides": flow_overrides(set_, here=not remote),
+                  "resume_run_id": resume}
     if remote:
         trigger_remote(remote, parameters, wait)
         return
+    from components.model_safety import check_run_models
+
+    check_run_models(run_config, PROJECT_ROOT)  # no pickle-only checkpoint, no remote code: one line, before any work
     if resume:
         from components.tracking import find_run
 
@@ -113,11 +117,12 @@ def deploy(
 ) -> None:
     """Create (or update) the pipeline's deployment on the Prefect server, with its schedule and work pool."""
     resolved(config, set_)
+    overrides = flow_overrides(set_, here=False)  # refused before anything reaches the server
     require_prefect_server()
     from prefect import flow as prefect_flow
 
     source = prefect_flow.from_source(source=str(PROJECT_ROOT), entrypoint="flows/pipeline.py:pipeline")
-    parameters = {"config_path": str(config) if config else None, "overrides": list(set_)}
+    parameters = {"config_path": str(config) if config else None, "overrides": overrides}
     deployment_id = source.deploy(
         name=name, work_pool_name=pool, cron=cron, interval=interval, parameters=parameters, build=False, push=False,
         concurrency_limit=concurrency_limit, print_next_steps=False,
@@ -165,7 +170,7 @@ def serve(
     require_prefect_server()
     from flows.pipeline import pipeline
 
-    parameters = {"config_path": str(config) if config else None, "overrides": list(set_)}
+    parameters = {"config_path": str(config) if config else None, "overrides": flow_overrides(set_, here=True)}
     pipeline.serve(name=name, cron=cron, interval=interval, parameters=parameters)
 
 
@@ -183,4 +188,20 @@ def require_prefect_server() -> str:
     except httpx.HTTPError as exc:
         fail(f"the Prefect server at {url} is not reachable ({exc}). Start it with `prefect server start` "
              "or `infra/local-stack up`, or fix PREFECT_API_URL")
+    check_prefect_credentials(url)
     return url
+
+
+def check_prefect_credentials(url: str) -> None:
+    """A team's Prefect server answers only its API credential (server.api.auth_string): say so in one line."""
+    import base64
+
+    import httpx
+    from prefect.settings import PREFECT_API_AUTH_STRING
+
+    auth = PREFECT_API_AUTH_STRING.value()
+    headers = {"Authorization": "Basic " + base64.b64encode(auth.encode()).decode()} if auth else {}
+    if httpx.get(f"{url.rstrip('/')}/admin/version", headers=headers, timeout=10).status_code == 401:
+        fail(f"the Prefect server at {url} {'refused PREFECT_API_AUTH_STRING' if auth else 'requires credentials'}: "
+             "set PREFECT_API_AUTH_STRING to the team's Prefect API credential (infra/local-stack: source .stack/env; "
+             "docker compose: PREFECT_AUTH_STRING in infra/.env)")

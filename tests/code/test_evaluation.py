@@ -273,3 +273,12 @@ def test_the_reward_model_hears_which_evaluation_completions_ended_with_eos_as_i
     )
     assert seen["ended"] == samples.ended_with_eos and 0 < sum(seen["ended"]) < len(prompts)
     assert scores == [2.0 if ended else 0.0 for ended in samples.ended_with_eos]
+
+
+def test_the_comparison_table_has_a_row_per_measure_the_candidate_has():
+    reference = summarize([0.0, 1.0], [4.0, 6.0], ["a b", "c d"], gold=[0, 1], n_resamples=10)
+    candidate = summarize([1.0, 2.0], [5.0, 5.0], ["e f", "g h"], gold=[1, 1], kl=0.75, n_resamples=10)
+    rows = comparison_table(reference, candidate)
+    assert [row["metric"] for row in rows] == ["mean_score", "mean_length", "distinct2", "gold_positive_share", "kl"]
+    assert rows[0] == {"metric": "mean_score", "reference": 0.5, "candidate": 1.5}
+    assert rows[-1] == {"metric": "kl", "reference": 0.0, "candidate": 0.75}  # the reference is 0 nats from itself

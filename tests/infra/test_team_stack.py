@@ -1,10 +1,10 @@
 """The team topology against real servers: infra/local-stack starts MLflow (PostgreSQL backend, basic
-auth) and Prefect (PostgreSQL) on loopback, and a worker on a process work pool."""
+auth) and Prefect (PostgreSQL) on loopback, and a worker on a process work pool (the `stack` and `as_client`
+fixtures of tests/infra/conftest.py)."""
 
 import contextvars
 import os
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -19,92 +19,10 @@ from support import build_trainer_with
 from components import tracking
 from components.config import PROJECT_ROOT, TrackingConfig
 from components.rl import Trainer
-from components.rl.launcher import free_port
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
-STACK = PROJECT_ROOT / "infra" / "local-stack"
 MODEL = "alignflow-policy"
-
-
-def postgres_is_up() -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", 5432), timeout=2).close()
-        return True
-    except OSError:
-        return False
-
-
-class Stack:
-    def __init__(self, state: Path):
-        self.env = {
-            **os.environ,
-            "ALIGNFLOW_STACK_DIR": str(state),
-            "ALIGNFLOW_DB_PREFIX": f"aftest{os.getpid()}",
-            "ALIGNFLOW_MLFLOW_PORT": str(free_port()),
-            "ALIGNFLOW_PREFECT_PORT": str(free_port()),
-            "ALIGNFLOW_WORK_POOL": "alignflow-test-pool",
-            # Schedules and workers react in seconds, not minutes, so the test is short.
-            "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5",
-            "PREFECT_WORKER_QUERY_SECONDS": "3",
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            "MLFLOW_DISABLE_TELEMETRY": "true",
-            "DO_NOT_TRACK": "1",
-        }
-        self.state = state
-
-    def __call__(self, *args: str) -> str:
-        done = subprocess.run([str(STACK), *args], env=self.env, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, f"local-stack {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
-        return done.stdout
-
-    def exports(self) -> dict[str, str]:
-        values = {}
-        for line in (self.state / "env").read_text().splitlines():
-            key, value = line.removeprefix("export ").split("=", 1)
-            values[key] = value
-        return values
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    if not postgres_is_up():
-        pytest.fail("PostgreSQL is not answering on 127.0.0.1:5432; the team-stack tests need it")
-    stack = Stack(tmp_path_factory.mktemp("stack"))
-    try:
-        printed = stack("up")
-        assert "MLFLOW_TRACKING_URI" in printed and "PREFECT_API_URL" in printed
-        yield stack
-    finally:
-        subprocess.run([str(STACK), "down", "--drop"], env=stack.env, capture_output=True, timeout=120)
-
-
-@pytest.fixture
-def as_client(stack, monkeypatch):
-    """This process talks to the stack's servers, as a team member who sourced its env file."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    values = stack.exports()
-    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
-        monkeypatch.setenv(key, values[key])
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-    mlflow.set_tracking_uri(values["MLFLOW_TRACKING_URI"])
-    mlflow.set_registry_uri(values["MLFLOW_TRACKING_URI"])
-    with temporary_settings(updates={PREFECT_API_URL: values["PREFECT_API_URL"]}):
-        forget_prefect_clients()
-        yield values
-    forget_prefect_clients()
-    mlflow.set_tracking_uri(None)
-
-
-def forget_prefect_clients() -> None:
-    """Prefect acquires concurrency slots through a per-process service whose client keeps the API URL it was
-    first used with; in this session that is the flows tests' harness server. Drained, it reconnects to the
-    stack (a worker's flow-run process talks to one server and never needs this)."""
-    from prefect.concurrency.services import ConcurrencySlotAcquisitionWithLeaseService
-
-    ConcurrencySlotAcquisitionWithLeaseService.drain_all(timeout=30, at_exit=False)
 
 
 def small_overrides(demo_kit, tmp_path: Path, experiment: str) -> list[str]:
@@ -219,34 +137,38 @@ def test_a_manual_remote_run_is_executed_by_the_worker_and_waited_for(stack, as_
 
 
 def test_concurrent_promotions_leave_exactly_one_champion_the_better_one(stack, as_client, tiny_lm_dir):
-    from flows.tasks import PROMOTION_LOCK, promotion_lock
     from prefect.client.orchestration import get_client
 
+    from components import registry
+    from components.config import RunConfig
+    from flows import promotion
+
     name = "race-policy"
-    tracking.use_tracking(TrackingConfig(tracking_uri=as_client["MLFLOW_TRACKING_URI"]))
-    mlflow.set_experiment("race")
-    with mlflow.start_run():  # two candidates of one logged model: the registry calls are what races
-        first = tracking.log_policy_model(tiny_lm_dir, name, {"gates_passed": True, "eval_mean_score": 1.0})
-    second = mlflow.register_model(first.source, name, tags={"gates_passed": "true", "eval_mean_score": "2.0"})
+    store = TrackingConfig(tracking_uri=as_client["MLFLOW_TRACKING_URI"], experiment="race", registered_model=name)
+    tracking.use_tracking(store)
+    with mlflow.start_run(experiment_id=tracking.ensure_experiment(store)) as run:  # two candidates of one logged model
+        uri = registry.log_policy(tiny_lm_dir)
+        first = registry.register(name, run.info.run_id, uri, {"gates_passed": True, registry.SCORE_TAG: 1.0})
+    second = mlflow.register_model(uri, name, tags={"gates_passed": "true", registry.SCORE_TAG: "2.0"})
     versions = {1.0: str(first.version), 2.0: str(second.version)}
     with get_client(sync_client=True) as client:
         # A fresh limit: a run cancelled earlier in this module may still hold a slot until its lease expires.
         try:
-            client.delete_global_concurrency_limit_by_name(PROMOTION_LOCK)
+            client.delete_global_concurrency_limit_by_name(promotion.PROMOTION_LOCK)
         except Exception:
             pass
-        client.upsert_global_concurrency_limit_by_name(PROMOTION_LOCK, 1)
+        client.upsert_global_concurrency_limit_by_name(promotion.PROMOTION_LOCK, 1)
 
+    config = RunConfig(tracking=store)
     for order in ((1.0, 2.0), (2.0, 1.0)):
-        MlflowClient().delete_registered_model_alias(name, "champion") if tracking.get_champion(name) else None
+        MlflowClient().delete_registered_model_alias(name, "champion") if registry.get_champion(name) else None
         barrier = threading.Barrier(2)
         outcomes, errors = {}, {}
 
         def promote(score):
             barrier.wait()  # both saw no champion when their gates ran; they finish together
-            try:
-                with promotion_lock(timeout_seconds=60):  # the lock the pipeline's promote task takes
-                    outcomes[score] = tracking.promote_if_best(name, versions[score], score, evaluated_against=None)
+            try:  # the pipeline's promotion: the Prefect lock (a tracking server), compare-and-set, the tags
+                outcomes[score] = promotion.promote(config, versions[score], evaluated_against=None, score=score)
             except BaseException as error:  # noqa: BLE001 - reported by the assertion below
                 errors[score] = repr(error)
 
@@ -255,7 +177,7 @@ def test_concurrent_promotions_leave_exactly_one_champion_the_better_one(stack, 
         [t.start() for t in threads]
         [t.join(120) for t in threads]
         assert set(outcomes) == {1.0, 2.0}, errors
-        champion = tracking.get_champion(name)
+        champion = registry.get_champion(name)
         assert str(champion.version) == versions[2.0], (order, outcomes)
         aliases = MlflowClient().get_registered_model(name).aliases
         assert list(aliases) == ["champion"]
@@ -302,13 +224,16 @@ def test_compose_file_is_valid_and_demands_its_secrets():
     if compose is None:
         pytest.fail("docker-compose (Debian's package) is needed to validate infra/docker-compose.yml; `make test` installs it")
     file = str(PROJECT_ROOT / "infra" / "docker-compose.yml")
-    secrets = {"POSTGRES_PASSWORD": "x", "MLFLOW_ADMIN_USER": "a", "MLFLOW_ADMIN_PASSWORD": "b", "MLFLOW_FLASK_SERVER_SECRET_KEY": "c"}
+    secrets = {"POSTGRES_PASSWORD": "x", "MLFLOW_ADMIN_USER": "a", "MLFLOW_ADMIN_PASSWORD": "b", "MLFLOW_FLASK_SERVER_SECRET_KEY": "c",
+               "ALIGNFLOW_PIPELINE_PASSWORD": "d", "PREFECT_AUTH_STRING": "e:f"}
     env = {k: v for k, v in os.environ.items() if k not in secrets}
     valid = subprocess.run([compose, "-f", file, "config", "--services"], env={**env, **secrets}, capture_output=True, text=True)
     assert valid.returncode == 0, valid.stderr
-    assert set(valid.stdout.split()) == {"postgres", "mlflow", "prefect", "worker"}
-    missing = subprocess.run([compose, "-f", file, "config", "-q"], env=env, capture_output=True, text=True)
-    assert missing.returncode != 0 and "POSTGRES_PASSWORD" in missing.stderr
+    assert set(valid.stdout.split()) == {"postgres", "mlflow", "mlflow-roles", "prefect", "worker"}
+    for secret in secrets:  # each one is demanded, none has a default
+        missing = subprocess.run([compose, "-f", file, "config", "-q"], env={**env, **{k: v for k, v in secrets.items() if k != secret}},
+                                 capture_output=True, text=True)
+        assert missing.returncode != 0 and secret in missing.stderr, (secret, missing.stderr)
 
 
 def test_prefect_yaml_deploys_the_nightly_schedule(stack, as_client):
