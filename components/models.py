@@ -42,7 +42,7 @@ class ModelLoadError(UserError):
 def locate(key: str, ref: str, revision: str | None = None, root: Path = PROJECT_ROOT) -> str:
     """The reference `key` holds, as `from_pretrained` takes it, checked before anything is loaded."""
     if ref.startswith("models:"):
-        from components.registry import ModelReferenceError, resolve_model_reference
+        from components.references import ModelReferenceError, resolve_model_reference
 
         try:
             return resolve_model_reference(ref)

@@ -16,10 +16,7 @@ Version tags written here: the caller's (gates, data, lineage, `eval_mean_score`
 from __future__ import annotations
 
 import getpass
-import hashlib
 import json
-import shutil
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
@@ -32,7 +29,6 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from components import access
-from components.config import PROJECT_ROOT, parse_registry_uri
 from components.errors import UserError
 from components.faults import crash_point
 
@@ -40,16 +36,11 @@ GATES_TAG = "gates_passed"
 SCORE_TAG = "eval/candidate/mean_score"  # the version's evaluation, under the metric's own name
 KL_TAG = "eval/candidate/kl"
 INTENT_TAG = "alignflow.alias_move"  # write-ahead record of an alias move in progress
-DEFAULT_CACHE = PROJECT_ROOT / "artifacts" / "registry"
 _MISSING = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")
 
 
 class PromotionError(UserError):
     """A promotion or rollback that must not happen; the message says why and what to do."""
-
-
-class ModelReferenceError(UserError):
-    """A `models:/...` reference that cannot be turned into a loadable directory."""
 
 
 # --- logging and registering a policy ---------------------------------------------------------
@@ -329,89 +320,6 @@ def list_versions(name: str) -> list[VersionSummary]:
         key=lambda summary: summary.version,
         reverse=True,
     )
-
-
-# --- models:/ references ----------------------------------------------------------------------
-
-
-def _find(ref: str) -> ModelVersion:
-    parsed = parse_registry_uri(ref)
-    if parsed is None:
-        raise ModelReferenceError(f"{ref!r} is not a registry URI; use models:/NAME@ALIAS or models:/NAME/VERSION")
-    name, alias, version = parsed
-    client = MlflowClient()
-    try:
-        return client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
-    except MlflowException as exc:
-        raise ModelReferenceError(f"cannot resolve {ref} in the registry at {mlflow.get_registry_uri()}: {exc.message}") from None
-
-
-def pin_model_reference(ref: str) -> str:
-    """`models:/NAME@ALIAS` as `models:/NAME/VERSION`, the version the alias points at now; any other reference
-    unchanged. What resolves a reference later (the other machines of a multi-machine launch) then loads the same
-    weights as this process even if the alias moves in between."""
-    parsed = parse_registry_uri(ref) if ref.startswith("models:") else None
-    if parsed is None or parsed[1] is None:
-        return ref
-    return f"models:/{parsed[0]}/{_find(ref).version}"
-
-
-def resolve_model_reference(ref: str, cache_dir: Path | None = None) -> str:
-    """A directory `from_pretrained` loads (model and tokenizer) for `models:/NAME@ALIAS` or `models:/NAME/VERSION`;
-    any other reference (hub id, local path) is returned unchanged.
-
-    The transformers flavour stores weights in `model/` and the tokenizer in `components/tokenizer/`; the download
-    is assembled into one folder, cached per registry and version under `cache_dir` (default `artifacts/registry/`)."""
-    if not ref.startswith("models:"):
-        return ref
-    found = _find(ref)
-    name, version = found.name, str(found.version)
-    # Version numbers repeat across registries: the cache key also names the store and the logged model.
-    origin = hashlib.sha256(f"{mlflow.get_registry_uri()}|{found.source}|{found.run_id}".encode()).hexdigest()[:12]
-    target = Path(cache_dir or DEFAULT_CACHE) / f"{name}-v{version}-{origin}"
-    if (target / "config.json").is_file() or (target / "adapter_config.json").is_file():
-        return str(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as scratch:
-        downloaded = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=scratch))
-        assembled = _assemble_policy_dir(downloaded, ref)
-        if target.exists():  # a half-written folder from an interrupted download
-            shutil.rmtree(target)
-        assembled.rename(target)
-    return str(target)
-
-
-def _assemble_policy_dir(downloaded: Path, ref: str) -> Path:
-    """The folder `load_policy` reads: a saved model, or a LoRA adapter whose config names its base."""
-    import yaml
-
-    from components.models import adapter_base
-
-    mlmodel = downloaded / "MLmodel"
-    flavors = (yaml.safe_load(mlmodel.read_text()) or {}).get("flavors", {}) if mlmodel.is_file() else {}
-    flavor = flavors.get("transformers")
-    if flavor is None and (downloaded / "artifacts" / "policy").is_dir():  # a Seq2SeqGenerator pyfunc
-        return downloaded / "artifacts" / "policy"
-    if flavor is None:
-        raise ModelReferenceError(f"{ref} is not a model logged by alignflow (no transformers flavour or policy artifact)")
-    if flavor.get("peft_adaptor"):
-        model_dir = downloaded / flavor["peft_adaptor"]
-        config_path = model_dir / "adapter_config.json"
-        adapter_config = json.loads(config_path.read_text())
-        adapter_config["base_model_name_or_path"] = flavor.get("local_base_model_path") or flavor.get("source_model_name")
-        config_path.write_text(json.dumps(adapter_config, indent=2))
-    else:
-        model_dir = downloaded / flavor.get("model_binary", "model")
-    if not (model_dir / "config.json").is_file() and adapter_base(model_dir) is None:
-        raise ModelReferenceError(
-            f"{ref} holds no model weights (logged with save_pretrained=False?); "
-            f"its source model is {flavor.get('source_model_name')!r}"
-        )
-    for component in flavor.get("components", []):
-        for item in (downloaded / "components" / component).glob("*"):
-            if item.is_file() and not (model_dir / item.name).exists():
-                shutil.copy2(item, model_dir / item.name)
-    return model_dir
 
 
 # --- helpers ----------------------------------------------------------------------------------

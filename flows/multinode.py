@@ -24,7 +24,7 @@ from prefect.client.orchestration import get_client
 from prefect.exceptions import ObjectNotFound
 from prefect.runtime import flow_run
 
-from components import registry, secrets
+from components import references, secrets
 from components.config import PROJECT_ROOT, ConfigError, RunConfig
 from components.models import locate
 from components.rl import Trainer, launcher
@@ -107,7 +107,7 @@ def start_other_machines(config: RunConfig, meet: launcher.Rendezvous, prompts: 
         return []
     from prefect.deployments import run_deployment
 
-    pinned = with_models(config, lambda key, ref: registry.pin_model_reference(ref))
+    pinned = with_models(config, lambda key, ref: references.pin_model_reference(ref))
     # Flow-run parameters are stored and shown by the Prefect server: the configuration goes without its secrets
     # (a node trains; each machine's worker has its own credentials).
     parameters = {"run_config": secrets.redacted_yaml(pinned), "prompts": list(prompts), "checkpoint": str(directory.resolve()),

@@ -25,7 +25,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 from prefect.runtime import flow_run, task_run
 
-from components import registry, tracking
+from components import references, registry, tracking
 from components.config import PROJECT_ROOT, RunConfig
 from components.data import PreparedData, prepare
 from components.dialogue import render_transcript
@@ -291,7 +291,7 @@ def evaluate(name: str, load: Callable[[], tuple[Any, Any]], prompts: list, scor
 def registered_policy(config: RunConfig, version: str) -> Callable[[], tuple[Any, Any]]:
     """A loader of a registered version of the policy (the champion), for `evaluate`."""
     def load():
-        path = registry.resolve_model_reference(f"models:/{config.tracking.registered_model}/{version}")
+        path = references.resolve_model_reference(f"models:/{config.tracking.registered_model}/{version}")
         return load_policy_model(path), load_tokenizer(path)
     return load
 

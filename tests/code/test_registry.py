@@ -8,7 +8,7 @@ import pytest
 from mlflow import MlflowClient
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from components import registry, tracking
+from components import references, registry, tracking
 from components.config import TrackingConfig
 from components.registry import PromotionError
 
@@ -120,7 +120,7 @@ def test_registry_reference_resolves_to_a_loadable_directory(config, tiny_lm_dir
     registry.promote(MODEL, register(tiny_lm_dir, gates_passed=True))
     cache = tmp_path / "registry"
 
-    path = registry.resolve_model_reference(f"models:/{MODEL}@champion", cache_dir=cache)
+    path = references.resolve_model_reference(f"models:/{MODEL}@champion", cache_dir=cache)
     assert Path(path).parent == cache and Path(path).name.startswith(f"{MODEL}-v1-")
     model = AutoModelForCausalLM.from_pretrained(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -128,11 +128,11 @@ def test_registry_reference_resolves_to_a_loadable_directory(config, tiny_lm_dir
     original = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
     assert all((a == b).all() for a, b in zip(model.state_dict().values(), original.state_dict().values()))
 
-    assert registry.resolve_model_reference(f"models:/{MODEL}/1", cache_dir=cache) == path  # cached per version
-    assert registry.resolve_model_reference("gpt2") == "gpt2"
-    assert registry.pin_model_reference(f"models:/{MODEL}@champion") == f"models:/{MODEL}/1"
-    with pytest.raises(registry.ModelReferenceError, match="cannot resolve"):
-        registry.resolve_model_reference(f"models:/{MODEL}@staging", cache_dir=cache)
+    assert references.resolve_model_reference(f"models:/{MODEL}/1", cache_dir=cache) == path  # cached per version
+    assert references.resolve_model_reference("gpt2") == "gpt2"
+    assert references.pin_model_reference(f"models:/{MODEL}@champion") == f"models:/{MODEL}/1"
+    with pytest.raises(references.ModelReferenceError, match="cannot resolve"):
+        references.resolve_model_reference(f"models:/{MODEL}@staging", cache_dir=cache)
 
 
 def test_same_version_number_in_another_registry_is_not_served_from_the_cache(config, tiny_lm_dir, tmp_path, empty_store):
@@ -142,7 +142,7 @@ def test_same_version_number_in_another_registry_is_not_served_from_the_cache(co
 
     cache = tmp_path / "registry"
     register(tiny_lm_dir, gates_passed=True)
-    first = registry.resolve_model_reference(f"models:/{MODEL}/1", cache_dir=cache)
+    first = references.resolve_model_reference(f"models:/{MODEL}/1", cache_dir=cache)
 
     other_model = save_tiny_lm(tmp_path / "other-lm", seed=7)
     other_store = tmp_path / "other"
@@ -150,7 +150,7 @@ def test_same_version_number_in_another_registry_is_not_served_from_the_cache(co
     shutil.copy(empty_store, other_store / "mlflow.db")
     tracking.use_tracking(TrackingConfig(tracking_uri=f"sqlite:///{other_store}/mlflow.db", experiment="tests"))
     register(other_model, gates_passed=True)
-    second = registry.resolve_model_reference(f"models:/{MODEL}/1", cache_dir=cache)
+    second = references.resolve_model_reference(f"models:/{MODEL}/1", cache_dir=cache)
 
     assert first != second
     loaded = AutoModelForCausalLM.from_pretrained(second).state_dict()

@@ -162,7 +162,8 @@ def test_user_errors_are_user_errors():
     from components.config import ConfigError
     from components.data import DataError
     from components.rl import PromptError
-    from components.registry import ModelReferenceError, PromotionError
+    from components.references import ModelReferenceError
+    from components.registry import PromotionError
     from components.reward import RewardLabelError
     from components.tracking import RunNotFound
 

@@ -10,7 +10,7 @@ from support import POLICY_FAMILIES, REWARD_FAMILIES, SEQ2SEQ_FAMILIES, save_tin
 from support import one_thread, word_share  # noqa: F401
 from transformers import PreTrainedTokenizerFast
 
-from components import registry, tracking
+from components import references, registry, tracking
 from components.config import GenerationConfig, RunConfig, TrackingConfig
 from components.models import load_policy, load_tokenizer
 from components.rl import PromptError
@@ -214,7 +214,7 @@ def test_a_lora_policy_registers_and_generates_through_pyfunc(policies, store, t
     assert isinstance(text, str) and text.strip()
 
     # and it resolves to a folder the pipeline loads again (champion evaluation, or a new run's policy)
-    path = registry.resolve_model_reference(f"models:/{family}-policy/{version.version}", cache_dir=tmp_path / "cache")
+    path = references.resolve_model_reference(f"models:/{family}-policy/{version.version}", cache_dir=tmp_path / "cache")
     reloaded = load_policy(path)
     expected = reference_logprobs(trainer, trainer.policy)
     torch.testing.assert_close(reference_logprobs(trainer, reloaded), expected, atol=1e-5, rtol=0)
