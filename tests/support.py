@@ -17,6 +17,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from components import registry, tracking
+from components.demo.bootstrap import gpt2_config as demo_gpt2_config
 from components.config import TrackingConfig
 
 
@@ -45,21 +46,8 @@ def word_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def gpt2_config(tokenizer: PreTrainedTokenizerFast, **overrides) -> GPT2Config:
-    settings = dict(
-        vocab_size=len(tokenizer),
-        n_positions=128,
-        n_embd=32,
-        n_layer=2,
-        n_head=2,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-    )
-    settings.update(overrides)
-    return GPT2Config(**settings)
+    """A tiny GPT-2 (2 layers of width 32) for `tokenizer`, as the demo's models are built."""
+    return demo_gpt2_config(tokenizer, **overrides)
 
 
 def save_tiny_lm(path: Path, seed: int = 0, **overrides) -> Path:

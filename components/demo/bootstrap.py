@@ -185,26 +185,25 @@ def _schedule(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_sc
 # --- Instruct model ----------------------------------------------------------------------------
 
 
-def gpt2_config(tokenizer: PreTrainedTokenizerFast, settings: BootstrapSettings, **extra) -> GPT2Config:
+def gpt2_config(tokenizer: PreTrainedTokenizerFast, *, n_embd: int = 32, n_layer: int = 2, n_head: int = 2,
+                n_positions: int = 128, **extra) -> GPT2Config:
+    """A GPT-2 for `tokenizer`'s vocabulary and special tokens, without dropout (the RL update's log-probabilities
+    must equal the rollout's). The tests' tiny models are built with it too."""
     return GPT2Config(
-        vocab_size=len(tokenizer),
-        n_positions=settings.n_positions,
-        n_embd=settings.n_embd,
-        n_layer=settings.n_layer,
-        n_head=settings.n_head,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        **extra,
+        vocab_size=len(tokenizer), n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **extra,
     )
+
+
+def _architecture(settings: BootstrapSettings) -> dict[str, int]:
+    return {"n_embd": settings.n_embd, "n_layer": settings.n_layer, "n_head": settings.n_head,
+            "n_positions": settings.n_positions}
 
 
 def train_instruct(texts: list[str], tokenizer: PreTrainedTokenizerFast, settings: BootstrapSettings) -> GPT2LMHeadModel:
     """Next-token prediction on `<bos> text <eos>`; the <eos> teaches the model to stop."""
-    model = GPT2LMHeadModel(gpt2_config(tokenizer, settings))
+    model = GPT2LMHeadModel(gpt2_config(tokenizer, **_architecture(settings)))
     sequences = [ids + [tokenizer.eos_token_id] for ids in tokenizer(texts)["input_ids"]]
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lm_learning_rate, weight_decay=0.01)
     scheduler = _schedule(optimizer, settings.lm_steps)
@@ -240,7 +239,7 @@ def train_reward(
     pairs: list[dict[str, str]], instruct: GPT2LMHeadModel, tokenizer: PreTrainedTokenizerFast, settings: BootstrapSettings
 ) -> GPT2ForSequenceClassification:
     """Bradley-Terry: minimise -logsigmoid(r(prompt+chosen) - r(prompt+rejected))."""
-    model = GPT2ForSequenceClassification(gpt2_config(tokenizer, settings, num_labels=1))
+    model = GPT2ForSequenceClassification(gpt2_config(tokenizer, **_architecture(settings), num_labels=1))
     model.transformer.load_state_dict(instruct.transformer.state_dict())
     chosen = tokenizer([pair["prompt"] + pair["chosen"] for pair in pairs])["input_ids"]
     rejected = tokenizer([pair["prompt"] + pair["rejected"] for pair in pairs])["input_ids"]

@@ -40,6 +40,8 @@ errors = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 
 ConfigOption = typer.Option(None, "--config", "-c", help="Run configuration (YAML). Default: configs/demo.yaml.")
 SetOption = typer.Option([], "--set", "-s", help="Override a setting, e.g. --set rl.learning_rate=1e-5 (repeatable).")
+CronOption = typer.Option(None, help='Cron schedule, e.g. "0 3 * * *".')
+IntervalOption = typer.Option(None, help="Interval schedule in seconds.")
 
 
 LOG_DIR = Path(os.environ.get("ALIGNFLOW_LOG_DIR", PROJECT_ROOT / "artifacts" / "logs"))

@@ -13,7 +13,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from components.config import PROJECT_ROOT
-from flows.cli import ConfigOption, SetOption, app, console, explain_errors, fail, flow_overrides, resolved
+from flows.cli import (
+    ConfigOption, CronOption, IntervalOption, SetOption, app, console, explain_errors, fail, flow_overrides, resolved,
+)
 from flows.cli.data import prepare_demo_if_needed
 
 
@@ -109,8 +111,8 @@ PIPELINE_FLOW = "alignflow-pipeline"
 def deploy(
     config: Optional[Path] = ConfigOption,
     set_: list[str] = SetOption,
-    cron: Optional[str] = typer.Option(None, help='Cron schedule, e.g. "0 3 * * *".'),
-    interval: Optional[int] = typer.Option(None, help="Interval schedule in seconds."),
+    cron: Optional[str] = CronOption,
+    interval: Optional[int] = IntervalOption,
     name: str = typer.Option("scheduled", help="Deployment name."),
     pool: str = typer.Option("alignflow-pool", help="Work pool whose workers run it (a process pool)."),
     concurrency_limit: Optional[int] = typer.Option(None, help="At most this many runs of it at once; later ones wait."),
@@ -159,8 +161,8 @@ def show_result(result, run_config) -> None:
 def serve(
     config: Optional[Path] = ConfigOption,
     set_: list[str] = SetOption,
-    cron: Optional[str] = typer.Option(None, help='Cron schedule, e.g. "0 3 * * *".'),
-    interval: Optional[int] = typer.Option(None, help="Interval schedule in seconds."),
+    cron: Optional[str] = CronOption,
+    interval: Optional[int] = IntervalOption,
     name: str = typer.Option("alignflow-scheduled", help="Deployment name."),
 ) -> None:
     """Serve the pipeline as a scheduled Prefect deployment from this process (needs a Prefect server)."""
