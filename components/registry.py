@@ -35,7 +35,8 @@ from components.faults import crash_point
 GATES_TAG = "gates_passed"
 SCORE_TAG = "eval/candidate/mean_score"  # the version's evaluation, under the metric's own name
 KL_TAG = "eval/candidate/kl"
-INTENT_TAG = "alignflow.alias_move"  # write-ahead record of an alias move in progress
+INTENT_TAG = "alignflow.alias_move"  # write-ahead record of an alias move: its JSON while in progress, then MOVE_DONE
+MOVE_DONE = "done"  # overwritten, not deleted: deleting a version tag needs MANAGE, and promoters hold only EDIT
 _MISSING = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")
 
 
@@ -72,7 +73,8 @@ def log_policy(
     encoder-decoder (T5, BART), which transformers 5 no longer serves through a pipeline, is logged as a pyfunc
     `Seq2SeqGenerator` holding the saved folder. Either way `mlflow.pyfunc.load_model(...).predict` generates text.
 
-    A policy this run logged before (a resumed run) is reused; one left half-logged by a killed attempt is deleted."""
+    A policy this run logged before (a resumed run) is reused; one left half-logged by a killed attempt is deleted
+    (or, where the account may not delete, tagged `alignflow.abandoned`)."""
     from transformers import AutoConfig, AutoTokenizer
 
     from components.models import adapter_base, load_policy
@@ -85,7 +87,12 @@ def log_policy(
             continue
         if str(logged.status).endswith("READY"):
             return logged.model_uri
-        MlflowClient().delete_logged_model(logged.model_id)
+        try:
+            MlflowClient().delete_logged_model(logged.model_id)
+        except MlflowException as exc:  # deleting needs MANAGE on the experiment; a service account may hold only EDIT
+            if exc.error_code != "PERMISSION_DENIED":
+                raise
+            MlflowClient().set_logged_model_tags(logged.model_id, {"alignflow.abandoned": "a killed attempt's half-logged policy"})
 
     policy_dir = Path(policy_dir)
     base = adapter_base(policy_dir)
@@ -228,8 +235,9 @@ def promote(
     target = get_version(name, version)
     current = get_champion(name, alias)
     if current is not None and str(current.version) == version:
-        if INTENT_TAG in target.tags:
-            _complete_move(client, name, version, json.loads(target.tags[INTENT_TAG]), alias)
+        intent = pending_move(target.tags)
+        if intent is not None:
+            _complete_move(client, name, version, intent, alias)
             return True, f"version {version} is now {alias} (its interrupted promotion completed)"
         return False, f"version {version} is already {alias}"
     gates = target.tags.get(GATES_TAG)
@@ -288,7 +296,13 @@ def _complete_move(client: MlflowClient, name: str, version: str, intent: dict, 
             record[f"previous_{alias}"] = intent["previous"]
     for key, value in record.items():
         client.set_model_version_tag(name, version, key, value)
-    client.delete_model_version_tag(name, version, INTENT_TAG)
+    client.set_model_version_tag(name, version, INTENT_TAG, MOVE_DONE)
+
+
+def pending_move(tags: dict[str, str]) -> dict | None:
+    """The alias move a version's tags record as started and not completed, or None."""
+    value = tags.get(INTENT_TAG)
+    return None if value in (None, MOVE_DONE) else json.loads(value)
 
 
 @dataclass(frozen=True)

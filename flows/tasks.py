@@ -243,12 +243,15 @@ def build(config: RunConfig, policy, tokenizer, scorer: RewardScorer) -> Trainer
 @task(cache_policy=NONE)
 def resume(trainer: Trainer, config: RunConfig, run_id: str) -> None:
     """Continue from this run's checkpoint when one exists (a checkpoint kept aside by a save that died between its
-    renames included). The run is tagged with the models whose forwards run on packed episodes."""
+    renames included), and log the steps it holds that MLflow lacks: a run that checkpointed its last iteration
+    and then lost MLflow trains no more, so its training task would never log them. The run is tagged with the
+    models whose forwards run on packed episodes."""
     mlflow.set_tag("alignflow.packed_sequences", ", ".join(trainer.packed_models) or "none")
     directory = run_directory(config, run_id) / "checkpoint"
     if recover(directory):
         trainer.load_checkpoint(directory)
         get_run_logger().info("resumed from %s at iteration %d (%d episodes)", directory, trainer.iteration, trainer.episodes)
+        tracking.log_history(trainer.history)
 
 
 # --- evaluation -------------------------------------------------------------------------------

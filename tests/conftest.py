@@ -45,7 +45,19 @@ class DemoKit:
 
 
 @pytest.fixture(scope="session")
-def demo_kit() -> DemoKit:
+def demo_data_dir() -> Path:
+    """data/demo as data.dvc pins it: a fresh clone has no data/demo (DVC-tracked) and regenerates it, as `make demo` does."""
+    from components.config import PROJECT_ROOT
+    from components.demo.domain import generate_demo_data
+
+    data_dir = PROJECT_ROOT / "data" / "demo"
+    if not data_dir.exists():
+        generate_demo_data(data_dir, seed=0)
+    return data_dir
+
+
+@pytest.fixture(scope="session")
+def demo_kit(demo_data_dir) -> DemoKit:
     """The demo data (checked against data.dvc) and models, built like `make demo` builds them.
 
     A fresh clone trains the models once here; a checkout that already has them for this data
@@ -54,11 +66,8 @@ def demo_kit() -> DemoKit:
     from components.config import PROJECT_ROOT, DataConfig
     from components.versioning import dataset_version
     from components.demo.bootstrap import BootstrapSettings, bootstrap
-    from components.demo.domain import generate_demo_data
 
-    data_dir = PROJECT_ROOT / "data" / "demo"
-    if not data_dir.exists():
-        generate_demo_data(data_dir, seed=0)
+    data_dir = demo_data_dir
     dataset_version(DataConfig(source="data/demo/prompts.jsonl"), PROJECT_ROOT)  # as data.dvc pins it
     start = time.perf_counter()
     report = bootstrap(data_dir, PROJECT_ROOT / "artifacts" / "demo", BootstrapSettings(progress=False))

@@ -42,7 +42,7 @@ def test_registered_champion_generates_text(config, tiny_lm_dir):
     assert registry.promote(MODEL, version, user="ci", reason="first model") == (True, "version 1 is now champion")
     promoted = registry.get_champion(MODEL)
     assert (promoted.tags["promoted_by"], promoted.tags["promotion_reason"], promoted.tags["forced"]) == ("ci", "first model", "false")
-    assert "previous_champion" not in promoted.tags and registry.INTENT_TAG not in promoted.tags
+    assert "previous_champion" not in promoted.tags and registry.pending_move(promoted.tags) is None
     assert registry.promote(MODEL, version) == (False, "version 1 is already champion")
 
     output = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion").predict(["The film was"])
@@ -96,7 +96,7 @@ def test_an_alias_move_cut_before_its_tags_is_completed_by_the_next_call(config,
     moved, why = registry.promote(MODEL, second, evaluated_against=first, score=1.0)
     assert moved and "interrupted promotion completed" in why
     tags = registry.get_champion(MODEL).tags
-    assert tags["previous_champion"] == first and tags["promoted_by"] == "pipeline" and registry.INTENT_TAG not in tags
+    assert tags["previous_champion"] == first and tags["promoted_by"] == "pipeline" and registry.pending_move(tags) is None
 
 
 def test_rollback_walks_the_chain_of_previous_champions(config, tiny_lm_dir):

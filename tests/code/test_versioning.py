@@ -101,7 +101,7 @@ def test_data_outside_the_project_is_refused_saying_how_to_bring_it_in(project, 
         dataset_version(DataConfig(source=str(outside)), project)
 
 
-def test_the_demo_data_is_pinned_by_data_dvc_and_its_fix_is_to_regenerate_it():
+def test_the_demo_data_is_pinned_by_data_dvc_and_its_fix_is_to_regenerate_it(demo_data_dir):
     version = dataset_version(DataConfig(source="data/demo/prompts.jsonl"), PROJECT_ROOT)
     assert (version.dvc_file, version.name) == ("data.dvc", "prompts")
     assert version.md5 == file_md5(PROJECT_ROOT / "data" / "demo" / "prompts.jsonl")

@@ -194,7 +194,7 @@ def test_a_promoter_moves_the_champion_and_back(stack, as_client, guarded_versio
 # --- no secret in what a run records ------------------------------------------------------------------------
 
 
-def test_a_credential_in_the_tracking_uri_stays_out_of_every_record(stack, as_client, tiny_lm_dir, tiny_reward_dir, tmp_path):
+def test_a_credential_in_the_tracking_uri_stays_out_of_every_record(stack, as_client, demo_data_dir, tiny_lm_dir, tiny_reward_dir, tmp_path):
     """`alignflow run` here, its only MLflow credential in tracking.tracking_uri: the run works, and the password
     is found in none of its MLflow params, tags and config.yaml, its Prefect flow-run parameters, logs and events."""
     from prefect.client.orchestration import get_client
@@ -232,7 +232,7 @@ def test_a_credential_in_the_tracking_uri_stays_out_of_every_record(stack, as_cl
     assert events.status_code == 200 and events.json()["events"], events.text[:500]
     overrides = flow_run.parameters["overrides"]
     assert f"tracking.tracking_uri={as_client['MLFLOW_TRACKING_URI']}" in overrides  # it went, without credentials
-    assert len(logs) > 5 and any("epoch" in log.message for log in logs)
+    assert len(logs) > 5 and any("iteration" in log.message for log in logs)
     prefect_records = json.dumps([flow_run.model_dump(mode="json"), [log.message for log in logs], events.json()])
     for where, text in (("MLflow", mlflow_records), ("Prefect", prefect_records)):
         assert secret not in text, f"the password is in the {where} records"

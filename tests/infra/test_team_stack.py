@@ -189,17 +189,17 @@ def test_mlflow_down_mid_run_fails_clearly_and_a_rerun_resumes(stack, as_client,
     from flows.tasks import ServerUnreachable
 
     overrides = tiny_overrides(tiny_lm_dir, tiny_reward_dir, tmp_path, "team-outage")
-    real_step = Trainer.step
+    real_iteration = Trainer.run_iteration
 
-    def step_then_outage(self, prompts):
+    def iteration_then_outage(self, prompts):
         if self.iteration == 6 and not outage:
             outage.append(stack("stop", "mlflow"))
-        return real_step(self, prompts)
+        return real_iteration(self, prompts)
 
     outage: list[str] = []
-    monkeypatch.setattr(Trainer, "step", step_then_outage)
-    # The epoch's retries as in production (2), without their 2 s and 10 s waits.
-    monkeypatch.setattr(tasks, "ppo_epoch", tasks.ppo_epoch.with_options(retry_delay_seconds=0))
+    monkeypatch.setattr(Trainer, "run_iteration", iteration_then_outage)
+    # The training task's retries as in production (2), without their 2 s and 10 s waits.
+    monkeypatch.setattr(tasks, "train", tasks.train.with_options(retry_delay_seconds=0))
     with pytest.raises(ServerUnreachable) as failure:
         pipeline(overrides=overrides)
     message = str(failure.value)
@@ -293,13 +293,13 @@ def test_a_two_machine_ppo_epoch_runs_machine_1_on_the_worker_and_logs_once(stac
     config = load_config(None, two_machine_overrides(tiny_lm_dir, tiny_reward_dir, tmp_path, node, "team-two-machines"))
 
     @flow
-    def ppo_epochs() -> tuple[str, int]:  # the pipeline's PPO steps, as flows/pipeline.py calls them
-        run_id = tasks.start_tracking(config, None)
+    def ppo_epochs() -> tuple[str, int]:  # the pipeline's training steps, as flows/pipeline.py calls them
         scorer = tasks.load_reward_model(config)
         policy, tokenizer = tasks.load_policy(config)
-        trainer = tasks.build_trainer(config, policy, tokenizer, scorer, run_id)
-        for epoch in range(tasks.max_epochs(config)):
-            tasks.ppo_epoch(trainer, epoch, TWO_MACHINE_PROMPTS, config, run_id)
+        trainer = tasks.build(config, policy, tokenizer, scorer)
+        run_id = tasks.start_tracking(config, None)
+        while trainer.stop_reason is None:
+            tasks.train(trainer, trainer.iteration, TWO_MACHINE_PROMPTS, config, run_id)
         tasks.end_tracking(run_id, failed=False)
         return run_id, trainer.episodes
 
@@ -328,7 +328,7 @@ def test_a_machine_that_cannot_start_stops_the_epoch_naming_it(stack, as_client,
     from components.config import load_config
     from components.models import load_policy, load_tokenizer
     from components.reward import RewardScorer
-    from flows.tasks import launch_ppo_iterations
+    from flows.multinode import launch_iterations
     from prefect import flow
 
     node = node_deployment("broken", working_dir=str(tmp_path / "not-mounted-here"))
@@ -338,7 +338,7 @@ def test_a_machine_that_cannot_start_stops_the_epoch_naming_it(stack, as_client,
     def one_launch() -> None:
         trainer = build_trainer_with(config, load_policy(str(tiny_lm_dir)), load_tokenizer(str(tiny_lm_dir)),
                                          RewardScorer.from_config(config.reward))
-        launch_ppo_iterations(trainer, ["the film was", "the plot is"] * 4, config, tmp_path / "checkpoint", 1)
+        launch_iterations(trainer, ["the film was", "the plot is"] * 4, config, tmp_path / "checkpoint", 1)
 
     start = time.monotonic()
     with pytest.raises(RuntimeError, match=r"stopped the launch on this machine: machine 1 \(flow run .*\) ended (Crashed|Failed)"):

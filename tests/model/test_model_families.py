@@ -217,7 +217,9 @@ def test_a_lora_policy_registers_and_generates_through_pyfunc(policies, store, t
     path = references.resolve_model_reference(f"models:/{family}-policy/{version.version}", cache_dir=tmp_path / "cache")
     reloaded = load_policy(path)
     expected = reference_logprobs(trainer, trainer.policy)
-    torch.testing.assert_close(reference_logprobs(trainer, reloaded), expected, atol=1e-5, rtol=0)
+    # A merged adapter computes x(W + BA) where the trained policy computes xW + (xA)B: equal up to float32 rounding,
+    # which over a few tokens' log-probabilities reaches about 1e-5 (1.3e-5 seen); the adapter itself reloads exactly.
+    torch.testing.assert_close(reference_logprobs(trainer, reloaded), expected, atol=1e-4 if save_mode == "merged" else 1e-5, rtol=0)
 
 
 def test_the_flan_t5_lab_config_validates():
