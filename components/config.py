@@ -219,37 +219,72 @@ class GenerationConfig(Section):
     )
 
 
-class RLConfig(Section):
-    """The RL algorithm's hyperparameters. An iteration samples `rollout_batch_size` prompts, scores them, estimates
-    advantages and takes `update_epochs` passes (epochs) over the batch in minibatches of `mini_batch_size` episodes;
-    an episode is one sampled completion with its reward."""
+# The advantage estimators, and what each is as published: (needs a critic, fewest samples per prompt, its KL
+# placement, its KL estimator, its loss aggregation). The last three are the defaults of rl.kl_placement,
+# rl.kl_estimator and rl.loss_aggregation when the configuration leaves them unset (components/rl/core.py has the maths).
+ESTIMATORS: dict[str, tuple[bool, int, str, str, str]] = {
+    "gae": (True, 1, "reward", "k1", "token_mean"),  # PPO (Schulman et al. 2017; Ziegler et al. 2019)
+    "rloo": (False, 2, "reward", "k1", "token_mean"),  # RLOO (Ahmadian et al. 2024)
+    "grpo": (False, 2, "loss", "k3", "sequence_mean"),  # GRPO (Shao et al. 2024)
+    "dr_grpo": (False, 2, "loss", "k3", "constant"),  # Dr. GRPO (Liu et al. 2025)
+    "reinforce_pp": (False, 1, "reward", "k1", "token_mean"),  # REINFORCE++ (Hu et al. 2025)
+    "reinforce_pp_baseline": (False, 2, "loss", "k2", "token_mean"),  # REINFORCE++-baseline (Hu et al. 2025)
+}
+ALGORITHM_OF_ESTIMATOR = {"gae": "ppo"}  # the algorithm's name where it is not the estimator's
 
-    advantage_estimator: Literal["gae"] = Field(
-        "gae", description="How advantages are estimated: gae (Schulman et al. 2016) with the critic's values (PPO).",
+
+class RLConfig(Section):
+    """The RL algorithm's hyperparameters. An iteration samples `samples_per_prompt` completions of each of
+    `rollout_batch_size` prompts, scores them, estimates advantages and takes `update_epochs` passes (epochs) over the
+    batch in minibatches of `mini_batch_size` episodes; an episode is one sampled completion with its reward."""
+
+    advantage_estimator: Literal["gae", "rloo", "grpo", "dr_grpo", "reinforce_pp", "reinforce_pp_baseline"] = Field(
+        "gae",
+        description="gae: PPO with a critic; rloo: leave-one-out group baseline; grpo: group mean and std; dr_grpo: "
+        "group mean, constant loss normalisation; reinforce_pp: batch-whitened returns; reinforce_pp_baseline: group "
+        "mean, then batch-whitened. All but gae need no critic.",
+    )
+    samples_per_prompt: int = Field(
+        1, gt=0, description="Completions sampled per prompt (k); each is an episode. The group estimators need >= 2.")
+    kl_estimator: Literal["k1", "k2", "k3"] | None = Field(
+        None, description="The per-token KL estimator (Schulman 2020): k1 log ratio, k2 half its square, k3 "
+        "(r - 1) - log r. None: the advantage estimator's own (k1 for gae, rloo and reinforce_pp).",
+    )
+    kl_placement: Literal["reward", "loss"] | None = Field(
+        None, description="The KL penalty as a per-token reward (PPO, RLOO) or a term of the loss (GRPO). None: the "
+        "advantage estimator's own.",
+    )
+    loss_aggregation: Literal["token_mean", "sequence_mean", "constant"] | None = Field(
+        None, description="The loss over a minibatch: mean over its tokens; mean over sequences of their token means; "
+        "or the token sum over episodes x generation.max_new_tokens (Dr. GRPO). None: the advantage estimator's own.",
     )
     learning_rate: float = Field(1e-5, gt=0, lt=1, description="AdamW's learning rate for the policy (and the critic).")
     lr_schedule: Literal["constant", "linear"] = Field("constant", description="Constant, or linear decay to 0 over total_episodes.")
-    rollout_batch_size: int = Field(64, gt=0, description="Prompts sampled per iteration (one episode each).")
+    rollout_batch_size: int = Field(64, gt=0, description="Prompts sampled per iteration (samples_per_prompt episodes each).")
     mini_batch_size: int = Field(16, gt=0, description="Episodes per optimizer step.")
     gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches each minibatch is split into (memory, not maths).")
     update_epochs: int = Field(4, gt=0, description="Passes over an iteration's batch (PPO's epochs; CleanRL's update_epochs).")
-    gamma: float = Field(1.0, ge=0, le=1, description="Discount per response token in GAE.")
+    gamma: float = Field(1.0, ge=0, le=1, description="Discount per response token of the returns (GAE's, and the critic-free estimators').")
     gae_lambda: float = Field(0.95, ge=0, le=1, description="GAE's lambda: 0 is one-step TD, 1 is Monte Carlo returns.")
-    clip_range: float = Field(0.2, gt=0, description="PPO's ratio clip: the surrogate is flat outside [1 - clip_range, 1 + clip_range].")
-    clip_range_value: float = Field(0.2, gt=0, description="The value loss's clip around the rollout's values.")
-    vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss in the total loss.")
+    clip_range: float = Field(0.2, gt=0, description="The ratio's clip: the surrogate is flat outside [1 - clip_range, 1 + clip_range_high].")
+    clip_range_high: float | None = Field(
+        None, gt=0, description="The ratio's upper clip (DAPO's clip-higher); None: clip_range, symmetric.")
+    clip_range_value: float = Field(0.2, gt=0, description="The value loss's clip around the rollout's values (gae).")
+    vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss in the total loss (gae).")
     ent_coef: float = Field(0.0, ge=0, description="Weight of the entropy bonus (0: none; its value is still logged).")
     max_grad_norm: float | None = Field(
         1.0, gt=0,
         description="Clip each optimizer step's global gradient norm to this; null: no clipping (as TRL's PPOTrainer). "
         "A non-finite norm stops the run either way.",
     )
-    whiten_advantages: bool = Field(True, description="Normalise advantages to mean 0, std 1 over the batch's tokens.")
-    kl_coef: float = Field(0.05, ge=0, description="Weight of the KL penalty to the reference, per response token (beta).")
+    whiten_advantages: bool = Field(
+        True, description="gae: normalise advantages to mean 0, std 1 over the batch's tokens. The critic-free estimators "
+        "fix their own normalisation (the REINFORCE++ ones whiten, the others do not).")
+    kl_coef: float = Field(0.05, ge=0, description="Weight of the KL penalty to the reference (beta), in the reward or the loss.")
     adaptive_kl: bool = Field(False, description="Adapt kl_coef towards target_kl (Ziegler et al. 2019); false: fixed.")
     target_kl: float = Field(6.0, gt=0, description="The per-sequence KL the adaptive controller steers towards.")
     kl_horizon: int = Field(10000, gt=0, description="The adaptive controller's horizon, in episodes: how slowly it adapts.")
-    total_episodes: int = Field(20000, gt=0, description="Stop after this many episodes (sampled completions).")
+    total_episodes: int = Field(20000, gt=0, description="Stop after this many episodes (sampled completions, k per prompt).")
     target_reward: float | None = Field(None, description="Stop once the mean score over target_window iterations reaches this.")
     target_window: int = Field(5, gt=0, description="Iterations averaged for target_reward.")
     pack_sequences: bool = Field(
@@ -260,10 +295,26 @@ class RLConfig(Section):
         "do not, and are run padded).",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _estimator_defaults(cls, data: Any) -> Any:
+        """Unset kl_placement, kl_estimator and loss_aggregation take the advantage estimator's own (ESTIMATORS), so
+        the logged configuration says what ran."""
+        if not isinstance(data, dict) or data.get("advantage_estimator", "gae") not in ESTIMATORS:
+            return data
+        _, _, placement, estimator, aggregation = ESTIMATORS[data.get("advantage_estimator", "gae")]
+        defaults = {"kl_placement": placement, "kl_estimator": estimator, "loss_aggregation": aggregation}
+        return {**data, **{key: value for key, value in defaults.items() if data.get(key) is None}}
+
     @model_validator(mode="after")
     def _batches_divide(self) -> "RLConfig":
-        if self.rollout_batch_size % self.mini_batch_size:
-            raise ValueError(f"rl.rollout_batch_size ({self.rollout_batch_size}) must be a multiple of rl.mini_batch_size "
+        fewest = ESTIMATORS[self.advantage_estimator][1]
+        if self.samples_per_prompt < fewest:
+            raise ValueError(f"rl.advantage_estimator={self.advantage_estimator} compares the completions of a prompt: it "
+                             f"needs rl.samples_per_prompt >= {fewest} (got {self.samples_per_prompt})")
+        if self.episodes_per_iteration % self.mini_batch_size:
+            raise ValueError(f"rl.rollout_batch_size x rl.samples_per_prompt ({self.rollout_batch_size} x "
+                             f"{self.samples_per_prompt} episodes) must be a multiple of rl.mini_batch_size "
                              f"({self.mini_batch_size})")
         if self.mini_batch_size % self.gradient_accumulation_steps:
             raise ValueError(
@@ -271,6 +322,23 @@ class RLConfig(Section):
                 f"rl.gradient_accumulation_steps ({self.gradient_accumulation_steps})"
             )
         return self
+
+    @property
+    def episodes_per_iteration(self) -> int:
+        return self.rollout_batch_size * self.samples_per_prompt
+
+    @property
+    def needs_critic(self) -> bool:
+        return ESTIMATORS[self.advantage_estimator][0]
+
+    @property
+    def algorithm(self) -> str:
+        """The algorithm's name: ppo for gae, else the estimator's (tags, `alignflow runs`)."""
+        return ALGORITHM_OF_ESTIMATOR.get(self.advantage_estimator, self.advantage_estimator)
+
+    @property
+    def clip_high(self) -> float:
+        return self.clip_range if self.clip_range_high is None else self.clip_range_high
 
 
 class LaunchConfig(Section):
@@ -420,10 +488,32 @@ class RunConfig(Section):
                 f"rl.gradient_accumulation_steps ({self.rl.gradient_accumulation_steps}) must be a multiple of "
                 f"launch.num_processes ({self.launch.num_processes}): each process takes the same number of micro-batches"
             )
-        if self.rl.advantage_estimator == "gae" and self.critic.type == "none":
-            raise ValueError("rl.advantage_estimator=gae needs a critic, but critic.type is none: set critic.type to "
-                             "shared or separate")
+        if self.rl.needs_critic and self.critic.type == "none":
+            raise ValueError(f"rl.advantage_estimator={self.rl.advantage_estimator} needs a critic, but critic.type is "
+                             "none: set critic.type to shared or separate")
         return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _critic_follows_the_estimator(cls, data: Any) -> Any:
+        """A critic-free estimator builds no critic: critic.type defaults to none for it, and a critic asked for
+        explicitly is refused, naming both keys."""
+        if not isinstance(data, dict):
+            return data
+        rl, critic = data.get("rl"), data.get("critic")
+        estimator = rl.get("advantage_estimator", "gae") if isinstance(rl, dict) else getattr(rl, "advantage_estimator", "gae")
+        if estimator not in ESTIMATORS or ESTIMATORS[estimator][0]:
+            return data
+        if isinstance(critic, CriticConfig):
+            asked = critic.type if "type" in critic.model_fields_set else None
+            critic = critic.model_dump(exclude_unset=True)
+        else:
+            critic = dict(critic or {})
+            asked = critic.get("type")
+        if asked not in (None, "none"):
+            raise ValueError(f"rl.advantage_estimator={estimator} uses no critic, but critic.type is {asked}: set "
+                             "critic.type to none (or leave it unset), or use rl.advantage_estimator=gae")
+        return {**data, "critic": {**critic, "type": "none"}}
 
     def trainer_sections(self) -> dict[str, Any]:
         """The sections the engine takes (components.rl.build_trainer's keyword arguments), not the whole run."""

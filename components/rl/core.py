@@ -1,7 +1,10 @@
-"""PPO's math on plain tensors. Shapes: B episodes x T response tokens; `mask` is 1 on real tokens.
+"""The RL maths on plain tensors. Shapes: B episodes x T response tokens; `mask` is 1 on real tokens. With k samples
+per prompt the B episodes are B / k groups of k consecutive rows, one group per prompt.
 
-References: Schulman et al. 2017 (PPO), Schulman et al. 2016 (GAE), Ziegler et al. 2019 and
-Stiennon et al. 2020 (the per-token KL penalty with the score on the last token).
+References: Schulman et al. 2017 (PPO), Schulman et al. 2016 (GAE), Ziegler et al. 2019 and Stiennon et al. 2020
+(the per-token KL penalty with the score on the last token), Schulman 2020 (the KL estimators k1, k2, k3),
+Ahmadian et al. 2024 (RLOO), Shao et al. 2024 (GRPO), Liu et al. 2025 (Dr. GRPO), Hu et al. 2025 (REINFORCE++),
+Yu et al. 2025 (DAPO's clip-higher).
 """
 
 from __future__ import annotations
@@ -54,21 +57,45 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
 
 
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from tokens sampled from pi, with log r = log pi_ref - log pi
+    (Schulman 2020, "Approximating KL divergence"): k1 = -log r; k2 = (log r)^2 / 2; k3 = (r - 1) - log r.
+    k1 is unbiased, k2 and k3 low-variance (k3 unbiased too, and never negative)."""
+    log_ratio = logprobs - ref_logprobs  # -log r
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio**2
+    if estimator == "k3":
+        log_r = (-log_ratio).clamp(max=20.0)  # r = pi_ref / pi; clamped so a vanishing pi cannot overflow exp
+        return torch.expm1(log_r) - log_r
+    raise ValueError(f"unknown KL estimator {estimator!r}; allowed: k1, k2, k3")
+
+
+def on_last_token(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B,) values placed on each row's last real token of a (B, T) tensor of zeros."""
+    placed = torch.zeros_like(mask, dtype=values.dtype)
+    last = (mask.sum(1).long() - 1).clamp(min=0)
+    placed[torch.arange(len(values)), last] = values
+    return placed
+
+
 def compute_rewards(
     scores: torch.Tensor,
     logprobs: torch.Tensor,
     ref_logprobs: torch.Tensor,
     mask: torch.Tensor,
     kl_coef: float,
+    kl_estimator: str = "k1",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """r_t = -kl_coef (log pi(a_t) - log pi_ref(a_t)) on every real token, + score on the last real one.
+    """r_t = -kl_coef k(t) on every real token (k the KL estimator), + the score on the last real one.
 
-    Returns (rewards, kl) with kl the per-token log-ratio (0 on padding).
+    Returns (rewards, kl) with kl the per-token log-ratio log pi - log pi_ref (k1; 0 on padding), which the KL
+    metrics and the adaptive controller read whatever the estimator.
     """
     kl = (logprobs - ref_logprobs) * mask
-    rewards = -kl_coef * kl
-    last = (mask.sum(1).long() - 1).clamp(min=0)
-    rewards[torch.arange(len(scores)), last] += scores
+    penalty = kl if kl_estimator == "k1" else kl_penalty(logprobs, ref_logprobs, kl_estimator) * mask
+    rewards = -kl_coef * penalty + on_last_token(scores, mask)
     return rewards, kl
 
 
@@ -94,19 +121,39 @@ def compute_gae(
     return advantages, advantages + values
 
 
+def aggregate(values: torch.Tensor, mask: torch.Tensor, how: str, max_tokens: int | None = None) -> torch.Tensor:
+    """A per-token loss over a batch: token_mean, the mean over every real token (PPO, DAPO); sequence_mean, the mean
+    over sequences of each one's token mean (GRPO); constant, the token sum over B x max_tokens (Dr. GRPO: no
+    length normalisation)."""
+    if how == "token_mean":
+        return masked_mean(values, mask)
+    if how == "sequence_mean":
+        return masked_mean(values, mask, dim=1).mean()
+    if how == "constant":
+        if not max_tokens:
+            raise ValueError("loss aggregation 'constant' needs max_tokens (generation.max_new_tokens)")
+        return masked_sum(values, mask) / (values.shape[0] * max_tokens)
+    raise ValueError(f"unknown loss aggregation {how!r}; allowed: token_mean, sequence_mean, constant")
+
+
 def policy_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
     advantages: torch.Tensor,
     mask: torch.Tensor,
     clip_range: float,
+    clip_range_high: float | None = None,
+    aggregation: str = "token_mean",
+    max_tokens: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped surrogate: mean over real tokens of max(-A r, -A clip(r, 1 - eps, 1 + eps)), r = pi / pi_old."""
+    """Clipped surrogate max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high)) per token, r = pi / pi_old, aggregated
+    over the real tokens (`aggregate`); eps_high = eps_low unless given (DAPO's clip-higher)."""
+    high = clip_range if clip_range_high is None else clip_range_high
     logratio = logprobs - old_logprobs
     ratio = torch.exp(logratio)
     unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + high)
+    loss = aggregate(torch.maximum(unclipped, clipped), mask, aggregation, max_tokens)
     with torch.no_grad():
         stats = {
             "policy/approxkl": 0.5 * masked_mean(logratio**2, mask),
@@ -180,18 +227,65 @@ class RunningMoments:
         self.count, self.mean, self.m2 = int(state["count"]), float(state["mean"]), float(state["m2"])
 
 
+# --- the critic-free estimators: a baseline from the prompt's group, returns to go, no value function ---------
+
+
+def group_advantages(scores: torch.Tensor, k: int, estimator: str) -> torch.Tensor:
+    """Each episode's sequence-level advantage from the scores of its group (the k completions of its prompt)."""
+    groups = scores.view(-1, k)
+    if estimator == "rloo":  # A_i = s_i - 1/(k-1) sum_{j != i} s_j (Ahmadian et al. 2024, eq. 9)
+        advantages = groups - (groups.sum(1, keepdim=True) - groups) / (k - 1)
+    elif estimator == "grpo":  # A_i = (s_i - mean(s)) / (std(s) + 1e-4) (Shao et al. 2024, sec. 4.1.2; TRL's epsilon)
+        advantages = (groups - groups.mean(1, keepdim=True)) / (groups.std(1, keepdim=True) + 1e-4)
+    elif estimator in ("dr_grpo", "reinforce_pp_baseline"):  # A_i = s_i - mean(s) (Liu et al. 2025, eq. 3; Hu et al. 2025)
+        advantages = groups - groups.mean(1, keepdim=True)
+    elif estimator == "reinforce_pp":  # A_i = s_i: no baseline; the batch whitening centres it (Hu et al. 2025)
+        advantages = groups
+    else:
+        raise ValueError(f"{estimator!r} is not a critic-free advantage estimator")
+    return advantages.reshape(-1)
+
+
+def returns_to_go(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
+    """G_t = sum_{t' >= t} gamma^(t' - t) r_t' over each row's real tokens (REINFORCE's return)."""
+    rewards = rewards * mask
+    returns = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        running = (rewards[:, t] + gamma * running) * mask[:, t]
+        returns[:, t] = running
+    return returns
+
+
+def group_stats(scores: torch.Tensor, k: int) -> dict[str, float]:
+    """What a group method learns from: the share of groups whose scores are all equal (their advantages are 0: they
+    teach nothing; TRL's frac_reward_zero_std) and the mean within-group std of the scores (TRL's reward_std)."""
+    std = scores.view(-1, k).std(1)
+    return {"group/frac_reward_zero_std": torch.isclose(std, torch.zeros_like(std)).float().mean().item(),
+            "group/reward_std": std.mean().item()}
+
+
 # --- the advantage estimator, chosen in this one place ------------------------------------------
 
 
 def estimate_advantages(experience, rl) -> None:
-    """Set `experience.advantages` (and `.returns`, the critic's targets) with `rl.advantage_estimator`:
-    gae: GAE over the per-token rewards and the critic's values (PPO, Schulman et al. 2016);
-    then, with `rl.whiten_advantages`, normalised over the batch's real tokens."""
-    mask = experience.mask
-    if rl.advantage_estimator == "gae":
+    """Set `experience.advantages` (and `.returns`, the critic's targets, for gae) with `rl.advantage_estimator`:
+    gae: GAE over the per-token rewards and the critic's values (PPO, Schulman et al. 2016), then, with
+      `rl.whiten_advantages`, normalised over the batch's real tokens;
+    rloo, grpo, dr_grpo, reinforce_pp, reinforce_pp_baseline: the score's group advantage (`group_advantages`) on
+      the last token plus the per-token KL rewards (with `rl.kl_placement: reward`), returned to go; the REINFORCE++
+      estimators then whiten over the batch's real tokens (Hu et al. 2025)."""
+    mask, estimator = experience.mask, rl.advantage_estimator
+    if estimator == "gae":
         experience.advantages, experience.returns = compute_gae(experience.rewards, experience.values, mask, rl.gamma,
                                                                 rl.gae_lambda)
-    else:
-        raise ValueError(f"rl.advantage_estimator={rl.advantage_estimator!r} is not one this engine has")
-    if rl.whiten_advantages:
-        experience.advantages = masked_whiten(experience.advantages, mask)
+        if rl.whiten_advantages:
+            experience.advantages = masked_whiten(experience.advantages, mask)
+        return
+    scores = experience.shaped_scores
+    kl_rewards = experience.rewards - on_last_token(scores, mask)  # 0 with the KL in the loss
+    baselined = group_advantages(scores, rl.samples_per_prompt, estimator)
+    advantages = returns_to_go(kl_rewards + on_last_token(baselined, mask), mask, rl.gamma)
+    if estimator in ("reinforce_pp", "reinforce_pp_baseline"):
+        advantages = masked_whiten(advantages, mask)
+    experience.advantages, experience.returns = advantages, None

@@ -32,12 +32,13 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
-def shard(total: int) -> slice:
-    """This rank's contiguous share of `total` rows (the first `total % world_size` ranks take one more)."""
-    size, extra = divmod(total, world_size())
+def shard(total: int, group: int = 1) -> slice:
+    """This rank's contiguous share of `total` rows in whole groups of `group` consecutive rows (the first
+    `(total / group) % world_size` ranks take one group more)."""
+    size, extra = divmod(total // group, world_size())
     r = rank()
     start = r * size + min(r, extra)
-    return slice(start, start + size + (1 if r < extra else 0))
+    return slice(start * group, (start + size + (1 if r < extra else 0)) * group)
 
 
 def all_sum(tensor: torch.Tensor) -> torch.Tensor:

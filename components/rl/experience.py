@@ -1,8 +1,10 @@
 """Experience making: prompts -> sampled responses, their log-probabilities, the reference's, the critic's values,
 the reward model's scores, and the per-token rewards. Learning never runs a model that experience making runs.
 
-Under N data-parallel processes each rolls out and scores its contiguous share of the prompts, and the batch is
-gathered, so everything computed from it (score statistics, advantages, the KL controller) sees the whole batch.
+With `rl.samples_per_prompt` k > 1 each prompt is sampled k times, as k consecutive rows (its group). Under N
+data-parallel processes each rolls out and scores its contiguous share of the groups (groups stay whole), and the
+batch is gathered, so everything computed from it (score statistics, group baselines, advantages, the KL controller)
+sees the whole batch.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Callable, Sequence, TypeVar
 
 import torch
 
-from components.config import GenerationConfig, RewardConfig
+from components.config import GenerationConfig, RewardConfig, RLConfig
 from components.errors import AlignflowError
 from components.reward import score_completions
 from components.rl import distributed
@@ -45,7 +47,9 @@ class Experience:
     ref_logprobs: torch.Tensor  # (B, T) log pi_ref(a_t | s_t)
     values: torch.Tensor | None  # (B, T) V_old(s_t) from the critic; None without one
     scores: torch.Tensor  # (B,) the reward model's scores, as returned (before shaping)
-    rewards: torch.Tensor  # (B, T) -kl_coef * kl on every token, + the shaped score on the last real one
+    shaped_scores: torch.Tensor  # (B,) the scores training uses (reward.*: missing-EOS penalty, normalisation, clip)
+    rewards: torch.Tensor  # (B, T) -kl_coef * KL estimate on every token (rl.kl_placement: reward, else 0), + the
+    #                        shaped score on the last real one
     kl: torch.Tensor  # (B, T) log pi_old - log pi_ref per token
     ended_with_eos: torch.Tensor  # (B,) bool
     advantages: torch.Tensor | None = None  # (B, T) set by the advantage estimator (core.estimate_advantages)
@@ -101,10 +105,11 @@ class PolicyValue(torch.nn.Module):
 class ExperienceMaker:
     """The actor (sampling), the reference, the critic and the reward model, run over one batch of prompts."""
 
-    def __init__(self, policy_value: PolicyValue, reference, tokenizer, reward_fn: RewardFn, generation: GenerationConfig,
-                 reward: RewardConfig, eos_ids: torch.Tensor, pad_token_id: int, use_chat_template: bool):
+    def __init__(self, policy_value: PolicyValue, reference, tokenizer, reward_fn: RewardFn, rl: RLConfig,
+                 generation: GenerationConfig, reward: RewardConfig, eos_ids: torch.Tensor, pad_token_id: int,
+                 use_chat_template: bool):
         self.policy_value, self.reference, self.tokenizer, self.reward_fn = policy_value, reference, tokenizer, reward_fn
-        self.generation, self.reward = generation, reward
+        self.rl, self.generation, self.reward = rl, generation, reward
         self.eos_ids, self.pad_token_id, self.use_chat_template = eos_ids, pad_token_id, use_chat_template
         self.score_moments = RunningMoments()  # of the shaped scores, for reward.normalize; checkpointed
 
@@ -114,11 +119,14 @@ class ExperienceMaker:
 
     def make(self, prompts: Sequence, kl_coef: float, iteration: int,
              sample_generator: torch.Generator) -> tuple[Experience, dict[str, float]]:
-        """The experience of one batch, and the seconds its phases took (time/rollout, time/scoring)."""
+        """The experience of one batch: `rl.samples_per_prompt` episodes of each prompt, as consecutive rows; and the
+        seconds its phases took (time/rollout, time/scoring)."""
         device = self.policy.device
-        share = distributed.shard(len(prompts))
+        k = self.rl.samples_per_prompt
+        prompts = [prompt for prompt in prompts for _ in range(k)]
+        share = distributed.shard(len(prompts), group=k)
         rows = (share.start, len(prompts)) if distributed.world_size() > 1 else None
-        prompts = list(prompts)[share]
+        prompts = prompts[share]
         queries, query_mask = tokenize_prompts(
             self.tokenizer, prompts, self.generation, self.use_chat_template, prompt_padding_side(self.policy)
         )
@@ -151,11 +159,13 @@ class ExperienceMaker:
             pad_values=(self.pad_token_id, 0, self.pad_token_id, 0, 0, 0, 0, 0, False),
             left_padded=(left, left, False, False, False, False, False, False, False),
         )
-        rewards, kl = compute_rewards(self.shape(scores.to(device), ended), logprobs, ref_logprobs, mask, kl_coef)
+        shaped = self.shape(scores.to(device), ended)
+        in_reward = self.rl.kl_placement == "reward"
+        rewards, kl = compute_rewards(shaped, logprobs, ref_logprobs, mask, kl_coef if in_reward else 0.0, self.rl.kl_estimator)
         experience = Experience(
             queries=queries.clone(), query_mask=query_mask.clone(), responses=responses.clone(), mask=mask,
             logprobs=logprobs, ref_logprobs=ref_logprobs, values=values if has_values else None, scores=scores,
-            rewards=rewards, kl=kl, ended_with_eos=ended.clone(),
+            shaped_scores=shaped, rewards=rewards, kl=kl, ended_with_eos=ended.clone(),
         )
         return experience, {"time/rollout": rollout_time, "time/scoring": scoring_time}
 

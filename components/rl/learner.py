@@ -1,5 +1,6 @@
 """Learning from a batch of experience: `rl.update_epochs` passes over shuffled minibatches, each one optimizer step
-of the clipped policy loss (+ the clipped value loss when there is a critic, - the entropy bonus).
+of the clipped policy loss (+ the clipped value loss when there is a critic, + the KL term with `rl.kl_placement:
+loss`, - the entropy bonus), aggregated over tokens as `rl.loss_aggregation` says.
 
 Under N processes the micro-batches of each minibatch are dealt out among them and their gradients summed over the
 ranks by DistributedDataParallel (Accelerate) or FSDP2 (each rank then steps its own shards), so every rank takes
@@ -14,27 +15,31 @@ import torch
 
 from components.config import RLConfig
 from components.rl import distributed
-from components.rl.core import entropy_from_logits, logprobs_of, masked_mean, policy_loss, value_loss
+from components.rl.core import aggregate, entropy_from_logits, kl_penalty, logprobs_of, masked_mean, policy_loss, value_loss
 from components.rl.experience import Experience, TrainingError
 
 STATS = ("policy/approxkl", "policy/clipfrac", "policy/ratio", "policy/token_entropy", "loss/policy")
 VALUE_STATS = ("val/clipfrac", "loss/value")
+KL_STATS = ("loss/kl",)
 
 
 class Learner:
     def __init__(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, rl: RLConfig, temperature: float,
-                 accelerator=None, has_critic: bool = True):
+                 max_new_tokens: int, accelerator=None, has_critic: bool = True):
         self.module = module  # PolicyValue, or its data-parallel wrapper
         self.optimizer, self.rl, self.temperature, self.accelerator = optimizer, rl, temperature, accelerator
+        self.max_new_tokens = max_new_tokens  # the constant of rl.loss_aggregation: constant
         self.has_critic = has_critic
+        self.kl_coef = 0.0  # this iteration's, for the KL term in the loss (rl.kl_placement: loss)
 
-    def learn(self, exp: Experience, iteration: int, shuffle: torch.Generator) -> dict[str, float]:
+    def learn(self, exp: Experience, iteration: int, shuffle: torch.Generator, kl_coef: float = 0.0) -> dict[str, float]:
         """The iteration's optimizer steps; the statistics averaged over every micro-batch of every epoch."""
+        self.kl_coef = kl_coef
         batch, mini = exp.size, self.rl.mini_batch_size
         micro = max(1, mini // self.rl.gradient_accumulation_steps)
         params = [p for group in self.optimizer.param_groups for p in group["params"]]  # under FSDP, the shards
         max_norm = self.rl.max_grad_norm if self.rl.max_grad_norm is not None else float("inf")
-        names = STATS + (VALUE_STATS if self.has_critic else ())
+        names = STATS + (VALUE_STATS if self.has_critic else ()) + (KL_STATS if self.rl.kl_placement == "loss" else ())
         totals = dict.fromkeys(names, 0.0)
         count = 0
         ranks, rank = distributed.world_size(), distributed.rank()
@@ -75,8 +80,8 @@ class Learner:
         return {name: total / summed[-1] for name, total in zip(totals, summed)}
 
     def loss(self, exp: Experience, index: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The loss of the episodes `index`: the clipped surrogate, + vf_coef * the clipped value loss, - ent_coef *
-        the entropy. The batch is trimmed to the prompt columns some row uses (prompts are padded on one side) and the
+        """The loss of the episodes `index`: the clipped surrogate, + vf_coef * the clipped value loss, + kl_coef * the
+        KL estimate (with the KL in the loss), - ent_coef * the entropy. The batch is trimmed to the prompt columns some row uses (prompts are padded on one side) and the
         response columns up to the longest response (responses are right-padded)."""
         query_mask = exp.query_mask[index]
         used = query_mask.bool().any(0)
@@ -89,8 +94,15 @@ class Learner:
         logits = logits.float() / self.temperature
         logprobs = logprobs_of(logits, responses)
 
-        pg_loss, stats = policy_loss(logprobs, cut(exp.logprobs), cut(exp.advantages), mask, self.rl.clip_range)
+        rl = self.rl
+        pg_loss, stats = policy_loss(logprobs, cut(exp.logprobs), cut(exp.advantages), mask, rl.clip_range,
+                                     rl.clip_high, rl.loss_aggregation, self.max_new_tokens)
         loss = pg_loss
+        if rl.kl_placement == "loss":  # GRPO's beta * KL(pi || pi_ref), per token, aggregated as the policy loss
+            kl_loss = aggregate(kl_penalty(logprobs, cut(exp.ref_logprobs), rl.kl_estimator), mask, rl.loss_aggregation,
+                                self.max_new_tokens)
+            loss = loss + self.kl_coef * kl_loss
+            stats["loss/kl"] = kl_loss.detach()
         if self.has_critic:
             vf_loss, value_stats = value_loss(values.float(), cut(exp.values), cut(exp.returns), mask, self.rl.clip_range_value)
             loss = loss + self.rl.vf_coef * vf_loss

@@ -2,11 +2,12 @@
 
     experience = experience_maker.make(prompts)     # experience.py: sample, reference, critic, reward model, rewards
     estimate_advantages(experience, rl)             # core.py: the one switch on rl.advantage_estimator
-    stats = learner.learn(experience)               # learner.py: clipped policy loss (+ value loss), optimizer steps
+    stats = learner.learn(experience)               # learner.py: clipped policy loss (+ value loss, + KL), optimizer steps
     kl_ctl.update(kl)                               # kl_controller.py: fixed, or adaptive towards rl.target_kl
 
 The roles (OpenRLHF's names): the actor is the policy; the critic a value head on it (`critic.type: shared`), a model
-of its own (`separate`) or none; the reference the starting policy (for a LoRA policy, itself with its adapter off);
+of its own (`separate`) or none (the critic-free estimators: rloo, grpo, dr_grpo, reinforce_pp, reinforce_pp_baseline,
+which compare the `rl.samples_per_prompt` completions of a prompt instead); the reference the starting policy (for a LoRA policy, itself with its adapter off);
 the reward model a function of text. `build_trainer` is the one way a trainer is built: the flow, the launched
 processes and the benchmarks all use it.
 
@@ -16,7 +17,8 @@ Statistics of an iteration (to `train`'s callback), named as in TRL / OpenRLHF:
 |-----------------------------|----------------------------------------------------------------------------------|
 | objective/scores            | mean reward-model score, before penalties, normalisation and clipping            |
 | objective/kl                | mean over sequences of sum_t (logp_t - ref_logp_t): the KL to the reference      |
-| objective/non_score_reward  | mean over sequences of sum_t -kl_coef (logp_t - ref_logp_t)                      |
+| objective/non_score_reward  | mean over sequences of the KL penalty in the reward, sum_t -kl_coef k_t (0 with   |
+|                             | the KL in the loss; k_t = logp_t - ref_logp_t for k1)                            |
 | objective/rlhf_reward       | mean over sequences of sum_t r_t: the score used in training minus the KL penalty |
 | objective/sequence_entropy  | mean over sequences of sum_t -logp_t of the sampled tokens                       |
 | policy/approxkl             | 0.5 mean (log ratio)^2 over tokens, averaged over micro-batches of all epochs     |
@@ -25,6 +27,9 @@ Statistics of an iteration (to `train`'s callback), named as in TRL / OpenRLHF:
 | policy/ratio                | mean probability ratio pi / pi_old during the update                             |
 | loss/policy                 | clipped surrogate loss                                                           |
 | loss/value                  | clipped value loss (before vf_coef); with a critic only                          |
+| loss/kl                     | the KL estimate in the loss (before kl_coef); with rl.kl_placement: loss only    |
+| group/frac_reward_zero_std  | share of prompts whose k scores are all equal (zero advantage); k >= 2 only       |
+| group/reward_std            | mean over prompts of the std of their k scores; k >= 2 only                      |
 | val/clipfrac                | share of tokens where the clipped value loss is active; with a critic only       |
 | val/explained_variance      | 1 - Var[R - V] / Var[R] of the rollout values; with a critic only                |
 | val/mean                    | mean rollout value over real tokens; with a critic only                          |
@@ -32,7 +37,7 @@ Statistics of an iteration (to `train`'s callback), named as in TRL / OpenRLHF:
 | lr                          | learning rate used for this iteration's updates                                  |
 | response/length_mean        | mean response length in tokens (the EOS counts)                                  |
 | response/eos_fraction       | share of responses that ended with EOS                                           |
-| episodes                    | cumulative episodes (sampled completions) trained on                             |
+| episodes                    | cumulative episodes (sampled completions, k per prompt) trained on               |
 | iteration                   | iterations done                                                                  |
 | perf/tokens_per_second      | response tokens of the iteration / its wall-clock time                           |
 | time/rollout                | seconds: sampling, reference log-probs (and separate critic values)              |
@@ -55,7 +60,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from components.config import ConfigError, CriticConfig, GenerationConfig, LoraConfig, RewardConfig, RLConfig
 from components.models import fuse_gelu
 from components.rl import distributed, state
-from components.rl.core import estimate_advantages, explained_variance, masked_mean
+from components.rl.core import estimate_advantages, explained_variance, group_stats, masked_mean
 from components.rl.experience import ExperienceMaker, PolicyValue, RewardFn, TrainingError
 from components.rl.kl_controller import kl_controller
 from components.rl.learner import Learner
@@ -85,7 +90,8 @@ class Trainer:
     `policy` is the starting causal LM or encoder-decoder (trained in place); `reference` defaults to a frozen copy
     of it, or, for a LoRA (PEFT) policy, to the policy with its adapter switched off. `critic_type` "shared" reads
     values from the policy's last hidden state (the decoder's, for an encoder-decoder; one forward for both);
-    "separate" (causal LMs) uses `critic` (default a copy of the policy's backbone); "none" has no critic.
+    "separate" (causal LMs) uses `critic` (default a copy of the policy's backbone); "none" has no critic (the default
+    for a critic-free `rl.advantage_estimator`, and the only type it takes).
 
     The same code runs in N data-parallel processes (a torch.distributed process group, e.g. from
     `accelerate launch`), replicated or sharded by FSDP2 as the Accelerate config says, taking the same steps
@@ -102,14 +108,18 @@ class Trainer:
         reward: RewardConfig | None = None,
         reference: PreTrainedModel | None = None,
         critic: torch.nn.Module | None = None,
-        critic_type: str = "shared",
+        critic_type: str | None = None,
         seed: int = 0,
         use_chat_template: bool = False,
     ):
+        critic_type = critic_type or ("shared" if rl.needs_critic else "none")
         if critic_type not in ("shared", "separate", "none"):
             raise ConfigError(f"critic.type={critic_type!r}; allowed: 'shared', 'separate', 'none'")
-        if rl.advantage_estimator == "gae" and critic_type == "none":
-            raise ConfigError("rl.advantage_estimator=gae needs a critic, but critic.type is none")
+        if rl.needs_critic and critic_type == "none":
+            raise ConfigError(f"rl.advantage_estimator={rl.advantage_estimator} needs a critic, but critic.type is none")
+        if not rl.needs_critic and critic_type != "none":
+            raise ConfigError(f"rl.advantage_estimator={rl.advantage_estimator} uses no critic, but critic.type is "
+                              f"{critic_type}: set critic.type to none")
         self.encoder_decoder = is_encoder_decoder(policy)
         if critic_type == "separate" and self.encoder_decoder:
             raise ConfigError("critic.type=separate is for causal LMs; an encoder-decoder policy uses the shared value head")
@@ -146,14 +156,15 @@ class Trainer:
                 )
             # A separate critic loaded from another model may hold layers the value never reads (a pooler).
             module, accelerator = distributed.data_parallel(policy_value, find_unused_parameters=critic_type == "separate")
-        self.experience_maker = ExperienceMaker(policy_value, self.reference, tokenizer, reward_fn, generation, self.reward,
+        self.experience_maker = ExperienceMaker(policy_value, self.reference, tokenizer, reward_fn, rl, generation, self.reward,
                                                 eos_token_ids(tokenizer, policy).to(self.device), pad_id(tokenizer),
                                                 use_chat_template)
         # fused: one kernel for all parameters instead of a loop of small ops per tensor (the CPU default)
         self.optimizer = torch.optim.AdamW(self._trainable_parameters(), lr=rl.learning_rate, weight_decay=0.0,
                                            fused=self.device.type in ("cpu", "cuda"))
-        self.learner = Learner(module, self.optimizer, rl, generation.temperature, accelerator, has_critic=critic_type != "none")
-        total_iterations = math.ceil(rl.total_episodes / rl.rollout_batch_size)
+        self.learner = Learner(module, self.optimizer, rl, generation.temperature, generation.max_new_tokens, accelerator,
+                               has_critic=critic_type != "none")
+        total_iterations = math.ceil(rl.total_episodes / rl.episodes_per_iteration)
         linear = rl.lr_schedule == "linear"
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda i: max(0.0, 1.0 - i / total_iterations) if linear else 1.0)
@@ -195,7 +206,8 @@ class Trainer:
     # ------------------------------------------------------------------ one iteration
 
     def run_iteration(self, prompts: Sequence) -> dict[str, float]:
-        """One iteration on `prompts` (one episode each). Returns the statistics (see the module docstring)."""
+        """One iteration on `prompts` (`rl.samples_per_prompt` episodes each). Returns the statistics (see the module
+        docstring)."""
         if len(prompts) == 0:
             raise TrainingError(f"iteration {self.iteration + 1}: empty prompt batch")
         start = time.perf_counter()
@@ -203,7 +215,7 @@ class Trainer:
         exp, times = self.experience_maker.make(prompts, kl_coef, iteration, self.sample_generator)
         estimate_advantages(exp, self.rl)
         update_start = time.perf_counter()
-        update_stats = self.learner.learn(exp, iteration, self.shuffle_generator)
+        update_stats = self.learner.learn(exp, iteration, self.shuffle_generator, kl_coef)
         update_time = distributed.mean_over_ranks(time.perf_counter() - update_start)
         times = {name: distributed.mean_over_ranks(seconds) for name, seconds in times.items()}
 
@@ -211,7 +223,7 @@ class Trainer:
         stats = {
             "objective/scores": exp.scores.mean().item(),
             "objective/kl": kl_per_sequence.mean().item(),
-            "objective/non_score_reward": (-kl_coef * kl_per_sequence).mean().item(),
+            "objective/non_score_reward": (exp.rewards.sum(1) - exp.shaped_scores).mean().item(),
             "objective/rlhf_reward": exp.rewards.sum(1).mean().item(),
             "objective/sequence_entropy": (-exp.logprobs).sum(1).mean().item(),
             **update_stats,
@@ -220,6 +232,8 @@ class Trainer:
             "response/length_mean": exp.mask.sum(1).mean().item(),
             "response/eos_fraction": exp.ended_with_eos.float().mean().item(),
         }
+        if self.rl.samples_per_prompt > 1:
+            stats.update(group_stats(exp.shaped_scores, self.rl.samples_per_prompt))
         if exp.values is not None:
             stats["val/explained_variance"] = explained_variance(exp.values, exp.returns, exp.mask)
             stats["val/mean"] = masked_mean(exp.values, exp.mask).item()

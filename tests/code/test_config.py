@@ -51,8 +51,11 @@ def test_choices_are_listed():
 
 
 def test_batch_sizes_must_divide():
-    with pytest.raises(ConfigError, match=r"\n  rl.rollout_batch_size \(60\) must be a multiple of rl.mini_batch_size \(16\)"):
+    with pytest.raises(ConfigError, match=r"\n  rl.rollout_batch_size x rl.samples_per_prompt \(60 x 1 episodes\) must be "
+                                          r"a multiple of rl.mini_batch_size \(16\)"):
         load_config(overrides=["rl.rollout_batch_size=60"])
+    # episodes count completions: 12 prompts x 4 samples fill three minibatches of 16
+    assert load_config(overrides=["rl.rollout_batch_size=12", "rl.samples_per_prompt=4"]).rl.episodes_per_iteration == 48
     with pytest.raises(ConfigError, match=r"rl.gradient_accumulation_steps \(1\) must be a multiple of launch.num_processes \(2\)"):
         load_config(overrides=["launch.num_processes=2"])
     assert load_config(overrides=["launch.num_processes=2", "rl.gradient_accumulation_steps=4"]).launch.num_processes == 2
