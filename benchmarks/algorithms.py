@@ -13,7 +13,7 @@ Standard library only: the TRL workers load this file by path from their own vir
                         kl_estimator         k1|k2|k3
                         kl_placement         reward (a penalty in the reward) | loss (a term of the loss)
                         loss_aggregation     token_mean|sequence_mean|constant
-                        clip_range_low/high  the ratio's clip range
+                        clip_range, clip_range_high  the ratio's clip range (low, high)
                       An engine whose config refuses these keys does not have the algorithm: the alignflow worker
                       reports it unavailable and the harness skips it, saying so (`alignflow_worker.probe`).
   trl                 (venv, trainer, settings) of TRL's peer, or None where TRL has no such trainer.
@@ -39,7 +39,7 @@ from __future__ import annotations
 TRL_PPO_VENV = "trl-1.12.0"  # benchmarks/.venv-trl
 TRL_GROUP_VENV = "trl-1.16.0"  # benchmarks/.venv-trl116
 
-CLIP = {"clip_range_low": 0.2, "clip_range_high": 0.2}  # TRL's epsilon=0.2, epsilon_high unset (= epsilon)
+CLIP = {"clip_range": 0.2, "clip_range_high": 0.2}  # TRL's epsilon=0.2, epsilon_high unset (= epsilon)
 
 ALGORITHMS: dict[str, dict] = {
     "ppo": {

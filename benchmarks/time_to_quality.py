@@ -367,7 +367,6 @@ def summarize_throughput(raw: dict, peak_flops: float) -> list[dict]:
 def targets(report: dict) -> list[dict]:
     """The issue's targets, each measured where this run has what it needs, else "not measured" and why."""
     learning, throughput = report["learning"], report["throughput"]
-    engines = report["engines"]
     out = []
 
     def add(target: str, measured: str, met: bool | None) -> None:

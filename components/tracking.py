@@ -34,6 +34,7 @@ from components import secrets
 from components.config import PROJECT_ROOT, RunConfig, TrackingConfig
 from components.errors import UserError
 
+ALGORITHM_TAG = "alignflow.algorithm"  # ppo, rloo, grpo, dr_grpo, reinforce_pp, reinforce_pp_baseline
 STOP_REASON_TAG = "alignflow.stop_reason"
 GATES_PASSED_TAG = "alignflow.gates_passed"
 MODEL_VERSION_TAG = "alignflow.model_version"
@@ -340,6 +341,7 @@ def recent_runs(experiment: str | None, n: int = 10) -> list[dict[str, Any]]:
             {
                 "run_id": run.info.run_id,
                 "run_name": run.info.run_name,
+                "algorithm": tags.get(ALGORITHM_TAG),
                 "experiment": experiments.get(run.info.experiment_id, run.info.experiment_id),
                 "start_time": datetime.fromtimestamp(run.info.start_time / 1000, tz=timezone.utc),
                 "status": run.info.status,

@@ -95,7 +95,8 @@ def start_tracking(config: RunConfig, resume_run_id: str | None) -> str:
     if resume_run_id is None:
         tracking.log_config(config)
         mlflow.set_tags({"alignflow.git_commit": git_commit(), "alignflow.prefect_flow_run_id": flow_run.id or "",
-                         "alignflow.base_policy": config.policy.model, "alignflow.reward_model": config.reward.model})
+                         "alignflow.base_policy": config.policy.model, "alignflow.reward_model": config.reward.model,
+                         tracking.ALGORITHM_TAG: config.rl.algorithm})
         crash_point("tracking.started")
     return run.info.run_id
 
@@ -323,7 +324,7 @@ def train(trainer: Trainer, start: int, prompts: list, config: RunConfig, run_id
         result = TrainResult(trainer.stop_reason or "iterations", len(trainer.history) - before, trainer.episodes,
                              trainer.history[before:])
     else:
-        with ProgressBar(config.rl.total_episodes, "training", start_episodes=trainer.episodes) as bar:
+        with ProgressBar(config.rl.total_episodes, config.rl.algorithm, start_episodes=trainer.episodes) as bar:
             result = trainer.train(prompts, iterations=iterations, callback=bar)
         trainer.save_checkpoint(directory)
     crash_point("train.checkpointed")
@@ -374,7 +375,8 @@ def register(config: RunConfig, policy_dir: Path | None, run_id: str, data: Data
         tags = {
             registry.GATES_TAG: report.passed, "gates_failed": ",".join(report.failed_names),
             "data_md5": data.md5, "data_name": data.name, "data_dvc_file": data.dvc_file or "", "data_versioned": data.versioned,
-            "reward_model": config.reward.model, "base_policy": config.policy.model, "git_commit": git_commit(),
+            "reward_model": config.reward.model, "base_policy": config.policy.model, "algorithm": config.rl.algorithm,
+            "samples_per_prompt": config.rl.samples_per_prompt, "git_commit": git_commit(),
             "prefect_flow_run_id": flow_run.id or "", "mlflow_run_id": run_id,
             registry.SCORE_TAG: candidate.summary.mean_score, registry.KL_TAG: candidate.summary.kl,
             "evaluated_against": champion.version if champion else "", "stop_reason": stop_reason,

@@ -1,4 +1,4 @@
-"""A rich progress bar for `Trainer.train(callback=...)`: episodes done, live score and KL."""
+"""A rich progress bar for `Trainer.train(callback=...)`: episodes (sampled completions) done, live score and KL."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ class ProgressBar:
             TextColumn("[bold]{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
-            TextColumn("episodes  score {task.fields[score]}  kl {task.fields[kl]}"),
+            TextColumn("episodes (completions)  score {task.fields[score]}  kl {task.fields[kl]}"),
             TimeElapsedColumn(),
             TimeRemainingColumn(),
             console=console,

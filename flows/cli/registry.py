@@ -17,7 +17,7 @@ from flows.cli.run import prefect_api
 @app.command()
 @explain_errors
 def runs(config: Optional[Path] = ConfigOption, set_: list[str] = SetOption, limit: int = typer.Option(10, "-n")) -> None:
-    """Recent pipeline runs: status, stop reason, score gain, KL, gate result and model version. With --config (or
+    """Recent pipeline runs: algorithm, status, stop reason, score gain, KL, gate result and model version. With --config (or
     --set), the runs of its experiment; without, the runs of every experiment of the tracking store."""
     from components import tracking
 
@@ -27,13 +27,13 @@ def runs(config: Optional[Path] = ConfigOption, set_: list[str] = SetOption, lim
     title = f"Recent runs of experiment {experiment}" if experiment else \
         "Recent runs of every experiment (--config F shows the runs of F's experiment)"
     table = Table(title=f"{title}, {uri}")
-    columns = ("run id", "start", "status", "stop reason", "score gain", "KL", "gates", "version")
+    columns = ("run id", "algorithm", "start", "status", "stop reason", "score gain", "KL", "gates", "version")
     for column in (() if experiment else ("experiment",)) + columns:
         table.add_column(column)
     for row in refused_in_words(lambda: tracking.recent_runs(experiment, limit),
                                 f"read the runs of {'experiment ' + experiment if experiment else 'the experiments'}"):
         gates = {None: "-", True: "[green]passed", False: "[red]failed"}[row["gates_passed"]]
-        cells = (row["run_id"][:12], row["start_time"].strftime("%Y-%m-%d %H:%M"), row["status"], row["stop_reason"] or "-",
+        cells = (row["run_id"][:12], row["algorithm"] or "-", row["start_time"].strftime("%Y-%m-%d %H:%M"), row["status"], row["stop_reason"] or "-",
                  _num(row["reward_gain"]), _num(row["kl"]), gates, row["model_version"] or "-")
         table.add_row(*((() if experiment else (escape(row["experiment"]),)) + cells))
     console.print(table)
@@ -76,7 +76,7 @@ def models(config: Optional[Path] = ConfigOption, set_: list[str] = SetOption) -
         reference = next((v for v in versions if run_config.tracking.champion_alias in v.aliases), versions[0] if versions else None)
         scorer = reference.tags.get("reward_model") if reference else None
         table = Table(title=f"Registered model {name}, {uri}" + ("" if (config or set_) else " (--config F shows F's model)"))
-        for column in ("version", "aliases", "gates", "failed gates", "eval score", "KL", "reward model", "data", "promoted by"):
+        for column in ("version", "aliases", "algorithm", "gates", "failed gates", "eval score", "KL", "reward model", "data", "promoted by"):
             table.add_column(column)
         mismatched = False
         for version in versions:
@@ -86,7 +86,7 @@ def models(config: Optional[Path] = ConfigOption, set_: list[str] = SetOption) -
             if tags.get("reward_model") != scorer:
                 score, mismatched = f"{score} [yellow]*[/]", True
             data = f"{tags.get('data_name', '?')} {tags.get('data_md5', '-')[:8]}"
-            table.add_row(str(version.version), ", ".join(version.aliases) or "-", gates, tags.get("gates_failed") or "-",
+            table.add_row(str(version.version), ", ".join(version.aliases) or "-", tags.get("algorithm", "-"), gates, tags.get("gates_failed") or "-",
                           score, tags.get(registry.KL_TAG, tags.get("eval_kl", "-"))[:7], escape(tags.get("reward_model", "-")), escape(data),
                           tags.get("promoted_by", "-"))
         console.print(table)

@@ -54,7 +54,7 @@ def test_the_run_records_the_config_and_every_training_step_once(demo):
                 "data/kept"):
         assert key in run.data.metrics, key
     assert metric_steps(client, result.run_id, "eval/candidate/kl") == [0]
-    assert run.data.tags["alignflow.gates_passed"] == "true"
+    assert run.data.tags["alignflow.gates_passed"] == "true" and run.data.tags["alignflow.algorithm"] == "ppo"
     assert run.data.tags["alignflow.model_version"] == result.model_version
     assert run.data.tags["alignflow.packed_sequences"] == "policy, critic"  # GPT-2 policy, reference and critic
 
@@ -77,6 +77,7 @@ def test_the_candidate_is_registered_with_its_lineage_and_promoted(demo):
     tags = champion.tags
     assert tags["gates_passed"] == "true" and tags["data_md5"] == file_md5(PROJECT_ROOT / "data" / "demo" / "prompts.jsonl")
     assert tags["base_policy"] == "artifacts/demo/instruct" and tags["reward_model"] == "artifacts/demo/reward"
+    assert (tags["algorithm"], tags["samples_per_prompt"]) == ("ppo", "1")
     assert tags["mlflow_run_id"] == result.run_id and tags["prefect_flow_run_id"] and tags["git_commit"]
     assert float(tags[registry.SCORE_TAG]) == pytest.approx(result.candidate.mean_score)
     assert float(tags[registry.KL_TAG]) == pytest.approx(result.candidate.kl)

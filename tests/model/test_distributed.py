@@ -1,5 +1,6 @@
-"""Data-parallel PPO (gloo, CPU): N processes over a global batch take the same step as one process, replicated
-(DistributedDataParallel) or sharded (FSDP2)."""
+"""Data-parallel training (gloo, CPU): N processes over a global batch take the same step as one process, replicated
+(DistributedDataParallel) or sharded (FSDP2), for PPO and for the critic-free group estimators (whose groups of k
+completions stay whole on one process)."""
 
 import gc
 import json
@@ -30,11 +31,15 @@ CLIP_SHARES = ("policy/clipfrac", "val/clipfrac")
 # normalisation and the adaptive KL controller, so every global statistic is exercised.
 RL = dict(learning_rate=1e-3, rollout_batch_size=8, mini_batch_size=4, gradient_accumulation_steps=2, update_epochs=2,
            kl_coef=0.05, adaptive_kl=True, target_kl=0.5, total_episodes=10_000)
+# The same 8 episodes per iteration as 2 prompts x 4 completions: one whole group on each of 2 processes.
+GRPO = {**RL, "advantage_estimator": "grpo", "samples_per_prompt": 4, "rollout_batch_size": 2}
+DR_GRPO = {**GRPO, "advantage_estimator": "dr_grpo", "clip_range_high": 0.28}
+ALGORITHMS = pytest.mark.parametrize("rl", [RL, GRPO], ids=["ppo", "grpo"])
 
 
-def make_trainer(lm_dir, seed=0):
+def make_trainer(lm_dir, seed=0, rl=RL):
     return Trainer(
-        load_causal_lm(lm_dir), load_tokenizer(lm_dir), word_share("good"), RLConfig(**RL),
+        load_causal_lm(lm_dir), load_tokenizer(lm_dir), word_share("good"), RLConfig(**rl),
         GenerationConfig(max_new_tokens=8, max_prompt_tokens=8), RewardConfig(normalize=True), seed=seed,
     )
 
@@ -44,12 +49,13 @@ def run_iterations(trainer, iterations):
 
 
 def parameters(trainer):
+    value_head = trainer.value_head.named_parameters() if trainer.value_head is not None else []
     return {name: p.detach().clone() for name, p in trainer.policy.named_parameters()} | {
-        f"value_head.{name}": p.detach().clone() for name, p in trainer.value_head.named_parameters()
+        f"value_head.{name}": p.detach().clone() for name, p in value_head
     }
 
 
-def _worker(rank: int, world: int, port: int, lm_dir: str, out: str) -> None:
+def _worker(rank: int, world: int, port: int, lm_dir: str, out: str, rl: dict) -> None:
     """One process as `accelerate launch --cpu` starts it: its place in the environment, Accelerate's state."""
     from accelerate import PartialState
 
@@ -58,7 +64,7 @@ def _worker(rank: int, world: int, port: int, lm_dir: str, out: str) -> None:
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     PartialState(cpu=True)  # the gloo process group
     try:
-        trainer = make_trainer(lm_dir)
+        trainer = make_trainer(lm_dir, rl=rl)
         history = run_iterations(trainer, 2)
         trainer.save_checkpoint(Path(out) / "checkpoint")
         if distributed.is_main_process():
@@ -75,13 +81,13 @@ FSDP_ENV = dict(ACCELERATE_USE_FSDP="true", FSDP_VERSION="2", FSDP_AUTO_WRAP_POL
                 FSDP_RESHARD_AFTER_FORWARD="true")
 
 
-def resume(lm_dir, checkpoint):
-    trainer = make_trainer(lm_dir)
+def resume(lm_dir, checkpoint, rl=RL):
+    trainer = make_trainer(lm_dir, rl=rl)
     trainer.load_checkpoint(checkpoint)
     return trainer
 
 
-def _fsdp_worker(rank: int, world: int, port: int, lm_dir: str, out: str) -> None:
+def _fsdp_worker(rank: int, world: int, port: int, lm_dir: str, out: str, rl: dict) -> None:
     """One FSDP process: an iteration, its checkpoint resumed by a new sharded trainer, a second iteration."""
     from accelerate import PartialState
 
@@ -90,13 +96,13 @@ def _fsdp_worker(rank: int, world: int, port: int, lm_dir: str, out: str) -> Non
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **FSDP_ENV)
     PartialState(cpu=True)
     try:
-        first = make_trainer(lm_dir)
+        first = make_trainer(lm_dir, rl=rl)
         weight = first.policy.get_input_embeddings().weight
         sharding = {"sharded": distributed.is_sharded(first.learner.module), "shard_rows": weight.to_local().shape[0],
                     "rows": weight.shape[0]}
         history = run_iterations(first, 1)
         first.save_checkpoint(Path(out) / "first")
-        second = resume(lm_dir, Path(out) / "first")
+        second = resume(lm_dir, Path(out) / "first", rl)
         history += run_iterations(second, 1)
         second.save_checkpoint(Path(out) / "second")
         if distributed.is_main_process():
@@ -114,12 +120,13 @@ def assert_same_stats(got, expected):
             assert got[name] == pytest.approx(value, rel=1e-4, abs=tolerance, nan_ok=True), name
 
 
-def test_two_processes_take_the_same_steps_as_one_and_their_checkpoint_resumes_in_one(tiny_lm_dir, tmp_path):
-    mp.start_processes(_worker, args=(2, free_port(), str(tiny_lm_dir), str(tmp_path)), nprocs=2,
+@ALGORITHMS
+def test_two_processes_take_the_same_steps_as_one_and_their_checkpoint_resumes_in_one(tiny_lm_dir, tmp_path, rl):
+    mp.start_processes(_worker, args=(2, free_port(), str(tiny_lm_dir), str(tmp_path), rl), nprocs=2,
                        start_method="spawn")
     two = torch.load(tmp_path / "result.pt", weights_only=False)
 
-    single = make_trainer(tiny_lm_dir)
+    single = make_trainer(tiny_lm_dir, rl=rl)
     history = run_iterations(single, 2)
     for got, expected in zip(two["history"], history):
         assert_same_stats(got, expected)
@@ -129,28 +136,32 @@ def test_two_processes_take_the_same_steps_as_one_and_their_checkpoint_resumes_i
     print("largest parameter difference, 2 vs 1 process:", max((v - expected[n]).abs().max().item() for n, v in two["parameters"].items()))
     for name, value in two["parameters"].items():
         torch.testing.assert_close(value, expected[name], rtol=1e-4, atol=1e-5, msg=name)
-    changed = max((expected[n] - p.detach()).abs().max().item() for n, p in make_trainer(tiny_lm_dir).policy.named_parameters())
+    changed = max((expected[n] - p.detach()).abs().max().item() for n, p in make_trainer(tiny_lm_dir, rl=rl).policy.named_parameters())
     assert changed > 1e-4  # the steps did move the weights
 
     # The checkpoint written by 2 processes resumes in 1 exactly where a 1-process run stands.
-    resumed = resume(tiny_lm_dir, tmp_path / "checkpoint")
+    resumed = resume(tiny_lm_dir, tmp_path / "checkpoint", rl)
     assert (resumed.iteration, resumed.episodes) == (single.iteration, single.episodes)
     assert_same_stats(run_iterations(resumed, 1)[0], run_iterations(single, 1)[0])
 
 
-def test_fsdp_processes_take_the_same_steps_as_one_and_their_checkpoints_resume_sharded_and_in_one(tiny_lm_dir, tmp_path):
-    mp.start_processes(_fsdp_worker, args=(2, free_port(), str(tiny_lm_dir), str(tmp_path)), nprocs=2,
+@pytest.mark.parametrize("rl", [RL, DR_GRPO], ids=["ppo", "dr_grpo"])
+def test_fsdp_processes_take_the_same_steps_as_one_and_their_checkpoints_resume_sharded_and_in_one(tiny_lm_dir, tmp_path, rl):
+    mp.start_processes(_fsdp_worker, args=(2, free_port(), str(tiny_lm_dir), str(tmp_path), rl), nprocs=2,
                        start_method="spawn")
     two = torch.load(tmp_path / "result.pt", weights_only=False)
     assert two["sharded"] and two["shard_rows"] == two["rows"] // 2  # each rank held half of the embedding
 
-    single = make_trainer(tiny_lm_dir)
+    single = make_trainer(tiny_lm_dir, rl=rl)
     history = run_iterations(single, 2)
     for got, expected in zip(two["history"], history, strict=True):  # the second from the resumed sharded trainer
         assert_same_stats(got, expected)
     # The checkpoint holds full weights and optimizer state, as one process writes them.
     weights = load_file(tmp_path / "second" / "policy.safetensors")
-    weights |= {f"value_head.{name}": value for name, value in load_file(tmp_path / "second" / "value.safetensors").items()}
+    if single.value_head is not None:
+        weights |= {f"value_head.{name}": value for name, value in load_file(tmp_path / "second" / "value.safetensors").items()}
+    else:  # a critic-free run keeps no value weights
+        assert not (tmp_path / "second" / "value.safetensors").exists()
     expected = parameters(single)
     assert set(weights) == set(expected)
     print("largest parameter difference, 2 FSDP vs 1 process:", max((v - expected[n]).abs().max().item() for n, v in weights.items()))
@@ -164,7 +175,7 @@ def test_fsdp_processes_take_the_same_steps_as_one_and_their_checkpoints_resume_
         for key, value in state.items():
             torch.testing.assert_close(optimizer["state"][index][key], value, rtol=1e-4, atol=1e-6, msg=f"{index} {key}")
 
-    resumed = resume(tiny_lm_dir, tmp_path / "second")
+    resumed = resume(tiny_lm_dir, tmp_path / "second", rl)
     assert (resumed.iteration, resumed.episodes) == (single.iteration, single.episodes)
     assert_same_stats(run_iterations(resumed, 1)[0], run_iterations(single, 1)[0])
 
