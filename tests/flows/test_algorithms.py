@@ -1,4 +1,4 @@
-"""Every algorithm's example config (configs/examples/<algorithm>.yaml) through the whole pipeline on the demo kit,
+"""Every algorithm's example config (configs/algorithms/<algorithm>.yaml) through the whole pipeline on the demo kit,
 with a short budget: the same gates, registry and promotion; the algorithm in the run's params and tags, on the
 registered version, and in `alignflow runs`. One store for the six runs, checked by the tests below."""
 
@@ -24,7 +24,7 @@ def runs(demo_kit, tmp_path_factory):
     uri = f"sqlite:///{root}/mlflow.db"
     results = {}
     for name in ALGORITHMS:
-        config = PROJECT_ROOT / "configs" / "examples" / f"{name}.yaml"
+        config = PROJECT_ROOT / "configs" / "algorithms" / f"{name}.yaml"
         results[name] = pipeline(str(config), overrides=[f"tracking.tracking_uri={uri}",
                                                          f"checkpoint.dir={root / 'checkpoints'}", *SHORT])
     yield results, MlflowClient(uri, registry_uri=uri), uri
@@ -35,7 +35,7 @@ def runs(demo_kit, tmp_path_factory):
 def test_each_example_runs_the_pipeline_to_a_registered_version(runs, name):
     results, client, _ = runs
     result = results[name]
-    config = load_config(PROJECT_ROOT / "configs" / "examples" / f"{name}.yaml")
+    config = load_config(PROJECT_ROOT / "configs" / "algorithms" / f"{name}.yaml")
     assert result.stop_reason == "total_episodes" and result.episodes == 128
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["alignflow.algorithm"] == name
