@@ -155,7 +155,7 @@ def bootstrap(tracking_uri: str) -> str:
         raise AccessSetupError(f"set {SERVICE_PASSWORD_VAR}: the password of the pipeline's service account {user}")
     ensure_user(client, user, password)
     set_role(client, user, "pipeline", models)
-    registry = MlflowClient(tracking_uri)
+    registry = MlflowClient(tracking_uri, registry_uri=tracking_uri)  # never a registry MLFLOW_REGISTRY_URI names
     for name in (m for m in models if m != "*"):
         try:
             registry.create_registered_model(name, description="alignflow's policy; created with the team stack's roles")

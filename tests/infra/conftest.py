@@ -42,6 +42,10 @@ class Stack:
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "MLFLOW_DISABLE_TELEMETRY": "true",
             "DO_NOT_TRACK": "1",
+            # What MLflow itself exports once a process has used another store (the suite's earlier tests do):
+            # the stack must set itself up on its own server regardless.
+            "MLFLOW_REGISTRY_URI": f"sqlite:///{state}/elsewhere.db",
+            "MLFLOW_EXPERIMENT_ID": "999",
         }
         for key in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "PREFECT_API_URL",
                     "PREFECT_API_AUTH_STRING"):  # the stack's own, not those of whoever runs the tests
