@@ -17,10 +17,10 @@ One run:
   5. prints the tables, writes benchmarks/results/ppo_vs_trl.json and README-snippet.md.
 
 Identical work, and where the engines differ by design (kept, and stated in the output):
-  - same policy, reference (a copy of it), reward model, tokenizer, prompts, batch, minibatch, PPO epochs,
+  - same policy, reference (a copy of it), reward model, tokenizer, prompts, batch, minibatch, update epochs,
     learning rate (constant), KL coefficient, temperature 1 with no top-k/top-p, response length, stop at EOS;
   - values: TRL trains a separate value model (a copy of the reward model, its documented setup); alignflow
-    runs the demo config's critic (`policy.value_head: separate`: also a copy of the reward model, its scoring
+    runs the demo config's critic (`critic.type: separate`: also a copy of the reward model, its scoring
     head included), or with `--value-head shared` a head on the policy's last hidden state;
   - TRL scores token ids straight away; alignflow decodes and re-tokenizes (a reward model may have its own
     tokenizer), the reward model's EOS appended where the policy ended with one (TRL's ids carry the sampled EOS);
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=None, help="learning-comparison seeds (default 3, quick 1)")
     parser.add_argument("--learn-iterations", type=int, default=None, help="PPO iterations per learning run (default 20, quick 6)")
     parser.add_argument("--value-head", choices=("shared", "separate"), default=None,
-                        help="alignflow's critic (default: the demo config's policy.value_head)")
+                        help="alignflow's critic (default: the demo config's critic.type)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     parser.add_argument("--render", type=Path, default=None, metavar="JSON",
                         help="measure nothing: print the tables of an earlier run's results and rewrite its README snippet")
@@ -497,12 +497,12 @@ def markdown(report: dict) -> str:
 {matmul['threads']} torch thread(s) per process (the best of the harness's fp32 matmul probe, {matmul['peak_flops'] / 1e9:.1f} GFLOP/s,
 the denominator of MFU); {report['date'][:10]}; alignflow engine: {report['engine']}; peer: {report['peer']}.
 Both engines run the same policy, reference, reward model, prompts and PPO settings (demo: batch 64, minibatch 16,
-4 PPO epochs, lr 1e-4, KL coefficient 0.2, {_clipping_text(settings)}, up to 24 response tokens, temperature 1), each in a fresh process,
+4 update epochs, lr 1e-4, KL coefficient 0.2, {_clipping_text(settings)}, up to 24 response tokens, temperature 1), each in a fresh process,
 {report['repeats']} run(s) per engine and workload in alternating order (A B B A), episodes/s the median over the
 iterations after each run's warm-up. "decode steps" is the mean generated width (the batch stops when every row has
 ended). "gpt2 6x512" is a randomly initialised GPT-2 (6 layers, width 512, ~19M parameters) with a reward model of
 the same shape. Critics: TRL trains a separate value model (a copy of the reward model); alignflow here
-{"a separate critic, also a copy of the reward model (`policy.value_head: separate`)" if settings.get("value_head") == "separate" else "a value head on the policy (`policy.value_head: shared`)"}. Phase columns are shares of iteration time; MFU = model FLOPs (2·N per token forward, 6·N training, per pass
+{"a separate critic, also a copy of the reward model (`critic.type: separate`)" if settings.get("value_head") == "separate" else "a value head on the policy (`critic.type: shared`)"}. Phase columns are shares of iteration time; MFU = model FLOPs (2·N per token forward, 6·N training, per pass
 each engine runs) / time / matmul peak. "ceiling" is the speed-up alignflow would have if its own model FLOPs per
 iteration ran at 100% of the matmul peak (TRL's measured iteration time / (alignflow's GFLOP/iter / peak)): with the
 same work, no engine passes it on this machine. Peak RSS: {_peak_text(report)}.
