@@ -183,6 +183,30 @@ def test_concurrent_promotions_leave_exactly_one_champion_the_better_one(stack, 
         assert list(aliases) == ["champion"]
 
 
+def test_two_runs_at_once_on_the_team_stack_keep_separate_runs_checkpoints_and_versions(stack, as_client, demo_data_dir,
+                                                                                         tiny_lm_dir, tiny_reward_dir, tmp_path):
+    """Two `alignflow run` at once against the stack's MLflow (PostgreSQL) and Prefect, as the service account:
+    both finish, each with its own run, checkpoint and version, and exactly one of them holds the champion alias."""
+    alignflow = shutil.which("alignflow") or str(Path(os.sys.executable).parent / "alignflow")
+    env = {**os.environ, **as_client}
+    sets = [arg for override in [*tiny_overrides(tiny_lm_dir, tiny_reward_dir, tmp_path, "team-two-runs"),
+                                 "checkpoint.keep=true", "gates.beats_champion=false"] for arg in ("--set", override)]
+    runs = [subprocess.Popen([alignflow, "run", *sets], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for _ in range(2)]
+    outputs = [run.communicate(timeout=600)[0] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], "\n".join(output[-3000:] for output in outputs)
+
+    client = MlflowClient(as_client["MLFLOW_TRACKING_URI"], registry_uri=as_client["MLFLOW_TRACKING_URI"])
+    found = client.search_runs([client.get_experiment_by_name("team-two-runs").experiment_id])
+    assert len(found) == 2 and {r.info.status for r in found} == {"FINISHED"}
+    versions = client.search_model_versions("name='team-two-runs-policy'")
+    assert sorted(int(v.version) for v in versions) == [1, 2] and {v.run_id for v in versions} == {r.info.run_id for r in found}
+    aliases = client.get_registered_model("team-two-runs-policy").aliases
+    assert list(aliases) == ["champion"] and str(aliases["champion"]) in {"1", "2"}  # one champion, one of the two
+    kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert kept == sorted(r.info.run_id for r in found)
+
+
 def test_mlflow_down_mid_run_fails_clearly_and_a_rerun_resumes(stack, as_client, demo_kit, tiny_lm_dir, tiny_reward_dir, tmp_path, monkeypatch):
     from flows import tasks
     from flows.pipeline import pipeline
