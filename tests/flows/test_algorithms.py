@@ -14,7 +14,7 @@ from flows.pipeline import pipeline
 pytestmark = pytest.mark.slow
 
 ALGORITHMS = ["ppo", "rloo", "grpo", "dr_grpo", "reinforce_pp", "reinforce_pp_baseline"]
-SHORT = ["rl.total_episodes=128", "checkpoint.every=1", "data.eval_size=16", "evaluation.bootstrap_samples=100",
+SHORT = ["rl.total_episodes=128", "rl.update_epochs=1", "checkpoint.every=1", "data.eval_size=16", "evaluation.bootstrap_samples=100",
          "generation.max_new_tokens=12"]
 
 
