@@ -30,11 +30,9 @@ class Learner:
         self.optimizer, self.rl, self.temperature, self.accelerator = optimizer, rl, temperature, accelerator
         self.max_new_tokens = max_new_tokens  # the constant of rl.loss_aggregation: constant
         self.has_critic = has_critic
-        self.kl_coef = 0.0  # this iteration's, for the KL term in the loss (rl.kl_placement: loss)
 
     def learn(self, exp: Experience, iteration: int, shuffle: torch.Generator, kl_coef: float = 0.0) -> dict[str, float]:
         """The iteration's optimizer steps; the statistics averaged over every micro-batch of every epoch."""
-        self.kl_coef = kl_coef
         batch, mini = exp.size, self.rl.mini_batch_size
         micro = max(1, mini // self.rl.gradient_accumulation_steps)
         params = [p for group in self.optimizer.param_groups for p in group["params"]]  # under FSDP, the shards
@@ -56,7 +54,7 @@ class Learner:
                     last = micro_start == mine[-1]
                     syncing = not self.accelerator or last
                     with contextlib.nullcontext() if syncing else distributed.no_sync(self.module, self.accelerator):
-                        loss, stats = self.loss(exp, index)
+                        loss, stats = self.loss(exp, index, kl_coef)
                         # The micro-batch's share of its minibatch, times the ranks whose mean DDP takes.
                         weight = len(index) / len(minibatch) * ranks
                         if not torch.isfinite(loss):
@@ -79,7 +77,7 @@ class Learner:
         summed = distributed.all_sum(torch.tensor([*totals.values(), count], dtype=torch.float64)).tolist()
         return {name: total / summed[-1] for name, total in zip(totals, summed)}
 
-    def loss(self, exp: Experience, index: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(self, exp: Experience, index: torch.Tensor, kl_coef: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss of the episodes `index`: the clipped surrogate, + vf_coef * the clipped value loss, + kl_coef * the
         KL estimate (with the KL in the loss), - ent_coef * the entropy. The batch is trimmed to the prompt columns some row uses (prompts are padded on one side) and the
         response columns up to the longest response (responses are right-padded)."""
@@ -101,7 +99,7 @@ class Learner:
         if rl.kl_placement == "loss":  # GRPO's beta * KL(pi || pi_ref), per token, aggregated as the policy loss
             kl_loss = aggregate(kl_penalty(logprobs, cut(exp.ref_logprobs), rl.kl_estimator), mask, rl.loss_aggregation,
                                 self.max_new_tokens)
-            loss = loss + self.kl_coef * kl_loss
+            loss = loss + kl_coef * kl_loss
             stats["loss/kl"] = kl_loss.detach()
         if self.has_critic:
             vf_loss, value_stats = value_loss(values.float(), cut(exp.values), cut(exp.returns), mask, self.rl.clip_range_value)
