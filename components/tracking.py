@@ -201,8 +201,21 @@ def log_dataset(name: str, source: str, digest: str, rows=None, context: str = "
 
         frame = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows))
         dataset = mlflow.data.from_pandas(frame, source=dataset_source, name=name, digest=digest)
-    mlflow.log_input(dataset, context=context)
+    for attempt in range(3):
+        try:
+            mlflow.log_input(dataset, context=context)
+            return dataset
+        except MlflowException as error:
+            # Two runs of one experiment logging the same new dataset at once: the store checks for the dataset, both
+            # find none, and the second insert breaks its unique key. On a retry the store finds the row and links it.
+            if attempt == 2 or not _is_duplicate_key(error):
+                raise
     return dataset
+
+
+def _is_duplicate_key(error: MlflowException) -> bool:
+    message = str(error).lower()
+    return "unique" in message or "duplicate key" in message
 
 
 def _dataset_source(source: str):

@@ -1,4 +1,5 @@
 import json
+import threading
 
 import mlflow
 import pytest
@@ -72,6 +73,30 @@ def test_dataset_input_digest_is_the_dvc_md5(config, with_rows):
     assert entry.dataset.name == "prompts"
     assert json.loads(entry.dataset.source)["uri"].endswith("data/demo/prompts.jsonl")
     assert {tag.key: tag.value for tag in entry.tags}["mlflow.data.context"] == "training"
+
+
+def test_runs_logging_the_same_new_dataset_at_once_all_get_it(config):
+    """Runs of one experiment that log the same dataset at the same moment (two nightly runs started together) race
+    for the store's dataset row; each run ends with the dataset as its input, none with a unique-key error."""
+    experiment_id = tracking.ensure_experiment(config.tracking)
+    barrier, run_ids, errors = threading.Barrier(6), [], []
+
+    def log_at_once():
+        with mlflow.start_run(experiment_id=experiment_id) as run:  # MLflow's active run is per thread
+            run_ids.append(run.info.run_id)
+            barrier.wait()
+            try:
+                tracking.log_dataset("prompts", "data/demo/prompts.jsonl", MD5, rows=[{"prompt": "the film was"}])
+            except Exception as error:  # noqa: BLE001 - reported by the assertion below
+                errors.append(repr(error))
+
+    threads = [threading.Thread(target=log_at_once) for _ in range(6)]
+    [thread.start() for thread in threads]
+    [thread.join(60) for thread in threads]
+    assert errors == []
+    for run_id in run_ids:
+        (entry,) = MlflowClient().get_run(run_id).inputs.dataset_inputs
+        assert (entry.dataset.name, entry.dataset.digest) == ("prompts", MD5)
 
 
 def test_dataset_digest_longer_than_mlflow_allows_is_refused(config):
