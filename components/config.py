@@ -451,6 +451,10 @@ class GatesConfig(Section):
     max_length_ratio: float = Field(2.0, gt=0, description="Candidate mean completion length over the reference's: at most this.")
     min_distinct2: float = Field(0.2, ge=0, le=1, description="Distinct bigrams over all bigrams of the candidate's completions.")
     beats_champion: bool = Field(True, description="When a champion exists, the candidate's mean score must be higher than its.")
+    judge_gain: bool = Field(
+        True, description="With a judge (a second, held-out reward model), its score gain's bootstrap 95% CI must lie "
+        "above zero too: a gain only the trained-against reward model sees is reward hacking."
+    )
 
     @model_validator(mode="after")
     def _ratio_bounds(self) -> "GatesConfig":
@@ -473,6 +477,10 @@ class RunConfig(Section):
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     critic: CriticConfig = Field(default_factory=CriticConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
+    judge: RewardConfig | None = Field(
+        None, description="Optional held-out reward model (e.g. trained by the reward stage on a disjoint split) that "
+        "scores the evaluation's completions beside the reward model, never the training's; see gates.judge_gain."
+    )
     rl: RLConfig = Field(default_factory=RLConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
@@ -519,6 +527,141 @@ class RunConfig(Section):
         """The sections the engine takes (components.rl.build_trainer's keyword arguments), not the whole run."""
         return {"rl": self.rl, "generation": self.generation, "reward": self.reward, "critic": self.critic,
                 "lora": self.policy.lora, "seed": self.seed, "use_chat_template": self.policy.use_chat_template}
+
+    def flat(self) -> dict[str, Any]:
+        """`section.key -> value`, for logging as MLflow params."""
+        return _flatten(self.model_dump(mode="json"))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# --- the reward-model stage ---------------------------------------------------------------------
+
+REWARD_CONFIG = PROJECT_ROOT / "configs" / "reward.yaml"
+
+
+class PreferenceDataConfig(Section):
+    """The human preference pairs a reward model learns from. Bad rows are reported by row number, never dropped
+    silently; the held-out pairs are split off with the run's seed."""
+
+    source: str = Field(
+        "data/demo/preferences.jsonl",
+        description="Hub dataset id, or a local file (.jsonl, .json, .csv, .parquet; compressed too) or directory of "
+        "them, relative to the project root.",
+    )
+    split: str = Field("train", description="Split to read (hub datasets and directories).")
+    subset: str | None = Field(None, description="A hub dataset's configuration name (datasets' `name`), if it has several.")
+    data_dir: str | None = Field(None, description="A hub dataset's sub-directory, e.g. harmless-base of Anthropic/hh-rlhf.")
+    format: Literal["auto", "explicit", "implicit", "conversational"] = Field(
+        "auto",
+        description="explicit: prompt, chosen and rejected columns of text; implicit: chosen and rejected whole "
+        "Human:/Assistant: transcripts whose shared part is the prompt (hh-rlhf); conversational: chosen and rejected "
+        "message lists (and an optional prompt list); auto: told by the columns and the first row.",
+    )
+    prompt_field: str = Field("prompt", description="Column holding the prompt (explicit; optional in conversational).")
+    chosen_field: str = Field("chosen", description="Column holding the preferred answer or transcript.")
+    rejected_field: str = Field("rejected", description="Column holding the other answer or transcript.")
+    margin_field: str | None = Field(None, description="Optional column of how much chosen is preferred (the loss's margin).")
+    max_pairs: int | None = Field(None, gt=0, description="Use at most this many pairs (after the bad rows are left out).")
+    eval_fraction: float = Field(0.1, gt=0, lt=1, description="Share of the pairs held out for evaluation and the gates.")
+    check_dvc: bool = Field(
+        True,
+        description="Refuse a local dataset that DVC does not track, or whose bytes differ from what its .dvc file "
+        "pins. false: run on it anyway; the run records the file's own md5 and tags it unversioned.",
+    )
+
+
+class RewardModelConfig(Section):
+    """The model trained to score prompt + answer: any sequence-classification model with one output."""
+
+    base: str = Field("artifacts/demo/instruct", description="Hub id, local path or models:/NAME@ALIAS of the model to start from.")
+    revision: str | None = Field(None, description="The hub revision (branch, tag or commit) of a hub model.")
+    max_length: int = Field(256, gt=0, description="Tokens of prompt + answer; longer pairs are reported and left out.")
+    append_eos: bool = Field(
+        True, description="Each answer is read with the tokenizer's EOS after it, as the policy pipeline's scorer reads "
+        "a finished completion (reward.append_eos)."
+    )
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    allow_pickle: bool = Field(False, description=_ALLOW_PICKLE)
+    trust_remote_code: bool = Field(False, description=_TRUST_REMOTE_CODE)
+
+    @field_validator("base")
+    @classmethod
+    def _check_base(cls, value: str) -> str:
+        return _check_model_ref(value)
+
+    @field_validator("trust_remote_code")
+    @classmethod
+    def _no_remote_code(cls, value: bool) -> bool:
+        return _refuse_remote_code(value)
+
+
+class RewardTrainingConfig(Section):
+    """The pairwise Bradley-Terry loss, -log sigmoid(r_chosen - r_rejected - margin), with AdamW."""
+
+    learning_rate: float = Field(1e-5, gt=0, lt=1, description="AdamW's peak learning rate.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW's weight decay.")
+    batch_size: int = Field(32, gt=0, description="Pairs per optimizer step (chosen and rejected go through one forward).")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training pairs (pairs are drawn at random with the seed).")
+    max_steps: int | None = Field(None, gt=0, description="Optimizer steps; set, it overrides epochs.")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of the steps the learning rate warms up over, linearly.")
+    lr_schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="The decay after warm-up.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Where cosine and linear decay end, as a share of the peak.")
+    center_rewards_coef: float | None = Field(
+        None, ge=0, description="Weight of mean(r^2) in the loss, keeping scores near 0 (Eisenstein et al. 2023; TRL's)."
+    )
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this; null: no clipping.")
+    checkpoint_every: int = Field(100, gt=0, description="Optimizer steps between checkpoints (each logged to MLflow).")
+
+
+class RewardEvaluationConfig(Section):
+    """On the held-out pairs: accuracy (with a bootstrap CI), margins, score distributions, calibration, length bias."""
+
+    seed: int = Field(1234, description="Seed of the bootstrap resamples.")
+    bootstrap_samples: int = Field(1000, gt=0, description="Resamples of the accuracy's bootstrap confidence interval.")
+    length_buckets: int = Field(4, gt=0, description="Accuracy is reported per quantile bucket of the answers' length.")
+    calibration_bins: int = Field(10, gt=1, description="Bins of P(chosen preferred) in the reliability plot.")
+    batch_size: int = Field(64, gt=0, description="Texts scored per forward.")
+    gold_scorer: str | None = Field(
+        None, description="Optional ground-truth judge, `module:function` (text -> float): the share of held-out pairs "
+        "the reward model orders as it does is reported (eval/.../gold_accuracy), e.g. the demo's gold_score."
+    )
+
+    @field_validator("gold_scorer")
+    @classmethod
+    def _module_function(cls, value: str | None) -> str | None:
+        return EvaluationConfig._module_function(value)
+
+
+class RewardGatesConfig(Section):
+    """Only a reward model that passes every gate is promoted."""
+
+    min_accuracy: float = Field(0.6, ge=0, le=1, description="Held-out pairwise accuracy must be at least this.")
+    significant: bool = Field(True, description="The accuracy's bootstrap 95% CI must lie above 0.5 (its lower bound > 0.5).")
+    not_worse_than_champion: bool = Field(
+        True, description="When a reward-model champion exists, accuracy on the same pairs must be at least the champion's."
+    )
+
+
+class RewardTrackingConfig(TrackingConfig):
+    experiment: str = Field("alignflow-reward", description="The MLflow experiment reward-model runs are recorded in.")
+    registered_model: str = Field("alignflow-reward", description="The registered model each reward model is a version of.")
+    champion_alias: str = Field("champion", description="The alias of the reward model policies are trained against.")
+
+
+class RewardRunConfig(Section):
+    """One run of the reward-model stage: preference pairs in, a gated, registered reward model out."""
+
+    name: str = Field("alignflow-reward", description="The MLflow run's name.")
+    seed: int = Field(0, description="Seeds the held-out split, the model's new head and the order of pairs.")
+    data: PreferenceDataConfig = Field(default_factory=PreferenceDataConfig)
+    model: RewardModelConfig = Field(default_factory=RewardModelConfig)
+    training: RewardTrainingConfig = Field(default_factory=RewardTrainingConfig)
+    evaluation: RewardEvaluationConfig = Field(default_factory=RewardEvaluationConfig)
+    gates: RewardGatesConfig = Field(default_factory=RewardGatesConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    tracking: RewardTrackingConfig = Field(default_factory=RewardTrackingConfig)
 
     def flat(self) -> dict[str, Any]:
         """`section.key -> value`, for logging as MLflow params."""
@@ -644,9 +787,11 @@ def _retired(tree: dict[str, Any]) -> list[str]:
     return [f"  {key}: no longer a setting: {RETIRED_KEYS[key]}" for key in found]
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Read a YAML run configuration (default: the embedded demo) and apply `key=value` overrides."""
-    path = Path(path) if path is not None else DEMO_CONFIG
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), schema: type = None):
+    """Read a YAML run configuration (default: the embedded demo) and apply `key=value` overrides. `schema` is
+    RunConfig (the policy pipeline, the default) or RewardRunConfig (the reward-model stage, default configs/reward.yaml)."""
+    schema = schema or RunConfig
+    path = Path(path) if path is not None else (REWARD_CONFIG if schema is RewardRunConfig else DEMO_CONFIG)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
@@ -665,9 +810,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     retired = _retired(tree)
     if retired:
         raise ConfigError("\n".join([f"invalid configuration ({source}):", *retired]))
-    secrets.prepare_tree(tree, RunConfig)  # warns about plain-text secrets; fills secret keys from ALIGNFLOW_* variables
+    secrets.prepare_tree(tree, schema)  # warns about plain-text secrets; fills secret keys from ALIGNFLOW_* variables
     try:
-        config = RunConfig.model_validate(tree)
+        config = schema.model_validate(tree)
     except ValidationError as exc:
         raise ConfigError(secrets.redact_text(_format_errors(exc, source))) from None
     return secrets.externalize(config)  # tracking URI credentials to MLflow's variables; see components/secrets.py

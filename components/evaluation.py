@@ -86,10 +86,14 @@ class PolicyEval:
     gold_positive_share: float | None
     n: int
     kl: float | None = None  # nats per completion from the reference (the candidate's; the reference's is 0)
+    judge_scores: tuple[float, ...] | None = None  # the judge's (a held-out reward model's) scores, per prompt
+    judge_mean: float | None = None
 
     @classmethod
     def from_json(cls, value: dict) -> "PolicyEval":
-        return cls(**{**value, "scores": tuple(value["scores"]), "score_ci": tuple(value["score_ci"])})
+        judge = value.get("judge_scores")
+        return cls(**{**value, "scores": tuple(value["scores"]), "score_ci": tuple(value["score_ci"]),
+                      "judge_scores": None if judge is None else tuple(judge)})
 
     def as_metrics(self, prefix: str) -> dict[str, float]:
         """E.g. prefix `eval/candidate` -> `eval/candidate/mean_score`, ..., `eval/candidate/kl`."""
@@ -104,6 +108,8 @@ class PolicyEval:
             metrics[f"{prefix}/gold_positive_share"] = self.gold_positive_share
         if self.kl is not None:
             metrics[f"{prefix}/kl"] = self.kl
+        if self.judge_mean is not None:
+            metrics[f"{prefix}/judge_mean_score"] = self.judge_mean
         return metrics
 
 
@@ -114,6 +120,7 @@ def summarize(
     gold: Sequence[float] | np.ndarray | None = None,
     *,
     kl: float | None = None,
+    judge_scores: Sequence[float] | np.ndarray | None = None,
     n_resamples: int = 1000,
     seed: int = 0,
     confidence: float = 0.95,
@@ -121,7 +128,7 @@ def summarize(
     """Summarise one policy: reward-model scores, completion lengths (tokens) and texts, per prompt.
 
     `gold` holds an optional independent judge's verdict per completion (bools, 0/1 labels or
-    probabilities; positive means > 0.5).
+    probabilities; positive means > 0.5); `judge_scores` a held-out reward model's scores.
     """
     scores = _as_1d(scores, "scores")
     lengths = _as_1d(lengths, "lengths")
@@ -144,6 +151,8 @@ def summarize(
         gold_positive_share=gold_share,
         n=n,
         kl=kl,
+        judge_scores=None if judge_scores is None else tuple(float(x) for x in _paired(judge_scores, scores)[0]),
+        judge_mean=None if judge_scores is None else float(np.mean(judge_scores)),
     )
 
 
@@ -157,6 +166,8 @@ class Comparison:
     reward_gain_ci: tuple[float, float]
     win_rate: float
     length_ratio: float  # candidate mean length / reference mean length
+    judge_gain: float | None = None  # the judge's mean(candidate - reference), where a judge scored both
+    judge_gain_ci: tuple[float, float] | None = None
 
     @property
     def n(self) -> int:
@@ -182,13 +193,16 @@ class Comparison:
         }
         if self.gold_gain is not None:
             metrics["eval/gold_gain"] = self.gold_gain
+        if self.judge_gain is not None:
+            metrics.update({"eval/judge_gain": self.judge_gain, "eval/judge_gain_ci_low": self.judge_gain_ci[0],
+                            "eval/judge_gain_ci_high": self.judge_gain_ci[1]})
         return metrics
 
 
 def comparison_table(reference: PolicyEval, candidate: PolicyEval) -> list[dict[str, float | str]]:
     """Reference against candidate, a row per measure: what the flow's Prefect artifact and the CLI show."""
     rows = []
-    for key in ("mean_score", "mean_length", "distinct2", "gold_positive_share", "kl"):
+    for key in ("mean_score", "judge_mean", "mean_length", "distinct2", "gold_positive_share", "kl"):
         ref, cand = getattr(reference, key), getattr(candidate, key)
         if cand is not None:
             rows.append({"metric": key, "reference": round(ref if ref is not None else 0.0, 4), "candidate": round(cand, 4)})
@@ -208,6 +222,9 @@ def compare(
         length_ratio = candidate.mean_length / reference.mean_length
     else:
         length_ratio = 1.0 if candidate.mean_length == 0 else math.inf
+    judged = reference.judge_scores is not None and candidate.judge_scores is not None
+    if judged:
+        judge_cand, judge_base = np.asarray(candidate.judge_scores), np.asarray(reference.judge_scores)
     return Comparison(
         reference=reference,
         candidate=candidate,
@@ -215,6 +232,9 @@ def compare(
         reward_gain_ci=bootstrap_diff_ci(cand, base, n_resamples=n_resamples, seed=seed, confidence=confidence),
         win_rate=win_rate(cand, base),
         length_ratio=length_ratio,
+        judge_gain=float(np.mean(judge_cand - judge_base)) if judged else None,
+        judge_gain_ci=bootstrap_diff_ci(judge_cand, judge_base, n_resamples=n_resamples, seed=seed,
+                                        confidence=confidence) if judged else None,
     )
 
 
@@ -253,13 +273,14 @@ def load_gold_scorer(spec: str | None):
 
 
 def evaluate_policy(policy, tokenizer, prompts: Sequence, scorer, generation, evaluation, use_chat_template: bool = False,
-                    reference=None):
+                    reference=None, judge=None):
     """Sample each prompt once with `evaluation.seed`, score prompt + completion with the reward model as training
     does (it reads its EOS after a completion that ended with one, `reward.append_eos`), and with the gold judge,
     if configured. The same seed makes reference and candidate comparable. A prompt is a text or a conversation; the
     gold judge reads a conversation as a Human:/Assistant: transcript.
 
-    With a `reference` policy, the summary holds the policy's KL from it on its own completions.
+    With a `reference` policy, the summary holds the policy's KL from it on its own completions; with a `judge` (a
+    held-out reward model, scoring as the reward model does), the judge's scores of the same completions.
     Returns (PolicyEval, the samples, the per-prompt scores); `samples.prompts_seen` is each prompt as the policy read it.
     """
     from components.dialogue import render_transcript
@@ -276,6 +297,8 @@ def evaluate_policy(policy, tokenizer, prompts: Sequence, scorer, generation, ev
     if reference is not None:
         kl = sequence_kl(policy, reference, tokenizer, prompts, samples.completions, generation, samples.ended_with_eos,
                          use_chat_template=use_chat_template)
-    summary = summarize(scores, samples.lengths, samples.completions, gold, kl=kl,
+    judge_scores = None if judge is None else [
+        float(s) for s in score_completions(judge, list(prompts), samples.completions, samples.ended_with_eos).tolist()]
+    summary = summarize(scores, samples.lengths, samples.completions, gold, kl=kl, judge_scores=judge_scores,
                         n_resamples=evaluation.bootstrap_samples, seed=evaluation.seed)
     return summary, samples, scores

@@ -46,7 +46,7 @@ class Gate:
 @dataclass(frozen=True)
 class GateReport:
     gates: tuple[Gate, ...]
-    kl: float
+    kl: float = float("nan")  # the policy's KL from the reference; meaningless (NaN) for a reward model
     champion_score: float | None = None
     notes: tuple[str, ...] = field(default=())
 
@@ -142,6 +142,13 @@ def check_gates(comparison: Comparison, gates: GatesConfig, champion_score: floa
         Gate("distinct2", distinct2, gates.min_distinct2, distinct2 >= gates.min_distinct2, ">=", "min_distinct2"),
     ]
     notes: list[str] = []
+    if comparison.judge_gain is not None:
+        judge_low = comparison.judge_gain_ci[0]
+        if gates.judge_gain:
+            rows.append(Gate("judge_gain_ci_low", judge_low, 0.0, judge_low > 0.0, ">"))
+        notes.append(f"gain by the reward model {_fmt(gain)} (95% CI {_fmt(gain_low)} to {_fmt(comparison.reward_gain_ci[1])}); "
+                     f"by the judge {_fmt(comparison.judge_gain)} (95% CI {_fmt(judge_low)} to {_fmt(comparison.judge_gain_ci[1])})"
+                     + ("" if gates.judge_gain else "; gates.judge_gain is off: not checked"))
     if champion_score is not None and gates.beats_champion:
         score = comparison.candidate.mean_score
         rows.append(Gate("beats_champion", score, champion_score, score > champion_score, ">", "champion score"))

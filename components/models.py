@@ -232,16 +232,17 @@ def lora_target_modules(policy: PreTrainedModel, lora) -> list[str] | str:
     return DEFAULTS[model_type]
 
 
-def with_lora(policy: PreTrainedModel, lora) -> torch.nn.Module:
+def with_lora(policy: PreTrainedModel, lora, task_type: str | None = None) -> torch.nn.Module:
     """Inject LoRA adapters (`policy.lora`) into the policy's own weights (no copy), in eval mode: the engine keeps
-    the policy's dropout off, so the adapters have none."""
+    the policy's dropout off, so the adapters have none. `task_type` SEQ_CLS (a reward model) also trains the scoring
+    head; default: the policy's LM task."""
     from peft import LoraConfig, get_peft_model
 
     from components.rl.roles import is_encoder_decoder
 
     config = LoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=0.0, target_modules=lora_target_modules(policy, lora),
-        task_type="SEQ_2_SEQ_LM" if is_encoder_decoder(policy) else "CAUSAL_LM",
+        task_type=task_type or ("SEQ_2_SEQ_LM" if is_encoder_decoder(policy) else "CAUSAL_LM"),
     )
     return get_peft_model(policy, config).eval()
 

@@ -79,21 +79,9 @@ def log_policy(
 
     from components.models import adapter_base, load_policy
 
-    run = mlflow.active_run()
-    for logged in mlflow.search_logged_models(
-        experiment_ids=[run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'", output_format="list"
-    ):
-        if logged.name != artifact_name:
-            continue
-        if str(logged.status).endswith("READY"):
-            return logged.model_uri
-        try:
-            MlflowClient().delete_logged_model(logged.model_id)
-        except MlflowException as exc:  # deleting needs MANAGE on the experiment; a service account may hold only EDIT
-            if exc.error_code != "PERMISSION_DENIED":
-                raise
-            MlflowClient().set_logged_model_tags(logged.model_id, {"alignflow.abandoned": "a killed attempt's half-logged policy"})
-
+    reused = _reuse_logged(artifact_name)
+    if reused is not None:
+        return reused
     policy_dir = Path(policy_dir)
     base = adapter_base(policy_dir)
     if base is None and not (policy_dir / "config.json").is_file():
@@ -117,6 +105,47 @@ def log_policy(
             base_model_path=base if base is not None and Path(base).is_dir() else None,
         )
     return info.model_uri
+
+
+def log_reward_model(model_dir: Path, *, artifact_name: str = "reward_model", pip_requirements: list[str] | None = None) -> str:
+    """Log a saved reward model (sequence classifier with one output, and its tokenizer) to the active run in MLflow's
+    transformers flavour, as a text-classification pipeline whose raw score is the reward; returns its model URI.
+    As `log_policy`: one logged by an earlier attempt of this run is reused, one left half-logged deleted."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    reused = _reuse_logged(artifact_name)
+    if reused is not None:
+        return reused
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir} is not a saved model (no config.json)")
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir)
+    info = mlflow.transformers.log_model(
+        {"model": model, "tokenizer": AutoTokenizer.from_pretrained(model_dir)}, name=artifact_name,
+        task="text-classification", pip_requirements=pip_requirements or default_pip_requirements(),
+        inference_config={"function_to_apply": "none", "top_k": None},
+    )
+    return info.model_uri
+
+
+def _reuse_logged(artifact_name: str) -> str | None:
+    """The URI of the model `artifact_name` the active run logged completely before (a resumed run); one left
+    half-logged by a killed attempt is deleted (or, where the account may not delete, tagged abandoned)."""
+    run = mlflow.active_run()
+    for logged in mlflow.search_logged_models(
+        experiment_ids=[run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'", output_format="list"
+    ):
+        if logged.name != artifact_name:
+            continue
+        if str(logged.status).endswith("READY"):
+            return logged.model_uri
+        try:
+            MlflowClient().delete_logged_model(logged.model_id)
+        except MlflowException as exc:  # deleting needs MANAGE on the experiment; a service account may hold only EDIT
+            if exc.error_code != "PERMISSION_DENIED":
+                raise
+            MlflowClient().set_logged_model_tags(logged.model_id, {"alignflow.abandoned": "a killed attempt's half-logged model"})
+    return None
 
 
 def version_of_run(name: str, run_id: str) -> ModelVersion | None:
@@ -219,13 +248,14 @@ def promote(
     user: str | None = None,
     evaluated_against: str | None | bool = False,
     score: float | None = None,
+    score_tag: str = SCORE_TAG,
 ) -> tuple[bool, str]:
     """Point `alias` at `version`; returns (moved, what happened). Call under the promotion lock.
 
     A version whose gates failed, or with no gate result, is refused unless `force` with a `reason`. For a pipeline
     run, `evaluated_against` is the champion its gates compared it with (None: there was none) and `score` its
     evaluation score: if another version took the alias since, this one takes it only with a higher score
-    (compare-and-set). The default False skips that check (a person promoting by hand).
+    (compare-and-set; the holder's score is its `score_tag`). The default False skips that check (a person promoting by hand).
 
     The move is recorded before it happens (tag INTENT_TAG on the version: previous holder, who, when, why) and
     completed after it (`previous_<alias>`, `promoted_*`, `forced`); a promotion cut between the two is finished by
@@ -249,7 +279,7 @@ def promote(
         if not reason or not reason.strip():
             raise PromotionError(f"forcing {name} version {version} to {alias} needs a reason (who asked, and why)")
     if evaluated_against is not False and current is not None and str(current.version) != (evaluated_against or ""):
-        current_score = float(current.tags.get(SCORE_TAG, current.tags.get("eval_mean_score", "-inf")))  # or its old name
+        current_score = float(current.tags.get(score_tag, current.tags.get("eval_mean_score", "-inf")))  # or its old name
         if score is None or current_score >= score:
             return False, (f"version {current.version} became {alias} meanwhile with score {current_score:.4g} "
                            f">= {score if score is not None else float('nan'):.4g}; {alias} unchanged")

@@ -121,7 +121,7 @@ class RewardScorer:
         if getattr(model.config, "pad_token_id", None) != tokenizer.pad_token_id:
             model.config.pad_token_id = tokenizer.pad_token_id
         tokenizer.truncation_side = "left"
-        self.eos_suffix = _eos_suffix(tokenizer) if append_eos else ""
+        self.eos_suffix = eos_suffix(tokenizer) if append_eos else ""
         has_template = bool(getattr(tokenizer, "chat_template", None))
         if conversation_format == "chat_template" and not has_template:
             raise RewardLabelError(f"reward.conversation_format is chat_template but the reward tokenizer of "
@@ -147,12 +147,7 @@ class RewardScorer:
         tokenizer's chat template, or as a Human:/Assistant: transcript (`reward.conversation_format`)."""
         if self.text == "completion":
             return completion, False
-        if isinstance(prompt, str):
-            return prompt + completion, False
-        if self.chat:
-            answer = [{"role": "assistant", "content": completion.strip()}]
-            return self.tokenizer.apply_chat_template(list(prompt) + answer, tokenize=False), True
-        return render_transcript(prompt) + completion, False
+        return reward_text(self.tokenizer, prompt, completion, self.chat)
 
     @torch.inference_mode()
     def __call__(
@@ -189,7 +184,20 @@ class RewardScorer:
         return torch.cat(scores).cpu() if scores else torch.zeros(0)
 
 
-def _eos_suffix(tokenizer: PreTrainedTokenizerBase) -> str:
+def reward_text(tokenizer: PreTrainedTokenizerBase, prompt, completion: str, chat: bool) -> tuple[str, bool]:
+    """(the text a reward model reads for a prompt and its completion, whether it comes from the tokenizer's chat
+    template, which brings its own special tokens and end of turn). A text prompt is followed by the completion; a
+    conversation is rendered with the chat template (`chat`) or as a Human:/Assistant: transcript. Scoring
+    (RewardScorer) and reward-model training (components/reward_training.py) read pairs the same way."""
+    if isinstance(prompt, str):
+        return prompt + completion, False
+    if chat:
+        answer = [{"role": "assistant", "content": completion.strip()}]
+        return tokenizer.apply_chat_template(list(prompt) + answer, tokenize=False), True
+    return render_transcript(prompt) + completion, False
+
+
+def eos_suffix(tokenizer: PreTrainedTokenizerBase) -> str:
     """The text that makes the reward tokenizer end a sequence with its EOS token: the token itself, or "" where
     there is none, or where the tokenizer already ends every text with it (T5's </s>, BERT's [SEP]). A reward model
     whose pad token is its EOS takes the appended EOS for padding and scores the text before it."""

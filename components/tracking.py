@@ -238,13 +238,13 @@ def log_stats(stats: dict[str, float], step: int) -> None:
     mlflow.log_metrics({name: float(value) for name, value in stats.items() if value is not None}, step=step)
 
 
-def log_history(history: list[dict[str, float]], step_key: str = "episodes") -> int:
-    """Log each training step of `history` the active run does not have yet (told by its STEP_METRIC), at step
-    `row[step_key]`; a step's metrics go in one request, so a step is either logged whole or not at all.
-    Returns how many steps were logged."""
+def log_history(history: list[dict[str, float]], step_key: str = "episodes", step_metric: str = STEP_METRIC) -> int:
+    """Log each training step of `history` the active run does not have yet (told by its `step_metric`, the policy's
+    iteration or the reward model's step), at step `row[step_key]`; a step's metrics go in one request, so a step is
+    either logged whole or not at all. Returns how many steps were logged."""
     run_id = mlflow.active_run().info.run_id
-    logged = {int(m.value) for m in MlflowClient().get_metric_history(run_id, STEP_METRIC)}
-    missing = [row for row in history if int(row[STEP_METRIC]) not in logged]
+    logged = {int(m.value) for m in MlflowClient().get_metric_history(run_id, step_metric)}
+    missing = [row for row in history if int(row[step_metric]) not in logged]
     for row in missing:
         log_stats(row, step=int(row[step_key]))
     return len(missing)
@@ -287,6 +287,7 @@ def log_training_curves(
     score_key: str = "objective/scores",
     kl_key: str = "objective/kl",
     artifact_file: str = "training_curves.png",
+    title: str = "PPO training",
 ):
     """Score and KL against episodes, one PNG (`artifact_file`); returns the matplotlib figure.
 
@@ -313,7 +314,7 @@ def log_training_curves(
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)
     kl_ax.set_xlabel(xlabel)
-    score_ax.set_title("PPO training")
+    score_ax.set_title(title)
     mlflow.log_figure(figure, artifact_file)
     return figure
 

@@ -20,7 +20,8 @@ from flows.tasks import PipelineResult
 @flow(name="alignflow-pipeline", log_prints=True)
 def pipeline(config_path: str | None = None, overrides: list[str] | None = None, resume_run_id: str | None = None) -> PipelineResult:
     """Align the configured policy with RL against the reward model; promote it if every gate passes."""
-    config: RunConfig = load_config(config_path, overrides or [])
+    given: RunConfig = load_config(config_path, overrides or [])
+    config = tasks.pin_models(given, resume_run_id)  # registry aliases pinned to versions, once, for the whole run
     models = tasks.check_inputs(config, resume_run_id)  # the same run with its model references resolved here
     data_version = tasks.check_data_version(config)
     data = tasks.as_prepared(tasks.prepare_dataset(config, models, data_version.md5))
@@ -28,7 +29,7 @@ def pipeline(config_path: str | None = None, overrides: list[str] | None = None,
     policy, tokenizer = tasks.load_policy(models)
     trainer = tasks.build(models, policy, tokenizer, scorer)
 
-    run_id = tasks.start_tracking(config, resume_run_id)  # inputs are good: the run is recorded from here on
+    run_id = tasks.start_tracking(given, resume_run_id, tasks.pinned_models(given, config))  # inputs are good: recorded from here on
     try:
         settled = tasks.recorded_result() if resume_run_id else None
         if settled is not None:

@@ -15,7 +15,7 @@ import os
 from typing import Iterator
 
 from components import registry
-from components.config import RunConfig
+from components.config import RewardRunConfig, RunConfig
 from components.tracking import file_lock, use_tracking
 
 PROMOTION_LOCK = "alignflow-promotion"
@@ -41,16 +41,19 @@ def promotion_lock(tracking_uri: str, timeout_seconds: float = 600) -> Iterator[
         yield
 
 
-def promote(config: RunConfig, version: str, *, force: bool = False, reason: str | None = None, user: str | None = None,
-            evaluated_against: str | None | bool = False, score: float | None = None) -> tuple[bool, str]:
-    """Make `version` the champion of the configured registered model, under the lock (see registry.promote)."""
+def promote(config: RunConfig | RewardRunConfig, version: str, *, force: bool = False, reason: str | None = None,
+            user: str | None = None, evaluated_against: str | None | bool = False, score: float | None = None,
+            score_tag: str = registry.SCORE_TAG) -> tuple[bool, str]:
+    """Make `version` the champion of the configured registered model (a policy's or a reward model's), under the lock
+    (see registry.promote)."""
     uri = use_tracking(config.tracking)
     with promotion_lock(uri):
         return registry.promote(config.tracking.registered_model, version, config.tracking.champion_alias, force=force,
-                                reason=reason, user=user, evaluated_against=evaluated_against, score=score)
+                                reason=reason, user=user, evaluated_against=evaluated_against, score=score,
+                                score_tag=score_tag)
 
 
-def rollback(config: RunConfig, *, reason: str | None = None, user: str | None = None):
+def rollback(config: RunConfig | RewardRunConfig, *, reason: str | None = None, user: str | None = None):
     """Move the champion back to the previous one, under the lock (see registry.rollback)."""
     uri = use_tracking(config.tracking)
     with promotion_lock(uri):

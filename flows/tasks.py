@@ -34,7 +34,7 @@ from components.evaluation import PolicyEval, compare, comparison_table, evaluat
 from components.faults import crash_point
 from components.model_safety import check_run_models
 from components.gates import GateReport, check_gates
-from components.models import load_policy as load_policy_model, load_tokenizer, tokenizer_fingerprint
+from components.models import ModelLoadError, load_policy as load_policy_model, load_tokenizer, tokenizer_fingerprint
 from components.reward import RewardScorer
 from components.rl import Trainer, TrainResult, build_trainer
 from components.rl.checkpoint import check_writable, recover
@@ -87,16 +87,20 @@ class PipelineResult:
 # --- tracking around the flow ------------------------------------------------------------------
 
 
-def start_tracking(config: RunConfig, resume_run_id: str | None) -> str:
-    """Start (or resume) the flow's MLflow run; record the config and provenance once."""
+def start_tracking(config: RunConfig, resume_run_id: str | None, pinned: dict[str, str] | None = None) -> str:
+    """Start (or resume) the flow's MLflow run; record the config and provenance once: the configuration as given,
+    the registry versions its aliases were pinned to (`pinned`), and the reward model's lineage."""
     run = tracking.start_run(config, resume_run_id)
     get_run_logger().info("MLflow run %s%s", run.info.run_id,
                           "" if resume_run_id else f" (if it is interrupted: alignflow run --resume {run.info.run_id})")
     if resume_run_id is None:
         tracking.log_config(config)
+        reward_model = (pinned or {}).get("reward.model", config.reward.model)
         mlflow.set_tags({"alignflow.git_commit": git_commit(), "alignflow.prefect_flow_run_id": flow_run.id or "",
-                         "alignflow.base_policy": config.policy.model, "alignflow.reward_model": config.reward.model,
-                         tracking.ALGORITHM_TAG: config.rl.algorithm})
+                         "alignflow.base_policy": (pinned or {}).get("policy.model", config.policy.model),
+                         "alignflow.reward_model": reward_model, tracking.ALGORITHM_TAG: config.rl.algorithm,
+                         PINNED_TAG: json.dumps(pinned or {}),
+                         **{f"alignflow.{key}": value for key, value in reward_lineage(reward_model).items()}})
         crash_point("tracking.started")
     return run.info.run_id
 
@@ -153,6 +157,53 @@ def run_directory(config: RunConfig, run_id: str) -> Path:
 
 
 # --- inputs -----------------------------------------------------------------------------------
+
+
+PINNED_TAG = "alignflow.pinned_models"  # {key: models:/NAME/VERSION} a run's registry aliases resolved to, at its start
+
+
+@task(cache_policy=NONE)
+def pin_models(config: RunConfig, resume_run_id: str | None) -> RunConfig:
+    """The configuration with each `models:/NAME@ALIAS` (a reward-model or policy champion) pinned to the version the
+    alias points at now, once, at the start of a run: a model promoted mid-run never changes a running job, and a
+    resumed run takes the versions its first attempt pinned (recorded on the run, `PINNED_TAG`)."""
+    aliased = {key: ref for key, ref in (("policy.model", config.policy.model), ("reward.model", config.reward.model),
+                                         ("critic.model", config.critic.model))
+               if ref and ref.startswith("models:") and "@" in ref}
+    if not aliased:
+        return config
+    tracking.use_tracking(config.tracking)
+    recorded = json.loads(tracking.find_run(config.tracking, resume_run_id).data.tags.get(PINNED_TAG, "{}")) if resume_run_id else {}
+    pinned = {}
+    for key, ref in aliased.items():
+        try:
+            pinned[key] = recorded.get(key) or references.pin_model_reference(ref)
+        except references.ModelReferenceError as exc:
+            raise ModelLoadError(f"{key}: {exc}") from None
+    for key, ref in aliased.items():
+        get_run_logger().info("%s: %s is %s for this run", key, ref, pinned[key])
+    return multinode.with_models(config, lambda key, ref: pinned.get(key, ref))
+
+
+def pinned_models(original: RunConfig, pinned: RunConfig) -> dict[str, str]:
+    """{key: pinned reference} for each model reference `pin_models` pinned."""
+    keys = (("policy.model", "policy"), ("reward.model", "reward"), ("critic.model", "critic"))
+    return {key: getattr(pinned, section).model for key, section in keys
+            if getattr(original, section).model != getattr(pinned, section).model}
+
+
+def reward_lineage(reward_ref: str) -> dict[str, str]:
+    """The tags that tie a policy version to the reward model it was trained against: for a registered reward model
+    (`models:/NAME/VERSION`), its version and the preference data behind it."""
+    from components.config import parse_registry_uri
+
+    parsed = parse_registry_uri(reward_ref) if reward_ref.startswith("models:") else None
+    if parsed is None or parsed[2] is None:
+        return {}
+    name, _, version = parsed
+    tags = registry.get_version(name, version).tags
+    return {"reward_model_name": name, "reward_model_version": version, "reward_data_md5": tags.get("data_md5", ""),
+            "reward_data_name": tags.get("data_name", ""), "reward_model_run_id": tags.get("mlflow_run_id", "")}
 
 
 @task(cache_policy=NONE)
@@ -375,7 +426,8 @@ def register(config: RunConfig, policy_dir: Path | None, run_id: str, data: Data
         tags = {
             registry.GATES_TAG: report.passed, "gates_failed": ",".join(report.failed_names),
             "data_md5": data.md5, "data_name": data.name, "data_dvc_file": data.dvc_file or "", "data_versioned": data.versioned,
-            "reward_model": config.reward.model, "base_policy": config.policy.model, "algorithm": config.rl.algorithm,
+            "reward_model": config.reward.model, **reward_lineage(config.reward.model),
+            "base_policy": config.policy.model, "algorithm": config.rl.algorithm,
             "samples_per_prompt": config.rl.samples_per_prompt, "git_commit": git_commit(),
             "prefect_flow_run_id": flow_run.id or "", "mlflow_run_id": run_id,
             registry.SCORE_TAG: candidate.summary.mean_score, registry.KL_TAG: candidate.summary.kl,

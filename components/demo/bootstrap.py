@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from tqdm.auto import tqdm
 from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, PreTrainedTokenizerFast
@@ -238,30 +237,26 @@ def _stage(settings: BootstrapSettings, line: str) -> None:
 def train_reward(
     pairs: list[dict[str, str]], instruct: GPT2LMHeadModel, tokenizer: PreTrainedTokenizerFast, settings: BootstrapSettings
 ) -> GPT2ForSequenceClassification:
-    """Bradley-Terry: minimise -logsigmoid(r(prompt+chosen) - r(prompt+rejected))."""
+    """Bradley-Terry: minimise -logsigmoid(r(prompt+chosen) - r(prompt+rejected)), with the reward-model stage's
+    trainer (components/reward_training.py), batches padded as `_pad_right` does (random position offsets)."""
+    from components.config import RewardTrainingConfig
+    from components.preferences import PreferencePair
+    from components.reward_training import RewardTrainer, encode_pairs
+
     model = GPT2ForSequenceClassification(gpt2_config(tokenizer, **_architecture(settings), num_labels=1))
     model.transformer.load_state_dict(instruct.transformer.state_dict())
-    chosen = tokenizer([pair["prompt"] + pair["chosen"] for pair in pairs])["input_ids"]
-    rejected = tokenizer([pair["prompt"] + pair["rejected"] for pair in pairs])["input_ids"]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.reward_learning_rate, weight_decay=0.01)
-    scheduler = _schedule(optimizer, settings.reward_steps)
-    generator = torch.Generator().manual_seed(settings.seed + 1)
-    model.train()
-    bar = tqdm(range(settings.reward_steps), desc="reward model", disable=None if settings.progress else True)
-    for _ in bar:
-        index = torch.randint(0, len(pairs), (settings.reward_batch_size,), generator=generator).tolist()
-        sequences = [chosen[i] for i in index] + [rejected[i] for i in index]
-        rewards = model(**_pad_right(sequences, tokenizer.pad_token_id, settings.max_position_offset, generator)).logits[:, 0]
-        reward_chosen, reward_rejected = rewards.chunk(2)
-        loss = -F.logsigmoid(reward_chosen - reward_rejected).mean() + settings.center_rewards_coef * rewards.pow(2).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-    _stage(settings, f"reward model: {settings.reward_steps} steps, last loss {loss.item():.3f}")
-    model.eval()
+    encoded = encode_pairs([PreferencePair(p["prompt"], p["chosen"], p["rejected"], None, row) for row, p in enumerate(pairs, 1)],
+                           tokenizer, append_eos=False)
+    training = RewardTrainingConfig(learning_rate=settings.reward_learning_rate, batch_size=settings.reward_batch_size,
+                                    max_steps=settings.reward_steps, center_rewards_coef=settings.center_rewards_coef,
+                                    warmup_ratio=0.05, lr_schedule="cosine", min_lr_ratio=0.1, max_grad_norm=1.0)
+    trainer = RewardTrainer(model, encoded, training, settings.seed, tokenizer.pad_token_id,
+                            collate=lambda sequences, generator: _pad_right(sequences, tokenizer.pad_token_id,
+                                                                            settings.max_position_offset, generator))
+    bar = tqdm(total=trainer.steps, desc="reward model", disable=None if settings.progress else True)
+    trainer.train(callback=lambda stats: (bar.update(1), bar.set_postfix(loss=f"{stats['train/loss']:.3f}", refresh=False)))
+    bar.close()
+    _stage(settings, f"reward model: {settings.reward_steps} steps, last loss {trainer.history[-1]['train/loss']:.3f}")
     return model
 
 

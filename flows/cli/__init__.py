@@ -83,15 +83,16 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def resolved(config: Optional[Path], overrides: list[str]):
-    """The run configuration; a renamed key or a secret in plain text gets one warning line each, before any error."""
+def resolved(config: Optional[Path], overrides: list[str], schema: type | None = None):
+    """The run configuration (`schema`: the policy pipeline's RunConfig, or RewardRunConfig); a renamed key or a secret
+    in plain text gets one warning line each, before any error."""
     from components.config import ConfigDeprecation
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", secrets.PlaintextSecretWarning)
         warnings.simplefilter("always", ConfigDeprecation)
         try:
-            run, problem = load_config(config, overrides), None
+            run, problem = load_config(config, overrides, schema=schema), None
         except ConfigError as exc:
             run, problem = None, str(exc)
     for warning in caught:
@@ -155,7 +156,7 @@ def _setup_logging(argv: list[str]) -> Path | None:
     return path
 
 
-from flows.cli import data, registry, run  # noqa: E402,F401 - the commands register themselves on `app`
+from flows.cli import data, registry, reward, run  # noqa: E402,F401 - the commands register themselves on `app`
 from flows.cli.run import show_result  # noqa: E402,F401
 
 

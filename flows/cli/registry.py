@@ -61,7 +61,8 @@ def _num(value) -> str:
 @app.command()
 @explain_errors
 def models(config: Optional[Path] = ConfigOption, set_: list[str] = SetOption) -> None:
-    """Versions of the registered policy with their aliases, gate results, and the reward model and data behind each.
+    """Versions of the registered policy with their aliases, gate results, the reward model (a registered one by its
+    version, with the preference data it was trained on) and the prompt data behind each.
     With --config (or --set), its registered model; without, every registered model of the store. A score from
     another reward model than the champion's (or the newest version's) is marked: scores of different reward models
     are not comparable."""
@@ -76,8 +77,9 @@ def models(config: Optional[Path] = ConfigOption, set_: list[str] = SetOption) -
         reference = next((v for v in versions if run_config.tracking.champion_alias in v.aliases), versions[0] if versions else None)
         scorer = reference.tags.get("reward_model") if reference else None
         table = Table(title=f"Registered model {name}, {uri}" + ("" if (config or set_) else " (--config F shows F's model)"))
-        for column in ("version", "aliases", "algorithm", "gates", "failed gates", "eval score", "KL", "reward model", "data", "promoted by"):
-            table.add_column(column)
+        for column in ("version", "aliases", "algorithm", "gates", "failed gates", "eval score", "KL", "reward model",
+                       "reward data", "data", "promoted by"):
+            table.add_column(column, overflow="fold")
         mismatched = False
         for version in versions:
             tags = version.tags
@@ -86,9 +88,10 @@ def models(config: Optional[Path] = ConfigOption, set_: list[str] = SetOption) -
             if tags.get("reward_model") != scorer:
                 score, mismatched = f"{score} [yellow]*[/]", True
             data = f"{tags.get('data_name', '?')} {tags.get('data_md5', '-')[:8]}"
+            reward_data = f"{tags['reward_data_name']} {tags['reward_data_md5'][:8]}" if tags.get("reward_data_md5") else "-"
             table.add_row(str(version.version), ", ".join(version.aliases) or "-", tags.get("algorithm", "-"), gates, tags.get("gates_failed") or "-",
-                          score, tags.get(registry.KL_TAG, tags.get("eval_kl", "-"))[:7], escape(tags.get("reward_model", "-")), escape(data),
-                          tags.get("promoted_by", "-"))
+                          score, tags.get(registry.KL_TAG, tags.get("eval_kl", "-"))[:7], escape(tags.get("reward_model", "-")),
+                          escape(reward_data), escape(data), tags.get("promoted_by", "-"))
         console.print(table)
         if mismatched:
             console.print(f"[yellow]*[/] scored by another reward model than {escape(str(scorer))} (the "

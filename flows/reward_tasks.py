@@ -1,0 +1,345 @@
+"""The reward-model stage's tasks: each wraps one component call (components/preferences.py, reward_training.py,
+reward_eval.py, registry.py) and adds what Prefect is for. Like the policy pipeline's (flows/tasks.py), every task
+is safe to run again, so `alignflow reward run --resume RUN_ID` after a crash ends where an uninterrupted run ends:
+training continues from the run's checkpoint (which carries every step's statistics), evaluations are recorded on
+the run and read back, registration finds the run's version, promotion completes an interrupted alias move.
+"""
+
+from __future__ import annotations
+
+import getpass
+import shutil
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NONE
+from prefect.runtime import flow_run
+
+from components import registry, tracking
+from components.config import PROJECT_ROOT, RewardRunConfig
+from components.errors import retryable
+from components.faults import crash_point
+from components.gates import GateReport
+from components.model_safety import check_model_files
+from components.models import load_tokenizer, locate
+from components.preferences import PairReport, PreferencePair, drop_too_long, load_pairs, split_pairs
+from components.reward_eval import (
+    RewardEval, check_reward_gates, evaluate_pairs, gold_accuracy, plot_reliability, plot_score_distributions,
+)
+from components.reward_training import RewardTrainer, encode_pairs, load_base, pair_texts, score_pairs
+from components.rl.checkpoint import check_writable, recover, write_atomically
+from components.versioning import DatasetVersion, dataset_version
+from flows import promotion
+from flows.tasks import checkpoint_root, git_commit
+
+ACCURACY_TAG = "eval/accuracy"  # a reward-model version's held-out accuracy: what compare-and-set promotion compares
+STEP_METRIC = "step"
+
+
+@dataclass
+class PreparedPairs:
+    train: list[PreferencePair]
+    held_out: list[PreferencePair]
+    report: PairReport
+    format: str
+
+
+@dataclass
+class RewardResult:
+    """What a reward-model run came to: the flow's return value, recorded on the run (result.json) once settled."""
+
+    run_id: str
+    steps: int
+    pairs_seen: int
+    evaluation: RewardEval
+    gates: GateReport
+    model_version: str
+    promoted: bool
+    champion_version: str | None
+    champion_accuracy: float | None
+
+    @property
+    def gates_passed(self) -> bool:
+        return self.gates.passed
+
+    @classmethod
+    def from_json(cls, value: dict[str, Any]) -> "RewardResult":
+        return cls(**{**value, "evaluation": RewardEval.from_json(value["evaluation"]),
+                      "gates": GateReport.from_json(value["gates"])})
+
+
+def run_directory(config: RewardRunConfig, run_id: str) -> Path:
+    return checkpoint_root(config) / run_id
+
+
+# --- inputs -----------------------------------------------------------------------------------
+
+
+@task(cache_policy=NONE)
+def check_inputs(config: RewardRunConfig, resume_run_id: str | None) -> RewardRunConfig:
+    """Before anything heavy or recorded: the run to resume exists, the base model is found (a registry URI pinned to
+    its version and downloaded) and safe to load, the checkpoint directory is writable. Returns the configuration
+    with `model.base` as this machine loads it."""
+    if resume_run_id is not None:
+        tracking.find_run(config.tracking, resume_run_id)
+    tracking.use_tracking(config.tracking)
+    base = locate("model.base", config.model.base, config.model.revision)
+    check_model_files(Path(base) if Path(base).is_absolute() else PROJECT_ROOT / base, "model.base", config.model.allow_pickle)
+    check_writable(checkpoint_root(config), "checkpoint.dir")
+    return config.model_copy(update={"model": config.model.model_copy(update={"base": base})})
+
+
+@task(retries=1, retry_condition_fn=retryable)
+def check_data_version(config: RewardRunConfig) -> DatasetVersion:
+    """The version of the preference data: the md5 of its bytes, checked against the .dvc file that pins it."""
+    return dataset_version(config.data, PROJECT_ROOT)
+
+
+@task(cache_policy=NONE)
+def prepare_pairs(config: RewardRunConfig, resolved: RewardRunConfig) -> PreparedPairs:
+    """Load the pairs, leave out (and report by row) the bad ones and those over `model.max_length` tokens as the
+    base model's tokenizer counts them, split off the held-out pairs with the seed."""
+    pairs = load_pairs(config.data, PROJECT_ROOT)
+    tokenizer = load_tokenizer(resolved.model.base, resolved.model.revision, padding_side="right")
+    chat = bool(getattr(tokenizer, "chat_template", None))
+    count = lambda pair: max(map(len, pair_texts(pair, tokenizer, config.model.append_eos, chat)))  # noqa: E731
+    pairs = drop_too_long(pairs, count, config.model.max_length)
+    train, held_out = split_pairs(pairs.pairs, config.data.eval_fraction, config.seed)
+    get_run_logger().info("%s; %d training pairs, %d held out", pairs.report.summary(), len(train), len(held_out))
+    return PreparedPairs(train, held_out, pairs.report, pairs.format)
+
+
+# --- tracking around the flow ------------------------------------------------------------------
+
+
+def start_tracking(config: RewardRunConfig, resume_run_id: str | None) -> str:
+    run = tracking.start_run(config, resume_run_id)
+    get_run_logger().info("MLflow run %s%s", run.info.run_id,
+                          "" if resume_run_id else f" (if it is interrupted: alignflow reward run --resume {run.info.run_id})")
+    if resume_run_id is None:
+        tracking.log_config(config)
+        mlflow.set_tags({"alignflow.stage": "reward", "alignflow.git_commit": git_commit(),
+                         "alignflow.prefect_flow_run_id": flow_run.id or "", "alignflow.base_model": config.model.base})
+        crash_point("tracking.started")
+    return run.info.run_id
+
+
+def recorded_result() -> RewardResult | None:
+    recorded = tracking.recorded("result.json")
+    return RewardResult.from_json(recorded) if recorded else None
+
+
+@task(cache_policy=NONE)
+def log_dataset(data: PreparedPairs, version: DatasetVersion) -> None:
+    """The data version on the run (tags; a dataset input whose digest is the md5 of the bytes read), and the bad
+    rows by kind (data/* metrics, and a JSON artifact with their row numbers)."""
+    get_run_logger().info(data.report.summary())
+    mlflow.set_tags(version.as_tags())
+    tracking.log_metrics_once({**data.report.as_metrics(), "data/pairs_train": len(data.train),
+                               "data/pairs_held_out": len(data.held_out)})
+    if not tracking.recorded("data_report.json"):
+        tracking.record(data.report.as_json(), "data_report.json")
+    text = lambda prompt: prompt if isinstance(prompt, str) else str(prompt)  # noqa: E731
+    rows = [{"prompt": text(p.prompt), "chosen": p.chosen, "rejected": p.rejected, "split": split}
+            for split, pairs in (("train", data.train), ("eval", data.held_out)) for p in pairs]
+    tracking.log_dataset(version.name, version.source, version.md5, rows=rows)
+
+
+# --- training ---------------------------------------------------------------------------------
+
+
+@task(cache_policy=NONE)
+def build(config: RewardRunConfig, data: PreparedPairs) -> tuple[RewardTrainer, Any]:
+    """The model to train (`model.base` with one output; LoRA if enabled) and its trainer on the training pairs."""
+    model, tokenizer = load_base(config.model, config.seed)
+    encoded = encode_pairs(data.train, tokenizer, config.model.append_eos)
+    return RewardTrainer(model, encoded, config.training, config.seed, tokenizer.pad_token_id), tokenizer
+
+
+@task(cache_policy=NONE)
+def resume(trainer: RewardTrainer, config: RewardRunConfig, run_id: str) -> None:
+    """Continue from this run's checkpoint when one exists; log the steps it holds that MLflow lacks."""
+    directory = run_directory(config, run_id) / "checkpoint"
+    if recover(directory):
+        trainer.load_checkpoint(directory)
+        get_run_logger().info("resumed from %s at step %d of %d", directory, trainer.step, trainer.steps)
+        tracking.log_history(trainer.history, step_key="pairs", step_metric=STEP_METRIC)
+
+
+@task(retries=2, retry_delay_seconds=[2, 10], cache_policy=NONE, retry_condition_fn=retryable,
+      task_run_name="train-from-step-{start}")
+def train(trainer: RewardTrainer, start: int, config: RewardRunConfig, run_id: str) -> int:
+    """Steps up to the next checkpoint (every `training.checkpoint_every`) or the end, then the checkpoint, then their
+    metrics; returns the step reached. A retry reloads the last checkpoint first."""
+    from components.rl.progress import StepBar
+
+    directory = run_directory(config, run_id) / "checkpoint"
+    if trainer.step != start and recover(directory):
+        trainer.load_checkpoint(directory)
+    tracking.log_history(trainer.history, step_key="pairs", step_metric=STEP_METRIC)
+    every = config.training.checkpoint_every
+    with StepBar(trainer.steps, "reward model", start=trainer.step) as bar:
+        trainer.train(until=(trainer.step // every + 1) * every, callback=bar)
+    trainer.save_checkpoint(directory)
+    crash_point("train.checkpointed")
+    tracking.log_history(trainer.history, step_key="pairs", step_metric=STEP_METRIC)
+    last = trainer.history[-1]
+    get_run_logger().info("step %d of %d: loss %.4f, accuracy %.3f", trainer.step, trainer.steps, last["train/loss"],
+                          last["train/accuracy"])
+    return trainer.step
+
+
+@task(cache_policy=NONE)
+def export(trainer: RewardTrainer, tokenizer, config: RewardRunConfig, run_id: str) -> Path | None:
+    """The trained reward model (LoRA merged in) and its tokenizer, saved for registration in the run's directory;
+    None when the run registered its version already (a resumed run)."""
+    if registry.version_of_run(config.tracking.registered_model, run_id) is not None:
+        return None
+    model = trainer.model.merge_and_unload() if config.model.lora.enabled else trainer.model
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    return write_atomically(run_directory(config, run_id) / "export", write, key="checkpoint.dir")
+
+
+# --- evaluation, gates, registry -----------------------------------------------------------------
+
+
+@task(cache_policy=NONE, task_run_name="evaluate-{name}")
+def evaluate(name: str, load, pairs: list[PreferencePair], config: RewardRunConfig, version: str | None = None) -> RewardEval:
+    """Score the held-out pairs with the model `load()` gives, (model, tokenizer), each pair read with that model's
+    own tokenizer; record the result (a resumed run reads it back) and the candidate's plots."""
+    artifact = f"evaluations/{name}.json"
+    done = tracking.recorded(artifact)
+    if done is not None:
+        evaluation = RewardEval.from_json(done["evaluation"])
+    else:
+        model, tokenizer = load()
+        encoded = encode_pairs(pairs, tokenizer, config.model.append_eos)
+        chosen, rejected = score_pairs(model, encoded, tokenizer.pad_token_id, config.evaluation.batch_size)
+        lengths = [(len(c) + len(r)) / 2 for c, r in zip(encoded.chosen, encoded.rejected)]
+        evaluation = evaluate_pairs(chosen, rejected, lengths, config.evaluation)
+        if config.evaluation.gold_scorer:
+            from components.evaluation import load_gold_scorer
+            from components.reward import reward_text
+
+            judge = load_gold_scorer(config.evaluation.gold_scorer)
+            gold_c = [float(judge(reward_text(tokenizer, p.prompt, p.chosen, False)[0])) for p in pairs]
+            gold_r = [float(judge(reward_text(tokenizer, p.prompt, p.rejected, False)[0])) for p in pairs]
+            evaluation = replace(evaluation, gold_accuracy=gold_accuracy(chosen, rejected, gold_c, gold_r))
+        if name == "candidate":
+            mlflow.log_figure(plot_score_distributions(chosen, rejected), "plots/score_distributions.png")
+            mlflow.log_figure(plot_reliability(chosen, rejected, config.evaluation.calibration_bins), "plots/reliability.png")
+        tracking.record({"evaluation": asdict(evaluation), "version": version,
+                         "scores": {"chosen": chosen, "rejected": rejected}}, artifact)
+        crash_point("evaluation.recorded")
+    tracking.log_metrics_once(evaluation.as_metrics(f"eval/{name}"))
+    return evaluation
+
+
+def registered_reward_model(config: RewardRunConfig, version: str):
+    """A loader of a registered reward-model version (the champion), for `evaluate`."""
+    def load():
+        from components.models import load_reward_model
+        from components.references import resolve_model_reference
+
+        path = resolve_model_reference(f"models:/{config.tracking.registered_model}/{version}")
+        return load_reward_model(path), load_tokenizer(path, padding_side="right")
+    return load
+
+
+@task(cache_policy=NONE)
+def find_champion(config: RewardRunConfig) -> str | None:
+    """The reward-model version holding the champion alias, recorded on the run (a resumed run compares with the
+    champion its first attempt saw)."""
+    done = tracking.recorded("evaluations/champion_version.json")
+    if done is not None:
+        return done["version"]
+    champion = registry.get_champion(config.tracking.registered_model, config.tracking.champion_alias)
+    version = None if champion is None else str(champion.version)
+    tracking.record({"version": version}, "evaluations/champion_version.json")
+    return version
+
+
+@task(cache_policy=NONE)
+def gates(config: RewardRunConfig, candidate: RewardEval, champion: RewardEval | None) -> GateReport:
+    report = check_reward_gates(candidate, config.gates, champion)
+    tracking.log_metrics_once(report.as_metrics())
+    mlflow.set_tags(report.as_tags())
+    mlflow.log_text(report.to_markdown(), "gate_report.md")
+    create_markdown_artifact(markdown=report.to_markdown(), key="reward-gate-report", description="reward-model gates")
+    return report
+
+
+@task(retries=2, retry_delay_seconds=5, cache_policy=NONE, retry_condition_fn=retryable)
+def register(config: RewardRunConfig, model_dir: Path | None, run_id: str, data: DatasetVersion, report: GateReport,
+             candidate: RewardEval, champion_version: str | None, pairs: PreparedPairs) -> str:
+    """Log the reward model in MLflow's transformers flavour and register it as a version of its own registered model,
+    tagged with the preference data's md5, its base model and its evaluation. A resumed run gets its version back."""
+    name = config.tracking.registered_model
+    existing = registry.version_of_run(name, run_id)
+    if existing is None:
+        model_uri = registry.log_reward_model(model_dir)
+        crash_point("register.logged")
+        tags = {
+            registry.GATES_TAG: report.passed, "gates_failed": ",".join(report.failed_names), "stage": "reward",
+            "data_md5": data.md5, "data_name": data.name, "data_dvc_file": data.dvc_file or "", "data_versioned": data.versioned,
+            "data_source": config.data.source, "base_model": config.model.base, "git_commit": git_commit(),
+            "prefect_flow_run_id": flow_run.id or "", "mlflow_run_id": run_id, "evaluated_against": champion_version or "",
+            "pairs_train": len(pairs.train), "pairs_held_out": len(pairs.held_out), "lora": config.model.lora.enabled,
+            ACCURACY_TAG: candidate.accuracy, "eval/accuracy_ci_low": candidate.accuracy_ci[0],
+            "eval/accuracy_ci_high": candidate.accuracy_ci[1], "eval/mean_margin": candidate.mean_margin,
+            "eval/calibration_error": candidate.calibration_error, "eval/n": candidate.n,
+        }
+        existing = registry.register(name, run_id, model_uri, tags)
+        crash_point("register.created")
+    mlflow.set_tag(tracking.MODEL_VERSION_TAG, existing.version)
+    return str(existing.version)
+
+
+@task(retries=2, retry_delay_seconds=[2, 10], cache_policy=NONE, retry_condition_fn=retryable)
+def promote(config: RewardRunConfig, version: str, report: GateReport, candidate: RewardEval,
+            champion_version: str | None) -> bool:
+    """Only a version that passed every gate becomes the reward-model champion, under the registry's promotion lock
+    and compare-and-set on held-out accuracy (flows/promotion.py)."""
+    logger = get_run_logger()
+    if not report.passed:
+        logger.warning("reward model version %s not promoted: %s", version, report.summary())
+        return False
+    _, why = promotion.promote(config, version, user=f"alignflow-reward ({getpass.getuser()})", reason=report.summary(),
+                               evaluated_against=champion_version, score=candidate.accuracy, score_tag=ACCURACY_TAG)
+    holder = registry.get_champion(config.tracking.registered_model, config.tracking.champion_alias)
+    promoted = holder is not None and str(holder.version) == version
+    (logger.info if promoted else logger.warning)("reward model version %s: %s", version, why)
+    return promoted
+
+
+@task(cache_policy=NONE)
+def finish(run_id: str, trainer: RewardTrainer, candidate: RewardEval, report: GateReport, version: str, promoted: bool,
+           champion_version: str | None, champion: RewardEval | None, config: RewardRunConfig) -> RewardResult:
+    """The training curves, then the run's result, recorded: from then on the run's outcome is settled."""
+    if trainer.history:
+        tracking.log_training_curves(trainer.history, step_key="pairs", score_key="train/loss", kl_key="train/accuracy",
+                                     artifact_file="plots/training_curves.png", title="reward-model training")
+    result = RewardResult(run_id=run_id, steps=trainer.step, pairs_seen=trainer.step * config.training.batch_size,
+                          evaluation=candidate, gates=report, model_version=version, promoted=promoted,
+                          champion_version=champion_version, champion_accuracy=champion.accuracy if champion else None)
+    tracking.record(asdict(result), "result.json")
+    crash_point("finish.artifacts")
+    return result
+
+
+@task(cache_policy=NONE)
+def close(config: RewardRunConfig, result: RewardResult) -> None:
+    """The run's end tags; its checkpoint removed unless `checkpoint.keep`; last, the tag that says it is done."""
+    mlflow.set_tags({tracking.GATES_PASSED_TAG: str(result.gates.passed).lower(),
+                     tracking.PROMOTED_TAG: str(result.promoted).lower(), tracking.MODEL_VERSION_TAG: result.model_version})
+    if not config.checkpoint.keep:
+        shutil.rmtree(run_directory(config, result.run_id), ignore_errors=True)
+    mlflow.set_tag(tracking.FINISHED_TAG, "true")
