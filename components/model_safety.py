@@ -102,11 +102,12 @@ def loading(name_or_path: str | Path, key: str, allow_pickle: bool, load: Callab
 
 
 def check_run_models(config, root: Path) -> None:
-    """`check_model_files` for the policy, the reward model and the critic of a run configuration (local folders
+    """`check_model_files` for the policy, the reward model, the critic and the judge of a run configuration (local folders
     only; a relative path is relative to `root`), each against its own `allow_pickle`."""
     models = (("policy.model", config.policy.model, config.policy.allow_pickle),
               ("reward.model", config.reward.model, config.reward.allow_pickle),
-              ("critic.model", config.critic.model, config.critic.allow_pickle))
+              ("critic.model", config.critic.model, config.critic.allow_pickle),
+              *((("judge.model", config.judge.model, config.judge.allow_pickle),) if getattr(config, "judge", None) else ()))
     for key, ref, allow_pickle in models:
         if ref and not ref.startswith("models:"):
             check_model_files(Path(ref) if Path(ref).is_absolute() else root / ref, key, allow_pickle)

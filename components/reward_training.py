@@ -143,7 +143,7 @@ class RewardTrainer:
         until = self.steps if until is None else min(until, self.steps)
         batch_size, center = self.training.batch_size, self.training.center_rewards_coef
         margins = torch.tensor(self.pairs.margins)
-        has_margins = bool(margins.abs().sum() > 0)
+        has_margins = bool((margins != 0).any())
         self.model.train()
         done = []
         while self.step < until:

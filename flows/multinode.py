@@ -31,12 +31,13 @@ from components.rl import Trainer, launcher
 
 
 def with_models(config: RunConfig, rewrite) -> RunConfig:
-    """The configuration with its model references (policy, reward model, critic) passed through `rewrite(key, ref)`."""
-    critic = config.critic.model
+    """The configuration with its model references (policy, reward model, critic, judge) passed through `rewrite(key, ref)`."""
+    critic, judge = config.critic.model, config.judge
     return config.model_copy(update={
         "policy": config.policy.model_copy(update={"model": rewrite("policy.model", config.policy.model)}),
         "critic": config.critic.model_copy(update={"model": None if critic is None else rewrite("critic.model", critic)}),
         "reward": config.reward.model_copy(update={"model": rewrite("reward.model", config.reward.model)}),
+        "judge": None if judge is None else judge.model_copy(update={"model": rewrite("judge.model", judge.model)}),
     })
 
 
@@ -46,6 +47,8 @@ def resolved_models(config: RunConfig) -> RunConfig:
 
 
 def _revision(config: RunConfig, key: str) -> str | None:
+    if key == "judge.model":
+        return config.judge.revision
     return config.reward.revision if key == "reward.model" else config.policy.revision
 
 

@@ -26,6 +26,7 @@ def pipeline(config_path: str | None = None, overrides: list[str] | None = None,
     data_version = tasks.check_data_version(config)
     data = tasks.as_prepared(tasks.prepare_dataset(config, models, data_version.md5))
     scorer = tasks.load_reward_model(models)
+    judge = tasks.load_judge(models)
     policy, tokenizer = tasks.load_policy(models)
     trainer = tasks.build(models, policy, tokenizer, scorer)
 
@@ -39,13 +40,14 @@ def pipeline(config_path: str | None = None, overrides: list[str] | None = None,
             return settled
         tasks.log_dataset(data, data_version)
         tasks.resume(trainer, config, run_id)
-        reference = tasks.evaluate("reference", lambda: (trainer.reference, tokenizer), data.eval_prompts, scorer, config)
+        reference = tasks.evaluate("reference", lambda: (trainer.reference, tokenizer), data.eval_prompts, scorer, config,
+                                   judge=judge)
 
         while trainer.stop_reason is None:
             tasks.train(trainer, trainer.iteration, data.train_prompts, config, run_id)
 
         candidate = tasks.evaluate("candidate", lambda: (trainer.policy, tokenizer), data.eval_prompts, scorer, config,
-                                   reference=trainer.reference)
+                                   reference=trainer.reference, judge=judge)
         champion_version = tasks.find_champion(config)
         champion = None if champion_version is None else tasks.evaluate(
             "champion", tasks.registered_policy(config, champion_version), data.eval_prompts, scorer, config,

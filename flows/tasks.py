@@ -167,9 +167,9 @@ def pin_models(config: RunConfig, resume_run_id: str | None) -> RunConfig:
     """The configuration with each `models:/NAME@ALIAS` (a reward-model or policy champion) pinned to the version the
     alias points at now, once, at the start of a run: a model promoted mid-run never changes a running job, and a
     resumed run takes the versions its first attempt pinned (recorded on the run, `PINNED_TAG`)."""
-    aliased = {key: ref for key, ref in (("policy.model", config.policy.model), ("reward.model", config.reward.model),
-                                         ("critic.model", config.critic.model))
-               if ref and ref.startswith("models:") and "@" in ref}
+    references_ = (("policy.model", config.policy.model), ("reward.model", config.reward.model),
+                   ("critic.model", config.critic.model), ("judge.model", config.judge.model if config.judge else None))
+    aliased = {key: ref for key, ref in references_ if ref and ref.startswith("models:") and "@" in ref}
     if not aliased:
         return config
     tracking.use_tracking(config.tracking)
@@ -187,9 +187,9 @@ def pin_models(config: RunConfig, resume_run_id: str | None) -> RunConfig:
 
 def pinned_models(original: RunConfig, pinned: RunConfig) -> dict[str, str]:
     """{key: pinned reference} for each model reference `pin_models` pinned."""
-    keys = (("policy.model", "policy"), ("reward.model", "reward"), ("critic.model", "critic"))
+    keys = (("policy.model", "policy"), ("reward.model", "reward"), ("critic.model", "critic"), ("judge.model", "judge"))
     return {key: getattr(pinned, section).model for key, section in keys
-            if getattr(original, section).model != getattr(pinned, section).model}
+            if getattr(original, section) is not None and getattr(original, section).model != getattr(pinned, section).model}
 
 
 def reward_lineage(reward_ref: str) -> dict[str, str]:
@@ -277,6 +277,16 @@ def load_reward_model(config: RunConfig) -> RewardScorer:
 
 
 @task(retries=2, retry_delay_seconds=5, cache_policy=NONE, retry_condition_fn=retryable)
+def load_judge(config: RunConfig) -> RewardScorer | None:
+    """The judge (`judge.model`, a held-out reward model that scores the evaluations only), or None."""
+    if config.judge is None:
+        return None
+    judge = RewardScorer.from_config(config.judge)
+    get_run_logger().info("judge %s scores the evaluations beside the reward model", config.judge.model)
+    return judge
+
+
+@task(retries=2, retry_delay_seconds=5, cache_policy=NONE, retry_condition_fn=retryable)
 def load_policy(config: RunConfig):
     """The starting policy (causal LM or encoder-decoder, from its config) and its tokenizer."""
     return (load_policy_model(config.policy.model, config.policy.revision, allow_pickle=config.policy.allow_pickle),
@@ -324,7 +334,7 @@ def find_champion(config: RunConfig) -> str | None:
 
 @task(cache_policy=NONE, task_run_name="evaluate-{name}")
 def evaluate(name: str, load: Callable[[], tuple[Any, Any]], prompts: list, scorer: RewardScorer, config: RunConfig,
-             reference=None, version: str | None = None) -> Evaluated:
+             reference=None, version: str | None = None, judge: RewardScorer | None = None) -> Evaluated:
     """Sample the held-out prompts with the evaluation seed and score them (and, given the `reference`, measure the
     KL from it). `load()` gives (policy, tokenizer); it is not called for a result the run recorded already
     (`evaluations/NAME.json`), which a resumed run reads back instead of evaluating again."""
@@ -335,7 +345,7 @@ def evaluate(name: str, load: Callable[[], tuple[Any, Any]], prompts: list, scor
     else:
         policy, tokenizer = load()
         summary, samples, scores = evaluate_policy(policy, tokenizer, prompts, scorer, config.generation,
-                                                   config.evaluation, config.policy.use_chat_template, reference)
+                                                   config.evaluation, config.policy.use_chat_template, reference, judge)
         evaluated = Evaluated(name, summary, samples.prompts_seen, samples.completions, scores, version)
         tracking.record(asdict(evaluated), artifact)
         crash_point("evaluation.recorded")
@@ -429,6 +439,7 @@ def register(config: RunConfig, policy_dir: Path | None, run_id: str, data: Data
             "reward_model": config.reward.model, **reward_lineage(config.reward.model),
             "base_policy": config.policy.model, "algorithm": config.rl.algorithm,
             "samples_per_prompt": config.rl.samples_per_prompt, "git_commit": git_commit(),
+            **({"judge_model": config.judge.model, "eval/judge_gain": report_judge_gain(report)} if config.judge else {}),
             "prefect_flow_run_id": flow_run.id or "", "mlflow_run_id": run_id,
             registry.SCORE_TAG: candidate.summary.mean_score, registry.KL_TAG: candidate.summary.kl,
             "evaluated_against": champion.version if champion else "", "stop_reason": stop_reason,
@@ -437,6 +448,11 @@ def register(config: RunConfig, policy_dir: Path | None, run_id: str, data: Data
         crash_point("register.created")
     mlflow.set_tag(tracking.MODEL_VERSION_TAG, existing.version)
     return str(existing.version)
+
+
+def report_judge_gain(report: GateReport) -> str:
+    """The judge's gain CI's lower bound as the gate report has it ("" when the judge gate is off)."""
+    return next((str(gate.value) for gate in report.gates if gate.name == "judge_gain_ci_low"), "")
 
 
 @task(retries=2, retry_delay_seconds=[2, 10], cache_policy=NONE, retry_condition_fn=retryable)

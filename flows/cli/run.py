@@ -145,6 +145,8 @@ def show_result(result, run_config) -> None:
         table.add_row(row["metric"], f"{row['reference']:.4f}", f"{row['candidate']:.4f}")
     console.print(table)
     console.print(result.gates.to_rich_table())
+    for note in result.gates.notes:
+        console.print(f"[dim]{escape(note)}[/]")
     colour = "green" if result.gates.passed else "red"
     console.print(f"gates: [{colour}]{escape(result.gates.summary())}[/]")
     name, alias = run_config.tracking.registered_model, run_config.tracking.champion_alias

@@ -282,3 +282,35 @@ def test_the_comparison_table_has_a_row_per_measure_the_candidate_has():
     assert [row["metric"] for row in rows] == ["mean_score", "mean_length", "distinct2", "gold_positive_share", "kl"]
     assert rows[0] == {"metric": "mean_score", "reference": 0.5, "candidate": 1.5}
     assert rows[-1] == {"metric": "kl", "reference": 0.0, "candidate": 0.75}  # the reference is 0 nats from itself
+
+
+# --- the judge: a held-out reward model beside the one trained against --------------------------------
+
+
+def _judged(proxy_gain: float, judge_gain: float, n: int = 200):
+    rng = np.random.default_rng(0)
+    base, judge_base = rng.normal(size=n), rng.normal(size=n)
+    texts = [f"text {i} here" for i in range(n)]
+    reference = summarize(base, [5.0] * n, texts, judge_scores=judge_base, kl=0.0)
+    candidate = summarize(base + proxy_gain + 0.1 * rng.normal(size=n), [5.0] * n, texts,
+                          judge_scores=judge_base + judge_gain + 0.1 * rng.normal(size=n), kl=1.0)
+    return compare(reference, candidate, n_resamples=300, seed=0)
+
+
+def test_a_gain_the_judge_does_not_see_fails_the_judge_gate_while_the_proxy_gates_pass():
+    comparison = _judged(proxy_gain=1.0, judge_gain=-0.5)
+    assert comparison.reward_gain == pytest.approx(1.0, abs=0.05) and comparison.judge_gain == pytest.approx(-0.5, abs=0.05)
+    report = gates_module.check_gates(comparison, GatesConfig())
+    assert report.failed_names == ["judge_gain_ci_low"]
+    assert any("by the reward model 1.0" in note and "by the judge -0.5" in note for note in report.notes)
+    assert "judge_gain_ci_low" in report.to_markdown() and comparison.as_metrics()["eval/judge_gain"] < 0
+    assert gates_module.check_gates(_judged(proxy_gain=1.0, judge_gain=0.5), GatesConfig()).passed
+    assert gates_module.check_gates(comparison, GatesConfig(judge_gain=False)).passed  # off: reported, not gated
+
+
+def test_without_a_judge_there_is_no_judge_gate():
+    reference = summarize([0.0, 1.0], [3, 3], ["a b c", "d e f"])
+    candidate = summarize([1.0, 2.0], [3, 3], ["a b c", "d e g"], kl=0.5)
+    comparison = compare(reference, candidate, n_resamples=100)
+    assert comparison.judge_gain is None and "eval/judge_gain" not in comparison.as_metrics()
+    assert "judge_gain_ci_low" not in [gate.name for gate in gates_module.check_gates(comparison, GatesConfig()).gates]
