@@ -1,6 +1,6 @@
 import pytest
 
-from components.config import DEMO_CONFIG, RENAMED_KEYS, ConfigDeprecation, ConfigError, RunConfig, load_config
+from components.config import RewardRunConfig, DEMO_CONFIG, RENAMED_KEYS, ConfigDeprecation, ConfigError, RunConfig, load_config
 
 
 def write(tmp_path, text):
@@ -154,3 +154,20 @@ def test_every_setting_has_a_one_line_description():
         return missing
 
     assert undescribed(RunConfig) == []
+    assert undescribed(RewardRunConfig) == []
+
+
+def test_the_reward_stage_has_its_own_configuration_with_the_same_rules(tmp_path):
+    config = load_config(schema=RewardRunConfig)  # configs/reward.yaml
+    assert config.data.source == "data/demo/preferences.jsonl" and config.training.max_steps == 600
+    assert config.flat()["tracking.registered_model"] == "alignflow-reward"
+    with pytest.raises(ConfigError, match="data.format: Input should be 'auto', 'explicit', 'implicit' or 'conversational'"):
+        load_config(overrides=["data.format=pairs"], schema=RewardRunConfig)
+    with pytest.raises(ConfigError, match="training.batch_size: Input should be greater than 0"):
+        load_config(overrides=["training.batch_size=0"], schema=RewardRunConfig)
+    with pytest.raises(ConfigError, match="model.base: 'models:/x' is not a registry URI"):
+        load_config(overrides=["model.base=models:/x"], schema=RewardRunConfig)
+    with pytest.raises(ConfigError, match="rl: unknown key"):
+        load_config(overrides=["rl.learning_rate=1"], schema=RewardRunConfig)
+    judged = load_config(overrides=["judge.model=models:/judge@champion"])  # the policy's judge: a reward model's settings
+    assert judged.judge.model == "models:/judge@champion" and load_config().judge is None

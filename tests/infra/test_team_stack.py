@@ -265,7 +265,7 @@ def test_compose_file_is_valid_and_demands_its_secrets():
         assert missing.returncode != 0 and secret in missing.stderr, (secret, missing.stderr)
 
 
-def test_prefect_yaml_deploys_the_nightly_schedule(stack, as_client):
+def test_prefect_yaml_deploys_the_nightly_and_weekly_schedules(stack, as_client):
     from prefect.client.orchestration import get_client
 
     env = {**os.environ, **as_client, "ALIGNFLOW_HOME": str(PROJECT_ROOT)}
@@ -278,6 +278,9 @@ def test_prefect_yaml_deploys_the_nightly_schedule(stack, as_client):
     with get_client(sync_client=True) as client:
         deployment = client.read_deployment_by_name("alignflow-pipeline/nightly")
         node = client.read_deployment_by_name("alignflow-ppo-node/gpu")
+        reward = client.read_deployment_by_name("alignflow-reward/weekly")
+    assert reward.entrypoint == "flows/reward_pipeline.py:reward_pipeline" and reward.work_pool_name == "alignflow-pool"
+    assert reward.schedules[0].schedule.cron == "0 1 * * 1" and reward.parameters["config_path"] == "configs/reward.yaml"
     assert deployment.work_pool_name == "alignflow-pool"
     assert deployment.schedules[0].schedule.cron == "0 3 * * *"
     assert deployment.parameters["config_path"] == "configs/demo.yaml"
