@@ -228,3 +228,16 @@ def gold_accuracy(chosen_scores: Scores, rejected_scores: Scores, gold_chosen: S
     if not decided.any():
         return float("nan")
     return float(np.mean(np.where(model[decided] == 0, 0.5, model[decided] == gold[decided])))
+
+
+def gold_accuracy_of(pairs, chosen_scores: Scores, rejected_scores: Scores, judge) -> float:
+    """`gold_accuracy` against `judge(text) -> float` (e.g. the demo's `gold_score`), reading each pair's prompt and
+    answer as one text (a conversation as a Human:/Assistant: transcript)."""
+    from components.dialogue import render_transcript
+
+    def text(prompt, answer: str) -> str:
+        return (prompt if isinstance(prompt, str) else render_transcript(prompt)) + answer
+
+    gold_chosen = [float(judge(text(pair.prompt, pair.chosen))) for pair in pairs]
+    gold_rejected = [float(judge(text(pair.prompt, pair.rejected))) for pair in pairs]
+    return gold_accuracy(chosen_scores, rejected_scores, gold_chosen, gold_rejected)

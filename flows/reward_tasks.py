@@ -22,13 +22,14 @@ from prefect.runtime import flow_run
 from components import registry, tracking
 from components.config import PROJECT_ROOT, RewardRunConfig
 from components.errors import retryable
+from components.evaluation import load_gold_scorer
 from components.faults import crash_point
 from components.gates import GateReport
 from components.model_safety import check_model_files
 from components.models import load_tokenizer, locate
 from components.preferences import PairReport, PreferencePair, drop_too_long, load_pairs, split_pairs
 from components.reward_eval import (
-    RewardEval, check_reward_gates, evaluate_pairs, gold_accuracy, plot_reliability, plot_score_distributions,
+    RewardEval, check_reward_gates, evaluate_pairs, gold_accuracy_of, plot_reliability, plot_score_distributions,
 )
 from components.reward_training import RewardTrainer, encode_pairs, load_base, pair_texts, score_pairs
 from components.rl.checkpoint import check_writable, recover, write_atomically
@@ -226,13 +227,8 @@ def evaluate(name: str, load, pairs: list[PreferencePair], config: RewardRunConf
         lengths = [(len(c) + len(r)) / 2 for c, r in zip(encoded.chosen, encoded.rejected)]
         evaluation = evaluate_pairs(chosen, rejected, lengths, config.evaluation)
         if config.evaluation.gold_scorer:
-            from components.evaluation import load_gold_scorer
-            from components.reward import reward_text
-
             judge = load_gold_scorer(config.evaluation.gold_scorer)
-            gold_c = [float(judge(reward_text(tokenizer, p.prompt, p.chosen, False)[0])) for p in pairs]
-            gold_r = [float(judge(reward_text(tokenizer, p.prompt, p.rejected, False)[0])) for p in pairs]
-            evaluation = replace(evaluation, gold_accuracy=gold_accuracy(chosen, rejected, gold_c, gold_r))
+            evaluation = replace(evaluation, gold_accuracy=gold_accuracy_of(pairs, chosen, rejected, judge))
         if name == "candidate":
             mlflow.log_figure(plot_score_distributions(chosen, rejected), "plots/score_distributions.png")
             mlflow.log_figure(plot_reliability(chosen, rejected, config.evaluation.calibration_bins), "plots/reliability.png")

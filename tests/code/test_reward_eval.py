@@ -247,3 +247,16 @@ def test_json_round_trip():
     chosen, rejected = bradley_terry(100)
     result = evaluate(chosen, rejected, lengths=np.arange(100) / 2)
     assert RewardEval.from_json(json.loads(json.dumps(dataclasses.asdict(result)))) == result
+
+
+def test_gold_accuracy_is_agreement_with_the_truth_where_it_decides():
+    from components.preferences import PreferencePair
+    from components.reward_eval import gold_accuracy_of
+
+    pairs = [PreferencePair("p", " good", " bad", None, 1), PreferencePair("p", " bad", " good", None, 2),  # 2: a flipped label
+             PreferencePair("p", " fine", " fine!", None, 3)]  # the truth ties: left out
+    truth = {"p good": 1.0, "p bad": 0.0, "p fine": 0.5, "p fine!": 0.5}.__getitem__
+    # The model prefers " good" both times: right on the truth twice (the flipped label cannot fool it), a tie on 3 ignored.
+    assert gold_accuracy_of(pairs, [2.0, 1.0, 0.3], [1.0, 2.0, 0.1], truth) == 1.0
+    assert gold_accuracy_of(pairs, [1.0, 2.0, 0.3], [2.0, 1.0, 0.1], truth) == 0.0
+    assert gold_accuracy_of(pairs, [1.0, 1.0, 0.0], [1.0, 2.0, 0.0], truth) == 0.75  # a model tie counts half, pair 2 right
