@@ -273,14 +273,14 @@ def load_gold_scorer(spec: str | None):
 
 
 def evaluate_policy(policy, tokenizer, prompts: Sequence, scorer, generation, evaluation, use_chat_template: bool = False,
-                    reference=None, judge=None):
+                    reference=None, judge_scorer=None):
     """Sample each prompt once with `evaluation.seed`, score prompt + completion with the reward model as training
     does (it reads its EOS after a completion that ended with one, `reward.append_eos`), and with the gold judge,
     if configured. The same seed makes reference and candidate comparable. A prompt is a text or a conversation; the
     gold judge reads a conversation as a Human:/Assistant: transcript.
 
     With a `reference` policy, the summary holds the policy's KL from it on its own completions; with a `judge` (a
-    held-out reward model, scoring as the reward model does), the judge's scores of the same completions.
+    held-out reward model, scoring as the reward model does: `judge_scorer`), its scores of the same completions.
     Returns (PolicyEval, the samples, the per-prompt scores); `samples.prompts_seen` is each prompt as the policy read it.
     """
     from components.dialogue import render_transcript
@@ -297,8 +297,8 @@ def evaluate_policy(policy, tokenizer, prompts: Sequence, scorer, generation, ev
     if reference is not None:
         kl = sequence_kl(policy, reference, tokenizer, prompts, samples.completions, generation, samples.ended_with_eos,
                          use_chat_template=use_chat_template)
-    judge_scores = None if judge is None else [
-        float(s) for s in score_completions(judge, list(prompts), samples.completions, samples.ended_with_eos).tolist()]
+    judge_scores = None if judge_scorer is None else [
+        float(s) for s in score_completions(judge_scorer, list(prompts), samples.completions, samples.ended_with_eos).tolist()]
     summary = summarize(scores, samples.lengths, samples.completions, gold, kl=kl, judge_scores=judge_scores,
                         n_resamples=evaluation.bootstrap_samples, seed=evaluation.seed)
     return summary, samples, scores

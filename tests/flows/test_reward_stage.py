@@ -136,6 +136,7 @@ def policy_run(second, store, tiny_lm_dir):
 
     client(store)  # the stage's store
     overrides = [f"policy.model={tiny_lm_dir}", f"reward.model=models:/{MODEL}@champion", "reward.max_length=64",
+                 f"judge.model=models:/{MODEL}/{second.model_version}", "judge.max_length=64",
                  f"tracking.tracking_uri=sqlite:///{store}/mlflow.db", f"tracking.registered_model={POLICY}",
                  "tracking.experiment=stage-policy", f"checkpoint.dir={store}/policy-checkpoints", "critic.type=shared",
                  "rl.rollout_batch_size=16", "rl.mini_batch_size=8", "rl.update_epochs=1", "rl.total_episodes=32",
@@ -155,6 +156,11 @@ def test_a_policy_records_the_reward_model_version_and_its_data(policy_run, firs
     assert run_tags["alignflow.reward_model"] == f"models:/{MODEL}/1"
     assert json.loads(run_tags["alignflow.pinned_models"]) == {"reward.model": f"models:/{MODEL}/1"}
     assert client(store).get_run(policy_run.run_id).data.params["reward.model"] == f"models:/{MODEL}@champion"
+    # The judge scored both evaluations: its gain is gated and reported beside the reward model's.
+    metrics = client(store).get_run(policy_run.run_id).data.metrics
+    assert {"eval/judge_gain", "eval/candidate/judge_mean_score", "eval/reference/judge_mean_score"} <= set(metrics)
+    assert "judge_gain_ci_low" in [gate.name for gate in policy_run.gates.gates]
+    assert any("by the judge" in note for note in policy_run.gates.notes) and tags["judge_model"] == f"models:/{MODEL}/2"
     listed = alignflow(["models", "--set", f"tracking.tracking_uri=sqlite:///{store}/mlflow.db",
                         "--set", f"tracking.registered_model={POLICY}"])
     assert listed.returncode == 0 and f"{MODEL}/1" in listed.stdout and reward_tags["data_md5"][:8] in listed.stdout
