@@ -204,3 +204,19 @@ def test_an_unreadable_preference_file_fails_naming_the_file_and_line(demo_kit, 
     result = alignflow(["reward", "run", "--set", f"data.source={bad}", "--set", "data.check_dvc=false",
                         *[arg for o in stage_overrides(tmp_path) for arg in ("--set", o)]])
     assert result.returncode == 2 and f"{bad}:2" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_rlhf_runs_the_reward_stage_then_the_policy_against_its_champion(demo_kit, tiny_lm_dir, tmp_path):
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    reward = ["training.max_steps=30", "gates.min_accuracy=0.6", "evaluation.bootstrap_samples=100",
+              f"tracking.tracking_uri={store}", f"checkpoint.dir={tmp_path}/reward-checkpoints"]
+    policy = [f"policy.model={tiny_lm_dir}", "reward.max_length=64", f"tracking.tracking_uri={store}",
+              f"checkpoint.dir={tmp_path}/checkpoints", "critic.type=shared", "rl.rollout_batch_size=16",
+              "rl.mini_batch_size=8", "rl.update_epochs=1", "rl.total_episodes=16", "data.eval_size=16",
+              "generation.max_new_tokens=8", "evaluation.bootstrap_samples=100"]
+    argv = ["rlhf", *[a for o in reward for a in ("--reward-set", o)], *[a for o in policy for a in ("--set", o)]]
+    assert cli_in_child(argv) == 0
+    mlflow_client = MlflowClient(store, registry_uri=store)
+    assert str(mlflow_client.get_model_version_by_alias("alignflow-reward", "champion").version) == "1"
+    (version,) = mlflow_client.search_model_versions("name='alignflow-policy'")
+    assert version.tags["reward_model"] == "models:/alignflow-reward/1" and version.tags["reward_data_md5"]
