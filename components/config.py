@@ -603,7 +603,11 @@ class RewardTrainingConfig(Section):
     learning_rate: float = Field(1e-5, gt=0, lt=1, description="AdamW's peak learning rate.")
     weight_decay: float = Field(0.01, ge=0, description="AdamW's weight decay.")
     batch_size: int = Field(32, gt=0, description="Pairs per optimizer step (chosen and rejected go through one forward).")
-    epochs: float = Field(1.0, gt=0, description="Passes over the training pairs (pairs are drawn at random with the seed).")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training pairs.")
+    sampling: Literal["epochs", "with_replacement"] = Field(
+        "epochs", description="epochs: every pair once per epoch, in a new seeded order each epoch (as TRL); "
+        "with_replacement: each batch drawn at random (the demo bootstrap's)."
+    )
     max_steps: int | None = Field(None, gt=0, description="Optimizer steps; set, it overrides epochs.")
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of the steps the learning rate warms up over, linearly.")
     lr_schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="The decay after warm-up.")

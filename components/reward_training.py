@@ -8,9 +8,10 @@ as InstructGPT starts its reward model from the SFT model); LoRA optional. It re
 pipeline's `RewardScorer` will score it (`components.reward.reward_text`): prompt + answer, a conversation through
 the tokenizer's chat template, and the EOS after the answer (`model.append_eos`).
 
-Each step draws `batch_size` pairs at random from a seeded generator, whose state (with the optimizer's, the
-schedule's and the history) is in every checkpoint: a run resumed from a checkpoint takes the same steps as one that
-never stopped. A non-finite loss or gradient stops training before its optimizer step (`TrainingError`).
+Each step takes the next `batch_size` pairs of the epoch's order, a permutation drawn from (seed, epoch) alone
+(`training.sampling: epochs`), or draws them at random from a seeded generator (`with_replacement`); the generator's
+state, the optimizer's, the schedule's and the history are in every checkpoint: a run resumed from a checkpoint
+takes the same steps as one that never stopped. A non-finite loss or gradient stops training before its optimizer step (`TrainingError`).
 
 The demo kit's bootstrap trains the demo's reward model with this same trainer (components/demo/bootstrap.py).
 """
@@ -131,6 +132,8 @@ class RewardTrainer:
         self.optimizer = torch.optim.AdamW(self.parameters, lr=training.learning_rate, weight_decay=training.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(step, self.steps, training))
         self.generator = torch.Generator().manual_seed(seed + 1)
+        self.seed = seed
+        self._orders: dict[int, list[int]] = {}
         self.step = 0
         self.history: list[dict[str, float]] = []
 
@@ -147,7 +150,7 @@ class RewardTrainer:
         self.model.train()
         done = []
         while self.step < until:
-            index = torch.randint(0, len(self.pairs), (batch_size,), generator=self.generator).tolist()
+            index = self.batch_indices()
             sequences = [self.pairs.chosen[i] for i in index] + [self.pairs.rejected[i] for i in index]
             rewards = self.model(**self.collate(sequences, self.generator)).logits[:, 0].float()
             r_chosen, r_rejected = rewards.chunk(2)
@@ -177,6 +180,22 @@ class RewardTrainer:
                 callback(stats)
         self.model.eval()
         return done
+
+    def batch_indices(self) -> list[int]:
+        """The pairs of the next step: the next of the epoch's order (crossing into the next epoch's), or random."""
+        n, batch_size = len(self.pairs), self.training.batch_size
+        if self.training.sampling == "with_replacement":
+            return torch.randint(0, n, (batch_size,), generator=self.generator).tolist()
+        first = self.step * batch_size
+        return [self.order(k // n)[k % n] for k in range(first, first + batch_size)]
+
+    def order(self, epoch: int) -> list[int]:
+        """The pairs' order in `epoch`: a permutation drawn from the seed and the epoch alone, so a resumed run has it."""
+        if epoch not in self._orders:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._orders = {e: order for e, order in self._orders.items() if e == epoch - 1}  # a batch may span two
+            self._orders[epoch] = torch.randperm(len(self.pairs), generator=generator).tolist()
+        return self._orders[epoch]
 
     # --- checkpoints ---------------------------------------------------------------------------
 

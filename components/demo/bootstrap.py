@@ -249,7 +249,8 @@ def train_reward(
                            tokenizer, append_eos=False)
     training = RewardTrainingConfig(learning_rate=settings.reward_learning_rate, batch_size=settings.reward_batch_size,
                                     max_steps=settings.reward_steps, center_rewards_coef=settings.center_rewards_coef,
-                                    warmup_ratio=0.05, lr_schedule="cosine", min_lr_ratio=0.1, max_grad_norm=1.0)
+                                    warmup_ratio=0.05, lr_schedule="cosine", min_lr_ratio=0.1, max_grad_norm=1.0,
+                                    sampling="with_replacement")
     trainer = RewardTrainer(model, encoded, training, settings.seed, tokenizer.pad_token_id,
                             collate=lambda sequences, generator: _pad_right(sequences, tokenizer.pad_token_id,
                                                                             settings.max_position_offset, generator))

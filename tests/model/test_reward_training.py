@@ -41,13 +41,14 @@ def test_it_learns_the_preference_and_scores_held_out_pairs(tiny_lm_dir):
     assert [row["step"] for row in trainer.history] == list(range(1, 61))
 
 
-def test_resuming_from_a_checkpoint_takes_the_same_steps(tiny_lm_dir, tmp_path):
-    straight, _ = trainer_for(tiny_lm_dir, pairs(100), steps=30)
+@pytest.mark.parametrize("sampling", ["epochs", "with_replacement"])
+def test_resuming_from_a_checkpoint_takes_the_same_steps(tiny_lm_dir, tmp_path, sampling):
+    straight, _ = trainer_for(tiny_lm_dir, pairs(100), steps=30, sampling=sampling)
     straight.train()
-    first, _ = trainer_for(tiny_lm_dir, pairs(100), steps=30)
+    first, _ = trainer_for(tiny_lm_dir, pairs(100), steps=30, sampling=sampling)
     first.train(until=12)
     first.save_checkpoint(tmp_path / "checkpoint")
-    resumed, _ = trainer_for(tiny_lm_dir, pairs(100), steps=30)  # a new process: fresh model, optimizer, generator
+    resumed, _ = trainer_for(tiny_lm_dir, pairs(100), steps=30, sampling=sampling)  # a new process: fresh state
     resumed.load_checkpoint(tmp_path / "checkpoint")
     assert resumed.step == 12
     resumed.train()
@@ -108,3 +109,16 @@ def test_the_schedule_warms_up_then_decays_to_its_floor():
     assert factors[-1] == pytest.approx(0.1, abs=0.01) and all(a >= b for a, b in zip(factors[10:], factors[11:]))
     constant = RewardTrainingConfig(max_steps=100, warmup_ratio=0.0, lr_schedule="constant")
     assert {lr_factor(step, 100, constant) for step in range(100)} == {1.0}
+
+
+def test_epochs_take_every_pair_once_per_epoch_in_a_new_order(tiny_lm_dir):
+    trainer, _ = trainer_for(tiny_lm_dir, pairs(20), steps=5)  # 5 steps x 8 pairs = 2 epochs of 20
+    assert trainer.training.sampling == "epochs"
+    seen = []
+    for step in range(5):
+        trainer.step = step
+        seen += trainer.batch_indices()
+    assert sorted(seen[:20]) == list(range(20)) and sorted(seen[20:]) == list(range(20)) and seen[:20] != seen[20:]
+    again, _ = trainer_for(tiny_lm_dir, pairs(20), steps=5)
+    again.step = 3  # a resumed run: the order comes from the seed and the epoch alone
+    assert again.batch_indices() == seen[24:32]
