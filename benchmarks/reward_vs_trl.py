@@ -395,7 +395,9 @@ def differences(settings: dict) -> list[str]:
         eos + "; both add `<bos>` and pad on the right with `<pad>`",
         f"the centring term: TRL adds {settings['center_rewards_coef']:g} x mean over pairs of (r_chosen + r_rejected)^2, "
         f"alignflow {settings['center_rewards_coef']:g} x mean over texts of r^2",
-        f"alignflow draws each batch at random with replacement, TRL shuffles and goes epoch by epoch ({epochs:.1f} epochs)",
+        (f"both go epoch by epoch ({epochs:.1f} epochs), each in its own seeded order"
+         if settings.get("sampling_alignflow") == "epochs" else
+         f"alignflow draws each batch at random with replacement, TRL shuffles and goes epoch by epoch ({epochs:.1f} epochs)"),
         f"TRL's linear warm-up starts at lr 0 (step/{warmup}), alignflow's at lr/{warmup} ((step+1)/{warmup})" if warmup
         else "no warm-up on either side",
         "TRL's AdamW is the fused kernel (`adamw_torch_fused`) and spares biases and LayerNorm weights from the decay, "
@@ -560,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
             "warmup_ratio": training.warmup_ratio, "warmup_steps": round(steps * training.warmup_ratio),
             "lr_schedule": training.lr_schedule, "min_lr_ratio": training.min_lr_ratio, "weight_decay": training.weight_decay,
             "center_rewards_coef": training.center_rewards_coef, "max_grad_norm": training.max_grad_norm,
-            "max_length": config.model.max_length, "append_eos_alignflow": config.model.append_eos,
+            "sampling_alignflow": training.sampling, "max_length": config.model.max_length, "append_eos_alignflow": config.model.append_eos,
             "threads": args.threads, "timing_warmup": warmup, "max_disturbance": args.max_disturbance,
             "retries": args.retries, "wait_quiet_seconds": args.wait_quiet, "dtype": "float32", "device": "cpu",
         },
