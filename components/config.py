@@ -564,12 +564,21 @@ class PreferenceDataConfig(Section):
     rejected_field: str = Field("rejected", description="Column holding the other answer or transcript.")
     margin_field: str | None = Field(None, description="Optional column of how much chosen is preferred (the loss's margin).")
     max_pairs: int | None = Field(None, gt=0, description="Use at most this many pairs (after the bad rows are left out).")
+    num_shards: int = Field(1, gt=0, description="Split the rows into this many disjoint shards by row number (e.g. 2: a reward model and its judge).")
+    shard: int = Field(0, ge=0, description="The shard this run reads: rows N with (N - 1) % num_shards == shard.")
     eval_fraction: float = Field(0.1, gt=0, lt=1, description="Share of the pairs held out for evaluation and the gates.")
     check_dvc: bool = Field(
         True,
         description="Refuse a local dataset that DVC does not track, or whose bytes differ from what its .dvc file "
         "pins. false: run on it anyway; the run records the file's own md5 and tags it unversioned.",
     )
+
+
+    @model_validator(mode="after")
+    def _shard_in_range(self) -> "PreferenceDataConfig":
+        if self.shard >= self.num_shards:
+            raise ValueError(f"data.shard ({self.shard}) must be below data.num_shards ({self.num_shards})")
+        return self
 
 
 class RewardModelConfig(Section):

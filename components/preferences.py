@@ -66,9 +66,11 @@ class PairReport:
     unsplittable: list[int] = field(default_factory=list)
     bad_margin: list[int] = field(default_factory=list)
     too_long: list[int] = field(default_factory=list)
+    other_shards: int = 0  # rows of the shards this run does not read (data.num_shards > 1)
 
     def as_metrics(self) -> dict[str, float]:
-        metrics = {"data/pairs_total": float(self.total), "data/pairs_kept": float(self.kept)}
+        metrics = {"data/pairs_total": float(self.total), "data/pairs_kept": float(self.kept),
+                   "data/rows_other_shards": float(self.other_shards)}
         metrics.update({f"data/bad/{problem}": float(len(getattr(self, problem))) for problem in _PROBLEMS})
         return metrics
 
@@ -76,7 +78,9 @@ class PairReport:
         """One line: the counts, then the rows of each problem."""
         parts = [f"{self.source}: {self.kept} of {self.total} pairs kept"]
         parts += [f"{_rows(rows)}: {text}" for problem, text in _PROBLEMS.items() if (rows := getattr(self, problem))]
-        unused = self.total - self.kept - sum(len(getattr(self, problem)) for problem in _PROBLEMS)
+        if self.other_shards:
+            parts.append(f"{self.other_shards} rows in other shards")
+        unused = self.total - self.kept - self.other_shards - sum(len(getattr(self, problem)) for problem in _PROBLEMS)
         if unused > 0:
             parts.append(f"{unused} good beyond data.max_pairs")
         return "; ".join(parts)
@@ -111,8 +115,8 @@ class _BadRow(Exception):
 
 
 def load_pairs(data: PreferenceDataConfig, root: Path = Path(".")) -> PairSet:
-    """The pairs of `data.source` read per `data.format`, the first `data.max_pairs` of the good ones; bad rows are
-    reported, never used. DataError names the key to fix, or summarizes the rows when none is good."""
+    """The pairs of `data.source` read per `data.format` (of its shard `data.shard` of `data.num_shards`, by row
+    number), the first `data.max_pairs` of the good ones; bad rows are reported, never used. DataError names the key to fix, or summarizes the rows when none is good."""
     rows, files = load_rows(data, root)
     columns = rows.column_names
     _require(data, columns, "chosen_field", "rejected_field", *(["margin_field"] if data.margin_field else []))
@@ -130,6 +134,9 @@ def load_pairs(data: PreferenceDataConfig, root: Path = Path(".")) -> PairSet:
     for row, (prompt_value, chosen_value, rejected_value, margin_value) in enumerate(
         zip(prompts, chosen, rejected, margins), start=1
     ):
+        if (row - 1) % data.num_shards != data.shard:  # another shard's row: not bad, not this run's
+            report.other_shards += 1
+            continue
         try:
             prompt, chosen_answer, rejected_answer = _split(form, prompt_value, chosen_value, rejected_value)
             margin = _margin(margin_value) if data.margin_field else None

@@ -386,3 +386,18 @@ def test_the_demo_preferences_load_whole_as_explicit_pairs(demo_data_dir):
         (r["prompt"], r["chosen"], r["rejected"]) for r in raw
     ]
     assert any("" in (pair.chosen, pair.rejected) for pair in loaded.pairs)  # saying nothing: kept, to be ranked low
+
+
+def test_shards_split_the_rows_into_disjoint_parts_by_row_number(tmp_path):
+    """A reward model and its judge from disjoint parts of one file: data.num_shards 2, shards 0 and 1."""
+    path = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": f"p{i}", "chosen": " good", "rejected": " bad"} for i in range(7)]
+    rows[2]["rejected"] = " good"  # row 3: a bad row of shard 0
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    first, second = (load_pairs(PreferenceDataConfig(source=str(path), num_shards=2, shard=k)) for k in (0, 1))
+    assert [p.row for p in first.pairs] == [1, 5, 7] and [p.row for p in second.pairs] == [2, 4, 6]
+    assert first.report.identical == [3] and first.report.other_shards == 3 and second.report.other_shards == 4
+    assert "3 rows in other shards" in first.report.summary() and "beyond" not in first.report.summary()
+    assert first.report.as_metrics()["data/rows_other_shards"] == 3.0
+    with pytest.raises(ValueError, match="data.shard \\(2\\) must be below data.num_shards \\(2\\)"):
+        PreferenceDataConfig(num_shards=2, shard=2)
