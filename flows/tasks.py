@@ -167,9 +167,9 @@ def pin_models(config: RunConfig, resume_run_id: str | None) -> RunConfig:
     """The configuration with each `models:/NAME@ALIAS` (a reward-model or policy champion) pinned to the version the
     alias points at now, once, at the start of a run: a model promoted mid-run never changes a running job, and a
     resumed run takes the versions its first attempt pinned (recorded on the run, `PINNED_TAG`)."""
-    references_ = (("policy.model", config.policy.model), ("reward.model", config.reward.model),
-                   ("critic.model", config.critic.model), ("judge.model", config.judge.model if config.judge else None))
-    aliased = {key: ref for key, ref in references_ if ref and ref.startswith("models:") and "@" in ref}
+    refs = (("policy.model", config.policy.model), ("reward.model", config.reward.model),
+            ("critic.model", config.critic.model), ("judge.model", config.judge.model if config.judge else None))
+    aliased = {key: ref for key, ref in refs if ref and ref.startswith("models:") and "@" in ref}
     if not aliased:
         return config
     tracking.use_tracking(config.tracking)
