@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from components.demo.gold import gold_score, is_gold_positive, is_well_formed
+from components.reward_training import pad_right
 
 DATA_FILES = ("prompts.jsonl", "sft.jsonl", "preferences.jsonl")
 
@@ -157,16 +158,11 @@ def train_tokenizer(texts: list[str], vocab_size: int, model_max_length: int) ->
 def _pad_right(sequences: list[list[int]], pad_id: int, max_offset: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
     """Right-padded batch; half the rows get their positions shifted by a random offset in
     [1, max_offset], the other half start at 0 as `generate` and right-padded callers do."""
-    length = max(len(sequence) for sequence in sequences)
-    input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    for row, sequence in enumerate(sequences):
-        input_ids[row, : len(sequence)] = torch.tensor(sequence)
-        attention_mask[row, : len(sequence)] = 1
+    batch = pad_right(pad_id)(sequences, generator)
     offsets = torch.randint(1, max_offset + 1, (len(sequences), 1), generator=generator)
     offsets *= torch.rand((len(sequences), 1), generator=generator) < 0.5
-    position_ids = torch.arange(length).unsqueeze(0) + offsets
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+    position_ids = torch.arange(batch["input_ids"].shape[1]).unsqueeze(0) + offsets
+    return {**batch, "position_ids": position_ids}
 
 
 def _schedule(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:

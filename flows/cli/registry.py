@@ -112,9 +112,13 @@ def promote(
 ) -> None:
     """Make VERSION the champion; refuses a version that failed its gates unless --force --reason. Takes the same lock
     as the pipeline's promotions, so promotions at the same time keep one champion and a consistent chain."""
+    promote_version(resolved(config, set_), version, force, reason)
+
+
+def promote_version(run_config, version: str, force: bool, reason: Optional[str]) -> None:
+    """`promote` for a policy's or a reward model's configuration: the lock (a Prefect server if needed), then the move."""
     from flows import promotion
 
-    run_config = resolved(config, set_)
     name, alias = run_config.tracking.registered_model, run_config.tracking.champion_alias
     with prefect_api() if promotion.needs_prefect_server(run_config) else contextlib.nullcontext():
         moved, why = promotion.promote(run_config, version, force=force, reason=reason)
@@ -129,9 +133,13 @@ def rollback(
     reason: Optional[str] = typer.Option(None, help="Why (recorded in the versions' tags)."),
 ) -> None:
     """Move the champion alias back to the previous champion."""
+    roll_back(resolved(config, set_), reason)
+
+
+def roll_back(run_config, reason: Optional[str]) -> None:
+    """`rollback` for a policy's or a reward model's configuration, under the same lock as promotions."""
     from flows import promotion
 
-    run_config = resolved(config, set_)
     name, alias = run_config.tracking.registered_model, run_config.tracking.champion_alias
     with prefect_api() if promotion.needs_prefect_server(run_config) else contextlib.nullcontext():
         restored = promotion.rollback(run_config, reason=reason)

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Optional
 
@@ -14,8 +13,8 @@ from rich.table import Table
 from components.config import PROJECT_ROOT, RewardRunConfig
 from flows.cli import CronOption, IntervalOption, SetOption, app, console, explain_errors, fail, flow_overrides, resolved
 from flows.cli.data import ensure_demo_data
-from flows.cli.registry import refused_in_words
-from flows.cli.run import prefect_api, require_prefect_server, trigger_remote
+from flows.cli.registry import promote_version, refused_in_words, roll_back
+from flows.cli.run import deploy_flow, prefect_api, trigger_remote
 
 reward_app = typer.Typer(help="The reward-model stage: train, evaluate, gate, register and promote reward models.",
                          no_args_is_help=True)
@@ -109,16 +108,9 @@ def reward_deploy(
 ) -> None:
     """Create (or update) the reward flow's deployment on the Prefect server, with its schedule and work pool."""
     reward_config(config, set_)
-    overrides = flow_overrides(set_, here=False)
-    require_prefect_server()
-    from prefect import flow as prefect_flow
-
-    source = prefect_flow.from_source(source=str(PROJECT_ROOT), entrypoint="flows/reward_pipeline.py:reward_pipeline")
-    deployment_id = source.deploy(name=name, work_pool_name=pool, cron=cron, interval=interval, build=False, push=False,
-                                  parameters={"config_path": str(config) if config else None, "overrides": overrides},
-                                  print_next_steps=False)
-    schedule = f"cron {cron!r}" if cron else f"every {interval} s" if interval else "no schedule"
-    console.print(f"deployment {REWARD_FLOW}/{name} ({deployment_id}) on work pool {pool}, {schedule}")
+    overrides = flow_overrides(set_, here=False)  # refused before anything reaches the server
+    deploy_flow("flows/reward_pipeline.py:reward_pipeline", REWARD_FLOW, name, pool, cron, interval,
+                {"config_path": str(config) if config else None, "overrides": overrides})
 
 
 @reward_app.command("models")
@@ -154,13 +146,7 @@ def reward_promote(
     reason: Optional[str] = typer.Option(None, help="Why (recorded in the version's tags)."),
 ) -> None:
     """Make VERSION the reward-model champion; refuses a version that failed its gates unless --force --reason."""
-    from flows import promotion
-
-    run_config = reward_config(config, set_)
-    name, alias = run_config.tracking.registered_model, run_config.tracking.champion_alias
-    with prefect_api() if promotion.needs_prefect_server(run_config) else contextlib.nullcontext():
-        moved, why = promotion.promote(run_config, version, force=force, reason=reason)
-    console.print(f"{name}: {why}" if moved else f"{name}: {why}; @{alias} unchanged")
+    promote_version(reward_config(config, set_), version, force, reason)
 
 
 @reward_app.command("rollback")
@@ -171,13 +157,7 @@ def reward_rollback(
     reason: Optional[str] = typer.Option(None, help="Why (recorded in the versions' tags)."),
 ) -> None:
     """Move the reward-model champion alias back to the previous champion."""
-    from flows import promotion
-
-    run_config = reward_config(config, set_)
-    name, alias = run_config.tracking.registered_model, run_config.tracking.champion_alias
-    with prefect_api() if promotion.needs_prefect_server(run_config) else contextlib.nullcontext():
-        restored = promotion.rollback(run_config, reason=reason)
-    console.print(f"{name} @{alias} is back on version {restored.version}")
+    roll_back(reward_config(config, set_), reason)
 
 
 @app.command()

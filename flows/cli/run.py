@@ -120,17 +120,23 @@ def deploy(
     """Create (or update) the pipeline's deployment on the Prefect server, with its schedule and work pool."""
     resolved(config, set_)
     overrides = flow_overrides(set_, here=False)  # refused before anything reaches the server
+    deploy_flow("flows/pipeline.py:pipeline", PIPELINE_FLOW, name, pool, cron, interval,
+                {"config_path": str(config) if config else None, "overrides": overrides}, concurrency_limit)
+
+
+def deploy_flow(entrypoint: str, flow_name: str, name: str, pool: str, cron: Optional[str], interval: Optional[int],
+                parameters: dict, concurrency_limit: Optional[int] = None) -> None:
+    """Create (or update) a deployment of the flow at `entrypoint` on the Prefect server, from this project's folder."""
     require_prefect_server()
     from prefect import flow as prefect_flow
 
-    source = prefect_flow.from_source(source=str(PROJECT_ROOT), entrypoint="flows/pipeline.py:pipeline")
-    parameters = {"config_path": str(config) if config else None, "overrides": overrides}
+    source = prefect_flow.from_source(source=str(PROJECT_ROOT), entrypoint=entrypoint)
     deployment_id = source.deploy(
         name=name, work_pool_name=pool, cron=cron, interval=interval, parameters=parameters, build=False, push=False,
         concurrency_limit=concurrency_limit, print_next_steps=False,
     )
     schedule = f"cron {cron!r}" if cron else f"every {interval} s" if interval else "no schedule"
-    console.print(f"deployment {PIPELINE_FLOW}/{name} ({deployment_id}) on work pool {pool}, {schedule}")
+    console.print(f"deployment {flow_name}/{name} ({deployment_id}) on work pool {pool}, {schedule}")
 
 
 def show_result(result, run_config) -> None:
