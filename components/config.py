@@ -217,6 +217,10 @@ class GenerationConfig(Section):
         description="A longer prompt is shortened (a conversation by its oldest turns, a text by its start), left out, "
         "or stops the run; either way it is counted and reported by row.",
     )
+    generation_batch_size: int | None = Field(
+        None, gt=0,
+        description="Prompts sampled together (their KV cache held at once); null: the whole rollout batch in one go.",
+    )
 
 
 # The advantage estimators, and what each is as published: (needs a critic, fewest samples per prompt, its KL
@@ -339,6 +343,55 @@ class RLConfig(Section):
     @property
     def clip_high(self) -> float:
         return self.clip_range if self.clip_range_high is None else self.clip_range_high
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class MemoryConfig(Section):
+    """Precision per role, activation checkpointing, and the check, before anything loads, that the run fits its
+    device (`alignflow plan` prints the estimate). Log-probabilities, KL, advantages and losses are computed in
+    float32 whatever the weights' precision."""
+
+    frozen_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32",
+        description="dtype of the frozen models: the reference, the reward model, the judge, and a LoRA policy's base.",
+    )
+    trained_precision: Literal["float32", "bf16_mixed", "fp16_mixed", "bfloat16"] = Field(
+        "float32",
+        description="Policy and critic: float32; *_mixed: autocast forwards, float32 weights and AdamW state (fp16 "
+        "with loss scaling); bfloat16: pure bf16 weights and state, half the memory but updates below bf16's "
+        "resolution are lost (risky for small learning rates).",
+    )
+    activation_checkpointing: bool = Field(
+        False, description="Recompute each layer's activations in the backward (policy and critic): less memory, ~30% more update time.",
+    )
+    check_fit: bool = Field(
+        True, description="Refuse, before loading, a run the memory plan says does not fit the device; false: try anyway.",
+    )
+    device_memory_gb: float | None = Field(
+        None, gt=0, description="Memory per device the plan checks against; null: what the device reports (GPU memory, or RAM).",
+    )
+
+    @property
+    def autocast_dtype(self):
+        """The autocast dtype of the trained models' forwards, or None (float32 and pure bfloat16 run as stored)."""
+        import torch
+
+        return {"bf16_mixed": torch.bfloat16, "fp16_mixed": torch.float16}.get(self.trained_precision)
+
+    @property
+    def trained_dtype(self):
+        """The dtype the trained models' weights (and AdamW's state) are held in."""
+        import torch
+
+        return torch.bfloat16 if self.trained_precision == "bfloat16" else torch.float32
+
+    @property
+    def frozen_torch_dtype(self):
+        import torch
+
+        return getattr(torch, self.frozen_dtype)
 
 
 class LaunchConfig(Section):
@@ -484,6 +537,7 @@ class RunConfig(Section):
     rl: RLConfig = Field(default_factory=RLConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
+    memory: MemoryConfig = Field(default_factory=MemoryConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     gates: GatesConfig = Field(default_factory=GatesConfig)
@@ -526,7 +580,14 @@ class RunConfig(Section):
     def trainer_sections(self) -> dict[str, Any]:
         """The sections the engine takes (components.rl.build_trainer's keyword arguments), not the whole run."""
         return {"rl": self.rl, "generation": self.generation, "reward": self.reward, "critic": self.critic,
-                "lora": self.policy.lora, "seed": self.seed, "use_chat_template": self.policy.use_chat_template}
+                "lora": self.policy.lora, "seed": self.seed, "use_chat_template": self.policy.use_chat_template,
+                "memory": self.memory}
+
+    @property
+    def policy_dtype(self):
+        """The dtype the policy loads in: a LoRA policy's base is frozen (memory.frozen_dtype); a fully trained
+        policy is held in memory.trained_precision's weight dtype."""
+        return self.memory.frozen_torch_dtype if self.policy.lora.enabled else self.memory.trained_dtype
 
     def flat(self) -> dict[str, Any]:
         """`section.key -> value`, for logging as MLflow params."""
@@ -798,6 +859,17 @@ def _retired(tree: dict[str, Any]) -> list[str]:
     flat = _flatten(tree)
     found = [key for key in RETIRED_KEYS if key in flat or any(k.startswith(key + ".") for k in flat)]
     return [f"  {key}: no longer a setting: {RETIRED_KEYS[key]}" for key in found]
+
+
+def apply_overrides(config: Section, overrides: list[str] | tuple[str, ...]) -> Section:
+    """A copy of a validated configuration with `key=value` overrides applied and validated again."""
+    tree = config.model_dump(mode="json")
+    for override in overrides:
+        _apply_override(tree, override)
+    try:
+        return type(config).model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, "overrides " + " ".join(overrides))) from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), schema: type = None):

@@ -1,4 +1,5 @@
-"""Loading the models a run needs: local paths or hub ids via `from_pretrained`, in float32.
+"""Loading the models a run needs: local paths or hub ids via `from_pretrained`, in float32 unless the run's
+`memory` section asks for bfloat16 or float16 (`dtype`).
 
 `locate(key, ref)` turns a configured reference into what `from_pretrained` takes, or fails at once naming the key:
 a local directory (relative paths are relative to the project root), a registry URI (`models:/NAME@ALIAS`, resolved
@@ -136,21 +137,21 @@ def load_tokenizer(
 
 
 def load_causal_lm(name_or_path: str, revision: str | None = None, key: str = "policy.model", *,
-                   allow_pickle: bool = False) -> PreTrainedModel:
-    """A causal LM in float32 and eval mode (dropout off: rollout and update log-probs must agree)."""
+                   allow_pickle: bool = False, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """A causal LM in `dtype` (float32 by default) and eval mode (dropout off: rollout and update log-probs must agree)."""
     _check_local_ref(name_or_path)
     model, info = loading(name_or_path, key, allow_pickle, lambda **safe: AutoModelForCausalLM.from_pretrained(
-        str(name_or_path), revision=revision, dtype=torch.float32, output_loading_info=True, **safe))
+        str(name_or_path), revision=revision, dtype=dtype, output_loading_info=True, **safe))
     _refuse_missing_weights(key, name_or_path, info, "a complete causal language model")
     return model.eval()
 
 
 def load_seq2seq_lm(name_or_path: str, revision: str | None = None, key: str = "policy.model", *,
-                    allow_pickle: bool = False) -> PreTrainedModel:
-    """An encoder-decoder LM (T5, FLAN-T5, BART...) in float32 and eval mode."""
+                    allow_pickle: bool = False, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """An encoder-decoder LM (T5, FLAN-T5, BART...) in `dtype` and eval mode."""
     _check_local_ref(name_or_path)
     model, info = loading(name_or_path, key, allow_pickle, lambda **safe: AutoModelForSeq2SeqLM.from_pretrained(
-        str(name_or_path), revision=revision, dtype=torch.float32, output_loading_info=True, **safe))
+        str(name_or_path), revision=revision, dtype=dtype, output_loading_info=True, **safe))
     _refuse_missing_weights(key, name_or_path, info, "a complete encoder-decoder language model")
     return model.eval()
 
@@ -164,32 +165,33 @@ def adapter_base(path: str | Path) -> str | None:
 
 
 def load_policy(name_or_path: str, revision: str | None = None, key: str = "policy.model", *,
-                allow_pickle: bool = False) -> PreTrainedModel:
-    """The policy LM: an encoder-decoder when its config says so (`is_encoder_decoder`), else a causal LM.
-    A saved LoRA adapter (`lora.save_mode: adapter`) is loaded onto its base model and merged into it."""
+                allow_pickle: bool = False, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """The policy LM in `dtype` (RunConfig.policy_dtype): an encoder-decoder when its config says so
+    (`is_encoder_decoder`), else a causal LM. A saved LoRA adapter (`lora.save_mode: adapter`) is loaded onto its
+    base model and merged into it."""
     _check_local_ref(name_or_path)
     base = adapter_base(name_or_path)
     if base is not None:
         from peft import PeftModel
 
-        base_model = load_policy(base, key=key, allow_pickle=allow_pickle)
+        base_model = load_policy(base, key=key, allow_pickle=allow_pickle, dtype=dtype)
         return loading(name_or_path, key, allow_pickle, lambda **safe: PeftModel.from_pretrained(
             base_model, str(name_or_path))).merge_and_unload().eval()
     check_model_files(name_or_path, key, allow_pickle)  # before the config is read: no remote code, no pickle-only weights
     config = AutoConfig.from_pretrained(str(name_or_path), revision=revision, trust_remote_code=False)
     if getattr(config, "is_encoder_decoder", False):
-        return load_seq2seq_lm(name_or_path, revision, key, allow_pickle=allow_pickle)
-    return load_causal_lm(name_or_path, revision, key, allow_pickle=allow_pickle)
+        return load_seq2seq_lm(name_or_path, revision, key, allow_pickle=allow_pickle, dtype=dtype)
+    return load_causal_lm(name_or_path, revision, key, allow_pickle=allow_pickle, dtype=dtype)
 
 
 def load_reward_model(name_or_path: str, revision: str | None = None, key: str = "reward.model", *,
-                      allow_pickle: bool = False) -> PreTrainedModel:
-    """A sequence classifier in float32, eval mode, frozen. Its pad_token_id is set (from EOS if needed)
+                      allow_pickle: bool = False, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """A sequence classifier in `dtype` (memory.frozen_dtype; float32 by default), eval mode, frozen. Its pad_token_id is set (from EOS if needed)
     so decoder reward models can find each row's last real token. A model without a trained scoring head (a causal
     LM or a base model, whose head would be initialised at random) is refused, naming `key`."""
     _check_local_ref(name_or_path)
     model, info = loading(name_or_path, key, allow_pickle, lambda **safe: AutoModelForSequenceClassification.from_pretrained(
-        str(name_or_path), revision=revision, dtype=torch.float32, output_loading_info=True, **safe))
+        str(name_or_path), revision=revision, dtype=dtype, output_loading_info=True, **safe))
     _refuse_missing_weights(key, name_or_path, info, "a reward model (a sequence classifier with a trained head)")
     if getattr(model.config, "pad_token_id", None) is None and getattr(model.config, "eos_token_id", None) is not None:
         eos = model.config.eos_token_id

@@ -130,12 +130,15 @@ class RewardScorer:
 
     @classmethod
     def from_config(
-        cls, reward: RewardConfig, model: PreTrainedModel | None = None, tokenizer: PreTrainedTokenizerBase | None = None
+        cls, reward: RewardConfig, model: PreTrainedModel | None = None, tokenizer: PreTrainedTokenizerBase | None = None,
+        dtype: torch.dtype = torch.float32,
     ) -> "RewardScorer":
-        """Load `reward.model` (a local path or hub id) unless the model/tokenizer are given."""
+        """Load `reward.model` (a local path or hub id) in `dtype` (memory.frozen_dtype) unless the model/tokenizer
+        are given."""
         from components.models import load_reward_model, load_tokenizer
 
-        model = model if model is not None else load_reward_model(reward.model, reward.revision, allow_pickle=reward.allow_pickle)
+        model = model if model is not None else load_reward_model(reward.model, reward.revision, allow_pickle=reward.allow_pickle,
+                                                                  dtype=dtype)
         if tokenizer is None:
             tokenizer = load_tokenizer(reward.model, reward.revision, padding_side="right")
         return cls(model, tokenizer, reward.label, reward.score, reward.max_length, reward.batch_size, reward.text,

@@ -268,7 +268,7 @@ def log_dataset(data: PreparedData, version: DatasetVersion) -> None:
 @task(retries=2, retry_delay_seconds=5, cache_policy=NONE, retry_condition_fn=retryable)
 def load_reward_model(config: RunConfig) -> RewardScorer:
     """Load the reward model and check it scores a probe pair. `config` holds resolved references (check_inputs)."""
-    scorer = RewardScorer.from_config(config.reward)
+    scorer = RewardScorer.from_config(config.reward, dtype=config.memory.frozen_torch_dtype)
     probe = scorer(["The film was", "The film was"], [" wonderful and moving.", " dull."])
     if probe.shape != (2,) or not bool(probe.isfinite().all()):
         raise ValueError(f"reward.model {config.reward.model}: probe pair scored {probe.tolist()}; expected two finite scores")
@@ -281,7 +281,7 @@ def load_judge(config: RunConfig) -> RewardScorer | None:
     """The judge (`judge.model`, a held-out reward model that scores the evaluations only), or None."""
     if config.judge is None:
         return None
-    judge = RewardScorer.from_config(config.judge)
+    judge = RewardScorer.from_config(config.judge, dtype=config.memory.frozen_torch_dtype)
     get_run_logger().info("judge %s scores the evaluations beside the reward model", config.judge.model)
     return judge
 
@@ -289,7 +289,8 @@ def load_judge(config: RunConfig) -> RewardScorer | None:
 @task(retries=2, retry_delay_seconds=5, cache_policy=NONE, retry_condition_fn=retryable)
 def load_policy(config: RunConfig):
     """The starting policy (causal LM or encoder-decoder, from its config) and its tokenizer."""
-    return (load_policy_model(config.policy.model, config.policy.revision, allow_pickle=config.policy.allow_pickle),
+    return (load_policy_model(config.policy.model, config.policy.revision, allow_pickle=config.policy.allow_pickle,
+                              dtype=config.policy_dtype),
             load_tokenizer(config.policy.model, config.policy.revision))
 
 

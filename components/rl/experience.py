@@ -15,12 +15,14 @@ from typing import Callable, Sequence, TypeVar
 
 import torch
 
-from components.config import GenerationConfig, RewardConfig, RLConfig
+from components.config import GenerationConfig, MemoryConfig, RewardConfig, RLConfig
 from components.errors import AlignflowError
 from components.reward import score_completions
 from components.rl import distributed
-from components.rl.core import RunningMoments, compute_rewards
-from components.rl.rollout import decode, prompt_padding_side, response_hidden, response_logprobs, sample, tokenize_prompts
+from components.rl.core import RunningMoments, compute_rewards, logprobs_of
+from components.rl.precision import autocast
+from components.rl.rollout import (decode, prompt_padding_side, response_forward, response_hidden, response_logprobs, sample,
+                                  tokenize_prompts)
 from components.rl.roles import Critic, ValueHead
 
 T = TypeVar("T")
@@ -107,9 +109,14 @@ class ExperienceMaker:
 
     def __init__(self, policy_value: PolicyValue, reference, tokenizer, reward_fn: RewardFn, rl: RLConfig,
                  generation: GenerationConfig, reward: RewardConfig, eos_ids: torch.Tensor, pad_token_id: int,
-                 use_chat_template: bool):
+                 use_chat_template: bool, memory: MemoryConfig | None = None):
         self.policy_value, self.reference, self.tokenizer, self.reward_fn = policy_value, reference, tokenizer, reward_fn
         self.rl, self.generation, self.reward = rl, generation, reward
+        self.memory = memory if memory is not None else MemoryConfig()
+        # Below float32 (autocast, or weights held in bf16: a pure-bf16 policy, a LoRA policy's bf16 base) the rollout's
+        # log-probabilities are recomputed by the update's whole-sequence forward.
+        self.recompute_logprobs = self.memory.trained_precision != "float32" or any(
+            p.dtype != torch.float32 for p in policy_value.policy.parameters())
         self.eos_ids, self.pad_token_id, self.use_chat_template = eos_ids, pad_token_id, use_chat_template
         self.score_moments = RunningMoments()  # of the shaped scores, for reward.normalize; checkpointed
 
@@ -184,17 +191,28 @@ class ExperienceMaker:
     @torch.no_grad()  # not inference mode: under FSDP the gathered parameters are reused by the update
     def _rollout(self, queries: torch.Tensor, query_mask: torch.Tensor, rows: tuple[int, int] | None,
                  generator: torch.Generator):
-        """(rollout, reference log-probabilities, values or None): sampling, the reference forward, the critic's."""
-        rollout = sample(
-            self.policy, queries, query_mask, self.generation, self.eos_ids, self.pad_token_id,
-            generator, self.policy_value.value_head, rows,
-        )
-        args = (rollout.queries, rollout.query_mask, rollout.responses, rollout.mask)
-        ref_logprobs = response_logprobs(self.reference, *args, self.generation.temperature, pack=self.policy_value.pack_policy)
-        if self.policy_value.critic is not None:
-            values = self.policy_value.critic_values(*args) * rollout.mask
-        else:
-            values = rollout.values  # the shared head's, read during sampling; None without a critic
+        """(rollout, reference log-probabilities, values or None): sampling, the reference forward, the critic's.
+        All under the trained models' autocast (memory.trained_precision), the reference's too, so that a policy
+        equal to its reference has a KL of 0 in any precision. Below float32, the log-probabilities (and the shared
+        head's values) of the sampled tokens are recomputed by the update's own whole-sequence forward: decoding
+        token by token through the KV cache rounds differently, which would start the ratio away from 1 (OpenRLHF and
+        veRL recompute them likewise)."""
+        with autocast(queries.device, self.memory):
+            rollout = sample(
+                self.policy, queries, query_mask, self.generation, self.eos_ids, self.pad_token_id,
+                generator, self.policy_value.value_head, rows,
+            )
+            args = (rollout.queries, rollout.query_mask, rollout.responses, rollout.mask)
+            ref_logprobs = response_logprobs(self.reference, *args, self.generation.temperature, pack=self.policy_value.pack_policy)
+            if self.recompute_logprobs:
+                logits, hidden = response_forward(self.policy, *args, pack=self.policy_value.pack_policy)
+                rollout.logprobs = logprobs_of(logits.float() / self.generation.temperature, rollout.responses) * rollout.mask
+                if self.policy_value.value_head is not None:
+                    rollout.values = self.policy_value.value_head(hidden).float() * rollout.mask
+            if self.policy_value.critic is not None:
+                values = self.policy_value.critic_values(*args).float() * rollout.mask
+            else:
+                values = rollout.values  # the shared head's, read during sampling; None without a critic
         return rollout, ref_logprobs, values
 
     def _score(self, prompts: list, completions: list[str], ended_with_eos: list[bool], iteration: int) -> torch.Tensor:

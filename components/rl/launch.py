@@ -39,9 +39,10 @@ def run_epoch(config_path: Path, prompts_path: Path, checkpoint: Path, iteration
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
     config = load_config(config_path)
     prompts = json.loads(prompts_path.read_text())
-    policy = load_policy(config.policy.model, config.policy.revision, allow_pickle=config.policy.allow_pickle).to(state.device)
+    policy = load_policy(config.policy.model, config.policy.revision, allow_pickle=config.policy.allow_pickle,
+                         dtype=config.policy_dtype).to(state.device)
     tokenizer = load_tokenizer(config.policy.model, config.policy.revision)
-    scorer = RewardScorer.from_config(config.reward)
+    scorer = RewardScorer.from_config(config.reward, dtype=config.memory.frozen_torch_dtype)
     scorer.model.to(state.device)
     trainer = build_trainer(policy, tokenizer, scorer, **config.trainer_sections())
     try:

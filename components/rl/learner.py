@@ -13,8 +13,9 @@ import contextlib
 
 import torch
 
-from components.config import RLConfig
+from components.config import MemoryConfig, RLConfig
 from components.rl import distributed
+from components.rl.precision import autocast, checkpointing, grad_scaler
 from components.rl.core import aggregate, entropy_from_logits, kl_penalty, logprobs_of, masked_mean, policy_loss, value_loss
 from components.rl.experience import Experience, TrainingError
 
@@ -25,23 +26,34 @@ KL_STATS = ("loss/kl",)
 
 class Learner:
     def __init__(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, rl: RLConfig, temperature: float,
-                 max_new_tokens: int, accelerator=None, has_critic: bool = True):
+                 max_new_tokens: int, accelerator=None, has_critic: bool = True, memory: MemoryConfig | None = None):
         self.module = module  # PolicyValue, or its data-parallel wrapper
         self.optimizer, self.rl, self.temperature, self.accelerator = optimizer, rl, temperature, accelerator
         self.max_new_tokens = max_new_tokens  # the constant of rl.loss_aggregation: constant
         self.has_critic = has_critic
+        self.memory = memory
+        device = next(module.parameters()).device
+        self.scaler = grad_scaler(device, memory)  # fp16_mixed's loss scale, else None
 
     def learn(self, exp: Experience, iteration: int, shuffle: torch.Generator, kl_coef: float = 0.0) -> dict[str, float]:
         """The iteration's optimizer steps; the statistics averaged over every micro-batch of every epoch."""
-        batch, mini = exp.size, self.rl.mini_batch_size
-        micro = max(1, mini // self.rl.gradient_accumulation_steps)
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]  # under FSDP, the shards
-        max_norm = self.rl.max_grad_norm if self.rl.max_grad_norm is not None else float("inf")
         names = STATS + (VALUE_STATS if self.has_critic else ()) + (KL_STATS if self.rl.kl_placement == "loss" else ())
         totals = dict.fromkeys(names, 0.0)
-        count = 0
+        with checkpointing(self.module):  # memory.activation_checkpointing: the armed layers recompute in the backward
+            count = self._epochs(exp, iteration, shuffle, kl_coef, totals)
+        self.optimizer.zero_grad(set_to_none=True)
+        summed = distributed.all_sum(torch.tensor([*totals.values(), count], dtype=torch.float64)).tolist()
+        return {name: total / summed[-1] for name, total in zip(totals, summed)}
+
+    def _epochs(self, exp: Experience, iteration: int, shuffle: torch.Generator, kl_coef: float, totals: dict) -> int:
+        """The update epochs; adds each micro-batch's statistics to `totals` and returns how many there were."""
+        batch, mini = exp.size, self.rl.mini_batch_size
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]  # under FSDP, the shards
+        max_norm = self.rl.max_grad_norm if self.rl.max_grad_norm is not None else float("inf")
+        micro = max(1, mini // self.rl.gradient_accumulation_steps)
         ranks, rank = distributed.world_size(), distributed.rank()
         device = exp.queries.device
+        count = 0
         for epoch in range(self.rl.update_epochs):
             order = torch.randperm(batch, generator=shuffle).to(device)
             for number, start in enumerate(range(0, batch, mini)):
@@ -62,20 +74,27 @@ class Learner:
                                 f"iteration {iteration}: non-finite loss ({', '.join(f'{k} {v.item()}' for k, v in stats.items() if k.startswith('loss/'))}) "
                                 f"in epoch {epoch}, minibatch {number}; no optimizer step was taken for it"
                             )
-                        (loss * weight).backward()
+                        if self.scaler is not None:
+                            self.scaler.scale(loss * weight).backward()
+                        else:
+                            (loss * weight).backward()
                     for name, value in stats.items():
                         totals[name] += value.item()
                     count += 1
+                if self.scaler is not None:
+                    self.scaler.unscale_(self.optimizer)
                 grad_norm = distributed.full_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm))
+                if self.scaler is not None:  # an overflow skips the step and lowers the scale: fp16's normal course
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                    continue
                 if not torch.isfinite(grad_norm):
                     raise TrainingError(
                         f"iteration {iteration}: non-finite gradient norm in epoch {epoch}, minibatch {number}; "
                         f"no optimizer step was taken for it"
                     )
                 self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        summed = distributed.all_sum(torch.tensor([*totals.values(), count], dtype=torch.float64)).tolist()
-        return {name: total / summed[-1] for name, total in zip(totals, summed)}
+        return count
 
     def loss(self, exp: Experience, index: torch.Tensor, kl_coef: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss of the episodes `index`: the clipped surrogate, + vf_coef * the clipped value loss, + kl_coef * the
@@ -88,8 +107,9 @@ class Learner:
         cut = lambda t: t[index, :width]  # noqa: E731
         responses, mask = cut(exp.responses), cut(exp.mask)
 
-        logits, values = self.module(queries, query_mask, responses, mask)
-        logits = logits.float() / self.temperature
+        with autocast(exp.queries.device, self.memory):
+            logits, values = self.module(queries, query_mask, responses, mask)
+        logits = logits.float() / self.temperature  # float32 from here on, whatever the weights' precision
         logprobs = logprobs_of(logits, responses)
 
         rl = self.rl

@@ -38,7 +38,8 @@ class ValueHead(nn.Linear):
         nn.init.zeros_(self.bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return super().forward(hidden).squeeze(-1)
+        # in the head's own dtype: a LoRA policy's base may run in bf16 while the head trains in float32
+        return super().forward(hidden.to(self.weight.dtype)).squeeze(-1)
 
 
 def classifier_head(model: nn.Module) -> nn.Linear | None:

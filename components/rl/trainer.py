@@ -57,7 +57,7 @@ from typing import Callable, Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from components.config import ConfigError, CriticConfig, GenerationConfig, LoraConfig, RewardConfig, RLConfig
+from components.config import ConfigError, CriticConfig, GenerationConfig, LoraConfig, MemoryConfig, RewardConfig, RLConfig
 from components.models import fuse_gelu
 from components.rl import distributed, state
 from components.rl.core import estimate_advantages, explained_variance, group_stats, masked_mean
@@ -65,7 +65,8 @@ from components.rl.experience import ExperienceMaker, PolicyValue, RewardFn, Tra
 from components.rl.kl_controller import kl_controller
 from components.rl.learner import Learner
 from components.rl.packing import packs_sequences
-from components.rl.roles import Critic, ValueHead, backbone_of, hidden_size, is_encoder_decoder, reference_of
+from components.rl.precision import check_precision, enable_activation_checkpointing
+from components.rl.roles import AdapterDisabled, Critic, ValueHead, backbone_of, hidden_size, is_encoder_decoder, reference_of
 from components.rl.rollout import eos_token_ids, pad_id, render_prompt
 
 Callback = Callable[[dict[str, float]], None]
@@ -111,6 +112,7 @@ class Trainer:
         critic_type: str | None = None,
         seed: int = 0,
         use_chat_template: bool = False,
+        memory: MemoryConfig | None = None,
     ):
         critic_type = critic_type or ("shared" if rl.needs_critic else "none")
         if critic_type not in ("shared", "separate", "none"):
@@ -130,14 +132,24 @@ class Trainer:
         self.reward = reward if reward is not None else RewardConfig()
         self.tokenizer, self.seed, self.critic_type = tokenizer, seed, critic_type
         self.device = policy.device
+        self.memory = memory = memory if memory is not None else MemoryConfig()
+        check_precision(memory, self.device)
         fuse_gelu(policy)  # before the reference is copied from it
         self.policy = policy.eval()  # eval: dropout off, so rollout and update log-probs agree
         self.reference = reference_of(policy) if reference is None else reference.eval().requires_grad_(False)
-        self.value_head = ValueHead(hidden_size(policy)).to(self.device) if critic_type == "shared" else None
+        if not isinstance(self.reference, AdapterDisabled):  # a model of its own, not the LoRA policy with its adapter off
+            self.reference.to(memory.frozen_torch_dtype)
+        trained_dtype = memory.trained_dtype
+        self.value_head = ValueHead(hidden_size(policy)).to(self.device, trained_dtype) if critic_type == "shared" else None
         self.critic: Critic | None = None
         if critic_type == "separate":
-            self.critic = Critic.of(critic if critic is not None else backbone_of(policy), copy=critic is None).to(self.device).eval()
+            self.critic = Critic.of(critic if critic is not None else backbone_of(policy), copy=critic is None).to(
+                self.device, trained_dtype).eval()
             fuse_gelu(self.critic)
+        if memory.activation_checkpointing:  # after the reference is copied: it never runs a backward
+            enable_activation_checkpointing(self.policy, "policy.model")
+            if self.critic is not None:
+                enable_activation_checkpointing(self.critic, "critic.model")
 
         # Packing (rl.pack_sequences) where the model's attention keeps packed episodes apart; checked now, before any
         # data-parallel wrapping. The reference is the policy's family.
@@ -158,12 +170,12 @@ class Trainer:
             module, accelerator = distributed.data_parallel(policy_value, find_unused_parameters=critic_type == "separate")
         self.experience_maker = ExperienceMaker(policy_value, self.reference, tokenizer, reward_fn, rl, generation, self.reward,
                                                 eos_token_ids(tokenizer, policy).to(self.device), pad_id(tokenizer),
-                                                use_chat_template)
+                                                use_chat_template, memory)
         # fused: one kernel for all parameters instead of a loop of small ops per tensor (the CPU default)
         self.optimizer = torch.optim.AdamW(self._trainable_parameters(), lr=rl.learning_rate, weight_decay=0.0,
                                            fused=self.device.type in ("cpu", "cuda"))
         self.learner = Learner(module, self.optimizer, rl, generation.temperature, generation.max_new_tokens, accelerator,
-                               has_critic=critic_type != "none")
+                               has_critic=critic_type != "none", memory=memory)
         total_iterations = math.ceil(rl.total_episodes / rl.episodes_per_iteration)
         linear = rl.lr_schedule == "linear"
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -323,7 +335,7 @@ def _check_lengths(policy: PreTrainedModel, generation: GenerationConfig, encode
 
 def build_trainer(policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, reward_fn: RewardFn, *, rl: RLConfig,
                   generation: GenerationConfig, reward: RewardConfig, critic: CriticConfig, lora: LoraConfig,
-                  seed: int = 0, use_chat_template: bool = False) -> Trainer:
+                  seed: int = 0, use_chat_template: bool = False, memory: MemoryConfig | None = None) -> Trainer:
     """The one way a trainer is built from configuration sections (the flow, the launched processes and the benchmarks
     alike). With `critic.type: separate`, the critic is loaded (components.models.load_critic); with `lora.enabled`,
     LoRA adapters are injected into `policy` and only they (and the value head) train."""
@@ -333,4 +345,4 @@ def build_trainer(policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, r
     if lora.enabled:
         policy = with_lora(policy, lora)
     return Trainer(policy, tokenizer, reward_fn, rl, generation, reward, critic=critic_module, critic_type=critic.type,
-                   seed=seed, use_chat_template=use_chat_template)
+                   seed=seed, use_chat_template=use_chat_template, memory=memory)
