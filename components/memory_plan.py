@@ -1,0 +1,346 @@
+"""The memory model: what a run will hold per device, per role, before anything is loaded (`alignflow plan`).
+
+Sizes come from each model's config file: the model is built on PyTorch's meta device (shapes, no storage), so the
+parameter counts are exact for any family transformers implements, and nothing but config.json is read.
+
+Per device, with P the policy's parameters, T the trained ones (P, or the LoRA adapters), b_w / b_t / b_f the bytes per
+value of the policy's weights, of the trained weights and of the frozen models, and N processes:
+
+    policy weights      P b_w                      (/ N under FSDP)
+    gradients           T b_t                      (/ N under FSDP; live during the update)
+    AdamW state         2 T b_t                    (two moments; / N under FSDP)
+    reference           P b_f                      (0 for LoRA: the policy with its adapter off)
+    critic              separate: its backbone as weights + gradients + AdamW in b_t; shared: a value head
+    reward model, judge their parameters b_f
+    KV cache            2 L kv_heads head_dim (prompt + response tokens) rows b_a  (rows: generation_batch_size,
+                        else the process's share of the rollout batch)
+    tied embedding      V h b_t more during the backward when the LM head is the input embedding (two gradients summed)
+    activations         the update's micro-batch: per layer and token about (6 h + 3 i) values (6 h + 4 i for a gated
+                        MLP) kept for the backward, in b_a; with activation checkpointing, h per layer and token plus
+                        one layer's worth; and the logits of the response tokens, V float32 values per token, about
+                        twice over (the head's output and the temperature's copy; their gradients follow them)
+    runtime             the process itself: Python, PyTorch and transformers on the CPU (measured here), CUDA's
+                        context on a GPU
+
+b_a is the compute precision (2 under autocast or bf16 weights, else 4). The peak is everything resident plus the
+larger of the rollout's transient (KV cache, logits) and the update's (gradients, activations).
+
+benchmarks/memory_model.py measures these against real runs, on this machine, from 10M to 200M parameters.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from components.config import ConfigError, RunConfig
+
+GIB = 1024**3
+# What a process holds before any model is loaded: Python with PyTorch, transformers, MLflow's client and Prefect
+# imported. CPU: measured by benchmarks/memory_model.py (an alignflow worker's VmRSS after its imports). CUDA: the
+# context and kernels PyTorch loads on first use, as commonly measured (0.5-1 GB by GPU generation).
+RUNTIME_BYTES = {"cpu": int(0.52 * GIB), "cuda": int(0.75 * GIB)}
+LOGIT_COPIES = 2  # the response logits live about this many times over in the update (measured: 1.5-1.8)
+
+
+class MemoryPlanError(ConfigError):
+    """A run the memory plan says does not fit its device (memory.check_fit refuses it before loading)."""
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the memory model needs of one model, read from its config."""
+
+    params: int
+    layers: int
+    hidden: int
+    intermediate: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    gated_mlp: bool
+    tied_embeddings: bool = False  # the LM head is the input embedding (GPT-2): its gradient is summed from two
+    lora_params: int = 0  # the adapters' parameters, for a LoRA policy
+
+
+@dataclass
+class Line:
+    role: str
+    bytes: int
+    note: str = ""
+    phase: str = "resident"  # resident | rollout | update
+
+
+@dataclass
+class Plan:
+    lines: list[Line]
+    device: str
+    device_bytes: int | None
+    processes: int
+    sharded: bool
+    advice: list[str] = field(default_factory=list)
+
+    def total(self, phase: str | None = None) -> int:
+        return sum(line.bytes for line in self.lines if phase is None or line.phase == phase)
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.total("resident") + max(self.total("rollout"), self.total("update"))
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.device_bytes is None else self.peak_bytes <= self.device_bytes
+
+    def as_dict(self) -> dict:
+        return {"device": self.device, "device_gib": None if self.device_bytes is None else self.device_bytes / GIB,
+                "processes": self.processes, "sharded": self.sharded, "peak_gib": self.peak_bytes / GIB,
+                "fits": self.fits, "advice": self.advice,
+                "lines": [{"role": x.role, "gib": x.bytes / GIB, "phase": x.phase, "note": x.note} for x in self.lines]}
+
+
+# --- shapes from config files ------------------------------------------------------------------------------------
+
+
+def _config_value(config, *names, default=None):
+    for name in names:
+        value = getattr(config, name, None)
+        if value:
+            return int(value)
+    return default
+
+
+def shape_of_config(config, kind: str = "lm", lora=None) -> Shape:
+    """The shape of a model of `config` (a transformers PretrainedConfig): `kind` lm (causal or encoder-decoder, by its
+    config) or classifier (a one-output sequence classifier). Built on the meta device: no memory, exact counts."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
+
+    if kind == "classifier":
+        config.num_labels = 1
+        build = AutoModelForSequenceClassification.from_config
+    elif getattr(config, "is_encoder_decoder", False):
+        build = AutoModelForSeq2SeqLM.from_config
+    else:
+        build = AutoModelForCausalLM.from_config
+    with torch.device("meta"):
+        model = build(config)
+    params = sum(p.numel() for p in model.parameters())
+    hidden = _config_value(config, "hidden_size", "n_embd", "d_model", "dim")
+    heads = _config_value(config, "num_attention_heads", "n_head", "num_heads")
+    intermediate = _config_value(config, "intermediate_size", "n_inner", "d_ff", "ffn_dim", default=4 * hidden)
+    lora_params = 0
+    if lora is not None and lora.enabled:
+        from components.models import lora_target_modules
+
+        targets = lora_target_modules(model, lora)
+        for name, module in model.named_modules():
+            if not any(name == t or name.endswith("." + t) for t in ([targets] if isinstance(targets, str) else targets)):
+                continue
+            weight = getattr(module, "weight", None)
+            if weight is not None and weight.dim() == 2:
+                lora_params += lora.r * (weight.shape[0] + weight.shape[1])
+    gated = hasattr(config, "hidden_act") and any("gate" in n for n, _ in model.named_modules())
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = head is not None and embedding is not None and head.weight is embedding.weight
+    return Shape(
+        params=params,
+        layers=_config_value(config, "num_hidden_layers", "n_layer", "num_layers") * (2 if getattr(config, "is_encoder_decoder", False) else 1),
+        hidden=hidden,
+        intermediate=intermediate,
+        kv_heads=_config_value(config, "num_key_value_heads", default=heads),
+        head_dim=_config_value(config, "head_dim", default=hidden // heads),
+        vocab=_config_value(config, "vocab_size"),
+        gated_mlp=gated,
+        tied_embeddings=tied,
+        lora_params=lora_params,
+    )
+
+
+def shape_of(ref: str, key: str, revision: str | None = None, kind: str = "lm", lora=None) -> Shape:
+    """The shape of the model `key` names (a local directory, a hub id: config.json only, or models:/)."""
+    from transformers import AutoConfig
+
+    from components.models import locate
+
+    located = locate(key, ref, revision)
+    config = AutoConfig.from_pretrained(located, revision=revision, trust_remote_code=False)
+    return shape_of_config(config, kind, lora)
+
+
+# --- the plan ------------------------------------------------------------------------------------------------------
+
+
+def _bytes_per_value(dtype_name: str) -> int:
+    return 4 if dtype_name == "float32" else 2
+
+
+def _sharded(config: RunConfig) -> bool:
+    """Whether the launch's Accelerate config asks for FSDP (the policy and critic are then sharded over processes)."""
+    path = config.launch.accelerate_config
+    if not path or config.launch.num_processes * config.launch.num_machines < 2:
+        return False
+    try:
+        import yaml
+
+        with open(path) as handle:
+            return str((yaml.safe_load(handle) or {}).get("distributed_type", "")).upper() == "FSDP"
+    except OSError:
+        return False
+
+
+def device_memory(config: RunConfig) -> tuple[str, int | None]:
+    """(device kind, bytes per device) the plan checks against: memory.device_memory_gb, else the first GPU's memory,
+    else the RAM available now, shared by the processes of this machine."""
+    import torch
+
+    kind = "cuda" if torch.cuda.is_available() else "cpu"
+    if config.memory.device_memory_gb is not None:
+        return kind, int(config.memory.device_memory_gb * GIB)
+    if kind == "cuda":
+        return kind, torch.cuda.get_device_properties(0).total_memory
+    try:
+        with open("/proc/meminfo") as handle:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in handle}
+        return kind, info["MemAvailable"] // max(1, config.launch.num_processes)
+    except (OSError, KeyError):
+        return kind, None
+
+
+def plan_for_shapes(config: RunConfig, policy: Shape, reward: Shape, critic: Shape | None = None,
+                    judge: Shape | None = None, device: str = "cpu", device_bytes: int | None = None) -> Plan:
+    """The plan from the models' shapes (`shape_of`), the run's settings, and the device."""
+    memory, rl, generation = config.memory, config.rl, config.generation
+    processes = config.launch.num_processes * config.launch.num_machines
+    sharded = _sharded(config)
+    shard = processes if sharded else 1
+    lora = config.policy.lora.enabled
+    b_f = _bytes_per_value(memory.frozen_dtype)
+    b_t = 2 if memory.trained_precision == "bfloat16" else 4
+    b_w = b_f if lora else b_t  # a LoRA policy's base is frozen
+    b_a = 2 if (memory.trained_precision != "float32" or b_w == 2) else 4
+    trained = policy.lora_params if lora else policy.params
+
+    lines = [
+        Line("policy weights", policy.params * b_w // shard + (policy.lora_params * b_t if lora else 0),
+             f"{policy.params / 1e6:.1f}M in {'bf16/fp16' if b_w == 2 else 'fp32'}" + (f" + {policy.lora_params / 1e6:.2f}M LoRA" if lora else "")),
+        Line("AdamW state", 2 * trained * b_t // shard, f"2 moments of {trained / 1e6:.2f}M trained values"),
+        Line("reference", 0 if lora else policy.params * b_f, "the policy with its adapter off" if lora else memory.frozen_dtype),
+        Line("reward model", reward.params * b_f, f"{reward.params / 1e6:.1f}M in {memory.frozen_dtype}"),
+    ]
+    if judge is not None:
+        lines.append(Line("judge", judge.params * b_f, f"{judge.params / 1e6:.1f}M in {memory.frozen_dtype}"))
+    critic_trained = 0
+    if config.critic.type == "separate" and critic is not None:
+        critic_trained = critic.params
+        lines.append(Line("critic weights + AdamW", 3 * critic.params * b_t // shard, f"{critic.params / 1e6:.1f}M, separate"))
+    elif config.critic.type == "shared":
+        critic_trained = policy.hidden + 1
+        lines.append(Line("critic weights + AdamW", 3 * critic_trained * 4, "a value head on the policy"))
+    lines.append(Line("gradients", (trained * b_t + critic_trained * b_t) // shard, "trained values", "update"))
+    if policy.tied_embeddings and not lora:
+        lines.append(Line("tied embedding gradient", policy.vocab * policy.hidden * b_t,
+                          "the LM head's and the embedding's gradients, summed", "update"))
+
+    # The rollout: the KV cache of the rows decoded together, and the logits of their next token.
+    rows = generation.generation_batch_size or math.ceil(rl.rollout_batch_size * rl.samples_per_prompt / processes)
+    tokens = generation.max_prompt_tokens + generation.max_new_tokens
+    kv = 2 * policy.layers * policy.kv_heads * policy.head_dim * tokens * rows * b_a
+    lines.append(Line("KV cache", kv, f"{rows} rows x {tokens} tokens", "rollout"))
+    lines.append(Line("rollout logits", 3 * rows * policy.vocab * 4, "next-token logits, probabilities", "rollout"))
+
+    # The update: one micro-batch's activations.
+    micro = max(1, rl.mini_batch_size // rl.gradient_accumulation_steps)
+    per_layer = 6 * policy.hidden + (4 if policy.gated_mlp else 3) * policy.intermediate
+    if memory.activation_checkpointing:
+        layer_values = micro * tokens * (policy.layers * policy.hidden + per_layer)
+    else:
+        layer_values = micro * tokens * policy.layers * per_layer
+    models = 2 if config.critic.type == "separate" and critic is not None else 1
+    activations = models * layer_values * b_a
+    lines.append(Line("activations", activations,
+                      f"micro-batch {micro} x {tokens} tokens, {policy.layers} layers"
+                      + (", checkpointed" if memory.activation_checkpointing else ""), "update"))
+    lines.append(Line("update logits", LOGIT_COPIES * micro * generation.max_new_tokens * policy.vocab * 4,
+                      f"{generation.max_new_tokens} response tokens x {policy.vocab} in fp32", "update"))
+    lines.append(Line("runtime", RUNTIME_BYTES.get(device, RUNTIME_BYTES["cpu"]), f"the process itself ({device})"))
+    return Plan(lines, device, device_bytes, processes, sharded)
+
+
+def plan_run(config: RunConfig, device_bytes: int | None = None) -> Plan:
+    """The plan of a run whose model references are local paths or hub ids (the pipeline resolves registry URIs
+    first), with advice when it does not fit."""
+    policy = shape_of(config.policy.model, "policy.model", config.policy.revision, "lm", config.policy.lora)
+    reward = shape_of(config.reward.model, "reward.model", config.reward.revision, "classifier")
+    judge = shape_of(config.judge.model, "judge.model", config.judge.revision, "classifier") if config.judge else None
+    critic = None
+    if config.critic.type == "separate":
+        ref, key, revision = ((config.critic.model, "critic.model", None) if config.critic.model
+                              else (config.reward.model, "reward.model", config.reward.revision))
+        critic = shape_of(ref, key, revision, "classifier")
+    kind, available = device_memory(config)
+    if device_bytes is not None:
+        available = device_bytes
+    plan = plan_for_shapes(config, policy, reward, critic, judge, kind, available)
+    if plan.fits is False:
+        plan.advice = advice(config, policy, reward, critic, judge, kind, available)
+    return plan
+
+
+# Each a change a user can make, as overrides, in the order they cost the least quality or speed.
+REMEDIES: list[tuple[str, list[str]]] = [
+    ("frozen models in bf16", ["memory.frozen_dtype=bfloat16"]),
+    ("activation checkpointing", ["memory.activation_checkpointing=true"]),
+    ("smaller micro-batches", ["rl.gradient_accumulation_steps=4"]),
+    ("generation micro-batches", ["generation.generation_batch_size=8"]),
+    ("mixed precision", ["memory.trained_precision=bf16_mixed", "memory.frozen_dtype=bfloat16"]),
+    ("LoRA", ["policy.lora.enabled=true", "memory.frozen_dtype=bfloat16"]),
+    ("LoRA, checkpointing, small micro-batches", ["policy.lora.enabled=true", "memory.frozen_dtype=bfloat16",
+                                                  "memory.activation_checkpointing=true", "rl.gradient_accumulation_steps=4"]),
+]
+
+
+def advice(config: RunConfig, policy: Shape, reward: Shape, critic, judge, kind: str, available: int) -> list[str]:
+    """The remedies whose plan fits `available`, each with its peak; or what the device would need."""
+    from components.config import apply_overrides
+
+    found = []
+    for name, overrides in REMEDIES:
+        try:
+            changed = apply_overrides(config, overrides)
+        except (ConfigError, ValueError):
+            continue
+        shaped = policy
+        if changed.policy.lora.enabled and not config.policy.lora.enabled:
+            shaped = Shape(**{**policy.__dict__, "lora_params": _lora_estimate(policy, changed.policy.lora.r)})
+        candidate = plan_for_shapes(changed, shaped, reward, critic, judge, kind, available)
+        if candidate.fits:
+            found.append(f"{name}: {' '.join('--set ' + o for o in overrides)} (peak {candidate.peak_bytes / GIB:.2f} GiB)")
+    if not found:
+        best = plan_for_shapes(apply_overrides(config, REMEDIES[-1][1]),
+                               Shape(**{**policy.__dict__, "lora_params": _lora_estimate(policy, 8)}),
+                               reward, critic, judge, kind, available)
+        found.append(f"nothing here fits: even with LoRA, bf16 and checkpointing the peak is {best.peak_bytes / GIB:.2f} "
+                     f"GiB; use a larger device, or more processes with FSDP (launch.num_processes, "
+                     "launch.accelerate_config: infra/accelerate/fsdp.yaml)")
+    return found
+
+
+def _lora_estimate(policy: Shape, r: int) -> int:
+    """LoRA's parameters on the attention's query and value projections of every layer (PEFT's usual default)."""
+    return policy.layers * 2 * r * (policy.hidden + policy.kv_heads * policy.head_dim + policy.hidden)
+
+
+def check_fits(config: RunConfig) -> Plan:
+    """Refuse, before any model is loaded, a run the plan says does not fit (memory.check_fit), naming the figures
+    and the options that would make it fit."""
+    plan = plan_run(config)
+    if config.memory.check_fit and plan.fits is False:
+        biggest = sorted(plan.lines, key=lambda line: -line.bytes)[:3]
+        raise MemoryPlanError(
+            f"memory: this run needs about {plan.peak_bytes / GIB:.2f} GiB per {plan.device} device and "
+            f"{plan.device_bytes / GIB:.2f} GiB are available (largest: "
+            + ", ".join(f"{line.role} {line.bytes / GIB:.2f} GiB" for line in biggest)
+            + "). What would fit: " + "; ".join(plan.advice)
+            + ". `alignflow plan` prints the estimate; memory.check_fit=false tries anyway."
+        )
+    return plan
