@@ -111,6 +111,45 @@ def _reset_peak() -> None:
         handle.write("5")
 
 
+def row_config(shape: str, variant: str, models: Path):
+    """The run configuration of a row: the demo's, on the row's models, batch and precisions."""
+    from components.config import load_config
+
+    return load_config(ROOT / "configs" / "demo.yaml", [
+        f"policy.model={models / shape / 'policy'}", f"reward.model={models / shape / 'reward'}", "critic.type=shared",
+        "reward.max_length=64", "rl.rollout_batch_size=16", "rl.mini_batch_size=16", "rl.update_epochs=1",
+        f"generation.max_prompt_tokens={PROMPT_TOKENS}", f"generation.max_new_tokens={RESPONSE_TOKENS}",
+        *VARIANTS[variant]])
+
+
+def predictions(plan) -> dict:
+    """The plan's figures a row compares with its measurements."""
+    from components.memory_plan import GIB
+
+    by_role = {line.role: line.bytes for line in plan.lines}
+    return {
+        "predicted_peak_gib": plan.peak_bytes / GIB,
+        "predicted_frozen_gib": (by_role["reference"] + by_role["reward model"]) / GIB,
+        "predicted_update_gib": max(plan.total("backward"), plan.total("step")) / GIB,
+        "predicted_activations_gib": plan.total("backward") / GIB,
+        "plan": plan.as_dict(),
+    }
+
+
+def replan(path: Path, models: Path) -> dict:
+    """The rows of an earlier run with the plan's predictions recomputed by today's memory model (the measurements
+    stand; the models are read from `models` again, config files only)."""
+    from components.memory_plan import plan_run
+
+    result = json.loads(path.read_text())
+    for row in result["rows"]:
+        if "failed" not in row:
+            row.update(predictions(plan_run(row_config(row["shape"], row["variant"], models))))
+            row["error"] = row["predicted_peak_gib"] / row["measured_peak_gib"] - 1
+    result["targets"] = [{"target": t, "measured": m, "met": ok} for t, m, ok in targets(result["rows"])]
+    return result
+
+
 def touch(model) -> None:
     """Read every weight once: transformers maps a safetensors file's float32 weights without copying them, and
     their pages become resident (and count) only once read, as the run's first forward reads them."""
@@ -127,19 +166,14 @@ def worker(shape: str, variant: str, models: Path) -> dict:
 
     torch.set_num_threads(2)
     import flows.pipeline  # noqa: F401  what a pipeline process has imported before it loads a model
-    from components.config import load_config
     from components.memory_plan import GIB, plan_run
     from components.models import load_policy, load_tokenizer
     from components.reward import RewardScorer
     from components.rl import build_trainer
 
     runtime = _status("VmRSS")
-    policy_dir, reward_dir = models / shape / "policy", models / shape / "reward"
-    config = load_config(ROOT / "configs" / "demo.yaml", [
-        f"policy.model={policy_dir}", f"reward.model={reward_dir}", "critic.type=shared", "reward.max_length=64",
-        "rl.rollout_batch_size=16", "rl.mini_batch_size=16", "rl.update_epochs=1",
-        f"generation.max_prompt_tokens={PROMPT_TOKENS}", f"generation.max_new_tokens={RESPONSE_TOKENS}",
-        *VARIANTS[variant]])
+    policy_dir = models / shape / "policy"
+    config = row_config(shape, variant, models)
     plan = plan_run(config)
     _reset_peak()
     before = _status("VmRSS")
@@ -173,21 +207,17 @@ def worker(shape: str, variant: str, models: Path) -> dict:
         trainer.run_iteration(prompts)
         peak = max(peak, _status("VmHWM"))
     gradients = sum(p.numel() * p.element_size() for p in trainer._trainable_parameters())
-    by_role = {line.role: line.bytes for line in plan.lines}
     return {
         "shape": shape, "variant": variant, "overrides": VARIANTS[variant],
         "parameters": sum(p.numel() for p in trainer.policy.parameters()),
-        "measured_peak_gib": peak / GIB, "predicted_peak_gib": plan.peak_bytes / GIB,
-        "error": plan.peak_bytes / peak - 1,
+        "measured_peak_gib": peak / GIB, "error": plan.peak_bytes / peak - 1,
         "measured_runtime_gib": runtime / GIB,
         "measured_frozen_gib": frozen / GIB,
-        "predicted_frozen_gib": (by_role["reference"] + by_role["reward model"]) / GIB,
         "measured_update_gib": updates[-1] / GIB,
         "measured_activations_gib": (updates[-1] - gradients) / GIB,
-        "predicted_update_gib": plan.total("update") / GIB,
-        "predicted_activations_gib": (by_role["activations"] + by_role["update logits"]) / GIB,
+        "measured_gradients_gib": gradients / GIB,
         "seconds": time.perf_counter() - start,
-        "plan": plan.as_dict(),
+        **predictions(plan),
     }
 
 
@@ -241,6 +271,81 @@ def targets(rows: list[dict]) -> list[tuple[str, str, bool]]:
     return out
 
 
+# Extrapolation (predictions only): Llama shapes of 1B (Llama 3.2 1B), 7B (Llama 2 7B) and 70B (Llama 2 70B), a reward
+# model of the same shape (or of 7B where the setup says so), PPO with the shared value head, 64 prompts of 512 tokens
+# and 512-token responses per iteration, micro-batches of 4 per device, generation micro-batches of 16 with the
+# memory options.
+LARGE = {
+    "1B": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, tie_word_embeddings=True),
+    "7B": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=32),
+    "70B": dict(vocab_size=32000, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                num_key_value_heads=8),
+}
+SETUPS = {
+    "full, fp32": [],
+    "full, bf16 mixed + bf16 frozen + checkpointing": ["memory.trained_precision=bf16_mixed", "memory.frozen_dtype=bfloat16",
+                                                       "memory.activation_checkpointing=true", "generation.generation_batch_size=16"],
+    "full, pure bf16 + checkpointing": ["memory.trained_precision=bfloat16", "memory.frozen_dtype=bfloat16",
+                                        "memory.activation_checkpointing=true", "generation.generation_batch_size=16"],
+    "LoRA r16, bf16 base + checkpointing": ["policy.lora.enabled=true", "policy.lora.r=16", "memory.frozen_dtype=bfloat16",
+                                            "memory.activation_checkpointing=true", "generation.generation_batch_size=16"],
+    "LoRA r16, bf16 base + checkpointing, a 7B reward model": [
+        "policy.lora.enabled=true", "policy.lora.r=16", "memory.frozen_dtype=bfloat16", "memory.activation_checkpointing=true",
+        "generation.generation_batch_size=16"],
+}
+
+
+def extrapolate(device_gib: float = 80.0) -> list[dict]:
+    """The memory plan for 1B, 7B and 70B on 1 GPU and on 8 (FSDP, and FSDP with parameter offload)."""
+    from transformers import LlamaConfig
+
+    from components.config import RunConfig, apply_overrides
+    from components.memory_plan import GIB, plan_for_shapes, shape_of_config
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        files = {}
+        for name, offload in (("fsdp", "false"), ("fsdp-offload", "true")):
+            files[name] = Path(tmp) / f"{name}.yaml"
+            files[name].write_text(f"distributed_type: FSDP\nfsdp_config:\n  fsdp_version: 2\n  fsdp_offload_params: {offload}\n")
+        for size, kwargs in LARGE.items():
+            for setup, overrides in SETUPS.items():
+                if "7B reward" in setup and size != "70B":
+                    continue
+                for devices, accelerate in ((1, None), (8, "fsdp"), (8, "fsdp-offload")):
+                    base = ["critic.type=shared", "rl.rollout_batch_size=64", f"rl.mini_batch_size={4 * devices}",
+                            f"rl.gradient_accumulation_steps={devices}", "generation.max_prompt_tokens=512",
+                            "generation.max_new_tokens=512", f"launch.num_processes={devices}"]
+                    if accelerate:
+                        base.append(f"launch.accelerate_config={files[accelerate]}")
+                    config = apply_overrides(RunConfig(), base + overrides)
+                    policy = shape_of_config(LlamaConfig(**kwargs), "lm", config.policy.lora)
+                    reward = shape_of_config(LlamaConfig(**(LARGE["7B"] if "7B reward" in setup else kwargs)), "classifier")
+                    plan = plan_for_shapes(config, policy, reward, device="cuda", device_bytes=int(device_gib * GIB))
+                    rows.append({"model": size, "parameters": policy.params, "setup": setup, "devices": devices,
+                                 "sharding": accelerate or "none", "per_device_gib": plan.peak_bytes / GIB,
+                                 "fits": bool(plan.fits),
+                                 "largest": [(line.role, round(line.bytes / GIB, 1)) for line in
+                                             sorted(plan.lines, key=lambda line: -line.bytes)[:3]]})
+    return rows
+
+
+def extrapolation_table(rows: list[dict], device_gib: float = 80.0) -> str:
+    lines = [f"| model | setup | 1 GPU | 8 GPUs, FSDP | 8 GPUs, FSDP + offload | largest (1 GPU) |", "|---|---|---|---|---|---|"]
+    for model in LARGE:
+        for setup in SETUPS:
+            cells = {r["sharding"]: r for r in rows if r["model"] == model and r["setup"] == setup}
+            if not cells:
+                continue
+            show = lambda r: f"{r['per_device_gib']:.0f} GiB {'fits' if r['fits'] else '**no**'}"  # noqa: E731
+            largest = ", ".join(f"{role} {gib:.0f}" for role, gib in cells["none"]["largest"])
+            lines.append(f"| {model} ({cells['none']['parameters'] / 1e9:.2f}B) | {setup} | {show(cells['none'])} | "
+                         f"{show(cells['fsdp'])} | {show(cells['fsdp-offload'])} | {largest} |")
+    return "\n".join(lines) + f"\n\n(per device; 'fits' is against {device_gib:.0f} GB of GPU memory; predictions of the memory plan, not measurements)"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--worker", nargs=3, metavar=("SHAPE", "VARIANT", "MODELS"), help=argparse.SUPPRESS)
@@ -249,10 +354,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
     parser.add_argument("--models", type=Path, default=Path(tempfile.gettempdir()) / "alignflow-memory-models")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--replan", type=Path, nargs="+", help="recompute the predictions of earlier results (merged) and rewrite --out")
+    parser.add_argument("--extrapolate", action="store_true", help="only the plan's predictions for 1B, 7B and 70B on 80 GB GPUs")
     args = parser.parse_args(argv)
+    if args.extrapolate:
+        rows = extrapolate()
+        (ROOT / "benchmarks" / "results" / "memory_extrapolation.json").write_text(json.dumps(rows, indent=1))
+        table_text = extrapolation_table(rows)
+        (ROOT / "benchmarks" / "results" / "README-snippet-memory-extrapolation.md").write_text(table_text + "\n")
+        print(table_text)
+        return
     if args.worker:
         shape, variant, models = args.worker
         print(json.dumps(worker(shape, variant, Path(models))))
+        return
+    if args.replan:
+        parts = [replan(path, args.models) for path in args.replan]
+        result = {**parts[0], "rows": [row for part in parts for row in part["rows"]],
+                  "command": " + ".join(part["command"] for part in parts),
+                  "minutes": sum(part["minutes"] for part in parts), "replanned": time.strftime("%Y-%m-%d")}
+        result["targets"] = [{"target": t, "measured": m, "met": ok} for t, m, ok in targets(result["rows"])]
+        write(result, args.out)
         return
     started, rows = time.time(), []
     shapes = [f"{family}-{size}" for family in args.families for size in args.sizes]
@@ -266,11 +388,16 @@ def main(argv: list[str] | None = None) -> None:
               "date": time.strftime("%Y-%m-%d"), "minutes": (time.time() - started) / 60,
               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores", "rows": rows,
               "targets": [{"target": t, "measured": m, "met": ok} for t, m, ok in targets(rows)]}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
-    snippet = table(rows) + "\n\n| target | measured | met |\n|---|---|---|\n" + "\n".join(
+    write(result, args.out)
+
+
+def write(result: dict, out: Path) -> None:
+    """The JSON, and the README's table beside it (README-snippet-memory-model.md for the default --out)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    snippet = table(result["rows"]) + "\n\n| target | measured | met |\n|---|---|---|\n" + "\n".join(
         f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else 'NO'} |" for t in result["targets"])
-    SNIPPET.write_text(snippet + "\n") if args.out == RESULTS else args.out.with_suffix(".md").write_text(snippet + "\n")
+    (SNIPPET if out == RESULTS else out.with_suffix(".md")).write_text(snippet + "\n")
     print(snippet)
 
 

@@ -18,12 +18,15 @@ value of the policy's weights, of the trained weights and of the frozen models, 
     activations         the update's micro-batch: per layer and token about (6 h + 3 i) values (6 h + 4 i for a gated
                         MLP) kept for the backward, in b_a; with activation checkpointing, h per layer and token plus
                         one layer's worth; and the logits of the response tokens, V float32 values per token, about
-                        twice over (the head's output and the temperature's copy; their gradients follow them)
+                        3.5 times over as the backward starts (the head's output, the temperature's copy, the
+                        entropy's, and their gradients)
     runtime             the process itself: Python, PyTorch and transformers on the CPU (measured here), CUDA's
                         context on a GPU
 
-b_a is the compute precision (2 under autocast or bf16 weights, else 4). The peak is everything resident plus the
-larger of the rollout's transient (KV cache, logits) and the update's (gradients, activations).
+b_a is the bytes of a saved activation (4 in float32, about 3 under autocast, 2 with bf16 weights). The peak is
+everything resident plus the largest transient: the rollout's (KV cache, logits), the backward's start (activations,
+response logits about 3.5 times over, autocast's weight copies) or the optimizer step's (every gradient). The two
+constants (3.5 logit copies, 3 bytes under autocast) were fitted to benchmarks/memory_model.py's measurements here.
 
 benchmarks/memory_model.py measures these against real runs, on this machine, from 10M to 200M parameters.
 """
@@ -31,6 +34,7 @@ benchmarks/memory_model.py measures these against real runs, on this machine, fr
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 
 from components.config import ConfigError, RunConfig
@@ -40,7 +44,14 @@ GIB = 1024**3
 # imported. CPU: measured by benchmarks/memory_model.py (an alignflow worker's VmRSS after its imports). CUDA: the
 # context and kernels PyTorch loads on first use, as commonly measured (0.5-1 GB by GPU generation).
 RUNTIME_BYTES = {"cpu": int(0.52 * GIB), "cuda": int(0.75 * GIB)}
-LOGIT_COPIES = 2  # the response logits live about this many times over in the update (measured: 1.5-1.8)
+# The transient phases, each on top of what stays resident; the peak is the largest. rollout: sampling (the KV cache,
+# next-token logits); backward: the update's forward is done and its backward starts (every layer's saved activations,
+# the response logits and their gradients); step: the backward is done (every gradient, then AdamW's step).
+PHASES = ("rollout", "backward", "step")
+LOGIT_COPIES = 3.5  # the response logits, float32, live about this many times over as the backward starts (measured)
+# Bytes per saved activation value: float32; under autocast a mix (bf16 matmul outputs, float32 norms and softmax);
+# bf16 weights: bf16.
+ACTIVATION_BYTES = {"float32": 4, "mixed": 3, "bfloat16": 2}
 
 
 class MemoryPlanError(ConfigError):
@@ -68,7 +79,7 @@ class Line:
     role: str
     bytes: int
     note: str = ""
-    phase: str = "resident"  # resident | rollout | update
+    phase: str = "resident"  # resident, or one of the transient PHASES (the peak takes the largest)
 
 
 @dataclass
@@ -79,13 +90,14 @@ class Plan:
     processes: int
     sharded: bool
     advice: list[str] = field(default_factory=list)
+    offloaded: bool = False
 
     def total(self, phase: str | None = None) -> int:
         return sum(line.bytes for line in self.lines if phase is None or line.phase == phase)
 
     @property
     def peak_bytes(self) -> int:
-        return self.total("resident") + max(self.total("rollout"), self.total("update"))
+        return self.total("resident") + max(self.total(phase) for phase in PHASES)
 
     @property
     def fits(self) -> bool | None:
@@ -93,7 +105,7 @@ class Plan:
 
     def as_dict(self) -> dict:
         return {"device": self.device, "device_gib": None if self.device_bytes is None else self.device_bytes / GIB,
-                "processes": self.processes, "sharded": self.sharded, "peak_gib": self.peak_bytes / GIB,
+                "processes": self.processes, "sharded": self.sharded, "offloaded": self.offloaded, "peak_gib": self.peak_bytes / GIB,
                 "fits": self.fits, "advice": self.advice,
                 "lines": [{"role": x.role, "gib": x.bytes / GIB, "phase": x.phase, "note": x.note} for x in self.lines]}
 
@@ -174,18 +186,25 @@ def _bytes_per_value(dtype_name: str) -> int:
     return 4 if dtype_name == "float32" else 2
 
 
-def _sharded(config: RunConfig) -> bool:
-    """Whether the launch's Accelerate config asks for FSDP (the policy and critic are then sharded over processes)."""
+def _fsdp(config: RunConfig) -> tuple[bool, bool]:
+    """(sharded, offloaded): whether the launch's Accelerate config asks for FSDP (the policy and critic are then
+    sharded over the processes) and for its parameter offload (fsdp_offload_params: the shards, their gradients and
+    AdamW's state stay in CPU memory, each unit copied to the device for its own forward and backward)."""
     path = config.launch.accelerate_config
     if not path or config.launch.num_processes * config.launch.num_machines < 2:
-        return False
+        return False, False
     try:
         import yaml
 
-        with open(path) as handle:
-            return str((yaml.safe_load(handle) or {}).get("distributed_type", "")).upper() == "FSDP"
+        from components.config import PROJECT_ROOT
+
+        with open(path if os.path.isabs(path) else PROJECT_ROOT / path) as handle:
+            settings = yaml.safe_load(handle) or {}
     except OSError:
-        return False
+        return False, False
+    sharded = str(settings.get("distributed_type", "")).upper() == "FSDP"
+    offloaded = sharded and str((settings.get("fsdp_config") or {}).get("fsdp_offload_params", False)).lower() == "true"
+    return sharded, offloaded
 
 
 def device_memory(config: RunConfig) -> tuple[str, int | None]:
@@ -211,19 +230,29 @@ def plan_for_shapes(config: RunConfig, policy: Shape, reward: Shape, critic: Sha
     """The plan from the models' shapes (`shape_of`), the run's settings, and the device."""
     memory, rl, generation = config.memory, config.rl, config.generation
     processes = config.launch.num_processes * config.launch.num_machines
-    sharded = _sharded(config)
+    sharded, offloaded = _fsdp(config)
     shard = processes if sharded else 1
     lora = config.policy.lora.enabled
     b_f = _bytes_per_value(memory.frozen_dtype)
     b_t = 2 if memory.trained_precision == "bfloat16" else 4
     b_w = b_f if lora else b_t  # a LoRA policy's base is frozen
-    b_a = 2 if (memory.trained_precision != "float32" or b_w == 2) else 4
+    autocasting = memory.autocast_dtype is not None
+    b_a = ACTIVATION_BYTES["mixed" if autocasting else ("bfloat16" if b_w == 2 else "float32")]
     trained = policy.lora_params if lora else policy.params
 
+    # Offloaded, the device holds the units being computed (about two layers, one prefetched) and the root unit
+    # (embeddings and head) gathered; the shards, gradients and AdamW state are in CPU memory.
+    layer_params = (policy.params - policy.vocab * policy.hidden * (1 if policy.tied_embeddings else 2)) // max(policy.layers, 1)
+    on_device = (lambda n: 0) if offloaded else (lambda n: n)  # noqa: E731
+    weights = policy.params * b_w // shard + (policy.lora_params * b_t if lora else 0)
+    if offloaded:
+        weights = (2 * layer_params + policy.vocab * policy.hidden * (1 if policy.tied_embeddings else 2)) * b_w
     lines = [
-        Line("policy weights", policy.params * b_w // shard + (policy.lora_params * b_t if lora else 0),
-             f"{policy.params / 1e6:.1f}M in {'bf16/fp16' if b_w == 2 else 'fp32'}" + (f" + {policy.lora_params / 1e6:.2f}M LoRA" if lora else "")),
-        Line("AdamW state", 2 * trained * b_t // shard, f"2 moments of {trained / 1e6:.2f}M trained values"),
+        Line("policy weights", weights,
+             f"{policy.params / 1e6:.1f}M in {'bf16/fp16' if b_w == 2 else 'fp32'}" + (f" + {policy.lora_params / 1e6:.2f}M LoRA" if lora else "")
+             + (": the units in use; the shards in CPU memory" if offloaded else "")),
+        Line("AdamW state", on_device(2 * trained * b_t // shard), f"2 moments of {trained / 1e6:.2f}M trained values"
+             + (", in CPU memory" if offloaded else "")),
         Line("reference", 0 if lora else policy.params * b_f, "the policy with its adapter off" if lora else memory.frozen_dtype),
         Line("reward model", reward.params * b_f, f"{reward.params / 1e6:.1f}M in {memory.frozen_dtype}"),
     ]
@@ -236,15 +265,17 @@ def plan_for_shapes(config: RunConfig, policy: Shape, reward: Shape, critic: Sha
     elif config.critic.type == "shared":
         critic_trained = policy.hidden + 1
         lines.append(Line("critic weights + AdamW", 3 * critic_trained * 4, "a value head on the policy"))
-    lines.append(Line("gradients", (trained * b_t + critic_trained * b_t) // shard, "trained values", "update"))
+    lines.append(Line("gradients", on_device((trained * b_t + critic_trained * b_t) // shard),
+                      "trained values" + (", in CPU memory" if offloaded else ""), "step"))
     if policy.tied_embeddings and not lora:
         lines.append(Line("tied embedding gradient", policy.vocab * policy.hidden * b_t,
-                          "the LM head's and the embedding's gradients, summed", "update"))
+                          "the LM head's and the embedding's gradients, summed", "step"))
 
     # The rollout: the KV cache of the rows decoded together, and the logits of their next token.
-    rows = generation.generation_batch_size or math.ceil(rl.rollout_batch_size * rl.samples_per_prompt / processes)
+    share = math.ceil(rl.rollout_batch_size * rl.samples_per_prompt / processes)  # this process's rows
+    rows = min(generation.generation_batch_size or share, share)
     tokens = generation.max_prompt_tokens + generation.max_new_tokens
-    kv = 2 * policy.layers * policy.kv_heads * policy.head_dim * tokens * rows * b_a
+    kv = 2 * policy.layers * policy.kv_heads * policy.head_dim * tokens * rows * (2 if (autocasting or b_w == 2) else 4)
     lines.append(Line("KV cache", kv, f"{rows} rows x {tokens} tokens", "rollout"))
     lines.append(Line("rollout logits", 3 * rows * policy.vocab * 4, "next-token logits, probabilities", "rollout"))
 
@@ -259,11 +290,14 @@ def plan_for_shapes(config: RunConfig, policy: Shape, reward: Shape, critic: Sha
     activations = models * layer_values * b_a
     lines.append(Line("activations", activations,
                       f"micro-batch {micro} x {tokens} tokens, {policy.layers} layers"
-                      + (", checkpointed" if memory.activation_checkpointing else ""), "update"))
-    lines.append(Line("update logits", LOGIT_COPIES * micro * generation.max_new_tokens * policy.vocab * 4,
-                      f"{generation.max_new_tokens} response tokens x {policy.vocab} in fp32", "update"))
+                      + (", checkpointed" if memory.activation_checkpointing else ""), "backward"))
+    lines.append(Line("update logits", int(LOGIT_COPIES * micro * generation.max_new_tokens * policy.vocab * 4),
+                      f"{generation.max_new_tokens} response tokens x {policy.vocab} in fp32", "backward"))
+    if autocasting:  # autocast keeps its bf16/fp16 copy of each trained weight for the forward's backward
+        lines.append(Line("autocast weight copies", (policy.params if not lora else 0) * 2 // shard,
+                          "half-precision casts of the trained weights", "backward"))
     lines.append(Line("runtime", RUNTIME_BYTES.get(device, RUNTIME_BYTES["cpu"]), f"the process itself ({device})"))
-    return Plan(lines, device, device_bytes, processes, sharded)
+    return Plan(lines, device, device_bytes, processes, sharded, offloaded=offloaded)
 
 
 def plan_run(config: RunConfig, device_bytes: int | None = None) -> Plan:

@@ -28,6 +28,7 @@ from components import references, secrets
 from components.config import PROJECT_ROOT, ConfigError, RunConfig
 from components.models import locate
 from components.rl import Trainer, launcher
+from components.rl.distributed import accelerate_precision
 
 
 def with_models(config: RunConfig, rewrite) -> RunConfig:
@@ -64,7 +65,8 @@ def launch_iterations(trainer: Trainer, prompts: list[str], config: RunConfig, d
         (work / "run.yaml").write_text(resolved_models(config).to_yaml())
         (work / "prompts.json").write_text(json.dumps(prompts))
         command = launcher.accelerate_command(config.launch, meet, 0, config=work / "run.yaml", prompts=work / "prompts.json",
-                                              checkpoint=directory, iterations=iterations, stats=work / "stats.json")
+                                              checkpoint=directory, iterations=iterations, stats=work / "stats.json",
+                                              mixed_precision=accelerate_precision(config.memory.trained_precision))
         nodes = start_other_machines(config, meet, prompts, directory, trainer.iteration, iterations)
         logger.info("launching %d training processes%s: %s", config.launch.num_processes,
                     f" over {meet.num_machines} machines (this one is machine 0)" if nodes else "", " ".join(command))

@@ -21,6 +21,7 @@ from prefect.cache_policies import NONE
 
 from components.config import PROJECT_ROOT, RunConfig, load_config
 from components.rl import launcher
+from components.rl.distributed import accelerate_precision
 from flows.multinode import resolved_models
 
 NODE_FLOW = "alignflow-ppo-node"
@@ -45,7 +46,8 @@ def launch_machine(config: RunConfig, prompts: list[str], checkpoint: str, itera
         (work / "prompts.json").write_text(json.dumps(prompts))
         command = launcher.accelerate_command(config.launch, meet, machine_rank, config=work / "run.yaml",
                                               prompts=work / "prompts.json", checkpoint=Path(checkpoint),
-                                              iterations=iterations, stats=work / "stats.json")
+                                              iterations=iterations, stats=work / "stats.json",
+                                              mixed_precision=accelerate_precision(config.memory.trained_precision))
         get_run_logger().info("machine %d of %d: launching %d training processes: %s", machine_rank, meet.num_machines,
                               config.launch.num_processes // meet.num_machines, " ".join(command))
         launcher.run(command, PROJECT_ROOT)

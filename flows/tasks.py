@@ -34,6 +34,7 @@ from components.evaluation import PolicyEval, compare, comparison_table, evaluat
 from components.faults import crash_point
 from components.model_safety import check_run_models
 from components.gates import GateReport, check_gates
+from components.memory_plan import GIB, check_fits
 from components.models import ModelLoadError, load_policy as load_policy_model, load_tokenizer, tokenizer_fingerprint
 from components.reward import RewardScorer
 from components.rl import Trainer, TrainResult, build_trainer
@@ -209,12 +210,16 @@ def reward_lineage(reward_ref: str) -> dict[str, str]:
 @task(cache_policy=NONE)
 def check_inputs(config: RunConfig, resume_run_id: str | None) -> RunConfig:
     """Before anything heavy or recorded: the run to resume exists, every model reference is found (local, registry
-    or hub; registry URIs downloaded) and safe to load, and the checkpoint directory is writable. Returns the configuration with the
-    references as this machine loads them. A fault is named by its key."""
+    or hub; registry URIs downloaded) and safe to load, the memory plan says the run fits its device
+    (memory.check_fit), and the checkpoint directory is writable. Returns the configuration with the references as
+    this machine loads them. A fault is named by its key."""
     if resume_run_id is not None:
         tracking.find_run(config.tracking, resume_run_id)
     resolved = multinode.resolved_models(config)
     check_run_models(resolved, PROJECT_ROOT)  # no pickle-only checkpoint, no model's own code (model_safety.py)
+    plan = check_fits(resolved)  # sizes from the config files; nothing loaded yet
+    get_run_logger().info("memory plan: peak %.2f GiB per %s device, %s available", plan.peak_bytes / GIB, plan.device,
+                          "?" if plan.device_bytes is None else f"{plan.device_bytes / GIB:.2f} GiB")
     check_writable(checkpoint_root(config), "checkpoint.dir")
     return resolved
 
@@ -269,11 +274,20 @@ def log_dataset(data: PreparedData, version: DatasetVersion) -> None:
 def load_reward_model(config: RunConfig) -> RewardScorer:
     """Load the reward model and check it scores a probe pair. `config` holds resolved references (check_inputs)."""
     scorer = RewardScorer.from_config(config.reward, dtype=config.memory.frozen_torch_dtype)
+    scorer.model.to(compute_device())
     probe = scorer(["The film was", "The film was"], [" wonderful and moving.", " dull."])
     if probe.shape != (2,) or not bool(probe.isfinite().all()):
         raise ValueError(f"reward.model {config.reward.model}: probe pair scored {probe.tolist()}; expected two finite scores")
     get_run_logger().info("reward model %s scores the probe pair %s", config.reward.model, [round(x, 4) for x in probe.tolist()])
     return scorer
+
+
+def compute_device() -> str:
+    """Where a one-process run computes: the first GPU when there is one, else the CPU (a launched multi-process run
+    places each process on its own device: components/rl/launch.py)."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @task(retries=2, retry_delay_seconds=5, cache_policy=NONE, retry_condition_fn=retryable)
@@ -282,6 +296,7 @@ def load_judge(config: RunConfig) -> RewardScorer | None:
     if config.judge is None:
         return None
     judge = RewardScorer.from_config(config.judge, dtype=config.memory.frozen_torch_dtype)
+    judge.model.to(compute_device())
     get_run_logger().info("judge %s scores the evaluations beside the reward model", config.judge.model)
     return judge
 
@@ -290,7 +305,7 @@ def load_judge(config: RunConfig) -> RewardScorer | None:
 def load_policy(config: RunConfig):
     """The starting policy (causal LM or encoder-decoder, from its config) and its tokenizer."""
     return (load_policy_model(config.policy.model, config.policy.revision, allow_pickle=config.policy.allow_pickle,
-                              dtype=config.policy_dtype),
+                              dtype=config.policy_dtype).to(compute_device()),
             load_tokenizer(config.policy.model, config.policy.revision))
 
 
@@ -358,7 +373,7 @@ def registered_policy(config: RunConfig, version: str) -> Callable[[], tuple[Any
     """A loader of a registered version of the policy (the champion), for `evaluate`."""
     def load():
         path = references.resolve_model_reference(f"models:/{config.tracking.registered_model}/{version}")
-        return load_policy_model(path), load_tokenizer(path)
+        return load_policy_model(path).to(compute_device()), load_tokenizer(path)
     return load
 
 

@@ -81,15 +81,22 @@ def gather_rows(tensors: Sequence[torch.Tensor], pad_values: Sequence[float], le
     return gathered
 
 
-def data_parallel(module: torch.nn.Module, find_unused_parameters: bool = False):
+def accelerate_precision(trained_precision: str) -> str:
+    """Accelerate's `mixed_precision` for memory.trained_precision: bf16 / fp16 for the autocast precisions, else no
+    (a pure-bf16 model needs no autocast)."""
+    return {"bf16_mixed": "bf16", "fp16_mixed": "fp16"}.get(trained_precision, "no")
+
+
+def data_parallel(module: torch.nn.Module, find_unused_parameters: bool = False, trained_precision: str = "float32"):
     """`module` prepared for data-parallel training, and the Accelerator. The module is wrapped by Accelerate
     (DistributedDataParallel under a multi-CPU or multi-GPU launch: gradients of a backward through the wrapper
     are averaged over the ranks), or, when the launch's Accelerate config asks for FSDP, sharded in place by
     FSDP2 (`fully_sharded`). Either way `no_sync` defers the gradient reduction to a minibatch's last micro-batch.
 
     The process group must be one Accelerate knows (`accelerate launch`, or the RANK/WORLD_SIZE/LOCAL_RANK/
-    MASTER_ADDR/MASTER_PORT environment). DeepSpeed and mixed precision are refused: the rollout's
-    log-probabilities must match the update's, so both run the same float32 weights."""
+    MASTER_ADDR/MASTER_PORT environment). DeepSpeed is refused; Accelerate's mixed_precision must be the one
+    memory.trained_precision implies (the engine runs its own autocast around the rollout and the update alike, so
+    that their log-probabilities agree; `accelerate launch --mixed_precision` only says the same)."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, DistributedType
 
@@ -103,10 +110,14 @@ def data_parallel(module: torch.nn.Module, find_unused_parameters: bool = False)
             f"Accelerate sees {accelerator.num_processes} process(es) but the process group has {world_size()}: "
             "start the processes with `accelerate launch` (or set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT)"
         )
-    if accelerator.mixed_precision != "no":
-        raise ValueError(
-            f"Accelerate's mixed_precision is {accelerator.mixed_precision!r}; use 'no' (rollout and update "
-            "log-probabilities must come from the same precision)"
+    expected = accelerate_precision(trained_precision)
+    if accelerator.mixed_precision != expected:
+        from components.config import ConfigError
+
+        raise ConfigError(
+            f"Accelerate's mixed_precision is {accelerator.mixed_precision!r} but memory.trained_precision is "
+            f"{trained_precision}, which launches with {expected!r}: set memory.trained_precision (bf16_mixed for bf16, "
+            "fp16_mixed for fp16) and let alignflow pass it to the launch, so that rollout and update share one precision"
         )
     plugin = fsdp_plugin(accelerator)
     if plugin is not None:
@@ -128,7 +139,6 @@ def fsdp_plugin(accelerator):
     drops the plugin, so there the plugin is read again from the same environment."""
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
     from accelerate.utils.environment import parse_flag_from_env
-    from torch.distributed.fsdp import CPUOffloadPolicy
 
     if accelerator.distributed_type == DistributedType.FSDP:
         plugin = accelerator.state.fsdp_plugin
@@ -136,17 +146,12 @@ def fsdp_plugin(accelerator):
         plugin = FullyShardedDataParallelPlugin()
     else:
         return None
-    refused = {
-        "fsdp_version": plugin.fsdp_version != 2,
-        "fsdp_activation_checkpointing": plugin.activation_checkpointing,
-        "fsdp_offload_params": isinstance(plugin.cpu_offload, CPUOffloadPolicy),
-    }
-    for field, bad in refused.items():
-        if bad:
-            raise ValueError(
-                f"the Accelerate config's fsdp_config.{field} is not supported by alignflow's PPO: it shards with FSDP2 "
-                "(fsdp_version: 2), without activation checkpointing or parameter offload (see infra/accelerate/fsdp.yaml)"
-            )
+    if plugin.fsdp_version != 2:
+        raise ValueError("the Accelerate config's fsdp_config.fsdp_version must be 2: alignflow shards with FSDP2 "
+                         "(see infra/accelerate/fsdp.yaml)")
+    if plugin.activation_checkpointing:
+        raise ValueError("the Accelerate config's fsdp_config.fsdp_activation_checkpointing wraps layers alignflow "
+                         "already checkpoints its own way: remove it and set memory.activation_checkpointing: true")
     return plugin
 
 
@@ -161,15 +166,19 @@ def fully_sharded(module: torch.nn.Module, plugin) -> torch.nn.Module:
     forward method, so the root unit is gathered around the whole rollout and the layers' own hooks gather them
     step by step (the same number of forwards on every rank: decoding stops on every rank together)."""
     from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy, get_module_children_bottom_up
-    from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
+    from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, fully_shard, register_fsdp_forward_method
 
     plugin.set_auto_wrap_policy(module)
     wrap = fsdp2_prepare_auto_wrap_policy(plugin, module)
+    # fsdp_offload_params: each unit's parameters, gradients and AdamW state stay in CPU memory between uses
+    # (pinned host memory where there is an accelerator to copy to; on a CPU-only group there is none to pin for)
+    offloading = isinstance(plugin.cpu_offload, CPUOffloadPolicy)
+    offload = {"offload_policy": CPUOffloadPolicy(pin_memory=torch.cuda.is_available())} if offloading else {}
     if wrap is not None:
         for child in get_module_children_bottom_up(module)[:-1]:  # inner units first; the last one is `module`
             if wrap(child) and not isinstance(child, FSDPModule):
-                fully_shard(child, reshard_after_forward=plugin.reshard_after_forward)
-    fully_shard(module)  # the root: kept gathered between its forward and backward
+                fully_shard(child, reshard_after_forward=plugin.reshard_after_forward, **offload)
+    fully_shard(module, **offload)  # the root: kept gathered between its forward and backward
     register_fsdp_forward_method(module, "rollout")
     return module
 

@@ -108,8 +108,9 @@ def rendezvous(launch: LaunchConfig, root: Path) -> Rendezvous:
 
 
 def accelerate_command(launch: LaunchConfig, meet: Rendezvous, machine_rank: int, *, config: Path, prompts: Path,
-                       checkpoint: Path, iterations: int, stats: Path) -> list[str]:
-    """`python -m accelerate.commands.launch ... -m components.rl.launch ...` for machine `machine_rank`."""
+                       checkpoint: Path, iterations: int, stats: Path, mixed_precision: str = "no") -> list[str]:
+    """`python -m accelerate.commands.launch ... -m components.rl.launch ...` for machine `machine_rank`.
+    `mixed_precision` (Accelerate's: no, bf16, fp16) follows memory.trained_precision (`accelerate_precision`)."""
     if not 0 <= machine_rank < meet.num_machines:
         raise ValueError(f"machine_rank {machine_rank} is not one of the {meet.num_machines} machines (0..{meet.num_machines - 1})")
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(launch.num_processes)]
@@ -118,7 +119,7 @@ def accelerate_command(launch: LaunchConfig, meet: Rendezvous, machine_rank: int
     else:
         # torchrun under Accelerate; without CUDA the processes join a gloo group on the CPU (see launch.py).
         # (Accelerate's --cpu flag starts a single process whatever --num_processes says.)
-        command += ["--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no"]
+        command += ["--multi_gpu", "--mixed_precision", mixed_precision, "--dynamo_backend", "no"]
     command += ["--num_machines", str(meet.num_machines), "--main_process_port", str(meet.main_process_port)]
     if meet.num_machines > 1:
         command += ["--machine_rank", str(machine_rank), "--main_process_ip", meet.main_process_ip]

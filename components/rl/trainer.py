@@ -167,7 +167,8 @@ class Trainer:
                     f"{distributed.world_size()} processes: each takes the same number of micro-batches per minibatch"
                 )
             # A separate critic loaded from another model may hold layers the value never reads (a pooler).
-            module, accelerator = distributed.data_parallel(policy_value, find_unused_parameters=critic_type == "separate")
+            module, accelerator = distributed.data_parallel(policy_value, find_unused_parameters=critic_type == "separate",
+                                                            trained_precision=memory.trained_precision)
         self.experience_maker = ExperienceMaker(policy_value, self.reference, tokenizer, reward_fn, rl, generation, self.reward,
                                                 eos_token_ids(tokenizer, policy).to(self.device), pad_id(tokenizer),
                                                 use_chat_template, memory)

@@ -156,7 +156,7 @@ def _setup_logging(argv: list[str]) -> Path | None:
     return path
 
 
-from flows.cli import data, registry, reward, run  # noqa: E402,F401 - the commands register themselves on `app`
+from flows.cli import data, plan, registry, reward, run  # noqa: E402,F401 - the commands register themselves on `app`
 from flows.cli.run import show_result  # noqa: E402,F401
 
 

@@ -36,6 +36,11 @@ def test_one_machine_gets_a_free_port_and_no_address():
     assert meet.num_machines == 1 and meet.main_process_ip is None and meet.main_process_port > 0
     command = launcher.accelerate_command(launch, meet, 0, **FILES)
     assert option(command, "--num_machines") == "1" and "--main_process_ip" not in command and "--machine_rank" not in command
+    assert option(command, "--mixed_precision") == "no"
+    from components.rl.distributed import accelerate_precision
+
+    mixed = launcher.accelerate_command(launch, meet, 0, **FILES, mixed_precision=accelerate_precision("bf16_mixed"))
+    assert option(mixed, "--mixed_precision") == "bf16"
 
 
 def test_the_accelerate_config_fills_in_the_address_and_contradictions_are_refused(tmp_path):

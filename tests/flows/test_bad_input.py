@@ -76,6 +76,16 @@ def test_a_read_only_or_full_checkpoint_disk_is_refused_before_training(demo_dat
     nothing_recorded(tracking_uri, full)
 
 
+def test_a_run_too_large_for_its_device_stops_before_loading_naming_the_figures_and_what_would_fit(
+        demo_data, small_run, tiny_lm_dir, tiny_reward_dir, tracking_uri, tmp_path):
+    from components.memory_plan import MemoryPlanError
+
+    with pytest.raises(MemoryPlanError, match=r"memory: this run needs about .* GiB per cpu device and 0.10 GiB are "
+                                              r"available .* memory.check_fit=false tries anyway"):
+        pipeline(overrides=small_run(tiny_lm_dir, tiny_reward_dir, "memory.device_memory_gb=0.1"))
+    nothing_recorded(tracking_uri, tmp_path / "checkpoints")
+
+
 def test_an_error_a_retry_cannot_fix_is_not_retried_and_an_outage_is():
     calls = []
 

@@ -4,6 +4,7 @@ completions stay whole on one process)."""
 
 import gc
 import json
+import math
 import os
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from support import build_trainer_with, one_thread, word_share  # noqa: F401
 
-from components.config import PROJECT_ROOT, GenerationConfig, RLConfig, RewardConfig, load_config
+from components.config import PROJECT_ROOT, GenerationConfig, MemoryConfig, RLConfig, RewardConfig, load_config
 from components.models import load_causal_lm, load_tokenizer, load_policy
 from components.rl import Trainer, distributed
 from components.rl.launcher import free_port
@@ -37,10 +38,11 @@ DR_GRPO = {**GRPO, "advantage_estimator": "dr_grpo", "clip_range_high": 0.28}
 ALGORITHMS = pytest.mark.parametrize("rl", [RL, GRPO], ids=["ppo", "grpo"])
 
 
-def make_trainer(lm_dir, seed=0, rl=RL):
+def make_trainer(lm_dir, seed=0, rl=RL, memory=None):
     return Trainer(
         load_causal_lm(lm_dir), load_tokenizer(lm_dir), word_share("good"), RLConfig(**rl),
         GenerationConfig(max_new_tokens=8, max_prompt_tokens=8), RewardConfig(normalize=True), seed=seed,
+        memory=None if memory is None else MemoryConfig(**memory),
     )
 
 
@@ -81,28 +83,35 @@ FSDP_ENV = dict(ACCELERATE_USE_FSDP="true", FSDP_VERSION="2", FSDP_AUTO_WRAP_POL
                 FSDP_RESHARD_AFTER_FORWARD="true")
 
 
-def resume(lm_dir, checkpoint, rl=RL):
-    trainer = make_trainer(lm_dir, rl=rl)
+def resume(lm_dir, checkpoint, rl=RL, memory=None):
+    trainer = make_trainer(lm_dir, rl=rl, memory=memory)
     trainer.load_checkpoint(checkpoint)
     return trainer
 
 
-def _fsdp_worker(rank: int, world: int, port: int, lm_dir: str, out: str, rl: dict) -> None:
+def _fsdp_worker(rank: int, world: int, port: int, lm_dir: str, out: str, rl: dict, memory: dict | None = None,
+                 env: dict | None = None) -> None:
     """One FSDP process: an iteration, its checkpoint resumed by a new sharded trainer, a second iteration."""
     from accelerate import PartialState
 
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **FSDP_ENV)
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **FSDP_ENV, **(env or {}))
     PartialState(cpu=True)
     try:
-        first = make_trainer(lm_dir, rl=rl)
+        first = make_trainer(lm_dir, rl=rl, memory=memory)
         weight = first.policy.get_input_embeddings().weight
+        from torch.distributed.fsdp import CPUOffloadPolicy
+
+        from components.rl.precision import checkpointed_layers
+
         sharding = {"sharded": distributed.is_sharded(first.learner.module), "shard_rows": weight.to_local().shape[0],
-                    "rows": weight.shape[0]}
+                    "rows": weight.shape[0],
+                    "offloaded": isinstance(first.learner.module._get_fsdp_state()._fsdp_param_group.offload_policy, CPUOffloadPolicy),
+                    "checkpointed": all(layer.gradient_checkpointing for layer in checkpointed_layers(first.policy))}
         history = run_iterations(first, 1)
         first.save_checkpoint(Path(out) / "first")
-        second = resume(lm_dir, Path(out) / "first", rl)
+        second = resume(lm_dir, Path(out) / "first", rl, memory)
         history += run_iterations(second, 1)
         second.save_checkpoint(Path(out) / "second")
         if distributed.is_main_process():
@@ -145,12 +154,21 @@ def test_two_processes_take_the_same_steps_as_one_and_their_checkpoint_resumes_i
     assert_same_stats(run_iterations(resumed, 1)[0], run_iterations(single, 1)[0])
 
 
-@pytest.mark.parametrize("rl", [RL, DR_GRPO], ids=["ppo", "dr_grpo"])
-def test_fsdp_processes_take_the_same_steps_as_one_and_their_checkpoints_resume_sharded_and_in_one(tiny_lm_dir, tmp_path, rl):
-    mp.start_processes(_fsdp_worker, args=(2, free_port(), str(tiny_lm_dir), str(tmp_path), rl), nprocs=2,
+# FSDP2 with its parameters, gradients and AdamW state offloaded to CPU memory (the Accelerate config's
+# fsdp_offload_params), and activation checkpointing (memory.activation_checkpointing): the same steps.
+OFFLOADED = ({"activation_checkpointing": True}, {"FSDP_OFFLOAD_PARAMS": "true"})
+
+
+@pytest.mark.parametrize("rl, variant", [(RL, (None, None)), (DR_GRPO, (None, None)), (RL, OFFLOADED)],
+                         ids=["ppo", "dr_grpo", "ppo-offload-checkpointed"])
+def test_fsdp_processes_take_the_same_steps_as_one_and_their_checkpoints_resume_sharded_and_in_one(tiny_lm_dir, tmp_path, rl,
+                                                                                                  variant):
+    memory, env = variant
+    mp.start_processes(_fsdp_worker, args=(2, free_port(), str(tiny_lm_dir), str(tmp_path), rl, memory, env), nprocs=2,
                        start_method="spawn")
     two = torch.load(tmp_path / "result.pt", weights_only=False)
     assert two["sharded"] and two["shard_rows"] == two["rows"] // 2  # each rank held half of the embedding
+    assert two["offloaded"] == two["checkpointed"] == (memory is not None)
 
     single = make_trainer(tiny_lm_dir, rl=rl)
     history = run_iterations(single, 2)
@@ -214,20 +232,34 @@ def test_the_accelerate_launcher_runs_an_epoch_whose_checkpoint_resumes_in_one_p
     assert_same_stats(resumed.train(PROMPTS, iterations=1).last, single.train(PROMPTS, iterations=1).last)
 
 
-def test_a_launch_in_mixed_precision_is_refused_with_the_reason(tiny_lm_dir, tiny_reward_dir, tmp_path):
-    config = load_config(None, [f"policy.model={tiny_lm_dir}", f"reward.model={tiny_reward_dir}", "rl.rollout_batch_size=8",
-                                "rl.mini_batch_size=4", "rl.gradient_accumulation_steps=2", "launch.num_processes=2"])
-    (tmp_path / "run.yaml").write_text(config.to_yaml())
-    (tmp_path / "prompts.json").write_text(json.dumps(PROMPTS))
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--multi_gpu", "--num_machines", "1",
-               "--mixed_precision", "bf16", "--dynamo_backend", "no", "--main_process_port", str(free_port()), "-m", "components.rl.launch",
-               "--config", str(tmp_path / "run.yaml"), "--prompts", str(tmp_path / "prompts.json"),
-               "--checkpoint", str(tmp_path / "checkpoint"), "--iterations", "1", "--stats", str(tmp_path / "stats.json")]
-    done = subprocess.run(command, cwd=PROJECT_ROOT, timeout=300, capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode != 0
-    assert "mixed_precision is 'bf16'" in done.stderr, done.stderr[-2000:]
-    assert not (tmp_path / "checkpoint").exists() and not (tmp_path / "stats.json").exists()
+def test_a_launch_in_mixed_precision_runs_as_memory_trained_precision_says_and_only_so(tiny_lm_dir, tiny_reward_dir, tmp_path):
+    """`--mixed_precision bf16` is what memory.trained_precision: bf16_mixed launches with (the launcher passes it); a
+    launch whose precision disagrees with the configuration is refused, naming the key."""
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps(PROMPTS))
+
+    def launch(name, *overrides):
+        config = load_config(None, [f"policy.model={tiny_lm_dir}", f"reward.model={tiny_reward_dir}", "rl.rollout_batch_size=8",
+                                    "rl.mini_batch_size=4", "rl.gradient_accumulation_steps=2", "rl.update_epochs=1",
+                                    "generation.max_new_tokens=6", "launch.num_processes=2", *overrides])
+        (tmp_path / f"{name}.yaml").write_text(config.to_yaml())
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--multi_gpu", "--num_machines", "1",
+                   "--mixed_precision", "bf16", "--dynamo_backend", "no", "--main_process_port", str(free_port()), "-m", "components.rl.launch",
+                   "--config", str(tmp_path / f"{name}.yaml"), "--prompts", str(prompts), "--checkpoint", str(tmp_path / name),
+                   "--iterations", "1", "--stats", str(tmp_path / f"{name}.json")]
+        return subprocess.run(command, cwd=PROJECT_ROOT, timeout=300, capture_output=True, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    refused = launch("float32")
+    assert refused.returncode != 0
+    assert "mixed_precision is 'bf16' but memory.trained_precision is float32" in refused.stderr, refused.stderr[-2000:]
+    assert not (tmp_path / "float32").exists() and not (tmp_path / "float32.json").exists()
+
+    done = launch("bf16", "memory.trained_precision=bf16_mixed", "memory.frozen_dtype=bfloat16")
+    assert done.returncode == 0, done.stderr[-2000:]
+    stats = json.loads((tmp_path / "bf16.json").read_text())
+    assert stats["num_processes"] == 2 and stats["history"][0]["episodes"] == 8.0
+    assert all(math.isfinite(stats["history"][0][name]) for name in ("loss/policy", "loss/value", "objective/kl"))
 
 
 def test_two_machines_on_loopback_form_one_run_whose_step_equals_one_process(tiny_lm_dir, tiny_reward_dir, tmp_path):

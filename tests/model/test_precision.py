@@ -84,12 +84,19 @@ def test_frozen_models_load_in_bf16_and_score_as_in_float32(tiny_reward_dir):
     torch.testing.assert_close(scores[1], scores[0], atol=0.05, rtol=0.05)
 
 
-def test_activation_checkpointing_takes_the_same_step(tiny_lm_dir):
-    """Recomputing the layers in the backward changes memory, not maths: the same iteration to float rounding."""
-    plain, checkpointed = (trainer_for(config(tiny_lm_dir, memory={"activation_checkpointing": on})) for on in (False, True))
+@pytest.mark.parametrize("critic", ["shared", "separate"])
+def test_activation_checkpointing_takes_the_same_step(tiny_lm_dir, tiny_reward_dir, critic):
+    """Recomputing the layers in the backward changes memory, not maths: the same iteration to float rounding, for
+    the policy and for a separate critic (here the tiny reward model's backbone)."""
+    plain, checkpointed = (trainer_for(config(tiny_lm_dir, memory={"activation_checkpointing": on}, critic={"type": critic},
+                                              reward={"model": str(tiny_reward_dir)}))
+                           for on in (False, True))
     from components.rl.precision import checkpointed_layers
 
     assert all(layer.gradient_checkpointing for layer in checkpointed_layers(checkpointed.policy))
+    if critic == "separate":
+        assert checkpointed_layers(checkpointed.critic) and all(
+            layer.gradient_checkpointing for layer in checkpointed_layers(checkpointed.critic))
     calls = []
     layer = checkpointed_layers(checkpointed.policy)[0]
     original = layer._gradient_checkpointing_func
@@ -99,7 +106,7 @@ def test_activation_checkpointing_takes_the_same_step(tiny_lm_dir):
     assert not any(m.training for m in checkpointed.policy.modules())  # ... and left every module in eval mode
     for name in ("loss/policy", "loss/value", "policy/approxkl", "objective/scores"):
         assert stats[1][name] == pytest.approx(stats[0][name], rel=1e-4, abs=1e-6)
-    for a, b in zip(plain.policy.parameters(), checkpointed.policy.parameters()):
+    for a, b in zip(plain._trainable_parameters(), checkpointed._trainable_parameters(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
