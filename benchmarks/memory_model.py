@@ -333,7 +333,7 @@ def extrapolate(device_gib: float = 80.0) -> list[dict]:
 
 
 def extrapolation_table(rows: list[dict], device_gib: float = 80.0) -> str:
-    lines = [f"| model | setup | 1 GPU | 8 GPUs, FSDP | 8 GPUs, FSDP + offload | largest (1 GPU) |", "|---|---|---|---|---|---|"]
+    lines = ["| model | setup | 1 GPU | 8 GPUs, FSDP | 8 GPUs, FSDP + offload | largest (1 GPU) |", "|---|---|---|---|---|---|"]
     for model in LARGE:
         for setup in SETUPS:
             cells = {r["sharding"]: r for r in rows if r["model"] == model and r["setup"] == setup}
