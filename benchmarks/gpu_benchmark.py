@@ -7,7 +7,8 @@ Workloads: `demo` (the demo kit's instruct model and reward model, artifacts/dem
 (a randomly initialised Llama of Qwen2.5-0.5B's shape, 494M parameters with its 151,936-token vocabulary, policy and a
 reward model of the same shape, bf16 frozen models and bf16 autocast), and `small` (the same at ~10M, for a CPU check).
 Figures per workload: episodes per second over the timed iterations (after one warm-up iteration), the peak memory
-(torch.cuda.max_memory_allocated, or VmHWM on the CPU), and the memory plan's prediction of it.
+(torch.cuda.max_memory_allocated, or VmHWM on the CPU), the memory plan's prediction of it, and the seconds of one
+rollout with each KV cache (generation.kv_cache: dynamic, static).
 """
 
 from __future__ import annotations
@@ -97,6 +98,31 @@ def run(workload: str, device: str, iterations: int, directory: Path) -> None:
     emit(workload, "episodes_per_second", (trainer.episodes - episodes) / seconds, iterations=iterations, **settings)
     emit(workload, "peak_memory_gib", peak / GIB, method=method, **settings)
     emit(workload, "plan_peak_gib", predicted / GIB, error=predicted / peak - 1, **settings)
+    emit(workload, "rollout_seconds_by_kv_cache", rollout_seconds(trainer, prompts[: config.rl.rollout_batch_size], device),
+         **settings)
+
+
+def rollout_seconds(trainer, prompts: list[str], device: str) -> dict[str, float]:
+    """Seconds of one rollout of `prompts` with each KV cache (generation.kv_cache), best of 3, alternating."""
+    import torch
+
+    from components.rl import rollout
+
+    tokenizer, policy, generation = trainer.tokenizer, trainer.policy, trainer.generation
+    eos, pad = rollout.eos_token_ids(tokenizer, policy).to(device), rollout.pad_id(tokenizer)
+    best = {"dynamic": float("inf"), "static": float("inf")}
+    for _ in range(3):
+        for kind in best:
+            settings = generation.model_copy(update={"kv_cache": kind})
+            queries, mask = rollout.tokenize_prompts(tokenizer, prompts, settings)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            rollout.sample(policy, queries.to(device), mask.to(device), settings, eos, pad, torch.Generator(device).manual_seed(0))
+            if device == "cuda":
+                torch.cuda.synchronize()
+            best[kind] = min(best[kind], time.perf_counter() - start)
+    return best
 
 
 def main(argv: list[str] | None = None) -> None:

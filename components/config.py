@@ -217,6 +217,9 @@ class GenerationConfig(Section):
         description="A longer prompt is shortened (a conversation by its oldest turns, a text by its start), left out, "
         "or stops the run; either way it is counted and reported by row.",
     )
+    kv_cache: Literal["auto", "static", "dynamic"] = Field(
+        "auto", description="The rollout's KV cache: static (allocated once) or dynamic (grown per token); auto: static on a GPU where the family supports it.",
+    )
     generation_batch_size: int | None = Field(
         None, gt=0,
         description="Prompts sampled together (their KV cache held at once); null: the whole rollout batch in one go.",

@@ -241,3 +241,26 @@ def test_fused_gelu_is_the_same_function_in_one_kernel(tiny_lm_dir):
     ids = torch.randint(0, model.config.vocab_size, (3, 12), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(fused(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
     assert fused.config.activation_function == "gelu_new"  # what it saves is unchanged
+
+
+@pytest.mark.parametrize("family", POLICY_FAMILIES)
+def test_the_static_kv_cache_samples_what_the_dynamic_one_samples(policies, family):
+    """generation.kv_cache: transformers' StaticCache (allocated once) and a DynamicCache give each family the same
+    tokens (greedy, top_k 1) and the same log-probabilities to float rounding; an encoder-decoder keeps its own cache."""
+    from components.rl.rollout import eos_token_ids, kv_cache, pad_id, prompt_padding_side, sample
+
+    policy, tokenizer = load_policy(str(policies[family])), tokenizer_of(policies[family])
+    rollouts = []
+    for kind in ("dynamic", "static"):
+        generation = GenerationConfig(max_new_tokens=6, max_prompt_tokens=8, top_k=1, kv_cache=kind)
+        queries, mask = tokenize_prompts(tokenizer, PROMPTS, generation, padding_side=prompt_padding_side(policy))
+        rollouts.append(sample(policy, queries, mask, generation, eos_token_ids(tokenizer, policy), pad_id(tokenizer),
+                               torch.Generator().manual_seed(0)))
+    dynamic, static = rollouts
+    assert torch.equal(dynamic.responses, static.responses)
+    torch.testing.assert_close(dynamic.logprobs, static.logprobs, atol=1e-5, rtol=1e-5)
+    if family not in SEQ2SEQ_FAMILIES:
+        from transformers import DynamicCache, StaticCache
+
+        assert isinstance(kv_cache(policy, "static", 16), StaticCache)  # every causal family here supports it
+        assert isinstance(kv_cache(policy, "auto", 16), StaticCache if torch.cuda.is_available() else DynamicCache)
