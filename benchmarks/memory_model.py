@@ -288,7 +288,7 @@ def targets(rows: list[dict]) -> list[tuple[str, str, bool]]:
 # Extrapolation (predictions only): Llama shapes of 1B (Llama 3.2 1B), 7B (Llama 2 7B) and 70B (Llama 2 70B), a reward
 # model of the same shape (or of 7B where the setup says so), PPO with the shared value head, 64 prompts of 512 tokens
 # and 512-token responses per iteration, micro-batches of 4 per device, generation micro-batches of 16 with the
-# memory options.
+# memory options on one GPU (on 8, each process samples its 8 rows at once).
 LARGE = {
     "1B": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                num_key_value_heads=8, tie_word_embeddings=True),
@@ -334,6 +334,8 @@ def extrapolate(device_gib: float = 80.0) -> list[dict]:
                             "generation.max_new_tokens=512", f"launch.num_processes={devices}"]
                     if accelerate:
                         base.append(f"launch.accelerate_config={files[accelerate]}")
+                    if devices > 1:  # generation micro-batches are for one process: each of 8 samples its 8 rows
+                        overrides = [o for o in overrides if not o.startswith("generation.generation_batch_size")]
                     config = apply_overrides(RunConfig(), base + overrides)
                     policy = shape_of_config(LlamaConfig(**kwargs), "lm", config.policy.lora)
                     reward = shape_of_config(LlamaConfig(**(LARGE["7B"] if "7B reward" in setup else kwargs)), "classifier")

@@ -556,6 +556,9 @@ class RunConfig(Section):
         if self.rl.needs_critic and self.critic.type == "none":
             raise ValueError(f"rl.advantage_estimator={self.rl.advantage_estimator} needs a critic, but critic.type is "
                              "none: set critic.type to shared or separate")
+        if self.generation.generation_batch_size is not None and self.launch.num_processes > 1:
+            raise ValueError(f"generation.generation_batch_size is for one process; with launch.num_processes="
+                             f"{self.launch.num_processes} each process samples its own share of the batch: leave it unset")
         return self
 
     @model_validator(mode="before")

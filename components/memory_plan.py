@@ -12,9 +12,12 @@ value of the policy's weights, of the trained weights and of the frozen models, 
     reference           P b_f                      (0 for LoRA: the policy with its adapter off)
     critic              separate: its backbone as weights + gradients + AdamW in b_t; shared: a value head
     reward model, judge their parameters b_f
-    KV cache            2 L kv_heads head_dim (prompt + response tokens) rows b_a  (rows: generation_batch_size,
-                        else the process's share of the rollout batch)
-    tied embedding      V h b_t more during the backward when the LM head is the input embedding (two gradients summed)
+    KV cache            2 L kv_heads head_dim (prompt + response tokens) rows b_kv  (rows: generation_batch_size,
+                        else the process's share of the rollout batch; b_kv 2 under autocast or bf16 weights, else 4)
+    rollout forwards    the reference's (and below float32 the policy's) whole-sequence forward over the same rows:
+                        its response logits, twice (float32 copy)
+    tied embedding      V h b_t more at the end of the backward when the LM head is the input embedding (two gradients
+                        summed)
     activations         the update's micro-batch: per layer and token about (6 h + 3 i) values (6 h + 4 i for a gated
                         MLP) kept for the backward, in b_a; with activation checkpointing, h per layer and token plus
                         one layer's worth; and the logits of the response tokens, V float32 values per token, about
@@ -172,9 +175,12 @@ def shape_of(ref: str, key: str, revision: str | None = None, kind: str = "lm", 
     """The shape of the model `key` names (a local directory, a hub id: config.json only, or models:/)."""
     from transformers import AutoConfig
 
-    from components.models import locate
+    from components.models import adapter_base, locate
 
     located = locate(key, ref, revision)
+    base = adapter_base(located)  # a saved LoRA adapter (lora.save_mode: adapter): the shape is its base model's
+    if base is not None:
+        located, revision = locate(key, base), None
     config = AutoConfig.from_pretrained(located, revision=revision, trust_remote_code=False)
     return shape_of_config(config, kind, lora)
 
@@ -191,7 +197,7 @@ def _fsdp(config: RunConfig) -> tuple[bool, bool]:
     sharded over the processes) and for its parameter offload (fsdp_offload_params: the shards, their gradients and
     AdamW's state stay in CPU memory, each unit copied to the device for its own forward and backward)."""
     path = config.launch.accelerate_config
-    if not path or config.launch.num_processes * config.launch.num_machines < 2:
+    if not path or config.launch.num_processes < 2:
         return False, False
     try:
         import yaml
@@ -209,7 +215,7 @@ def _fsdp(config: RunConfig) -> tuple[bool, bool]:
 
 def device_memory(config: RunConfig) -> tuple[str, int | None]:
     """(device kind, bytes per device) the plan checks against: memory.device_memory_gb, else the first GPU's memory,
-    else the RAM available now, shared by the processes of this machine."""
+    else the RAM available now, shared by this machine's processes."""
     import torch
 
     kind = "cuda" if torch.cuda.is_available() else "cpu"
@@ -220,7 +226,7 @@ def device_memory(config: RunConfig) -> tuple[str, int | None]:
     try:
         with open("/proc/meminfo") as handle:
             info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in handle}
-        return kind, info["MemAvailable"] // max(1, config.launch.num_processes)
+        return kind, info["MemAvailable"] // max(1, config.launch.num_processes // config.launch.num_machines)
     except (OSError, KeyError):
         return kind, None
 
@@ -229,7 +235,7 @@ def plan_for_shapes(config: RunConfig, policy: Shape, reward: Shape, critic: Sha
                     judge: Shape | None = None, device: str = "cpu", device_bytes: int | None = None) -> Plan:
     """The plan from the models' shapes (`shape_of`), the run's settings, and the device."""
     memory, rl, generation = config.memory, config.rl, config.generation
-    processes = config.launch.num_processes * config.launch.num_machines
+    processes = config.launch.num_processes  # in total over launch.num_machines
     sharded, offloaded = _fsdp(config)
     shard = processes if sharded else 1
     lora = config.policy.lora.enabled
@@ -253,7 +259,8 @@ def plan_for_shapes(config: RunConfig, policy: Shape, reward: Shape, critic: Sha
              + (": the units in use; the shards in CPU memory" if offloaded else "")),
         Line("AdamW state", on_device(2 * trained * b_t // shard), f"2 moments of {trained / 1e6:.2f}M trained values"
              + (", in CPU memory" if offloaded else "")),
-        Line("reference", 0 if lora else policy.params * b_f, "the policy with its adapter off" if lora else memory.frozen_dtype),
+        Line("reference", 0 if lora else policy.params * min(b_f, b_w),
+             "the policy with its adapter off" if lora else f"{'bf16/fp16' if min(b_f, b_w) == 2 else 'fp32'} copy"),
         Line("reward model", reward.params * b_f, f"{reward.params / 1e6:.1f}M in {memory.frozen_dtype}"),
     ]
     if judge is not None:
@@ -265,8 +272,8 @@ def plan_for_shapes(config: RunConfig, policy: Shape, reward: Shape, critic: Sha
     elif config.critic.type == "shared":
         critic_trained = policy.hidden + 1
         lines.append(Line("critic weights + AdamW", 3 * critic_trained * 4, "a value head on the policy"))
-    lines.append(Line("gradients", on_device((trained * b_t + critic_trained * b_t) // shard),
-                      "trained values" + (", in CPU memory" if offloaded else ""), "step"))
+    gradient_bytes = on_device((trained * b_t + critic_trained * b_t) // shard)
+    lines.append(Line("gradients", gradient_bytes, "trained values" + (", in CPU memory" if offloaded else ""), "step"))
     if policy.tied_embeddings and not lora:
         lines.append(Line("tied embedding gradient", policy.vocab * policy.hidden * b_t,
                           "the LM head's and the embedding's gradients, summed", "step"))
@@ -278,21 +285,29 @@ def plan_for_shapes(config: RunConfig, policy: Shape, reward: Shape, critic: Sha
     kv = 2 * policy.layers * policy.kv_heads * policy.head_dim * tokens * rows * (2 if (autocasting or b_w == 2) else 4)
     lines.append(Line("KV cache", kv, f"{rows} rows x {tokens} tokens", "rollout"))
     lines.append(Line("rollout logits", 3 * rows * policy.vocab * 4, "next-token logits, probabilities", "rollout"))
+    # After sampling, the reference's (and, below float32, the policy's own) whole-sequence forward over the same rows
+    # at a time: its response logits and their float32 copy.
+    lines.append(Line("rollout forward logits", 2 * rows * generation.max_new_tokens * policy.vocab * 4,
+                      f"{rows} rows x {generation.max_new_tokens} response tokens x {policy.vocab} in fp32", "rollout"))
 
     # The update: one micro-batch's activations.
     micro = max(1, rl.mini_batch_size // rl.gradient_accumulation_steps)
-    per_layer = 6 * policy.hidden + (4 if policy.gated_mlp else 3) * policy.intermediate
-    if memory.activation_checkpointing:
-        layer_values = micro * tokens * (policy.layers * policy.hidden + per_layer)
-    else:
-        layer_values = micro * tokens * policy.layers * per_layer
-    models = 2 if config.critic.type == "separate" and critic is not None else 1
-    activations = models * layer_values * b_a
+
+    def layer_values(shape: Shape) -> int:
+        per_layer = 6 * shape.hidden + (4 if shape.gated_mlp else 3) * shape.intermediate
+        if memory.activation_checkpointing:
+            return micro * tokens * (shape.layers * shape.hidden + per_layer)
+        return micro * tokens * shape.layers * per_layer
+
+    separate = config.critic.type == "separate" and critic is not None
+    activations = (layer_values(policy) + (layer_values(critic) if separate else 0)) * b_a
     lines.append(Line("activations", activations,
                       f"micro-batch {micro} x {tokens} tokens, {policy.layers} layers"
                       + (", checkpointed" if memory.activation_checkpointing else ""), "backward"))
     lines.append(Line("update logits", int(LOGIT_COPIES * micro * generation.max_new_tokens * policy.vocab * 4),
                       f"{generation.max_new_tokens} response tokens x {policy.vocab} in fp32", "backward"))
+    if rl.gradient_accumulation_steps // processes > 1:  # this process's earlier micro-batches' gradients are held
+        lines.append(Line("accumulated gradients", gradient_bytes, "from the minibatch's earlier micro-batches", "backward"))
     if autocasting:  # autocast keeps its bf16/fp16 copy of each trained weight for the forward's backward
         lines.append(Line("autocast weight copies", (policy.params if not lora else 0) * 2 // shard,
                           "half-precision casts of the trained weights", "backward"))
@@ -339,6 +354,8 @@ def advice(config: RunConfig, policy: Shape, reward: Shape, critic, judge, kind:
 
     found = []
     for name, overrides in REMEDIES:
+        if config.launch.num_processes > 1 and any(o.startswith("generation.generation_batch_size") for o in overrides):
+            continue  # one process only
         try:
             changed = apply_overrides(config, overrides)
         except (ConfigError, ValueError):
@@ -361,7 +378,7 @@ def advice(config: RunConfig, policy: Shape, reward: Shape, critic, judge, kind:
 
 def _lora_estimate(policy: Shape, r: int) -> int:
     """LoRA's parameters on the attention's query and value projections of every layer (PEFT's usual default)."""
-    return policy.layers * 2 * r * (policy.hidden + policy.kv_heads * policy.head_dim + policy.hidden)
+    return policy.layers * r * (3 * policy.hidden + policy.kv_heads * policy.head_dim)  # q: r(h + h), v: r(h + kv hd)
 
 
 def check_fits(config: RunConfig) -> Plan:

@@ -274,7 +274,7 @@ def log_dataset(data: PreparedData, version: DatasetVersion) -> None:
 def load_reward_model(config: RunConfig) -> RewardScorer:
     """Load the reward model and check it scores a probe pair. `config` holds resolved references (check_inputs)."""
     scorer = RewardScorer.from_config(config.reward, dtype=config.memory.frozen_torch_dtype)
-    scorer.model.to(compute_device())
+    scorer.model.to(compute_device(config))
     probe = scorer(["The film was", "The film was"], [" wonderful and moving.", " dull."])
     if probe.shape != (2,) or not bool(probe.isfinite().all()):
         raise ValueError(f"reward.model {config.reward.model}: probe pair scored {probe.tolist()}; expected two finite scores")
@@ -282,12 +282,13 @@ def load_reward_model(config: RunConfig) -> RewardScorer:
     return scorer
 
 
-def compute_device() -> str:
-    """Where a one-process run computes: the first GPU when there is one, else the CPU (a launched multi-process run
-    places each process on its own device: components/rl/launch.py)."""
+def compute_device(config: RunConfig) -> str:
+    """Where the flow's own process computes: the first GPU when there is one and the run trains in this process, else
+    the CPU (a launched multi-process run places each process on its own device, components/rl/launch.py; the flow's
+    copy then only evaluates and checkpoints, and leaves the GPUs to them)."""
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cuda" if torch.cuda.is_available() and config.launch.num_processes == 1 else "cpu"
 
 
 @task(retries=2, retry_delay_seconds=5, cache_policy=NONE, retry_condition_fn=retryable)
@@ -296,7 +297,7 @@ def load_judge(config: RunConfig) -> RewardScorer | None:
     if config.judge is None:
         return None
     judge = RewardScorer.from_config(config.judge, dtype=config.memory.frozen_torch_dtype)
-    judge.model.to(compute_device())
+    judge.model.to(compute_device(config))
     get_run_logger().info("judge %s scores the evaluations beside the reward model", config.judge.model)
     return judge
 
@@ -305,7 +306,7 @@ def load_judge(config: RunConfig) -> RewardScorer | None:
 def load_policy(config: RunConfig):
     """The starting policy (causal LM or encoder-decoder, from its config) and its tokenizer."""
     return (load_policy_model(config.policy.model, config.policy.revision, allow_pickle=config.policy.allow_pickle,
-                              dtype=config.policy_dtype).to(compute_device()),
+                              dtype=config.policy_dtype).to(compute_device(config)),
             load_tokenizer(config.policy.model, config.policy.revision))
 
 
@@ -373,7 +374,7 @@ def registered_policy(config: RunConfig, version: str) -> Callable[[], tuple[Any
     """A loader of a registered version of the policy (the champion), for `evaluate`."""
     def load():
         path = references.resolve_model_reference(f"models:/{config.tracking.registered_model}/{version}")
-        return load_policy_model(path).to(compute_device()), load_tokenizer(path)
+        return load_policy_model(path).to(compute_device(config)), load_tokenizer(path)
     return load
 
 

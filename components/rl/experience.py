@@ -128,7 +128,7 @@ class ExperienceMaker:
              sample_generator: torch.Generator) -> tuple[Experience, dict[str, float]]:
         """The experience of one batch: `rl.samples_per_prompt` episodes of each prompt, as consecutive rows; and the
         seconds its phases took (time/rollout, time/scoring)."""
-        device = self.policy.device
+        device = self.eos_ids.device  # where the run computes (FSDP's offload keeps the parameters in CPU memory)
         k = self.rl.samples_per_prompt
         prompts = [prompt for prompt in prompts for _ in range(k)]
         share = distributed.shard(len(prompts), group=k)
@@ -193,7 +193,8 @@ class ExperienceMaker:
                  generator: torch.Generator):
         """(rollout, reference log-probabilities, values or None): sampling, the reference forward, the critic's.
         All under the trained models' autocast (memory.trained_precision), the reference's too, so that a policy
-        equal to its reference has a KL of 0 in any precision. Below float32, the log-probabilities (and the shared
+        equal to its reference and held in its precision has a KL of exactly 0 (a float32 or mixed policy against a
+        bf16 reference starts at the difference bf16 rounding makes). Below float32, the log-probabilities (and the shared
         head's values) of the sampled tokens are recomputed by the update's own whole-sequence forward: decoding
         token by token through the KV cache rounds differently, which would start the ratio away from 1 (OpenRLHF and
         veRL recompute them likewise)."""
@@ -202,18 +203,30 @@ class ExperienceMaker:
                 self.policy, queries, query_mask, self.generation, self.eos_ids, self.pad_token_id,
                 generator, self.policy_value.value_head, rows,
             )
-            args = (rollout.queries, rollout.query_mask, rollout.responses, rollout.mask)
-            ref_logprobs = response_logprobs(self.reference, *args, self.generation.temperature, pack=self.policy_value.pack_policy)
+            tensors = (rollout.queries, rollout.query_mask, rollout.responses, rollout.mask)
+            # the whole-sequence forwards, generation.generation_batch_size rows at a time like the sampling
+            size = self.generation.generation_batch_size or len(rollout.queries)
+            pieces = [[t[i : i + size] for t in tensors] for i in range(0, len(rollout.queries), size)]
+            pack, temperature = self.policy_value.pack_policy, self.generation.temperature
+            ref_logprobs = torch.cat([response_logprobs(self.reference, *args, temperature, pack=pack) for args in pieces])
             if self.recompute_logprobs:
-                logits, hidden = response_forward(self.policy, *args, pack=self.policy_value.pack_policy)
-                rollout.logprobs = logprobs_of(logits.float() / self.generation.temperature, rollout.responses) * rollout.mask
+                recomputed = [self._policy_logprobs(*args) for args in pieces]
+                rollout.logprobs = torch.cat([logprobs for logprobs, _ in recomputed])
                 if self.policy_value.value_head is not None:
-                    rollout.values = self.policy_value.value_head(hidden).float() * rollout.mask
+                    rollout.values = torch.cat([values for _, values in recomputed])
             if self.policy_value.critic is not None:
-                values = self.policy_value.critic_values(*args).float() * rollout.mask
+                values = torch.cat([self.policy_value.critic_values(*args).float() * args[3] for args in pieces])
             else:
                 values = rollout.values  # the shared head's, read during sampling; None without a critic
         return rollout, ref_logprobs, values
+
+    def _policy_logprobs(self, queries, query_mask, responses, mask) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The policy's log-probabilities of the sampled tokens (and the shared head's values) by the update's own
+        whole-sequence forward."""
+        logits, hidden = response_forward(self.policy, queries, query_mask, responses, mask, pack=self.policy_value.pack_policy)
+        logprobs = logprobs_of(logits.float() / self.generation.temperature, responses) * mask
+        head = self.policy_value.value_head
+        return logprobs, (head(hidden).float() * mask if head is not None else None)
 
     def _score(self, prompts: list, completions: list[str], ended_with_eos: list[bool], iteration: int) -> torch.Tensor:
         raw = score_completions(self.reward_fn, prompts, completions, ended_with_eos)

@@ -26,13 +26,15 @@ KL_STATS = ("loss/kl",)
 
 class Learner:
     def __init__(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, rl: RLConfig, temperature: float,
-                 max_new_tokens: int, accelerator=None, has_critic: bool = True, memory: MemoryConfig | None = None):
+                 max_new_tokens: int, accelerator=None, has_critic: bool = True, memory: MemoryConfig | None = None,
+                 device: torch.device | None = None):
         self.module = module  # PolicyValue, or its data-parallel wrapper
         self.optimizer, self.rl, self.temperature, self.accelerator = optimizer, rl, temperature, accelerator
         self.max_new_tokens = max_new_tokens  # the constant of rl.loss_aggregation: constant
         self.has_critic = has_critic
         self.memory = memory
-        device = next(module.parameters()).device
+        # where the run computes (FSDP's offload keeps the parameters themselves in CPU memory)
+        device = device if device is not None else next(module.parameters()).device
         self.scaler = grad_scaler(device, memory)  # fp16_mixed's loss scale, else None
 
     def learn(self, exp: Experience, iteration: int, shuffle: torch.Generator, kl_coef: float = 0.0) -> dict[str, float]:

@@ -74,6 +74,8 @@ def _write(trainer: "Trainer", path: Path, policy: dict, head: dict | None, opti
         {
             "optimizer": optimizer,
             "scheduler": trainer.scheduler.state_dict(),
+            # fp16_mixed's loss scale and its growth tracker: a resumed run scales its losses as the uninterrupted one
+            "grad_scaler": trainer.learner.scaler.state_dict() if trainer.learner.scaler is not None else None,
             "rng": {
                 "python": random.getstate(),
                 "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
@@ -98,6 +100,7 @@ def _write(trainer: "Trainer", path: Path, policy: dict, head: dict | None, opti
         "rl": trainer.rl.model_dump(mode="json"),
         "generation": trainer.generation.model_dump(mode="json"),
         "reward": trainer.reward.model_dump(mode="json"),
+        "memory": trainer.memory.model_dump(mode="json"),
     }
     (path / "trainer_state.json").write_text(json.dumps(state, indent=2))
 
@@ -129,6 +132,8 @@ def load_checkpoint(trainer: "Trainer", directory: str | Path) -> None:
             load_model(head, str(path / "value.safetensors"), device=str(trainer.device))
         trainer.optimizer.load_state_dict(blob["optimizer"])
     trainer.scheduler.load_state_dict(blob["scheduler"])
+    if trainer.learner.scaler is not None and blob.get("grad_scaler"):
+        trainer.learner.scaler.load_state_dict(blob["grad_scaler"])
     rng = blob["rng"]
     random.setstate(rng["python"])
     name, keys, *rest = rng["numpy"]

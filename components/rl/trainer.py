@@ -138,7 +138,10 @@ class Trainer:
         self.policy = policy.eval()  # eval: dropout off, so rollout and update log-probs agree
         self.reference = reference_of(policy) if reference is None else reference.eval().requires_grad_(False)
         if not isinstance(self.reference, AdapterDisabled):  # a model of its own, not the LoRA policy with its adapter off
-            self.reference.to(memory.frozen_torch_dtype)
+            # memory.frozen_dtype, or the policy's own dtype where that is narrower (a pure-bf16 policy's reference
+            # stays bf16: an upcast copy would take twice the memory and compare another precision)
+            frozen, own = memory.frozen_torch_dtype, next(policy.parameters()).dtype
+            self.reference.to(own if torch.finfo(own).bits < torch.finfo(frozen).bits else frozen)
         trained_dtype = memory.trained_dtype
         self.value_head = ValueHead(hidden_size(policy)).to(self.device, trained_dtype) if critic_type == "shared" else None
         self.critic: Critic | None = None
@@ -169,6 +172,10 @@ class Trainer:
             # A separate critic loaded from another model may hold layers the value never reads (a pooler).
             module, accelerator = distributed.data_parallel(policy_value, find_unused_parameters=critic_type == "separate",
                                                             trained_precision=memory.trained_precision)
+            if distributed.is_sharded(module) and memory.trained_precision == "fp16_mixed":
+                # each rank would check only its own gradient shards for fp16 overflow and could skip a step alone
+                raise ConfigError("memory.trained_precision=fp16_mixed is not supported under FSDP (its loss scaler would "
+                                  "decide per shard): use bf16_mixed, or data parallelism without FSDP")
         self.experience_maker = ExperienceMaker(policy_value, self.reference, tokenizer, reward_fn, rl, generation, self.reward,
                                                 eos_token_ids(tokenizer, policy).to(self.device), pad_id(tokenizer),
                                                 use_chat_template, memory)
@@ -176,7 +183,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self._trainable_parameters(), lr=rl.learning_rate, weight_decay=0.0,
                                            fused=self.device.type in ("cpu", "cuda"))
         self.learner = Learner(module, self.optimizer, rl, generation.temperature, generation.max_new_tokens, accelerator,
-                               has_critic=critic_type != "none", memory=memory)
+                               has_critic=critic_type != "none", memory=memory, device=self.device)
         total_iterations = math.ceil(rl.total_episodes / rl.episodes_per_iteration)
         linear = rl.lr_schedule == "linear"
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(

@@ -39,8 +39,8 @@ def plan(
         console.print(table)
         device = "unknown" if result.device_bytes is None else f"{result.device_bytes / GIB:.2f} GiB"
         verdict = {True: "[green]fits[/]", False: "[bold red]does not fit[/]", None: "cannot tell"}[result.fits]
-        console.print(f"peak {result.peak_bytes / GIB:.2f} GiB per {result.device} device (everything resident + the larger "
-                      f"of the rollout and the update); available {device}: {verdict}")
+        console.print(f"peak {result.peak_bytes / GIB:.2f} GiB per {result.device} device (everything resident + the largest "
+                      f"transient: the rollout, the backward's start or the optimizer step); available {device}: {verdict}")
         for line in result.advice:
             console.print(f"  - {line}", highlight=False, soft_wrap=True)
     if result.fits is False:

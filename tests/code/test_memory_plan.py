@@ -68,6 +68,8 @@ def test_each_role_by_hand():
     assert plan["KV cache"] == 2 * 2 * 2 * 4 * (6 + 4) * 4 * 4  # 2 (k, v) x layers x kv heads x head dim x tokens x rows x 4 B
     assert plan["activations"] == 2 * (6 * 8 + 3 * 32) * (6 + 4) * 2 * 4  # micro-batch 2 (4 / 2 accumulation steps)
     assert plan["update logits"] == 3.5 * 2 * 4 * 50 * 4  # 3.5 copies x micro-batch 2 x 4 response tokens x V x 4 B
+    assert plan["rollout forward logits"] == 2 * 4 * 4 * 50 * 4  # the reference's forward over the 4 rows at once
+    assert plan["accumulated gradients"] == plan["gradients"]  # micro-batch 2 of 2 backs up on the first one's
 
 
 def test_precision_lora_checkpointing_and_generation_micro_batches_change_their_lines():
@@ -80,6 +82,7 @@ def test_precision_lora_checkpointing_and_generation_micro_batches_change_their_
     pure = lines(plan_for_shapes(run_config("memory.trained_precision=bfloat16"), SHAPE, REWARD))
     assert pure["policy weights"] == base["policy weights"] // 2 and pure["AdamW state"] == base["AdamW state"] // 2
     assert pure["activations"] == base["activations"] // 2
+    assert pure["reference"] == base["reference"] // 2  # a pure-bf16 policy's copy stays bf16 whatever frozen_dtype says
     checkpointed = lines(plan_for_shapes(run_config("memory.activation_checkpointing=true"), SHAPE, REWARD))
     assert checkpointed["activations"] == 2 * (6 + 4) * (2 * 8 + 6 * 8 + 3 * 32) * 4  # layer inputs + one layer
     lora = lines(plan_for_shapes(run_config("policy.lora.enabled=true", "memory.frozen_dtype=bfloat16"),

@@ -92,3 +92,17 @@ def test_the_memory_plan_is_within_15_percent_of_cuda_peak(tmp_path):
     measured = torch.cuda.max_memory_allocated()
     predicted = plan.peak_bytes - next(line.bytes for line in plan.lines if line.role == "runtime")
     assert abs(predicted / measured - 1) <= 0.15, (predicted, measured)
+
+
+def test_an_fp16_run_resumed_from_its_checkpoint_keeps_its_loss_scale(tiny_lm_dir, tmp_path):
+    settings = ("memory.trained_precision=fp16_mixed", "memory.frozen_dtype=float16")
+    uninterrupted = cuda_trainer(tiny_lm_dir, *settings)
+    uninterrupted.run_iteration(PROMPTS)
+    uninterrupted.save_checkpoint(tmp_path / "checkpoint")
+    scale = uninterrupted.learner.scaler.get_scale()
+    expected = uninterrupted.run_iteration(PROMPTS)
+    resumed = cuda_trainer(tiny_lm_dir, *settings)
+    resumed.load_checkpoint(tmp_path / "checkpoint")
+    assert resumed.learner.scaler.get_scale() == scale
+    got = resumed.run_iteration(PROMPTS)
+    assert got["loss/policy"] == pytest.approx(expected["loss/policy"], rel=1e-3, abs=1e-5)

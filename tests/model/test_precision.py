@@ -71,6 +71,13 @@ def test_a_mixed_or_bf16_policy_starts_at_ratio_one_and_keeps_float32_maths(tiny
     assert state["exp_avg"].dtype == weights  # AdamW's moments are held as the weights are
 
 
+def test_a_pure_bf16_policy_keeps_its_reference_in_bf16_and_starts_at_kl_zero(tiny_lm_dir):
+    trainer = trainer_for(config(tiny_lm_dir, memory={"trained_precision": "bfloat16"}))  # frozen_dtype float32
+    assert {p.dtype for p in trainer.reference.parameters()} == {torch.bfloat16}  # not an upcast copy
+    exp, _ = trainer.experience_maker.make(PROMPTS, 0.05, 1, trainer.sample_generator)
+    assert exp.kl.abs().max().item() == 0.0
+
+
 def test_frozen_models_load_in_bf16_and_score_as_in_float32(tiny_reward_dir):
     fp32 = load_reward_model(str(tiny_reward_dir))
     bf16 = load_reward_model(str(tiny_reward_dir), dtype=torch.bfloat16)
@@ -145,3 +152,17 @@ def test_fp16_on_the_cpu_is_refused_naming_the_key(tiny_lm_dir, key, value):
     with pytest.raises(ConfigError, match=f"memory.{key}={value}: float16 does not run on the CPU"):
         build_trainer(load_causal_lm(str(tiny_lm_dir)), load_tokenizer(str(tiny_lm_dir)), word_share("good"),
                       **cfg.trainer_sections())
+
+
+def test_generation_micro_batches_give_the_experience_of_one_batch(tiny_lm_dir):
+    """The reference's and the critic's forwards run generation_batch_size rows at a time too: with greedy sampling the
+    experience equals the one-batch experience to float rounding, in bf16 autocast (log-probs recomputed) as well."""
+    for memory in ({}, {"trained_precision": "bf16_mixed"}):
+        made = []
+        for size in (None, 3):
+            trainer = trainer_for(config(tiny_lm_dir, generation={"top_k": 1, "generation_batch_size": size}, memory=memory))
+            made.append(trainer.experience_maker.make(PROMPTS, 0.05, 1, trainer.sample_generator)[0])
+        whole, pieces = made
+        assert torch.equal(whole.responses, pieces.responses)
+        for name in ("logprobs", "ref_logprobs", "values"):
+            torch.testing.assert_close(getattr(pieces, name), getattr(whole, name), atol=1e-2 if memory else 1e-5, rtol=1e-3)
