@@ -179,40 +179,8 @@ def sample(
     `generation.generation_batch_size`: the prompts are sampled that many at a time (one KV cache of that many rows
     at once), one after the other from the same generator, and the pieces joined (responses padded to the longest)."""
     size = generation.generation_batch_size
-    if size is None or queries.shape[0] <= size:
-        return _sample(policy, queries, query_mask, generation, eos_ids, pad_token_id, generator, value_head, rows)
-    if rows is not None:
-        raise ValueError("generation.generation_batch_size is for one process; under data parallelism each process "
-                         "samples its own share of the batch: leave it unset (null)")
-    pieces = [_sample(policy, queries[i : i + size], query_mask[i : i + size], generation, eos_ids, pad_token_id,
-                      generator, value_head) for i in range(0, queries.shape[0], size)]
-    width = max(piece.responses.shape[1] for piece in pieces)
-
-    def joined(name: str, pad) -> torch.Tensor | None:
-        tensors = [getattr(piece, name) for piece in pieces]
-        if tensors[0] is None:
-            return None
-        return torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1]), value=pad) for t in tensors])
-
-    return Rollout(
-        queries=queries, query_mask=query_mask, responses=joined("responses", pad_token_id), mask=joined("mask", 0.0),
-        logprobs=joined("logprobs", 0.0), values=joined("values", 0.0),
-        ended_with_eos=torch.cat([piece.ended_with_eos for piece in pieces]), encoder_decoder=pieces[0].encoder_decoder,
-    )
-
-
-@torch.no_grad()
-def _sample(
-    policy: PreTrainedModel,
-    queries: torch.Tensor,
-    query_mask: torch.Tensor,
-    generation: GenerationConfig,
-    eos_ids: torch.Tensor,
-    pad_token_id: int,
-    generator: torch.Generator | None = None,
-    value_head: torch.nn.Module | None = None,
-    rows: tuple[int, int] | None = None,
-) -> Rollout:
+    if size is not None and queries.shape[0] > size:
+        return _joined(policy, queries, query_mask, generation, eos_ids, pad_token_id, generator, value_head, rows)
     device = queries.device
     eos_ids = eos_ids.to(device)
     batch = queries.shape[0]
@@ -251,6 +219,30 @@ def _sample(
         values=torch.stack(values, 1) * mask if values else None,
         ended_with_eos=ended,
         encoder_decoder=is_encoder_decoder(policy),
+    )
+
+
+def _joined(policy, queries, query_mask, generation, eos_ids, pad_token_id, generator, value_head, rows) -> Rollout:
+    """`sample` over `generation.generation_batch_size` prompts at a time, one piece after the other from the same
+    generator, the pieces joined with their responses padded to the longest."""
+    if rows is not None:
+        raise ValueError("generation.generation_batch_size is for one process; under data parallelism each process "
+                         "samples its own share of the batch: leave it unset (null)")
+    size, whole = generation.generation_batch_size, generation.model_copy(update={"generation_batch_size": None})
+    pieces = [sample(policy, queries[i : i + size], query_mask[i : i + size], whole, eos_ids, pad_token_id, generator,
+                     value_head) for i in range(0, queries.shape[0], size)]
+    width = max(piece.responses.shape[1] for piece in pieces)
+
+    def joined(name: str, pad) -> torch.Tensor | None:
+        tensors = [getattr(piece, name) for piece in pieces]
+        if tensors[0] is None:
+            return None
+        return torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1]), value=pad) for t in tensors])
+
+    return Rollout(
+        queries=queries, query_mask=query_mask, responses=joined("responses", pad_token_id), mask=joined("mask", 0.0),
+        logprobs=joined("logprobs", 0.0), values=joined("values", 0.0),
+        ended_with_eos=torch.cat([piece.ended_with_eos for piece in pieces]), encoder_decoder=pieces[0].encoder_decoder,
     )
 
 
