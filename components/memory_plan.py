@@ -140,7 +140,9 @@ def shape_of_config(config, kind: str = "lm", lora=None) -> Shape:
     with torch.device("meta"):
         model = build(config)
     params = sum(p.numel() for p in model.parameters())
-    hidden = _config_value(config, "hidden_size", "n_embd", "d_model", "dim")
+    from components.rl.roles import hidden_size
+
+    hidden = hidden_size(model)  # the engine's own reading of the width, for every family
     heads = _config_value(config, "num_attention_heads", "n_head", "num_heads")
     intermediate = _config_value(config, "intermediate_size", "n_inner", "d_ff", "ffn_dim", default=4 * hidden)
     lora_params = 0
