@@ -4,7 +4,8 @@
 case the process sends itself SIGKILL there: no exception handler, `finally` or atexit runs, exactly as when the
 machine loses power or the kernel's OOM killer strikes. `ALIGNFLOW_CRASH_AT=name#N` kills at the N-th time the
 point is reached (counting from 1). tests/flows/test_crash_points.py kills a real `alignflow run` at each point and
-checks that `alignflow run --resume RUN_ID` ends where an uninterrupted run ends.
+checks that `alignflow run --resume RUN_ID` ends where an uninterrupted run ends; test_reward_crash_points.py does the
+same for `alignflow reward run`, whose stage reaches every point too.
 """
 
 from __future__ import annotations

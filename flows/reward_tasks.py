@@ -188,6 +188,7 @@ def train(trainer: RewardTrainer, start: int, config: RewardRunConfig, run_id: s
     trainer.save_checkpoint(directory)
     crash_point("train.checkpointed")
     tracking.log_history(trainer.history, step_key="pairs", step_metric=STEP_METRIC)
+    crash_point("train.logged")
     last = trainer.history[-1]
     get_run_logger().info("step %d of %d: loss %.4f, accuracy %.3f", trainer.step, trainer.steps, last["train/loss"],
                           last["train/accuracy"])
@@ -336,6 +337,7 @@ def close(config: RewardRunConfig, result: RewardResult) -> None:
     """The run's end tags; its checkpoint removed unless `checkpoint.keep`; last, the tag that says it is done."""
     mlflow.set_tags({tracking.GATES_PASSED_TAG: str(result.gates.passed).lower(),
                      tracking.PROMOTED_TAG: str(result.promoted).lower(), tracking.MODEL_VERSION_TAG: result.model_version})
+    crash_point("finish.tagged")
     if not config.checkpoint.keep:
         shutil.rmtree(run_directory(config, result.run_id), ignore_errors=True)
     mlflow.set_tag(tracking.FINISHED_TAG, "true")

@@ -151,11 +151,9 @@ def degenerate(text: str, rng: random.Random) -> str:
     return " " + " ".join(tokens) + text[-1]
 
 
-def preference_pair(rng: random.Random) -> dict[str, str] | None:
-    """One annotated pair, or None for a near-tie that annotators would not label."""
-    prompt, kind = opening(rng)
-    first = completion(kind, rng)
-    second = degenerate(first if rng.random() < 0.5 else completion(kind, rng), rng) if rng.random() < DEGENERATE_SHARE else completion(kind, rng)
+def annotate(prompt: str, first: str, second: str, rng: random.Random) -> dict[str, str] | None:
+    """The simulated annotators' label for two completions of one prompt: the one the truth scores higher is chosen,
+    except LABEL_NOISE of the time; None for a near-tie (gold scores within MIN_GAP), which they would not label."""
     first_score, second_score = gold_score(prompt + first), gold_score(prompt + second)
     if abs(first_score - second_score) < MIN_GAP:
         return None
@@ -163,6 +161,14 @@ def preference_pair(rng: random.Random) -> dict[str, str] | None:
     if rng.random() < LABEL_NOISE:
         chosen, rejected = rejected, chosen
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def preference_pair(rng: random.Random) -> dict[str, str] | None:
+    """One annotated pair of written completions, or None for a near-tie that annotators would not label."""
+    prompt, kind = opening(rng)
+    first = completion(kind, rng)
+    second = degenerate(first if rng.random() < 0.5 else completion(kind, rng), rng) if rng.random() < DEGENERATE_SHARE else completion(kind, rng)
+    return annotate(prompt, first, second, rng)
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, str]]) -> None:

@@ -1,6 +1,6 @@
 """The reward-model stage end to end: the demo's preference pairs in, a gated, registered, promoted reward model out;
 a second, worse run kept from the alias; promote and rollback by hand; a policy trained against the reward-model
-champion carries its lineage; a run killed after its first checkpoint and resumed ends as an uninterrupted run.
+champion carries its lineage (a run killed at each crash point: test_reward_crash_points.py).
 
 One demo-size stage run (600 steps, ~25 s) is shared by the tests that check it; the others are short.
 """
@@ -16,7 +16,6 @@ from mlflow import MlflowClient
 from support import alignflow, cli_in_child, one_thread  # noqa: F401 - one intra-op thread, as in the children
 
 from components.config import PROJECT_ROOT, PreferenceDataConfig
-from components.faults import CRASH_ENV
 from components.versioning import dataset_version
 
 MODEL = "stage-reward"
@@ -179,23 +178,6 @@ def test_a_reward_model_promoted_mid_run_does_not_change_a_resumed_run(policy_ru
     finally:
         mlflow_client.set_registered_model_alias(MODEL, "champion", "1")
         mlflow.set_tracking_uri(None)
-
-
-def test_a_run_killed_after_its_first_checkpoint_resumes_to_the_uninterrupted_result(demo_kit, tmp_path):
-    short = ["training.max_steps=40", "training.checkpoint_every=20", "evaluation.bootstrap_samples=100"]
-    crashed_store, straight_store = tmp_path / "crashed", tmp_path / "straight"
-    straight = run_stage(*stage_overrides(straight_store, *short))  # one thread, as the children (`one_thread`)
-    sets = [arg for override in stage_overrides(crashed_store, *short) for arg in ("--set", override)]
-    assert cli_in_child(["reward", "run", *sets], env={CRASH_ENV: "train.checkpointed"}) == -9
-    (run,) = client(crashed_store).search_runs([client(crashed_store).get_experiment_by_name("reward-stage").experiment_id])
-    assert [m.step for m in client(crashed_store).get_metric_history(run.info.run_id, "train/loss")] == []  # not logged
-    assert cli_in_child(["reward", "run", "--resume", run.info.run_id, *sets]) == 0
-    resumed = client(crashed_store).get_run(run.info.run_id)
-    history = lambda c, run_id: [(m.step, m.value) for m in c.get_metric_history(run_id, "train/loss")]  # noqa: E731
-    assert history(client(crashed_store), run.info.run_id) == history(client(straight_store), straight.run_id)
-    assert resumed.data.metrics["eval/candidate/accuracy"] == straight.evaluation.accuracy
-    assert resumed.data.tags["alignflow.finished"] == "true"
-    assert len(client(crashed_store).search_model_versions(f"name='{MODEL}'")) == 1
 
 
 def test_an_unreadable_preference_file_fails_naming_the_file_and_line(demo_kit, tmp_path):
