@@ -48,11 +48,10 @@ class DemoKit:
 def demo_data_dir() -> Path:
     """data/demo as data.dvc pins it: a fresh clone has no data/demo (DVC-tracked) and regenerates it, as `make demo` does."""
     from components.config import PROJECT_ROOT
-    from components.demo.domain import generate_demo_data
+    from flows.cli.data import ensure_demo_data
 
     data_dir = PROJECT_ROOT / "data" / "demo"
-    if not data_dir.exists():
-        generate_demo_data(data_dir, seed=0)
+    ensure_demo_data(data_dir)
     return data_dir
 
 

@@ -312,9 +312,17 @@ def bootstrap(
     settings: BootstrapSettings | None = None,
     force: bool = False,
 ) -> BootstrapReport:
-    """Train tokenizer, instruct model and reward model into out_dir/{instruct,reward}."""
+    """Train tokenizer, instruct model and reward model into out_dir/{instruct,reward}. Two processes bootstrapping at
+    once (two `make demo`s, or test workers) take turns: the second reuses what the first built."""
+    from components.tracking import file_lock
+
     settings = settings or BootstrapSettings()
     data_dir, out_dir = Path(data_dir), Path(out_dir)
+    with file_lock(out_dir.parent / f".{out_dir.name}.lock", timeout_seconds=1800):
+        return _bootstrap(data_dir, out_dir, settings, force)
+
+
+def _bootstrap(data_dir: Path, out_dir: Path, settings: BootstrapSettings, force: bool) -> BootstrapReport:
     md5 = data_md5(data_dir)
     record_path = out_dir / "bootstrap.json"
     if not force and (record := _reusable(record_path, md5, settings, out_dir)) is not None:

@@ -30,6 +30,7 @@ word lists are tuples, and rows are written as JSON with sorted keys and "\\n" n
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 from pathlib import Path
@@ -172,9 +173,12 @@ def preference_pair(rng: random.Random) -> dict[str, str] | None:
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, str]]) -> None:
-    with path.open("w", encoding="utf-8", newline="\n") as handle:
+    """Written beside, then moved into place: a reader sees the whole file or none."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with tmp.open("w", encoding="utf-8", newline="\n") as handle:
         for row in rows:
             handle.write(json.dumps(row, sort_keys=True, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
 
 
 def generate_demo_data(out_dir: Path, seed: int = 0) -> dict[str, Path]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -73,14 +75,19 @@ def demo_bootstrap(
 
 
 def ensure_demo_data(data_dir: Path = PROJECT_ROOT / "data/demo") -> None:
-    """Generate the demo data when it is missing (a fresh clone); it must then match what data.dvc pins."""
+    """Generate the demo data when it is missing (a fresh clone); it must then match what data.dvc pins. Two processes
+    at once take turns (the second finds it)."""
     from components.config import DataConfig
+    from components.demo.bootstrap import DATA_FILES
     from components.demo.domain import generate_demo_data
+    from components.tracking import file_lock
     from components.versioning import dataset_version
 
-    if not data_dir.exists():
-        console.print(f"{data_dir} is missing: regenerating the demo data (seed 0)")
-        generate_demo_data(data_dir, seed=0)
+    lock = hashlib.md5(str(data_dir.resolve()).encode()).hexdigest()[:12]  # outside the DVC-tracked tree
+    with file_lock(Path(tempfile.gettempdir()) / f"alignflow-data-{lock}.lock"):
+        if not all((data_dir / name).is_file() for name in DATA_FILES):
+            console.print(f"{data_dir} is missing: regenerating the demo data (seed 0)")
+            generate_demo_data(data_dir, seed=0)
     dataset_version(DataConfig(source=str(data_dir.relative_to(PROJECT_ROOT))), PROJECT_ROOT)
 
 
