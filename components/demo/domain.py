@@ -172,7 +172,7 @@ def preference_pair(rng: random.Random) -> dict[str, str] | None:
     return annotate(prompt, first, second, rng)
 
 
-def _write_jsonl(path: Path, rows: list[dict[str, str]]) -> None:
+def write_jsonl(path: Path, rows: list[dict[str, str]]) -> None:
     """Written beside, then moved into place: a reader sees the whole file or none."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with tmp.open("w", encoding="utf-8", newline="\n") as handle:
@@ -197,5 +197,5 @@ def generate_demo_data(out_dir: Path, seed: int = 0) -> dict[str, Path]:
             preferences.append(pair)
     files = {"prompts": out_dir / "prompts.jsonl", "sft": out_dir / "sft.jsonl", "preferences": out_dir / "preferences.jsonl"}
     for name, rows in (("prompts", prompts), ("sft", sft), ("preferences", preferences)):
-        _write_jsonl(files[name], rows)
+        write_jsonl(files[name], rows)
     return files

@@ -100,3 +100,36 @@ def prepare_demo_if_needed(run) -> None:
         report = bootstrap(PROJECT_ROOT / "data/demo", PROJECT_ROOT / "artifacts/demo")
         if not report.skipped:
             console.print(report)
+
+
+@demo_app.command("annotate")
+@explain_errors
+def demo_annotate(
+    policy: str = typer.Argument(..., help="The policy whose completions are labelled: a path or models:/NAME/VERSION (@ALIAS)."),
+    out: Path = typer.Option(..., help="The preference pairs written (JSONL: prompt, chosen, rejected), for the reward stage."),
+    prompts: int = typer.Option(1000, min=1, help="How many of data/demo/prompts.jsonl's prompts, from the first."),
+    reference: str = typer.Option("artifacts/demo/instruct", help="The model the policy's completions are paired with."),
+    max_new_tokens: int = typer.Option(24, min=1, help="Tokens sampled per completion, as generation.max_new_tokens."),
+    seed: int = typer.Option(0, help="Seeds the sampling and the annotators' flipped labels."),
+    config: Optional[Path] = ConfigOption,
+    overrides: list[str] = SetOption,
+) -> None:
+    """The demo's annotators label POLICY's completions against the reference's: the human-feedback loop, simulated.
+    Train a reward model or judge on the pairs with `alignflow reward run --set data.source=...`."""
+    from components import tracking
+    from components.demo.annotators import annotate_policy
+    from components.demo.bootstrap import read_jsonl
+    from components.demo.domain import write_jsonl
+    from components.references import resolve_model_reference
+
+    ensure_demo_data()
+    if policy.startswith("models:") or reference.startswith("models:"):
+        tracking.use_tracking(resolved(config, overrides).tracking)
+    local = lambda ref: resolve_model_reference(ref) if ref.startswith("models:") else str(PROJECT_ROOT / ref)  # noqa: E731
+    rows = [row["prompt"] for row in read_jsonl(PROJECT_ROOT / "data/demo/prompts.jsonl", ("prompt",))][:prompts]
+    annotated = annotate_policy(local(policy), local(reference), rows, seed, max_new_tokens)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_jsonl(out, annotated.pairs)
+    console.print(f"wrote {len(annotated.pairs)} labelled pairs to {out} ({annotated.sampled} prompts sampled, "
+                  f"{annotated.near_ties} near-ties left unlabelled; the policy's completion chosen in "
+                  f"{annotated.policy_chosen} of {len(annotated.pairs)})")

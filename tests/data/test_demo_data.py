@@ -123,3 +123,19 @@ def test_regenerated_demo_data_matches_data_dvc(tmp_path):
 
         (tmp_path / "data" / "demo" / "prompts.jsonl").write_text('{"prompt": "changed"}\n')
         assert list(repo.status().values()) == [[{"changed outs": {"data/demo": "modified"}}]]
+
+
+def test_the_annotators_label_a_policys_completions_as_they_labelled_the_demo_pairs():
+    from components.demo.annotators import annotate_completions
+
+    prompt = "The new thriller was"
+    good, hacked, also_good = " gripping and fun.", " loved loved loved enjoyed I and", " gripping and a lot of fun."
+    assert gold_score(prompt + good) - gold_score(prompt + hacked) >= 0.4 > abs(gold_score(prompt + good) - gold_score(prompt + also_good))
+    n = 2000
+    annotated = annotate_completions([prompt] * (n + 1), [hacked] * n + [good], [good] * n + [also_good], seed=0)
+    assert annotated.sampled == n + 1 and annotated.near_ties == 1  # the last two: a near-tie, left unlabelled
+    assert len(annotated.pairs) == n and all(pair["prompt"] == prompt for pair in annotated.pairs)
+    flipped = sum(pair["chosen"] == hacked for pair in annotated.pairs)
+    assert annotated.policy_chosen == flipped and abs(flipped / n - LABEL_NOISE) < 0.02  # the noise of the demo's labels
+    again = annotate_completions([prompt] * (n + 1), [hacked] * n + [good], [good] * n + [also_good], seed=0)
+    assert again == annotated

@@ -1,0 +1,60 @@
+"""The demo's annotators label a policy's own completions: the human-feedback loop, simulated.
+
+A team that sees a policy drift samples its completions beside the reference's for the same prompts, has
+annotators say which of each two they prefer, and trains a reward model (or a held-out judge) on those pairs too:
+the pairs a reward model was trained on before never showed it what this policy writes. The demo's annotators are
+the ones who labelled data/demo/preferences.jsonl (`components.demo.domain.annotate`): the truth, with LABEL_NOISE
+of the labels flipped and near-ties left unlabelled.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from components.demo.domain import annotate
+
+
+@dataclass(frozen=True)
+class Annotated:
+    pairs: list[dict[str, str]]  # {"prompt", "chosen", "rejected"}, as data/demo/preferences.jsonl has them
+    sampled: int  # prompts sampled (one completion from each model)
+    near_ties: int  # pairs the annotators left unlabelled
+    policy_chosen: int  # labelled pairs where the policy's completion was chosen
+
+
+def sample(model_dir: str, prompts: list[str], max_new_tokens: int, seed: int, batch_size: int = 64) -> list[str]:
+    """One completion of each prompt, sampled at temperature 1 as the pipeline's rollout samples."""
+    from components.demo.bootstrap import sample_completions
+    from components.models import load_causal_lm, load_tokenizer
+
+    model, tokenizer = load_causal_lm(model_dir), load_tokenizer(model_dir)
+    torch.manual_seed(seed)
+    completions: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        completions += sample_completions(model, tokenizer, prompts[start : start + batch_size], max_new_tokens)[0]
+    return completions
+
+
+def annotate_completions(prompts: list[str], policy: list[str], reference: list[str], seed: int) -> Annotated:
+    """The annotators' label for each prompt's two completions (the policy's, the reference's)."""
+    rng = random.Random(seed)
+    pairs, near_ties, policy_chosen = [], 0, 0
+    for prompt, ours, theirs in zip(prompts, policy, reference, strict=True):
+        labelled = annotate(prompt, ours, theirs, rng)
+        if labelled is None:
+            near_ties += 1
+            continue
+        pairs.append(labelled)
+        policy_chosen += labelled["chosen"] == ours
+    return Annotated(pairs, len(prompts), near_ties, policy_chosen)
+
+
+def annotate_policy(policy_dir: str, reference_dir: str, prompts: list[str], seed: int = 0,
+                    max_new_tokens: int = 24) -> Annotated:
+    """Sample the policy and the reference on `prompts`, then have the demo's annotators label each pair."""
+    policy = sample(policy_dir, prompts, max_new_tokens, seed)
+    reference = sample(reference_dir, prompts, max_new_tokens, seed + 1)
+    return annotate_completions(prompts, policy, reference, seed)
