@@ -286,3 +286,52 @@ def alignflow(argv: list[str], env: dict[str, str] | None = None, timeout: float
     """The installed `alignflow` command, run to its end; its output captured."""
     return subprocess.run([alignflow_executable(), *argv], env={**os.environ, **(env or {})}, capture_output=True,
                           text=True, timeout=timeout)
+
+
+# --- crash-point chains: the one run of a store, and what it left ---
+
+TIMING = ("time/", "perf/")  # metrics whose values are wall-clock: their steps are compared, not their values
+
+
+def the_run(store: Path, experiment: str):
+    """The one run of `experiment` in the SQLite store under `store`, with a client of it; MLflow's own calls (the
+    registry's, logged models) are pointed at that store too."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{store}/mlflow.db"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    client = MlflowClient(uri, registry_uri=uri)
+    found = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([found.experiment_id]) if found else []
+    assert len(runs) <= 1, "a resume started a second run"
+    return client, (runs[0] if runs else None)
+
+
+def end_state(store: Path, experiment: str, model: str, run_tags: tuple[str, ...]) -> dict:
+    """What a run left in its store, in terms that do not depend on when it ran: its status and `run_tags`, every
+    metric's history, the registered versions (this run's tags), the champion, its logged models, its artifacts,
+    and what is left in the checkpoint directory."""
+    client, run = the_run(store, experiment)
+    run_id = run.info.run_id
+    metrics = {}
+    for key in sorted(run.data.metrics):
+        history = client.get_metric_history(run_id, key)
+        metrics[key] = [m.step for m in history] if key.startswith(TIMING) else [(m.step, round(m.value, 5)) for m in history]
+    versions = client.search_model_versions(f"name='{model}'")
+    mine = [v for v in versions if v.run_id == run_id]
+    volatile = {"promoted_at", "prefect_flow_run_id", "mlflow_run_id"}
+    logged = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
+    return {
+        "status": run.info.status,
+        "tags": {key: run.data.tags.get(key) for key in run_tags},
+        "metrics": metrics,
+        "versions": sorted(int(v.version) for v in versions),
+        "versions_of_the_run": len(mine),
+        "version_tags": {k: v for k, v in mine[0].tags.items() if k not in volatile} if mine else {},
+        "champion": str(client.get_model_version_by_alias(model, "champion").version),
+        "logged_models": len([m for m in logged if m.source_run_id == run_id]),
+        "artifacts": sorted(a.path for a in client.list_artifacts(run_id))
+        + sorted(a.path for a in client.list_artifacts(run_id, "evaluations")),
+        "leftovers": sorted(p.name for p in (store / "checkpoints").iterdir()) if (store / "checkpoints").exists() else [],
+    }

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from mlflow import MlflowClient
-from support import alignflow, cli_in_child
-from support import register_versions
+import support
+from support import alignflow, cli_in_child, register_versions
 
 from components import registry, tracking
 from components.config import TrackingConfig
@@ -27,7 +26,6 @@ pytestmark = pytest.mark.slow
 
 MODEL = "crash-policy"
 EXPERIMENT = "crash"
-TIMING = ("time/", "perf/")
 # The kill of each link of the chain: a point, and the N-th time this process reaches it ("#N").
 CHAIN = [
     "tracking.started",
@@ -69,45 +67,17 @@ def seed_champion(store: Path, tiny_lm_dir: Path) -> None:
 
 
 def the_run(store: Path):
-    client = MlflowClient(f"sqlite:///{store}/mlflow.db", registry_uri=f"sqlite:///{store}/mlflow.db")
-    experiment = client.get_experiment_by_name(EXPERIMENT)
-    runs = client.search_runs([experiment.experiment_id]) if experiment else []
-    assert len(runs) <= 1, "a resume started a second run"
-    return client, (runs[0] if runs else None)
+    return support.the_run(store, EXPERIMENT)
 
 
 def end_state(store: Path) -> dict:
     """What an uninterrupted run leaves, in terms that do not depend on when it ran."""
-    client, run = the_run(store)
-    run_id = run.info.run_id
-    metrics = {}
-    for key in sorted(run.data.metrics):
-        history = client.get_metric_history(run_id, key)
-        steps = [m.step for m in history]
-        metrics[key] = steps if key.startswith(TIMING) else [(m.step, round(m.value, 5)) for m in history]
-    versions = client.search_model_versions(f"name='{MODEL}'")
-    mine = [v for v in versions if v.run_id == run_id]
-    champion = client.get_model_version_by_alias(MODEL, "champion")
-    volatile = {"promoted_at", "prefect_flow_run_id", "mlflow_run_id"}
-    tags = {k: v for k, v in mine[0].tags.items() if k not in volatile} if mine else {}
-    logged = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
-    artifacts = sorted(a.path for a in client.list_artifacts(run_id)) + sorted(
-        a.path for a in client.list_artifacts(run_id, "evaluations"))
+    state = support.end_state(store, EXPERIMENT, MODEL, (tracking.FINISHED_TAG, tracking.MODEL_VERSION_TAG,
+                                                          tracking.PROMOTED_TAG, tracking.STOP_REASON_TAG,
+                                                          tracking.GATES_PASSED_TAG))
+    run = the_run(store)[1]
     samples = json.loads(mlflow.artifacts.load_text(f"{run.info.artifact_uri}/eval_samples.json"))
-    return {
-        "status": run.info.status,
-        "tags": {k: run.data.tags.get(k) for k in (tracking.FINISHED_TAG, tracking.MODEL_VERSION_TAG, tracking.PROMOTED_TAG,
-                                                   tracking.STOP_REASON_TAG, tracking.GATES_PASSED_TAG)},
-        "metrics": metrics,
-        "versions": sorted(int(v.version) for v in versions),
-        "versions_of_the_run": len(mine),
-        "version_tags": tags,
-        "champion": str(champion.version),
-        "logged_models": len([m for m in logged if m.source_run_id == run_id]),
-        "artifacts": artifacts,
-        "eval_samples": len(samples["data"]),
-        "leftovers": sorted(p.name for p in (store / "checkpoints").iterdir()) if (store / "checkpoints").exists() else [],
-    }
+    return {**state, "eval_samples": len(samples["data"])}
 
 
 def left_where_it_was_killed(point: str, store: Path) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from mlflow import MlflowClient
+import support
 from support import cli_in_child
 
 from components import registry, tracking
@@ -23,7 +23,6 @@ pytestmark = pytest.mark.slow
 
 MODEL = "crash-reward"
 EXPERIMENT = "reward-crash"
-TIMING = ("time/", "perf/")
 # 40 steps, a checkpoint every 10: the kill of each link, a point and the N-th time this process reaches it ("#N").
 CHAIN = [
     "tracking.started",
@@ -80,43 +79,13 @@ def no_tracking_uri_left():
 
 
 def the_run(store: Path):
-    """The stage's one run in `store`; MLflow's own calls (the registry's, logged models) are pointed at it too."""
-    uri = f"sqlite:///{store}/mlflow.db"
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    client = MlflowClient(uri, registry_uri=uri)
-    experiment = client.get_experiment_by_name(EXPERIMENT)
-    runs = client.search_runs([experiment.experiment_id]) if experiment else []
-    assert len(runs) <= 1, "a resume started a second run"
-    return client, (runs[0] if runs else None)
+    return support.the_run(store, EXPERIMENT)
 
 
 def end_state(store: Path) -> dict:
     """What an uninterrupted run leaves, in terms that do not depend on when it ran."""
-    client, run = the_run(store)
-    run_id = run.info.run_id
-    metrics = {}
-    for key in sorted(run.data.metrics):
-        history = client.get_metric_history(run_id, key)
-        metrics[key] = [m.step for m in history] if key.startswith(TIMING) else [(m.step, round(m.value, 5)) for m in history]
-    versions = client.search_model_versions(f"name='{MODEL}'")
-    mine = [v for v in versions if v.run_id == run_id]
-    volatile = {"promoted_at", "prefect_flow_run_id", "mlflow_run_id"}
-    logged = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
-    return {
-        "status": run.info.status,
-        "tags": {k: run.data.tags.get(k) for k in (tracking.FINISHED_TAG, tracking.MODEL_VERSION_TAG, tracking.PROMOTED_TAG,
-                                                   tracking.GATES_PASSED_TAG)},
-        "metrics": metrics,
-        "versions": sorted(int(v.version) for v in versions),
-        "versions_of_the_run": len(mine),
-        "version_tags": {k: v for k, v in mine[0].tags.items() if k not in volatile} if mine else {},
-        "champion": str(client.get_model_version_by_alias(MODEL, "champion").version),
-        "logged_models": len([m for m in logged if m.source_run_id == run_id]),
-        "artifacts": sorted(a.path for a in client.list_artifacts(run_id))
-        + sorted(a.path for a in client.list_artifacts(run_id, "evaluations")),
-        "leftovers": sorted(p.name for p in (store / "checkpoints").iterdir()) if (store / "checkpoints").exists() else [],
-    }
+    return support.end_state(store, EXPERIMENT, MODEL, (tracking.FINISHED_TAG, tracking.MODEL_VERSION_TAG,
+                                                        tracking.PROMOTED_TAG, tracking.GATES_PASSED_TAG))
 
 
 def left_where_it_was_killed(point: str, store: Path) -> None:
