@@ -80,9 +80,22 @@ def prefect_api() -> Iterator[None]:
     server.start()
     try:
         with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
-            yield
+            try:
+                yield
+            finally:
+                _send_what_is_queued()
     finally:
         server.stop()
+
+
+def _send_what_is_queued() -> None:
+    """Send the run's logs and events still queued to the temporary server before it stops (else Prefect's workers
+    try after it has gone, and print "Error logging to API" at exit)."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=10)
+    EventsWorker.drain_all(timeout=10)
 
 
 def _die_with_parent() -> None:
