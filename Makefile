@@ -28,11 +28,12 @@ dev: $(STAMP)-dev
 demo: $(STAMP)
 	$(BIN)/alignflow run
 
-# The suite in 2 worker processes, a test module per worker at a time (its shared fixtures stay in one process);
-# TEST_WORKERS=0 runs it in this one. Quick loop: $(BIN)/python -m pytest -m 'not slow'.
+# The suite in 2 worker processes, a test module per worker (its shared fixtures run once; the team-stack modules
+# share one worker and one stack: tests/conftest.py); TEST_WORKERS=0 runs it in this one.
+# Quick loop: $(BIN)/python -m pytest -m 'not slow'.
 TEST_WORKERS ?= 2
 test: $(STAMP)-dev system-deps
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 # The compose file is validated with Debian's docker-compose (no Docker engine needed).
 system-deps:

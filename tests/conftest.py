@@ -95,9 +95,15 @@ def small_disk(tmp_path):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `gpu` need CUDA: skipped, saying why, on a machine without it."""
+    """Tests marked `gpu` need CUDA: skipped, saying why, on a machine without it. Under pytest-xdist
+    (`--dist loadgroup`, as `make test` runs) a module's tests stay in one worker, so its shared fixtures run once,
+    and the team-stack tests (tests/infra, one stack for the package) all in one."""
     import torch
 
+    for item in items:
+        module = Path(str(item.fspath))
+        group = "infra" if module.parent.name == "infra" else f"{module.parent.name}/{module.stem}"
+        item.add_marker(pytest.mark.xdist_group(group))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs an NVIDIA GPU (torch.cuda.is_available() is False here)")

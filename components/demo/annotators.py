@@ -25,12 +25,14 @@ class Annotated:
     policy_chosen: int  # labelled pairs where the policy's completion was chosen
 
 
-def sample(model_dir: str, prompts: list[str], max_new_tokens: int, seed: int, batch_size: int = 64) -> list[str]:
-    """One completion of each prompt, sampled at temperature 1 as the pipeline's rollout samples."""
+def sample(model_dir: str, prompts: list[str], max_new_tokens: int, seed: int, batch_size: int = 64,
+           key: str = "policy") -> list[str]:
+    """One completion of each prompt, sampled at temperature 1 (no top-k/top-p) as the pipeline's rollout samples;
+    a causal LM, an encoder-decoder or a saved LoRA adapter (merged), loaded as the policy pipeline loads them."""
     from components.demo.bootstrap import sample_completions
-    from components.models import load_causal_lm, load_tokenizer
+    from components.models import load_policy, load_tokenizer
 
-    model, tokenizer = load_causal_lm(model_dir), load_tokenizer(model_dir)
+    model, tokenizer = load_policy(model_dir, key=key), load_tokenizer(model_dir)
     torch.manual_seed(seed)
     completions: list[str] = []
     for start in range(0, len(prompts), batch_size):
@@ -55,6 +57,6 @@ def annotate_completions(prompts: list[str], policy: list[str], reference: list[
 def annotate_policy(policy_dir: str, reference_dir: str, prompts: list[str], seed: int = 0,
                     max_new_tokens: int = 24) -> Annotated:
     """Sample the policy and the reference on `prompts`, then have the demo's annotators label each pair."""
-    policy = sample(policy_dir, prompts, max_new_tokens, seed)
-    reference = sample(reference_dir, prompts, max_new_tokens, seed + 1)
+    policy = sample(policy_dir, prompts, max_new_tokens, seed, key="policy")
+    reference = sample(reference_dir, prompts, max_new_tokens, seed + 1, key="--reference")
     return annotate_completions(prompts, policy, reference, seed)

@@ -39,12 +39,14 @@ from typing import Iterator
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from tqdm.auto import tqdm
-from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers import (
+    GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast,
+)
 
+from components.demo.domain import DATA_FILES
 from components.demo.gold import gold_score, is_gold_positive, is_well_formed
 from components.reward_training import pad_right
 
-DATA_FILES = ("prompts.jsonl", "sft.jsonl", "preferences.jsonl")
 
 
 @dataclass(frozen=True)
@@ -272,15 +274,16 @@ def score_texts(model: GPT2ForSequenceClassification, tokenizer: PreTrainedToken
 
 @torch.no_grad()
 def sample_completions(
-    model: GPT2LMHeadModel, tokenizer: PreTrainedTokenizerFast, prompts: list[str], max_new_tokens: int
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_new_tokens: int
 ) -> tuple[list[str], list[bool]]:
-    """Completions sampled at temperature 1 (no top-k/top-p), and whether each stopped with <eos>."""
+    """Completions sampled at temperature 1 (no top-k/top-p), and whether each stopped with <eos> (a causal LM or an
+    encoder-decoder)."""
     batch = tokenizer(prompts, padding=True, return_tensors="pt")
     output = model.generate(
         **batch, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
     )
-    new_tokens = output[:, batch["input_ids"].shape[1] :]
+    new_tokens = output if model.config.is_encoder_decoder else output[:, batch["input_ids"].shape[1] :]
     stopped = (new_tokens == tokenizer.eos_token_id).any(dim=1).tolist()
     return tokenizer.batch_decode(new_tokens, skip_special_tokens=True), stopped
 

@@ -30,7 +30,6 @@ word lists are tuples, and rows are written as JSON with sorted keys and "\\n" n
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 from pathlib import Path
@@ -38,6 +37,7 @@ from pathlib import Path
 from components.demo import lexicon as lx
 from components.demo.gold import gold_score
 
+DATA_FILES = ("prompts.jsonl", "sft.jsonl", "preferences.jsonl")  # what generate_demo_data writes
 NUM_PROMPTS = 2000
 NUM_SFT = 6000
 NUM_PREFERENCES = 6000
@@ -173,12 +173,11 @@ def preference_pair(rng: random.Random) -> dict[str, str] | None:
 
 
 def write_jsonl(path: Path, rows: list[dict[str, str]]) -> None:
-    """Written beside, then moved into place: a reader sees the whole file or none."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w", encoding="utf-8", newline="\n") as handle:
+    """Rows as JSON lines, keys sorted. Written in place (no temporary file in the DVC-tracked directory): a write cut
+    short fails data.dvc's check, and `alignflow demo data` rewrites it."""
+    with path.open("w", encoding="utf-8", newline="\n") as handle:
         for row in rows:
             handle.write(json.dumps(row, sort_keys=True, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 def generate_demo_data(out_dir: Path, seed: int = 0) -> dict[str, Path]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -78,17 +77,16 @@ def ensure_demo_data(data_dir: Path = PROJECT_ROOT / "data/demo") -> None:
     """Generate the demo data when it is missing (a fresh clone); it must then match what data.dvc pins. Two processes
     at once take turns (the second finds it)."""
     from components.config import DataConfig
-    from components.demo.bootstrap import DATA_FILES
-    from components.demo.domain import generate_demo_data
+    from components.demo.domain import DATA_FILES, generate_demo_data
     from components.tracking import file_lock
     from components.versioning import dataset_version
 
-    lock = hashlib.md5(str(data_dir.resolve()).encode()).hexdigest()[:12]  # outside the DVC-tracked tree
-    with file_lock(Path(tempfile.gettempdir()) / f"alignflow-data-{lock}.lock"):
+    lock = hashlib.md5(str(data_dir.resolve()).encode()).hexdigest()[:12]  # outside the DVC-tracked tree, gitignored
+    with file_lock(PROJECT_ROOT / "artifacts" / f".demo-data-{lock}.lock"):
         if not all((data_dir / name).is_file() for name in DATA_FILES):
             console.print(f"{data_dir} is missing: regenerating the demo data (seed 0)")
             generate_demo_data(data_dir, seed=0)
-    dataset_version(DataConfig(source=str(data_dir.relative_to(PROJECT_ROOT))), PROJECT_ROOT)
+        dataset_version(DataConfig(source=str(data_dir.relative_to(PROJECT_ROOT))), PROJECT_ROOT)  # DVC's state: one at a time
 
 
 def prepare_demo_if_needed(run) -> None:
@@ -118,16 +116,17 @@ def demo_annotate(
     Train a reward model or judge on the pairs with `alignflow reward run --set data.source=...`."""
     from components import tracking
     from components.demo.annotators import annotate_policy
-    from components.demo.bootstrap import read_jsonl
+    from components.demo.bootstrap import bootstrap, read_jsonl
     from components.demo.domain import write_jsonl
-    from components.references import resolve_model_reference
+    from components.models import locate
 
     ensure_demo_data()
+    if reference.startswith("artifacts/demo"):
+        bootstrap(PROJECT_ROOT / "data/demo", PROJECT_ROOT / "artifacts/demo")  # reused when it is there
     if policy.startswith("models:") or reference.startswith("models:"):
         tracking.use_tracking(resolved(config, overrides).tracking)
-    local = lambda ref: resolve_model_reference(ref) if ref.startswith("models:") else str(PROJECT_ROOT / ref)  # noqa: E731
     rows = [row["prompt"] for row in read_jsonl(PROJECT_ROOT / "data/demo/prompts.jsonl", ("prompt",))][:prompts]
-    annotated = annotate_policy(local(policy), local(reference), rows, seed, max_new_tokens)
+    annotated = annotate_policy(locate("POLICY", policy), locate("--reference", reference), rows, seed, max_new_tokens)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_jsonl(out, annotated.pairs)
     console.print(f"wrote {len(annotated.pairs)} labelled pairs to {out} ({annotated.sampled} prompts sampled, "

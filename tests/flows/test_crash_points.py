@@ -66,6 +66,13 @@ def seed_champion(store: Path, tiny_lm_dir: Path) -> None:
     registry.promote(MODEL, "1", reason="seed")
 
 
+@pytest.fixture(autouse=True)
+def no_tracking_uri_left():
+    yield
+    mlflow.set_tracking_uri(None)
+    mlflow.set_registry_uri(None)
+
+
 def the_run(store: Path):
     return support.the_run(store, EXPERIMENT)
 

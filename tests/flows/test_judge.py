@@ -6,11 +6,13 @@ pairs is fooled too: it shares the proxy's blind spot (README, "Against reward h
 demo's annotators label the completions of earlier hacked runs (three other seeds) against the reference's
 (`alignflow demo annotate`); the reward stage trains the judge on those pairs and the demo's; and the judge then
 sees a loss where the proxy sees a clear gain in a hacked run it never saw (its own seed, its own degenerate
-wording): the judge's gate fails and nothing is promoted.
+wording): the judge's gate fails and nothing is promoted. (The labelled prompts are all 2,000 demo prompts, the
+judged run's held-out ones among them, with other policies' completions; the judge never sees the judged run's.)
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -69,9 +71,16 @@ def caught(demo_kit, tmp_path_factory):
     return outputs, judged, MlflowClient(uri, registry_uri=uri)
 
 
-def test_the_annotators_label_the_policys_completions(caught):
+def test_the_annotators_mostly_prefer_the_references_completions_to_a_hacked_policys(caught):
     outputs, _, _ = caught
-    assert all("labelled pairs" in output and "near-ties left unlabelled" in output for output in outputs)
+    for output in outputs:
+        found = re.search(r"wrote (\d+) labelled pairs to (\S+) \((\d+) prompts sampled, (\d+) near-ties left unlabelled; "
+                          r"the policy's completion chosen in (\d+) of (\d+)\)", " ".join(output.split()))
+        assert found, output
+        pairs, path, sampled, ties, chosen, of = found.groups()
+        assert int(sampled) == 2000 and int(pairs) + int(ties) == 2000 and int(of) == int(pairs)
+        assert len(Path(path).read_text().splitlines()) == int(pairs)
+        assert int(chosen) / int(pairs) < 0.3  # the truth prefers the reference's; 10% of labels are flipped
 
 
 def test_a_hacked_run_the_proxy_calls_a_gain_is_caught_by_the_judge_and_not_promoted(caught):

@@ -88,8 +88,9 @@ def end_state(store: Path) -> dict:
                                                         tracking.PROMOTED_TAG, tracking.GATES_PASSED_TAG))
 
 
-def left_where_it_was_killed(point: str, store: Path) -> None:
-    """The state each point leaves: proof the process died there, not somewhere else."""
+def left_where_it_was_killed(point: str, store: Path, earlier: int) -> None:
+    """The state each point leaves: proof the process died there, not somewhere else (`earlier`: how many links of
+    the chain before this one killed at the same point)."""
     client, run = the_run(store)
     assert run is not None and run.info.status == "RUNNING"
     run_dir = store / "checkpoints" / run.info.run_id
@@ -97,18 +98,19 @@ def left_where_it_was_killed(point: str, store: Path) -> None:
     evaluations = {a.path for a in client.list_artifacts(run.info.run_id, "evaluations")}
     version = registry.version_of_run(MODEL, run.info.run_id)
     tags = run.data.tags
-    if point == "checkpoint.written":
-        written = list(run_dir.glob(".checkpoint.tmp-*")) or list(run_dir.glob(".export.tmp-*"))
-        assert written and not (run_dir / "export").exists()
+    if point == "checkpoint.written":  # the first checkpoint's save, then the export's
+        assert list(run_dir.glob(".export.tmp-*" if earlier else ".checkpoint.tmp-*")) and not (run_dir / "export").exists()
+        assert (run_dir / "checkpoint").is_dir() == bool(earlier)
     elif point == "checkpoint.between_renames":
         assert (run_dir / ".checkpoint.previous").is_dir() and not (run_dir / "checkpoint").exists()
     elif point.startswith("train.checkpointed"):
         assert (run_dir / "checkpoint").is_dir() and len(logged) < 40 and "evaluations/candidate.json" not in evaluations
     elif point == "train.logged":
         assert len(logged) == 20 and len(set(logged)) == 20  # each step once
-    elif point == "evaluation.recorded":
-        assert "evaluations/candidate.json" in evaluations and "eval/candidate/accuracy" not in run.data.metrics or (
-            "evaluations/champion.json" in evaluations and "eval/champion/accuracy" not in run.data.metrics)
+    elif point == "evaluation.recorded":  # the candidate's, then the champion's
+        name = "champion" if earlier else "candidate"
+        assert f"evaluations/{name}.json" in evaluations and f"eval/{name}/accuracy" not in run.data.metrics
+        assert ("evaluations/champion.json" in evaluations) == ("eval/candidate/accuracy" in run.data.metrics) == bool(earlier)
     elif point == "register.logged":
         assert version is None and mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
     elif point == "register.created":
@@ -137,10 +139,11 @@ def test_a_reward_run_killed_at_every_crash_point_and_resumed_ends_as_an_uninter
 
     sets = [a for o in overrides(crashed, pairs) for a in ("--set", o)]
     run_id = None
-    for point in CHAIN:
+    for i, point in enumerate(CHAIN):
         argv = ["reward", "run", *sets] + (["--resume", run_id] if run_id else [])
         assert cli_in_child(argv, env={CRASH_ENV: point}) == -9, f"alignflow reward run was not killed at {point}"
-        left_where_it_was_killed(point.partition("#")[0], crashed)
+        name = point.partition("#")[0]
+        left_where_it_was_killed(name, crashed, earlier=sum(link.partition("#")[0] == name for link in CHAIN[:i]))
         run_id = the_run(crashed)[1].info.run_id
 
     assert cli_in_child(["reward", "run", *sets, "--resume", run_id]) == 0
