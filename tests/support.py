@@ -290,6 +290,14 @@ def alignflow(argv: list[str], env: dict[str, str] | None = None, timeout: float
 
 # --- crash-point chains: the one run of a store, and what it left ---
 
+@pytest.fixture(autouse=True)
+def no_tracking_uri_left():
+    """(Autouse where imported.) MLflow pointed back at its default after each test: `the_run` points it at a store."""
+    yield
+    mlflow.set_tracking_uri(None)
+    mlflow.set_registry_uri(None)
+
+
 TIMING = ("time/", "perf/")  # metrics whose values are wall-clock: their steps are compared, not their values
 
 

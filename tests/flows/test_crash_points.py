@@ -16,6 +16,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import support
+from support import no_tracking_uri_left  # noqa: F401 - autouse: the_run points MLflow at a store
 from support import alignflow, cli_in_child, register_versions
 
 from components import registry, tracking
@@ -64,13 +65,6 @@ def seed_champion(store: Path, tiny_lm_dir: Path) -> None:
     store.mkdir(parents=True, exist_ok=True)
     register_versions(TrackingConfig(tracking_uri=f"sqlite:///{store}/mlflow.db", experiment="seed"), MODEL, tiny_lm_dir, [-100.0])
     registry.promote(MODEL, "1", reason="seed")
-
-
-@pytest.fixture(autouse=True)
-def no_tracking_uri_left():
-    yield
-    mlflow.set_tracking_uri(None)
-    mlflow.set_registry_uri(None)
 
 
 def the_run(store: Path):

@@ -12,6 +12,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import support
+from support import no_tracking_uri_left  # noqa: F401 - autouse: the_run points MLflow at a store
 from support import cli_in_child
 
 from components import registry, tracking
@@ -69,13 +70,6 @@ def seed_champion(store: Path, tiny_reward_dir: Path) -> None:
         uri = registry.log_reward_model(tiny_reward_dir)
         registry.register(MODEL, run.info.run_id, uri, {registry.GATES_TAG: True, ACCURACY_TAG: 0.0})
     registry.promote(MODEL, "1", reason="seed")
-
-
-@pytest.fixture(autouse=True)
-def no_tracking_uri_left():
-    yield
-    mlflow.set_tracking_uri(None)
-    mlflow.set_registry_uri(None)
 
 
 def the_run(store: Path):
