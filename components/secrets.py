@@ -14,15 +14,21 @@ Two kinds of secret can reach a run configuration:
 A secret written in a configuration file or a `--set` warns (`PlaintextSecretWarning`) naming the variable to use
 instead. `--set` overrides travel as Prefect flow-run parameters, which the Prefect server stores and shows:
 `scrub_overrides` takes the secrets out of them (see `flows/cli.py` for what each command does with them).
-Log records of this process pass through a filter that redacts URL credentials and every secret value seen here.
+Log records of this process pass through a filter that redacts URL credentials and every secret value seen here,
+and so does every exception a Prefect task or flow of this process raises, in place, before Prefect turns it into a
+state message, an event or a stored result (`install_prefect_redaction`).
 Nothing in this module imports the rest of alignflow.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
+import inspect
 import logging
 import os
 import re
+import sys
 import warnings
 from collections.abc import Iterable
 from typing import Any, get_args
@@ -36,8 +42,12 @@ MLFLOW_USERNAME_VAR = "MLFLOW_TRACKING_USERNAME"
 MLFLOW_PASSWORD_VAR = "MLFLOW_TRACKING_PASSWORD"
 
 _SECRET_WORDS = {"token", "password", "passwd", "secret", "apikey", "credential", "credentials"}
-# scheme://userinfo@ : the userinfo of any URL in a text (no '/', whitespace, '@', quotes in it).
-_URL_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.\-]*://)(?P<userinfo>[^/\s@'\"<>]+)@")
+# scheme://userinfo@ : the userinfo of any URL in a text. It ends at the last '@' before the host, as a URL parser
+# reads it (`http://user:p@ss@host`: the password is `p@ss`), and holds no '/', '?', '#', whitespace or quotes.
+# `scheme:/user:password@` too: a URL read as a path (`Path("https://u:p@h/x")` is `https:/u:p@h/x`); with one slash
+# only when a ':' comes before the '@', so that `models:/name@alias` is left alone.
+_URL_USERINFO = re.compile(
+    r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.\-]*:(?://|/(?=[^/?#\s'\"<>@]*:)))(?P<userinfo>[^/?#\s'\"<>]+)@")
 _known_secrets: set[str] = set()
 
 
@@ -82,10 +92,15 @@ def split_uri_credentials(uri: str) -> tuple[str, str | None, str | None]:
     return clean, unquote(parts.username) if parts.username else None, unquote(parts.password) if parts.password else None
 
 
-def _password_of(text: str) -> str | None:
-    match = _URL_USERINFO.search(text)
+def _passwords_of(text: str | None) -> tuple[str, ...]:
+    """The password of the first URL in `text` with credentials, as written and percent-decoded (either may appear in
+    a message); () when there is none."""
+    match = _URL_USERINFO.search(text or "")
     userinfo = match["userinfo"] if match else ""
-    return unquote(userinfo.split(":", 1)[1]) if ":" in userinfo else None
+    if ":" not in userinfo:
+        return ()
+    written = userinfo.split(":", 1)[1]
+    return (written, unquote(written))
 
 
 # --- redaction ---------------------------------------------------------------------------------------
@@ -98,12 +113,54 @@ def remember(*values: str | None) -> None:
             _known_secrets.add(value)
 
 
+def redact_uri(uri: str) -> str:
+    """A URI (or any text) with the credentials of its URLs replaced, `scheme://***@host`, fit to print: the one way a
+    tracking URI is shown. A password may hold '@' (`http://user:p@ss@host`): the userinfo ends at the last '@'."""
+    return _URL_USERINFO.sub(lambda m: f"{m['scheme']}{REDACTED}@", uri)
+
+
 def redact_text(text: str) -> str:
     """`text` with URL credentials (`scheme://***@host`) and every remembered secret value replaced."""
-    text = _URL_USERINFO.sub(lambda m: f"{m['scheme']}{REDACTED}@", text)
+    text = redact_uri(text)
     for secret in sorted(_known_secrets, key=len, reverse=True):
         text = text.replace(secret, REDACTED)
     return text
+
+
+def _redacted_value(value: Any) -> Any:
+    """A text (or a list or tuple holding texts) redacted; None when there is nothing to change."""
+    if isinstance(value, str):
+        redacted = redact_text(value)
+        return redacted if redacted != value else None
+    if type(value) in (list, tuple):
+        redacted = [_redacted_value(item) for item in value]
+        if any(item is not None for item in redacted):
+            return type(value)(old if new is None else new for old, new in zip(value, redacted))
+    return None
+
+
+_EXCEPTION_TEXT_ATTRIBUTES = ("filename", "filename2", "strerror", "msg")  # OSError's and SyntaxError's, not in __dict__
+
+
+def redact_exception(exc: BaseException | None) -> None:
+    """Redact, in place, the text of `exc` and of the exceptions it was raised from or while handling: its args, its
+    string attributes (OSError's filename, a subprocess error's cmd) and notes. The same object goes on being raised,
+    so its type and whatever catches it stay as they were; only its words change."""
+    seen: set[int] = set()
+    pending = [exc]
+    while pending:
+        exc = pending.pop()
+        if exc is None or id(exc) in seen:
+            continue
+        seen.add(id(exc))
+        for name in ("args", *getattr(exc, "__dict__", {}), *_EXCEPTION_TEXT_ATTRIBUTES):
+            try:
+                redacted = _redacted_value(getattr(exc, name, None))
+                if redacted is not None:
+                    setattr(exc, name, redacted)
+            except Exception:  # noqa: BLE001 - an attribute that cannot be read or set keeps its value
+                pass
+        pending += [exc.__cause__, exc.__context__]
 
 
 def redact_tree(tree: Any, prefix: str = "") -> Any:
@@ -167,6 +224,55 @@ def install_log_redaction() -> None:
                 handler.addFilter(RedactingFilter())
 
 
+# Prefect's run engines: each `handle_*` method that takes the exception a task or flow raised (handle_exception,
+# handle_retry, handle_timeout, handle_crash, handle_cancellation) runs before anything is made of it: the state
+# message (`DataError: ...`), the state-change events that repeat it, the "failed" log record, the result record that
+# stores the exception.
+_PREFECT_ENGINES = {"prefect.task_engine": ("SyncTaskRunEngine", "AsyncTaskRunEngine"),
+                    "prefect.flow_engine": ("FlowRunEngine", "AsyncFlowRunEngine")}
+
+
+def _redacting(method):
+    def redact_arguments(args, kwargs):
+        for value in (*args, *kwargs.values()):
+            if isinstance(value, BaseException):
+                redact_exception(value)
+
+    if inspect.iscoroutinefunction(method):
+        @functools.wraps(method)
+        async def wrapper(self, *args, **kwargs):
+            redact_arguments(args, kwargs)
+            return await method(self, *args, **kwargs)
+    else:
+        @functools.wraps(method)
+        def wrapper(self, *args, **kwargs):
+            redact_arguments(args, kwargs)
+            return method(self, *args, **kwargs)
+    wrapper.alignflow_redacts = True
+    return wrapper
+
+
+def install_prefect_redaction() -> list[str]:
+    """Make Prefect's task and flow run engines redact (`redact_exception`) every exception a task or flow raises
+    before they record it: nothing of a secret reaches the Prefect server's state messages and events, its logs (the
+    log filter) or the stored result; the caller gets the same exception, redacted. Done in a process that uses
+    Prefect (a flow's own `load_config` calls this through `externalize`, so a flow always has it; a process without
+    Prefect is not made to import it); idempotent. Returns the methods wrapped (`Class.method`)."""
+    if "prefect" not in sys.modules:
+        return []
+    wrapped = []
+    for module_name, class_names in _PREFECT_ENGINES.items():
+        module = importlib.import_module(module_name)  # the task engine is imported by a flow's first task: too late
+        for class_name in class_names:
+            engine = getattr(module, class_name, None)
+            for name, method in list(vars(engine).items()) if engine is not None else ():
+                if name.startswith("handle_") and name not in ("handle_success", "handle_rollback") and callable(method):
+                    if not getattr(method, "alignflow_redacts", False):
+                        setattr(engine, name, _redacting(method))
+                    wrapped.append(f"{class_name}.{name}")
+    return wrapped
+
+
 # --- loading a configuration -------------------------------------------------------------------------
 
 
@@ -197,7 +303,7 @@ def prepare_tree(tree: dict[str, Any], model: type) -> None:
         if is_secret_key(key) and isinstance(value, str):
             remember(value)
         elif has_uri_credentials(value):
-            remember(_password_of(value))
+            remember(*_passwords_of(value))
         if key == TRACKING_URI_KEY and has_uri_credentials(value):
             warnings.warn(
                 f"{key} holds credentials in plain text; they are kept out of the run's records and used from "
@@ -224,7 +330,8 @@ def prepare_tree(tree: dict[str, Any], model: type) -> None:
 def externalize(config):
     """After validation: move `tracking.tracking_uri`'s credentials into `MLFLOW_TRACKING_USERNAME` /
     `MLFLOW_TRACKING_PASSWORD` of this process (MLflow reads them there) and return the configuration with the
-    URI without them; remember every secret value for log redaction, and install it."""
+    URI without them; remember every secret value (the password of `$MLFLOW_TRACKING_URI` too) for redaction, and
+    install it: on log records, and on the exceptions Prefect's engines record."""
     tracking = getattr(config, "tracking", None)
     uri = getattr(tracking, "tracking_uri", None)
     if uri and has_uri_credentials(uri):
@@ -239,9 +346,10 @@ def externalize(config):
         if is_secret_key(key) and isinstance(value, str):
             remember(value)
         elif has_uri_credentials(value):
-            remember(_password_of(value))
-    remember(os.environ.get(MLFLOW_PASSWORD_VAR))
+            remember(*_passwords_of(value))
+    remember(os.environ.get(MLFLOW_PASSWORD_VAR), *_passwords_of(os.environ.get("MLFLOW_TRACKING_URI")))
     install_log_redaction()
+    install_prefect_redaction()
     return config
 
 

@@ -158,3 +158,111 @@ def test_log_records_are_redacted():
     written = stream.getvalue()
     assert "http://***@127.0.0.1:5000 with ***" in written and "failed at http://***@127.0.0.1:5000" in written
     assert PASSWORD not in written and "tok-remembered" not in written
+
+
+# --- a password with '@', URLs read as paths, exceptions, Prefect, the terminal ---------------------------------
+
+AT_PASSWORD = "p@ss@w0rd"
+
+
+@pytest.mark.parametrize("uri", [f"http://alice:{AT_PASSWORD}@127.0.0.1:5000", "http://alice:p%40ss%40w0rd@127.0.0.1:5000"])
+def test_a_password_holding_at_signs_is_redacted_whole(uri):
+    """The userinfo ends at the last '@' before the host (as urllib reads it): nothing of the password shows."""
+    assert secrets.redact_uri(uri) == "http://***@127.0.0.1:5000"
+    assert secrets.redact_text(f"MLflow run 1 at {uri}/#/experiments/1, then user@example.org") == \
+        "MLflow run 1 at http://***@127.0.0.1:5000/#/experiments/1, then user@example.org"
+    assert secrets.split_uri_credentials(uri) == ("http://127.0.0.1:5000", "alice", AT_PASSWORD)
+    assert secrets.scrub_overrides([f"tracking.tracking_uri={uri}"])[1]["MLFLOW_TRACKING_PASSWORD"] == AT_PASSWORD
+    assert secrets.redact_uri(f"{uri}/api?next=a@b") == "http://***@127.0.0.1:5000/api?next=a@b"
+
+
+def test_a_url_read_as_a_path_is_redacted_and_registry_references_are_left_alone():
+    """`Path("https://u:p@h/x")` prints `https:/u:p@h/x`, as a message naming a missing file does; `models:/NAME@ALIAS`
+    holds no credentials."""
+    assert secrets.redact_uri("not found: /work/https:/user:tok-9@127.0.0.1:8000/prompts.jsonl") == \
+        "not found: /work/https:/***@127.0.0.1:8000/prompts.jsonl"
+    for text in ("models:/alignflow-policy@champion", "runs:/0123/model", "s3://bucket/key@v2", "a@b.org"):
+        assert secrets.redact_uri(text) == text
+
+
+def test_the_password_of_mlflow_tracking_uri_is_redacted_from_what_the_process_logs(monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://bob:Env%40Passw0rd@127.0.0.1:5000")
+    load_config(None, [])
+    assert secrets.redact_text("401 for Env@Passw0rd and Env%40Passw0rd") == "401 for *** and ***"
+
+
+def test_an_exception_is_redacted_in_place_with_the_ones_it_was_raised_from():
+    try:
+        try:
+            open(f"/nowhere/https:/u:{PASSWORD}@h/p.jsonl")
+        except OSError as missing:
+            raise RuntimeError(f"cannot read {URI}/p.jsonl", [f"tried {URI}"], 3) from missing
+    except RuntimeError as error:
+        raised = error
+    cause = raised.__cause__
+    secrets.redact_exception(raised)
+    assert raised.args == ("cannot read http://***@127.0.0.1:5000/p.jsonl", ["tried http://***@127.0.0.1:5000"], 3)
+    assert PASSWORD not in str(cause) and cause.filename == "/nowhere/https:/***@h/p.jsonl" and cause.errno == 2
+    assert raised.__cause__ is cause and isinstance(cause, FileNotFoundError)  # the same objects, their words changed
+
+
+def test_prefects_run_engines_redact_what_a_task_or_flow_raises_before_recording_it():
+    """Each engine's exception handlers (the state message, its events, the stored result are made from what they get)
+    redact the exception first; installing twice wraps once. tests/flows/test_secrets_in_prefect.py searches the
+    Prefect database of a real run."""
+    import prefect  # noqa: F401 - a process that runs flows has imported it
+    from prefect.flow_engine import AsyncFlowRunEngine, FlowRunEngine
+    from prefect.task_engine import AsyncTaskRunEngine, SyncTaskRunEngine
+
+    wrapped = secrets.install_prefect_redaction()
+    assert secrets.install_prefect_redaction() == wrapped
+    for engine in (SyncTaskRunEngine, AsyncTaskRunEngine, FlowRunEngine, AsyncFlowRunEngine):
+        for name in ("handle_exception", "handle_crash", "handle_timeout"):
+            assert f"{engine.__name__}.{name}" in wrapped and getattr(engine, name).alignflow_redacts
+            assert not getattr(getattr(engine, name).__wrapped__, "alignflow_redacts", False)
+    assert "SyncTaskRunEngine.handle_retry" in wrapped
+
+    class Stops(Exception):
+        pass
+
+    def stop(self, exc):
+        raise Stops(str(exc))
+
+    handler = secrets._redacting(stop)
+    with pytest.raises(Stops, match=r"http://\*\*\*@127\.0\.0\.1:5000") as seen:
+        handler(None, ValueError(f"request to {URI} failed"))
+    assert PASSWORD not in str(seen.value)
+
+
+def test_the_reward_stage_prints_the_tracking_uri_without_its_credentials(monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    from components.config import RewardRunConfig
+    from flows.cli.reward import show_reward_result
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://alice:{AT_PASSWORD}@127.0.0.1:5000")
+    evaluation = SimpleNamespace(n=4, accuracy=0.75, accuracy_ci=(0.5, 1.0), mean_margin=0.3, calibration_error=0.1, by_length=[])
+    result = SimpleNamespace(evaluation=evaluation, champion_accuracy=None, gates=SimpleNamespace(to_rich_table=lambda: ""),
+                             steps=2, pairs_seen=8, model_version="1", promoted=False, run_id="0123abcd")
+    show_reward_result(result, RewardRunConfig())
+    printed = capsys.readouterr().out
+    assert "MLflow run 0123abcd at http://***@127.0.0.1:5000" in printed and "w0rd" not in printed and "alice" not in printed
+
+
+def test_the_cli_prints_no_credential_of_a_data_url(tmp_path, tiny_lm_dir):
+    """`alignflow data check` of a source holding `https://user:TOKEN@...`: the error of a URL it cannot read, and the
+    report of one it reads (a local path of that name), say what they say without the token."""
+    from flows.cli import app
+
+    token = "tok-in-the-data-url"
+    local = tmp_path / "data" / f"https://user:{token}@example.org" / "prompts.jsonl"
+    local.parent.mkdir(parents=True)
+    local.write_text("".join(f'{{"prompt": "The film number {n} was"}}\n' for n in range(12)))
+    for source, code in ((f"https://user:{token}@127.0.0.1:9/prompts.jsonl", 2),
+                         (f"{tmp_path}/data/https://user:{token}@example.org/prompts.jsonl", 0)):
+        config = tmp_path / "config.yaml"
+        config.write_text(yaml.safe_dump({"data": {"source": source, "check_dvc": False, "eval_size": 4},
+                                          "policy": {"model": str(tiny_lm_dir)}}))
+        result = CliRunner().invoke(app, ["data", "check", "--config", str(config)])
+        assert result.exit_code == code, result.output
+        assert token not in result.output and "***@" in result.output, result.output
