@@ -480,6 +480,18 @@ class CheckpointConfig(Section):
     )
 
 
+# The packages `evaluation.gold_scorer` may name a function of: this project's own code, nothing else.
+GOLD_SCORER_PACKAGES = ("components", "benchmarks")
+
+
+def gold_scorer_allowed(module: str, function: str) -> bool:
+    """Whether `module:function` may be imported as a gold judge: a public function (no leading underscore) of a
+    module under GOLD_SCORER_PACKAGES."""
+    parts = module.split(".")
+    return (parts[0] in GOLD_SCORER_PACKAGES and not any(part.startswith("_") for part in parts)
+            and not function.startswith("_"))
+
+
 class EvaluationConfig(Section):
     """Evaluation runs on the held-out prompts (`data.eval_size`), the same ones for every policy."""
 
@@ -487,14 +499,24 @@ class EvaluationConfig(Section):
     bootstrap_samples: int = Field(1000, gt=0, description="Resamples of the bootstrap confidence intervals.")
     num_samples_logged: int = Field(16, ge=0, description="Held-out prompts whose completions are logged (eval_samples.json).")
     gold_scorer: str | None = Field(
-        None, description="Optional ground-truth judge, `module:function` (text -> bool/float), e.g. the demo's."
+        None, description="Optional ground-truth judge, `module:function` (text -> bool/float), e.g. the demo's "
+        "components.demo.gold:is_gold_positive. Only a public function of this project's own packages ("
+        + ", ".join(GOLD_SCORER_PACKAGES) + ") can be named: the setting travels as a flow parameter, and importing "
+        "any module:function (os:system) would run whatever a configuration names."
     )
 
     @field_validator("gold_scorer")
     @classmethod
     def _module_function(cls, value: str | None) -> str | None:
-        if value is not None and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", value):
+        if value is None:
+            return value
+        if not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", value):
             raise ValueError("must look like package.module:function")
+        module, function = value.split(":")
+        if not gold_scorer_allowed(module, function):
+            raise ValueError(f"not a judge alignflow may import: name a public function of this project's own "
+                             f"packages ({', '.join(p + '.' for p in GOLD_SCORER_PACKAGES)}), e.g. "
+                             "components.demo.gold:is_gold_positive")
         return value
 
 
@@ -876,6 +898,21 @@ def apply_overrides(config: Section, overrides: list[str] | tuple[str, ...]) -> 
         return type(config).model_validate(tree)
     except ValidationError as exc:
         raise ConfigError(_format_errors(exc, "overrides " + " ".join(overrides))) from None
+
+
+def given_keys(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> set[str]:
+    """The `section.key`s a user set: those of the config file at `path` and of the `--set` overrides (renamed keys
+    under their new names). What a resume compares with the run's recorded configuration."""
+    tree = yaml.safe_load(Path(path).read_text()) if path is not None else {}
+    tree = tree if isinstance(tree, dict) else {}
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConfigDeprecation)
+        _rename_keys(tree, str(path))
+        keys = set(_flatten(tree))
+        keys.update(_renamed_override(override).partition("=")[0].strip() for override in overrides)
+    return keys
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), schema: type = None):

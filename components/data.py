@@ -21,10 +21,12 @@ import io
 import json
 import lzma
 import random
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from components import secrets
 from components.config import DataConfig, GenerationConfig
 from components.dialogue import (
     DialogueError, check_messages, drop_oldest_turns, ends_with_answer, parse_transcript, prompt_of_pair,
@@ -123,14 +125,30 @@ def _open_binary(path: Path):
     return opener(path, "rb") if opener else open(path, "rb")
 
 
+def _decompression_errors() -> tuple[type[BaseException], ...]:
+    """What reading a broken archive raises: truncated (EOFError), not an archive of its kind (gzip.BadGzipFile and
+    bz2's OSError), or corrupt inside a valid header (zlib.error, lzma.LZMAError, zstandard.ZstdError)."""
+    errors: tuple[type[BaseException], ...] = (OSError, EOFError, lzma.LZMAError, zlib.error)
+    try:
+        import zstandard
+    except ImportError:
+        return errors
+    return errors + (zstandard.ZstdError,)
+
+
 def _text_lines(path: Path) -> list[str]:
-    """The file's lines as text, decompressed; a file that is empty, not UTF-8 or a broken archive fails naming the
-    file (and line)."""
+    """The file's lines as text, decompressed; a file that is empty, not UTF-8 or a broken archive (truncated, not
+    of its kind, or corrupt) fails naming the file (and line)."""
     try:
         with _open_binary(path) as handle:
             raw = handle.read()
-    except (OSError, EOFError, lzma.LZMAError) as exc:
-        raise DataError(f"{path}: cannot decompress ({type(exc).__name__}: {exc})") from None
+    except _decompression_errors() as exc:
+        kind = kind_of(path)[1]
+        if kind is None:
+            raise DataError(f"{path}: cannot read ({type(exc).__name__}: {exc})") from None
+        name = type(exc).__name__ if type(exc).__module__ == "builtins" else f"{type(exc).__module__}.{type(exc).__name__}"
+        raise DataError(f"{path}: cannot decompress as {kind}: the file is truncated, corrupt or not {kind}-compressed "
+                        f"({name}: {exc})") from None
     if not raw.strip():
         raise DataError(f"{path}: the file is empty")
     lines = raw.split(b"\n")
@@ -257,7 +275,7 @@ def load_prompts(data: DataConfig, root: Path = Path(".")) -> PromptSet:
         if column not in rows.column_names:
             key = {data.chosen_field: "chosen_field", data.rejected_field: "rejected_field"}.get(column, "prompt_field")
             raise DataError(f"data.{key}: column {column!r} not in {data.source} (columns: {', '.join(rows.column_names)})")
-    report = PromptReport(source=data.source, total=len(rows))
+    report = PromptReport(source=secrets.redact_text(data.source), total=len(rows))  # kept in Prefect's result cache
     prompts: list[Prompt] = []
     kept_rows: list[int] = []
     answered = 0  # dialogues that end with the assistant's answer: a whole dialogue given as a prompt

@@ -260,16 +260,28 @@ def _paired(candidate, reference) -> tuple[np.ndarray, np.ndarray]:
 
 
 def load_gold_scorer(spec: str | None):
-    """`package.module:function` (text -> bool or float) as configured in `evaluation.gold_scorer`."""
+    """`package.module:function` (text -> bool or float) as configured in `evaluation.gold_scorer`: a function of this
+    project's own packages (config.GOLD_SCORER_PACKAGES), defined there, not one they import from elsewhere."""
     if spec is None:
         return None
     import importlib
+    import inspect
+
+    from components.config import GOLD_SCORER_PACKAGES, ConfigError, gold_scorer_allowed
 
     module_name, _, function_name = spec.partition(":")
+    if not gold_scorer_allowed(module_name, function_name):
+        raise ConfigError(f"evaluation.gold_scorer: {spec!r} is not a judge alignflow may import: name a public "
+                          f"function of this project's own packages ({', '.join(GOLD_SCORER_PACKAGES)})")
     try:
-        return getattr(importlib.import_module(module_name), function_name)
+        judge = getattr(importlib.import_module(module_name), function_name)
     except (ImportError, AttributeError) as exc:
-        raise ValueError(f"evaluation.gold_scorer: cannot import {spec!r} ({exc})") from None
+        raise ConfigError(f"evaluation.gold_scorer: cannot import {spec!r} ({exc})") from None
+    defined_in = getattr(judge, "__module__", None) or ""
+    if not (inspect.isfunction(judge) and gold_scorer_allowed(defined_in, function_name)):
+        raise ConfigError(f"evaluation.gold_scorer: {spec!r} is not a function of this project's own packages "
+                          f"({', '.join(GOLD_SCORER_PACKAGES)})" + (f" (it comes from {defined_in})" if defined_in else ""))
+    return judge
 
 
 def evaluate_policy(policy, tokenizer, prompts: Sequence, scorer, generation, evaluation, use_chat_template: bool = False,

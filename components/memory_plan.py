@@ -113,6 +113,52 @@ class Plan:
                 "lines": [{"role": x.role, "gib": x.bytes / GIB, "phase": x.phase, "note": x.note} for x in self.lines]}
 
 
+# --- sizes no run can have ----------------------------------------------------------------------------------------
+
+# The most a count of the run configuration can be and still describe a run (2**31: beyond any context length, batch or
+# process count, and far beyond any device's memory once multiplied out); larger values are refused naming their key
+# before they reach the plan's arithmetic (where they would overflow a float).
+MAX_COUNT = 2**31
+MAX_DEVICE_GB = float(2**30)  # an exbibyte per device
+SIZE_KEYS = ("generation.max_new_tokens", "generation.max_prompt_tokens", "generation.generation_batch_size",
+             "rl.rollout_batch_size", "rl.samples_per_prompt", "rl.mini_batch_size", "rl.gradient_accumulation_steps",
+             "launch.num_processes", "launch.num_machines", "policy.lora.r")
+# A model config's dimensions, by their names across the families transformers implements.
+MODEL_DIMS = ("hidden_size", "n_embd", "d_model", "dim", "intermediate_size", "n_inner", "d_ff", "ffn_dim",
+              "encoder_ffn_dim", "decoder_ffn_dim", "num_hidden_layers", "n_layer", "num_layers", "num_decoder_layers",
+              "encoder_layers", "decoder_layers", "num_attention_heads", "n_head", "num_heads",
+              "encoder_attention_heads", "decoder_attention_heads", "num_key_value_heads", "head_dim", "d_kv",
+              "vocab_size")
+MAX_MODEL_DIM = 2**24  # 16.7M: ten times any model's vocabulary or width; n_embd 10**12 is a typo, not a model
+
+
+def check_sizes(config: RunConfig, device_gb: float | None = None, device_option: str = "memory.device_memory_gb") -> None:
+    """Refuse, naming the key, a size in the run configuration that no run can have (MAX_COUNT), or a device memory
+    that is not a finite number of GB up to MAX_DEVICE_GB: the plan of such a run means nothing and its arithmetic
+    overflows."""
+    flat = config.flat()
+    for key in SIZE_KEYS:
+        value = flat.get(key)
+        if isinstance(value, int) and value > MAX_COUNT:
+            raise MemoryPlanError(f"{key}: {_figure(value)} is beyond any run (at most {MAX_COUNT}); did you mean a "
+                                  "smaller number?")
+    episodes = config.rl.rollout_batch_size * config.rl.samples_per_prompt
+    if episodes > MAX_COUNT:
+        raise MemoryPlanError(f"rl.rollout_batch_size x rl.samples_per_prompt: {config.rl.rollout_batch_size} x "
+                              f"{config.rl.samples_per_prompt} = {_figure(episodes)} episodes per iteration is beyond any run "
+                              f"(at most {MAX_COUNT})")
+    for key, value in ((device_option, device_gb), ("memory.device_memory_gb", config.memory.device_memory_gb)):
+        if value is not None and not (math.isfinite(value) and 0 < value <= MAX_DEVICE_GB):
+            raise MemoryPlanError(f"{key}: {value} GB is not a device's memory (a number of GB above 0, at most "
+                                  f"{MAX_DEVICE_GB:.0f})")
+
+
+def _figure(value: int) -> str:
+    """A count as written, or its order of magnitude when it is too long to read."""
+    digits = str(value)
+    return digits if len(digits) <= 20 else f"about 10**{len(digits) - 1}"
+
+
 # --- shapes from config files ------------------------------------------------------------------------------------
 
 
@@ -174,7 +220,9 @@ def shape_of_config(config, kind: str = "lm", lora=None) -> Shape:
 
 
 def shape_of(ref: str, key: str, revision: str | None = None, kind: str = "lm", lora=None) -> Shape:
-    """The shape of the model `key` names (a local directory, a hub id: config.json only, or models:/)."""
+    """The shape of the model `key` names (a local directory, a hub id: config.json only, or models:/). A config whose
+    sizes no model can have (a dimension beyond MAX_MODEL_DIM, or one whose tensors' sizes overflow) fails naming `key`
+    and the sizes."""
     from transformers import AutoConfig
 
     from components.models import adapter_base, locate
@@ -184,7 +232,20 @@ def shape_of(ref: str, key: str, revision: str | None = None, kind: str = "lm", 
     if base is not None:
         located, revision = locate(key, base), None
     config = AutoConfig.from_pretrained(located, revision=revision, trust_remote_code=False)
-    return shape_of_config(config, kind, lora)
+    written = config.to_dict()
+    sizes = {name: value for name in MODEL_DIMS if isinstance(value := written.get(name), int)
+             and not isinstance(value, bool)}
+    absurd = {name: value for name, value in sizes.items() if value > MAX_MODEL_DIM}
+    if absurd:
+        raise MemoryPlanError(f"{key}: the config of {located} gives sizes no model can have: "
+                              + ", ".join(f"{name}={_figure(value)}" for name, value in absurd.items())
+                              + f" (at most {MAX_MODEL_DIM}): fix its config.json")
+    try:
+        return shape_of_config(config, kind, lora)
+    except (RuntimeError, OverflowError, ValueError, ZeroDivisionError, TypeError) as exc:
+        listed = ", ".join(f"{name}={value}" for name, value in sizes.items())
+        raise MemoryPlanError(f"{key}: cannot size the model of {located} from its config ({listed}): "
+                              f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
 
 
 # --- the plan ------------------------------------------------------------------------------------------------------
@@ -319,7 +380,9 @@ def plan_for_shapes(config: RunConfig, policy: Shape, reward: Shape, critic: Sha
 
 def plan_run(config: RunConfig, device_bytes: int | None = None) -> Plan:
     """The plan of a run whose model references are local paths or hub ids (the pipeline resolves registry URIs
-    first), with advice when it does not fit."""
+    first), with advice when it does not fit. Sizes no run can have are refused first, naming their key
+    (`check_sizes`)."""
+    check_sizes(config)
     policy = shape_of(config.policy.model, "policy.model", config.policy.revision, "lm", config.policy.lora)
     reward = shape_of(config.reward.model, "reward.model", config.reward.revision, "classifier")
     judge = shape_of(config.judge.model, "judge.model", config.judge.revision, "classifier") if config.judge else None

@@ -56,6 +56,11 @@ def locate(key: str, ref: str, revision: str | None = None, root: Path = PROJECT
             raise ModelLoadError(f"{key}: {local} is a directory but holds no saved model (no config.json or "
                                  "adapter_config.json, as save_pretrained writes)")
         return str(local)
+    if local.exists():  # a file (a weights file, a config.json, an archive): not what from_pretrained loads
+        holder = local.parent if (local.parent / "config.json").is_file() or (local.parent / "adapter_config.json").is_file() else None
+        hint = (f": point {key} at its folder, {holder}" if holder is not None else
+                ": point it at the folder save_pretrained wrote (config.json and the weights beside it)")
+        raise ModelLoadError(f"{key}: {local} is a file, not a model folder{hint}")
     looks_local = ref.startswith((".", "/", "~")) or ref.count("/") > 1 or not _HUB_ID.match(ref)
     if looks_local:
         raise ModelLoadError(f"{key}: {ref!r} is neither a local directory ({local} does not exist) nor a hub id")

@@ -40,20 +40,24 @@ def data_check(config: Optional[Path] = ConfigOption, set_: list[str] = SetOptio
     chat = run.policy.use_chat_template
     prepared = prepare(run.data, run.generation, lambda prompt: len(prompt_ids(tokenizer, [prompt], chat)[0]), run.seed,
                        PROJECT_ROOT)
+    from components.secrets import redact_text
+
     pinned = f"pinned by {version.dvc_file}" if version.versioned else "[yellow]not versioned by DVC[/] (data.check_dvc: false)"
-    console.print(f"dataset [bold]{escape(version.name)}[/] ({escape(version.source)}): md5 of the bytes read "
+    console.print(f"dataset [bold]{escape(version.name)}[/] ({escape(redact_text(version.source))}): md5 of the bytes read "
                   f"[bold]{version.md5}[/], {pinned}")
-    console.print(escape(prepared.summary), highlight=False)
+    console.print(escape(redact_text(prepared.summary)), highlight=False)
     console.print(f"{len(prepared.train_prompts)} training prompts, {len(prepared.eval_prompts)} held out (data.eval_size)")
 
 
 @demo_app.command("data")
 @explain_errors
 def demo_data(out: Path = typer.Option(PROJECT_ROOT / "data/demo", help="Where to write the demo datasets."), seed: int = 0) -> None:
-    """Regenerate the demo datasets exactly (the same seed gives the bytes data.dvc pins)."""
+    """Regenerate the demo datasets exactly (the same seed gives the bytes data.dvc pins), under the lock that
+    `make demo`, the tests and `alignflow run` take to regenerate missing demo data."""
     from components.demo.domain import generate_demo_data
 
-    files = generate_demo_data(out, seed=seed)
+    with demo_data_lock(out):
+        files = generate_demo_data(out, seed=seed)
     for name, path in files.items():
         console.print(f"wrote {name}: {path}")
 
@@ -73,16 +77,28 @@ def demo_bootstrap(
     console.print(report)
 
 
+def demo_data_lock_path(data_dir: Path) -> Path:
+    """The lock file of the demo data in `data_dir`: under artifacts/ (outside the DVC-tracked tree, gitignored)."""
+    name = hashlib.md5(str(Path(data_dir).resolve()).encode()).hexdigest()[:12]
+    return PROJECT_ROOT / "artifacts" / f".demo-data-{name}.lock"
+
+
+def demo_data_lock(data_dir: Path):
+    """The lock every writer of the demo data in `data_dir` holds while it writes (the files are written in place:
+    no temporary file inside the DVC-tracked directory), and `ensure_demo_data` while it checks them."""
+    from components.tracking import file_lock
+
+    return file_lock(demo_data_lock_path(data_dir))
+
+
 def ensure_demo_data(data_dir: Path = PROJECT_ROOT / "data/demo") -> None:
     """Generate the demo data when it is missing (a fresh clone); it must then match what data.dvc pins. Two processes
-    at once take turns (the second finds it)."""
+    at once take turns (the second finds it), as does `alignflow demo data` (the same lock)."""
     from components.config import DataConfig
     from components.demo.domain import DATA_FILES, generate_demo_data
-    from components.tracking import file_lock
     from components.versioning import dataset_version
 
-    lock = hashlib.md5(str(data_dir.resolve()).encode()).hexdigest()[:12]  # outside the DVC-tracked tree, gitignored
-    with file_lock(PROJECT_ROOT / "artifacts" / f".demo-data-{lock}.lock"):
+    with demo_data_lock(data_dir):
         if not all((data_dir / name).is_file() for name in DATA_FILES):
             console.print(f"{data_dir} is missing: regenerating the demo data (seed 0)")
             generate_demo_data(data_dir, seed=0)

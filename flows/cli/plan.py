@@ -23,10 +23,12 @@ def plan(
     """Print the expected memory per device of each role (policy, reference, critic, reward model, optimizer state,
     activations, KV cache) for the configured models (sizes from their config files: no weights are loaded), whether
     it fits the device, and what would make it fit. Exit code 1 when it does not fit."""
-    from components.memory_plan import GIB, plan_run
+    from components.memory_plan import GIB, check_sizes, plan_run
     from flows import multinode
 
-    run_config = multinode.resolved_models(resolved(config, set_))
+    run_config = resolved(config, set_)
+    check_sizes(run_config, device_gb, "--device-gb")  # before any model is located or sized
+    run_config = multinode.resolved_models(run_config)
     result = plan_run(run_config, None if device_gb is None else int(device_gb * GIB))
     if as_json:
         console.print_json(json.dumps(result.as_dict()))

@@ -180,3 +180,181 @@ def test_user_errors_are_user_errors():
     for error in (ConfigError, DataError, PromptError, ModelReferenceError, PromotionError, RewardLabelError,
                   RunNotFound, ModelLoadError, StorageError):
         assert issubclass(error, UserError) and error.exit_code == 2, error
+
+
+# --- issue 24: what the CLI says, in one line with exit code 2, where it said a traceback -------------------------
+
+def one_line_error(done, *expected: str) -> None:
+    """Exit code 2, and stderr an `error:` line holding each of `expected`, without a traceback."""
+    assert done.returncode == 2, (done.returncode, done.stderr[-3000:])
+    assert "Traceback" not in done.stderr + done.stdout, done.stderr[-3000:]
+    [line] = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    for text in expected:
+        assert text in line, (text, line)
+
+
+def garbage_after_a_gzip_header(path: Path) -> Path:
+    """A .gz whose header is valid and whose deflate stream is not (a corrupt, not a truncated, archive)."""
+    import gzip
+
+    path.write_bytes(gzip.compress(b'{"prompt": "the film was", "chosen": " good", "rejected": " bad"}\n' * 50)[:10]
+                     + bytes(range(256)) * 4)
+    return path
+
+
+def not_gzip_at_all(path: Path) -> Path:
+    path.write_bytes(b'{"prompt": "the film was"}\n' * 50)
+    return path
+
+
+@pytest.mark.parametrize("corrupt", [garbage_after_a_gzip_header, not_gzip_at_all])
+def test_a_corrupt_gz_prompt_or_preference_file_is_refused_naming_the_file(tmp_path, corrupt):
+    from components.config import DataConfig, PreferenceDataConfig
+    from components.data import DataError, load_prompts
+    from components.preferences import load_pairs
+
+    path = corrupt(tmp_path / "rows.jsonl.gz")
+    message = rf"{path}: cannot decompress as \.gz: the file is truncated, corrupt or not \.gz-compressed"
+    with pytest.raises(DataError, match=message):
+        load_prompts(DataConfig(source=str(path), check_dvc=False))
+    with pytest.raises(DataError, match=message):
+        load_pairs(PreferenceDataConfig(source=str(path), check_dvc=False))
+
+
+def test_the_cli_names_a_corrupt_gz_dataset_in_one_line(tiny_lm_dir, tiny_reward_dir, tracking_uri, tmp_path):
+    from prefect.settings import PREFECT_API_URL
+
+    prompts = garbage_after_a_gzip_header(tmp_path / "prompts.jsonl.gz")
+    env = {"ALIGNFLOW_LOG_DIR": str(tmp_path / "logs"), "PREFECT_API_URL": PREFECT_API_URL.value()}
+    data = ["--set", f"data.source={prompts}", "--set", "data.check_dvc=false"]
+    models = ["--set", f"policy.model={tiny_lm_dir}", "--set", f"reward.model={tiny_reward_dir}"]
+    expected = f"error: {prompts}: cannot decompress as .gz: the file is truncated, corrupt or not .gz-compressed (zlib.error"
+    one_line_error(alignflow(["data", "check", *data, *models], env=env), expected)
+    one_line_error(alignflow(["run", *data, *models, "--set", f"tracking.tracking_uri={tracking_uri}", "--set",
+                              f"checkpoint.dir={tmp_path / 'checkpoints'}"], env=env), expected)
+    pairs = garbage_after_a_gzip_header(tmp_path / "pairs.jsonl.gz")
+    one_line_error(alignflow(["reward", "run", "--set", f"data.source={pairs}", "--set", "data.check_dvc=false", "--set",
+                              f"model.base={tiny_lm_dir}", "--set", f"tracking.tracking_uri={tracking_uri}"], env=env),
+                   f"error: {pairs}: cannot decompress as .gz")
+
+
+def test_a_plan_with_sizes_no_run_can_have_is_one_line_naming_the_key(tiny_lm_dir, tiny_reward_dir, tmp_path):
+    huge = tmp_path / "huge-model"
+    huge.mkdir()
+    for item in tiny_lm_dir.iterdir():
+        (huge / item.name).write_bytes(item.read_bytes())
+    config = json.loads((huge / "config.json").read_text())
+    (huge / "config.json").write_text(json.dumps({**config, "n_embd": 10**12}))
+    models = ["--set", f"policy.model={tiny_lm_dir}", "--set", f"reward.model={tiny_reward_dir}"]
+    env = {"ALIGNFLOW_LOG_DIR": str(tmp_path / "logs")}
+    one_line_error(alignflow(["plan", *models, "--set", "generation.max_new_tokens=1000000000000"], env=env),
+                   "generation.max_new_tokens: 1000000000000 is beyond any run (at most 2147483648)")
+    one_line_error(alignflow(["plan", *models, "--set", f"rl.rollout_batch_size={10**400}", "--set",
+                              "rl.mini_batch_size=1"], env=env),
+                   "rl.rollout_batch_size: about 10**400 is beyond any run")
+    one_line_error(alignflow(["plan", *models, "--device-gb", "inf"], env=env), "--device-gb: inf GB is not a device's memory")
+    one_line_error(alignflow(["plan", "--set", f"policy.model={huge}", "--set", f"reward.model={tiny_reward_dir}"], env=env),
+                   f"policy.model: the config of {huge} gives sizes no model can have: n_embd=1000000000000")
+
+
+def test_run_remote_with_a_misspelled_deployment_names_the_deployments_the_server_has(tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    with get_client(sync_client=True) as client:
+        client.create_deployment(client.create_flow_from_name("alignflow-pipeline"), name="nightly-bad-input")
+    done = alignflow(["run", "--remote", "nightyl-bad-input"], env={"PREFECT_API_URL": url,
+                                                                    "ALIGNFLOW_LOG_DIR": str(tmp_path / "logs")})
+    one_line_error(done, "--remote nightyl-bad-input: no deployment alignflow-pipeline/nightyl-bad-input on the Prefect "
+                         f"server at {url}; it has ", "alignflow-pipeline/nightly-bad-input")
+    assert "ObjectNotFound" not in done.stderr
+    from flows.cli import missing_deployment
+
+    assert missing_deployment("alignflow-pipeline/nightly-bad-input", url) is None  # a deployment it has: not missing
+
+
+@pytest.mark.parametrize("command", ["models", "runs"])
+def test_models_and_runs_against_an_unreachable_tracking_server_fail_at_once_naming_it(tmp_path, command):
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed again: nothing listens there
+    start = time.monotonic()
+    done = alignflow([command, "--set", f"tracking.tracking_uri=http://127.0.0.1:{port}"],
+                     env={"ALIGNFLOW_LOG_DIR": str(tmp_path / "logs")}, timeout=120)
+    one_line_error(done, f"tracking.tracking_uri: the MLflow tracking server at http://127.0.0.1:{port} cannot be reached")
+    assert time.monotonic() - start < 30  # MLflow's own retries would take minutes
+
+
+@pytest.fixture
+def prefect_without_credentials(monkeypatch):
+    """A loopback HTTP server standing in as a team's Prefect API that refuses a client without its credential: 401
+    to everything but the health probes, as `server.api.auth_string` does. Yields its API URL."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Refusing(BaseHTTPRequestHandler):
+        def answer(self):
+            healthy = self.path.split("?")[0].rstrip("/").endswith(("/health", "/ready"))
+            body = b"true" if healthy else b'{"exception_message": "Unauthorized"}'
+            self.send_response(200 if healthy else 401)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = answer
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.delenv("PREFECT_API_AUTH_STRING", raising=False)
+    yield f"http://127.0.0.1:{server.server_address[1]}/api"
+    server.shutdown()
+
+
+def test_a_prefect_server_refusing_a_cli_without_its_credential_is_the_readme_line_for_every_command(
+        prefect_without_credentials, tiny_lm_dir, tiny_reward_dir, tracking_uri, tmp_path):
+    url = prefect_without_credentials
+    env = {"PREFECT_API_URL": url, "ALIGNFLOW_LOG_DIR": str(tmp_path / "logs")}
+    readme = f"error: the Prefect server at {url} requires credentials: set PREFECT_API_AUTH_STRING"
+    server_registry = ["--set", f"tracking.tracking_uri={url.removesuffix('/api')}/mlflow"]  # the lock is Prefect's
+    one_line_error(alignflow(["promote", "1", *server_registry], env=env), readme)
+    one_line_error(alignflow(["rollback", *server_registry], env=env), readme)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"the film {i} was"}) + "\n" for i in range(40)))
+    one_line_error(alignflow(["run", "--set", f"data.source={prompts}", "--set", "data.check_dvc=false", "--set",
+                              "data.eval_size=8", "--set", f"policy.model={tiny_lm_dir}", "--set",
+                              f"reward.model={tiny_reward_dir}", "--set", f"tracking.tracking_uri={tracking_uri}",
+                              "--set", f"checkpoint.dir={tmp_path / 'checkpoints'}"], env=env), readme)
+
+
+def test_a_model_reference_to_a_file_says_it_is_a_file_not_a_model_folder(tiny_lm_dir, tmp_path):
+    from components.models import locate
+
+    with pytest.raises(ModelLoadError, match=rf"policy.model: {tiny_lm_dir / 'config.json'} is a file, not a model "
+                                             rf"folder: point policy.model at its folder, {tiny_lm_dir}$"):
+        locate("policy.model", str(tiny_lm_dir / "config.json"))
+    archive = tmp_path / "policy.tar.gz"
+    archive.write_bytes(b"\x1f\x8b")
+    with pytest.raises(ModelLoadError, match=rf"reward.model: {archive} is a file, not a model folder: point it at the "
+                                             "folder save_pretrained wrote"):
+        locate("reward.model", str(archive))
+
+
+def test_a_gold_scorer_outside_the_project_is_refused_exit_2_by_set_config_file_and_remote(tmp_path):
+    env = {"ALIGNFLOW_LOG_DIR": str(tmp_path / "logs")}
+    expected = ("evaluation.gold_scorer: not a judge alignflow may import: name a public function of this project's "
+                "own packages (components., benchmarks.)")
+    for done in (alignflow(["config", "show", "--set", "evaluation.gold_scorer=os:system"], env=env),
+                 alignflow(["run", "--remote", "nightly", "--set", "evaluation.gold_scorer=os:system"], env=env),
+                 alignflow(["reward", "run", "--set", "evaluation.gold_scorer=os:system"], env=env)):
+        assert done.returncode == 2 and expected in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
+    config = tmp_path / "judge.yaml"
+    config.write_text("evaluation:\n  gold_scorer: os:system\n")
+    done = alignflow(["config", "show", "--config", str(config)], env=env)
+    assert done.returncode == 2 and f"invalid configuration ({config})" in done.stderr and expected in done.stderr
