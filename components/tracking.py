@@ -7,7 +7,8 @@ run resumed after a crash writes nothing twice: step metrics are logged for the 
 a later stage needs (evaluations) are recorded as JSON artifacts that a resumed run reads back (`record`/`recorded`).
 
 Names the flow writes and `recent_runs` reads back:
-    run tags      alignflow.stop_reason, alignflow.gates_passed ("true"/"false"), alignflow.model_version,
+    run tags      alignflow.stage ("policy"/"reward", set as the run is created), alignflow.recorded ("true" once the
+                  run's record is whole: params, config.yaml and provenance tags), alignflow.stop_reason, alignflow.gates_passed ("true"/"false"), alignflow.model_version,
                   alignflow.promoted, alignflow.finished ("true" once the run has nothing left to do)
     run metrics   eval/reward_gain, eval/candidate/kl
 """
@@ -22,7 +23,7 @@ import re
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 from urllib.parse import urlparse
 
 import mlflow
@@ -33,7 +34,10 @@ from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 from components import secrets
 from components.config import PROJECT_ROOT, RunConfig, TrackingConfig
 from components.errors import UserError
+from components.faults import crash_point
 
+STAGE_TAG = "alignflow.stage"  # policy, reward: set when the run is created, so even a run killed at once has it
+RECORDED_TAG = "alignflow.recorded"  # "true" once the run's record (params, config.yaml, provenance tags) is whole
 ALGORITHM_TAG = "alignflow.algorithm"  # ppo, rloo, grpo, dr_grpo, reinforce_pp, reinforce_pp_baseline
 STOP_REASON_TAG = "alignflow.stop_reason"
 GATES_PASSED_TAG = "alignflow.gates_passed"
@@ -49,6 +53,11 @@ MAX_DIGEST_LENGTH = 36  # MLflow's dataset digest column; a DVC md5 (with `.dir`
 
 class RunNotFound(UserError):
     """`--resume RUN_ID` names no run of the tracking store."""
+
+
+class ResumeRefused(UserError):
+    """`--resume RUN_ID` names a run this command must not continue: another stage's or experiment's run, or
+    settings that differ from the ones the run recorded. Nothing is changed."""
 
 
 # --- where runs go ----------------------------------------------------------------------------
@@ -144,14 +153,31 @@ def find_run(tracking: TrackingConfig, run_id: str):
         raise
 
 
-def start_run(config: RunConfig, run_id: str | None = None) -> mlflow.ActiveRun:
-    """Start a run in the configured experiment, or resume `run_id` (a retried task resumes its run)."""
+def start_run(config: RunConfig, run_id: str | None = None, stage: str = "policy") -> mlflow.ActiveRun:
+    """Start a run of `stage` in the configured experiment (its stage tag written as it is created), or resume
+    `run_id` (checked first with `resumed_config`)."""
     use_tracking(config.tracking)
     if run_id is not None:
         # MLflow refuses a run of another experiment than the active one: make the run's own active.
         mlflow.set_experiment(experiment_id=find_run(config.tracking, run_id).info.experiment_id)
         return mlflow.start_run(run_id=run_id)
-    return mlflow.start_run(experiment_id=ensure_experiment(config.tracking), run_name=config.name)
+    return mlflow.start_run(experiment_id=ensure_experiment(config.tracking), run_name=config.name,
+                            tags={STAGE_TAG: stage})
+
+
+def record_run(config: RunConfig, tags: Callable[[], dict[str, str]]) -> bool:
+    """The active run's record: every setting as a param and `config.yaml` (log_config), then the provenance `tags()`,
+    then RECORDED_TAG. Idempotent: a run killed before or inside its record gets it completed by its resume (params it
+    has are not logged again); a run whose record is whole is left alone. Returns whether anything was written."""
+    run = MlflowClient().get_run(mlflow.active_run().info.run_id)
+    if run.data.tags.get(RECORDED_TAG) == "true":
+        return False
+    crash_point("tracking.created")
+    log_config(config, present=run.data.params)
+    crash_point("tracking.config_logged")
+    mlflow.set_tags({**tags(), RECORDED_TAG: "true"})
+    crash_point("tracking.started")
+    return True
 
 
 def end_run(run_id: str, failed: bool = False) -> None:
@@ -167,11 +193,92 @@ def end_run(run_id: str, failed: bool = False) -> None:
 # --- what a run records -----------------------------------------------------------------------
 
 
-def log_config(config: RunConfig) -> None:
-    """Every `section.key` as a param (YAML-style values) and the resolved config as `config.yaml`, both without
-    secrets (components/secrets.py)."""
-    mlflow.log_params({key: _param_value(value) for key, value in secrets.redacted_params(config.flat()).items()})
+def log_config(config: RunConfig, present: dict[str, str] | None = None) -> None:
+    """Every `section.key` as a param (YAML-style values; those in `present` not again) and the resolved config as
+    `config.yaml`, both without secrets (components/secrets.py)."""
+    params = {key: _param_value(value) for key, value in secrets.redacted_params(config.flat()).items()}
+    mlflow.log_params({key: value for key, value in params.items() if key not in (present or {})})
     mlflow.log_text(secrets.redacted_yaml(config), "config.yaml")
+
+
+WHERE_KEYS = {"tracking.tracking_uri"}  # where the run is kept, not how it runs: a resume may name the store anew
+
+
+def resumed_config(given, run_id: str, stage: str, keys_given: set[str]):
+    """The configuration `--resume RUN_ID` continues with: the one the run recorded (config.yaml), with the secrets it
+    could not record taken from `given`. Refused (ResumeRefused, nothing changed) when the run is another stage's or
+    its experiment is not the configured one, or when a key the user set (`keys_given`: config file and --set)
+    differs from the recorded value: a resume continues the run as it was configured. A run killed before its record
+    continues with `given` (its resume writes the record)."""
+    import yaml
+
+    from components.config import _flatten
+
+    run = find_run(given.tracking, run_id)
+    tags = run.data.tags
+    run_stage = tags.get(STAGE_TAG) or ("policy" if ALGORITHM_TAG in tags else None)
+    command = "alignflow reward run" if stage == "reward" else "alignflow run"
+    if run_stage is not None and run_stage != stage:
+        other = "alignflow reward run" if run_stage == "reward" else "alignflow run"
+        raise ResumeRefused(f"--resume {run_id}: that is a {run_stage}-stage run, not a {stage}-stage one: "
+                            f"resume it with `{other} --resume {run_id}`; nothing was changed")
+    text = _artifact_text(run, "config.yaml") if tags.get(RECORDED_TAG) == "true" else None
+    config = given
+    if text is not None:
+        recorded = yaml.safe_load(text)
+        given_tree = given.model_dump(mode="json")
+        given_flat, redacted_flat, recorded_flat = (
+            _flatten(given_tree), _flatten(secrets.redact_tree(given_tree)), _flatten(recorded))
+        covered = lambda key: any(key == k or key.startswith(k + ".") for k in keys_given)  # noqa: E731
+        differing = sorted(key for key in set(recorded_flat) | set(redacted_flat)
+                           if recorded_flat.get(key) != redacted_flat.get(key) and covered(key) and key not in WHERE_KEYS)
+        if differing:
+            shown = [f"{key}: recorded {json.dumps(recorded_flat.get(key))}, given {json.dumps(redacted_flat.get(key))}"
+                     for key in differing]
+            raise ResumeRefused(f"--resume {run_id}: the run was recorded with other settings than given here:\n  "
+                                + "\n  ".join(shown) + f"\nA resume continues the run as it was recorded: run "
+                                f"`{command} --resume {run_id}` without those settings (it takes the run's own), or "
+                                "start a new run with the new ones; nothing was changed")
+        unrecorded = [key for key, value in recorded_flat.items() if isinstance(value, str) and secrets.REDACTED in value]
+        missing = [key for key in unrecorded if redacted_flat.get(key) != recorded_flat[key]]
+        if missing:
+            raise ResumeRefused(f"--resume {run_id}: {', '.join(missing)} held a secret the run did not record: give it "
+                                "again as the run was started (the same --config/--set or ALIGNFLOW_* variable); "
+                                "nothing was changed")
+        tree = _unflatten({key: given_flat[key] if key in unrecorded else value for key, value in recorded_flat.items()})
+        tree["tracking"]["tracking_uri"] = given.tracking.tracking_uri  # where the run was found, not what it did
+        config = type(given).model_validate(tree)
+    else:  # killed before its record was whole: what it logged of it must be what is given now
+        params = {key: _param_value(value) for key, value in secrets.redacted_params(given.flat()).items()}
+        differing = sorted(key for key, value in run.data.params.items() if params.get(key, value) != value)
+        if differing:
+            raise ResumeRefused(f"--resume {run_id}: the run logged other values of {', '.join(differing)} than given "
+                                "here: resume it with the settings it was started with; nothing was changed")
+    experiment = MlflowClient().get_experiment(run.info.experiment_id).name
+    if experiment != config.tracking.experiment and "tracking.experiment" not in keys_given:
+        config = config.model_copy(update={"tracking": config.tracking.model_copy(update={"experiment": experiment})})
+    if experiment != config.tracking.experiment:
+        raise ResumeRefused(f"--resume {run_id}: the run belongs to experiment {experiment!r}, not to "
+                            f"tracking.experiment {config.tracking.experiment!r}; nothing was changed")
+    return config
+
+
+def _artifact_text(run, artifact_file: str) -> str | None:
+    try:
+        return mlflow.artifacts.load_text(f"{run.info.artifact_uri}/{artifact_file}")
+    except (MlflowException, OSError):
+        return None
+
+
+def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = tree
+        *sections, last = key.split(".")
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[last] = value
+    return tree
 
 
 def _param_value(value: Any) -> str:

@@ -21,6 +21,8 @@ from flows.tasks import PipelineResult
 def pipeline(config_path: str | None = None, overrides: list[str] | None = None, resume_run_id: str | None = None) -> PipelineResult:
     """Align the configured policy with RL against the reward model; promote it if every gate passes."""
     given: RunConfig = load_config(config_path, overrides or [])
+    if resume_run_id:  # the run's own configuration; other settings given here are refused, changing nothing
+        given = tasks.resumed_config(given, resume_run_id, config_path, overrides or [])
     config = tasks.pin_models(given, resume_run_id)  # registry aliases pinned to versions, once, for the whole run
     models = tasks.check_inputs(config, resume_run_id)  # the same run with its model references resolved here
     data_version = tasks.check_data_version(config)

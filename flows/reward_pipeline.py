@@ -20,6 +20,8 @@ def reward_pipeline(config_path: str | None = None, overrides: list[str] | None 
                     resume_run_id: str | None = None) -> RewardResult:
     """Train a reward model on human preference pairs; register it; promote it if every gate passes."""
     config: RewardRunConfig = load_config(config_path, overrides or [], schema=RewardRunConfig)
+    if resume_run_id:  # the run's own configuration; other settings given here are refused, changing nothing
+        config = tasks.resumed_config(config, resume_run_id, config_path, overrides or [])
     resolved = tasks.check_inputs(config, resume_run_id)
     data_version = tasks.check_data_version(config)
     data = tasks.prepare_pairs(config, resolved)
@@ -49,7 +51,10 @@ def reward_pipeline(config_path: str | None = None, overrides: list[str] | None 
         result = tasks.finish(run_id, trainer, candidate, report, version, promoted, champion_version, champion, config)
         tasks.close(config, result)
     except BaseException:
-        tasks.tracking.end_run(run_id, failed=True)
+        try:
+            tasks.tracking.end_run(run_id, failed=True)
+        except Exception as exc:  # noqa: BLE001 - the store may be what failed (a full disk): keep the original error
+            print(f"could not mark MLflow run {run_id} failed: {exc}")
         raise
     tasks.tracking.end_run(run_id)
     return result

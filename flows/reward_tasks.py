@@ -7,7 +7,6 @@ the run and read back, registration finds the run's version, promotion completes
 
 from __future__ import annotations
 
-import getpass
 import shutil
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -19,8 +18,8 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 from prefect.runtime import flow_run
 
-from components import registry, tracking
-from components.config import PROJECT_ROOT, RewardRunConfig
+from components import registry, secrets, tracking
+from components.config import PROJECT_ROOT, RewardRunConfig, given_keys
 from components.errors import retryable
 from components.evaluation import load_gold_scorer
 from components.faults import crash_point
@@ -118,15 +117,22 @@ def prepare_pairs(config: RewardRunConfig, resolved: RewardRunConfig) -> Prepare
 
 
 def start_tracking(config: RewardRunConfig, resume_run_id: str | None) -> str:
-    run = tracking.start_run(config, resume_run_id)
+    """Start (or resume) the stage's MLflow run and make its record whole (tracking.record_run)."""
+    run = tracking.start_run(config, resume_run_id, stage="reward")
     get_run_logger().info("MLflow run %s%s", run.info.run_id,
                           "" if resume_run_id else f" (if it is interrupted: alignflow reward run --resume {run.info.run_id})")
-    if resume_run_id is None:
-        tracking.log_config(config)
-        mlflow.set_tags({"alignflow.stage": "reward", "alignflow.git_commit": git_commit(),
-                         "alignflow.prefect_flow_run_id": flow_run.id or "", "alignflow.base_model": config.model.base})
-        crash_point("tracking.started")
+    tracking.record_run(config, lambda: {"alignflow.git_commit": git_commit(), "alignflow.prefect_flow_run_id": flow_run.id or "",
+                                         "alignflow.base_model": config.model.base})
     return run.info.run_id
+
+
+@task(cache_policy=NONE)
+def resumed_config(given: RewardRunConfig, resume_run_id: str, config_path: str | None,
+                   overrides: list[str]) -> RewardRunConfig:
+    """The configuration the run to resume recorded (tracking.resumed_config), or a refusal that changes nothing."""
+    config = tracking.resumed_config(given, resume_run_id, "reward", given_keys(config_path, overrides))
+    get_run_logger().info("resuming run %s with the configuration it recorded", resume_run_id)
+    return config
 
 
 def recorded_result() -> RewardResult | None:
@@ -147,7 +153,7 @@ def log_dataset(data: PreparedPairs, version: DatasetVersion) -> None:
     text = lambda prompt: prompt if isinstance(prompt, str) else str(prompt)  # noqa: E731
     rows = [{"prompt": text(p.prompt), "chosen": p.chosen, "rejected": p.rejected, "split": split}
             for split, pairs in (("train", data.train), ("eval", data.held_out)) for p in pairs]
-    tracking.log_dataset(version.name, version.source, version.md5, rows=rows)
+    tracking.log_dataset(version.name, secrets.redact_text(version.source), version.md5, rows=rows)
 
 
 # --- training ---------------------------------------------------------------------------------
@@ -309,7 +315,7 @@ def promote(config: RewardRunConfig, version: str, report: GateReport, candidate
     if not report.passed:
         logger.warning("reward model version %s not promoted: %s", version, report.summary())
         return False
-    _, why = promotion.promote(config, version, user=f"alignflow-reward ({getpass.getuser()})", reason=report.summary(),
+    _, why = promotion.promote(config, version, user=f"alignflow-reward ({registry.current_identity()})", reason=report.summary(),
                                evaluated_against=champion_version, score=candidate.accuracy, score_tag=ACCURACY_TAG)
     holder = registry.get_champion(config.tracking.registered_model, config.tracking.champion_alias)
     promoted = holder is not None and str(holder.version) == version

@@ -10,7 +10,6 @@ is not retried.
 
 from __future__ import annotations
 
-import getpass
 import hashlib
 import json
 import shutil
@@ -25,11 +24,11 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 from prefect.runtime import flow_run, task_run
 
-from components import references, registry, tracking
-from components.config import PROJECT_ROOT, RunConfig
+from components import references, registry, secrets, tracking
+from components.config import PROJECT_ROOT, RunConfig, given_keys
 from components.data import PreparedData, prepare
 from components.dialogue import render_transcript
-from components.errors import AlignflowError, retryable
+from components.errors import AlignflowError, retryable, translated, unreachable
 from components.evaluation import PolicyEval, compare, comparison_table, evaluate_policy
 from components.faults import crash_point
 from components.model_safety import check_run_models
@@ -89,21 +88,28 @@ class PipelineResult:
 
 
 def start_tracking(config: RunConfig, resume_run_id: str | None, pinned: dict[str, str] | None = None) -> str:
-    """Start (or resume) the flow's MLflow run; record the config and provenance once: the configuration as given,
-    the registry versions its aliases were pinned to (`pinned`), and the reward model's lineage."""
-    run = tracking.start_run(config, resume_run_id)
+    """Start (or resume) the flow's MLflow run and make its record whole (tracking.record_run: a run killed before or
+    inside it gets it from its resume): the configuration as given, the registry versions its aliases were pinned to
+    (`pinned`), and the reward model's lineage."""
+    run = tracking.start_run(config, resume_run_id, stage="policy")
     get_run_logger().info("MLflow run %s%s", run.info.run_id,
                           "" if resume_run_id else f" (if it is interrupted: alignflow run --resume {run.info.run_id})")
-    if resume_run_id is None:
-        tracking.log_config(config)
-        reward_model = (pinned or {}).get("reward.model", config.reward.model)
-        mlflow.set_tags({"alignflow.git_commit": git_commit(), "alignflow.prefect_flow_run_id": flow_run.id or "",
-                         "alignflow.base_policy": (pinned or {}).get("policy.model", config.policy.model),
-                         "alignflow.reward_model": reward_model, tracking.ALGORITHM_TAG: config.rl.algorithm,
-                         PINNED_TAG: json.dumps(pinned or {}),
-                         **{f"alignflow.{key}": value for key, value in reward_lineage(reward_model).items()}})
-        crash_point("tracking.started")
+    reward_model = (pinned or {}).get("reward.model", config.reward.model)
+    tracking.record_run(config, lambda: {
+        "alignflow.git_commit": git_commit(), "alignflow.prefect_flow_run_id": flow_run.id or "",
+        "alignflow.base_policy": (pinned or {}).get("policy.model", config.policy.model),
+        "alignflow.reward_model": reward_model, tracking.ALGORITHM_TAG: config.rl.algorithm,
+        PINNED_TAG: json.dumps(pinned or {}), **{f"alignflow.{key}": value for key, value in reward_lineage(reward_model).items()}})
     return run.info.run_id
+
+
+@task(cache_policy=NONE)
+def resumed_config(given: RunConfig, resume_run_id: str, config_path: str | None, overrides: list[str]) -> RunConfig:
+    """The configuration the run to resume recorded (tracking.resumed_config): refused, changing nothing, when it is
+    another stage's run or a setting given here differs from the recorded one."""
+    config = tracking.resumed_config(given, resume_run_id, "policy", given_keys(config_path, overrides))
+    get_run_logger().info("resuming run %s with the configuration it recorded", resume_run_id)
+    return config
 
 
 def recorded_result() -> PipelineResult | None:
@@ -125,14 +131,14 @@ class ServerUnreachable(AlignflowError):
     """A server the pipeline needs stayed unreachable through every retry."""
 
 
-_CONNECTION_TROUBLE = ("Max retries exceeded", "Connection refused", "Failed to establish a new connection", "ConnectionError")
-
-
 def explain_failure(exc: BaseException, config: RunConfig, run_id: str) -> BaseException:
     """Name the server and URL when MLflow could not be reached, and say how to resume."""
-    if isinstance(exc, AlignflowError) or not any(sign in f"{type(exc).__name__}: {exc}" for sign in _CONNECTION_TROUBLE):
+    translation = translated(exc)  # a full disk under the store, a Prefect server refusing its credential
+    if translation is not None:
+        return translation
+    if isinstance(exc, AlignflowError) or not unreachable(exc):
         return exc
-    uri = tracking.resolve_tracking_uri(config.tracking)
+    uri = secrets.redact_uri(tracking.resolve_tracking_uri(config.tracking))
     return ServerUnreachable(
         f"the MLflow tracking server at {uri} is unreachable (after retries with backoff): {exc}\n"
         f"Nothing was promoted and the checkpoints are kept. When the server is back, resume with\n"
@@ -264,7 +270,7 @@ def log_dataset(data: PreparedData, version: DatasetVersion) -> None:
     as_text = lambda p: p if isinstance(p, str) else render_transcript(p)  # noqa: E731
     rows = [{"prompt": as_text(p), "split": "train"} for p in data.train_prompts] + [
         {"prompt": as_text(p), "split": "eval"} for p in data.eval_prompts]
-    tracking.log_dataset(version.name, version.source, version.md5, rows=rows)
+    tracking.log_dataset(version.name, secrets.redact_text(version.source), version.md5, rows=rows)
 
 
 # --- models -----------------------------------------------------------------------------------
@@ -481,7 +487,7 @@ def promote(config: RunConfig, version: str, report: GateReport, candidate: Eval
     if not report.passed:
         logger.warning("version %s not promoted: %s", version, report.summary())
         return False
-    _, why = promotion.promote(config, version, user=f"alignflow-pipeline ({getpass.getuser()})", reason=report.summary(),
+    _, why = promotion.promote(config, version, user=f"alignflow-pipeline ({registry.current_identity()})", reason=report.summary(),
                                evaluated_against=champion.version if champion else None, score=candidate.summary.mean_score)
     holder = registry.get_champion(config.tracking.registered_model, config.tracking.champion_alias)
     promoted = holder is not None and str(holder.version) == version

@@ -10,8 +10,9 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from components import secrets
 from components.config import PROJECT_ROOT, RewardRunConfig
-from flows.cli import CronOption, IntervalOption, SetOption, app, console, explain_errors, fail, flow_overrides, resolved
+from flows.cli import CronOption, IntervalOption, SetOption, app, console, explain_errors, fail, flow_overrides, reachable_tracking, resolved
 from flows.cli.data import ensure_demo_data
 from flows.cli.registry import promote_version, refused_in_words, roll_back
 from flows.cli.run import deploy_flow, prefect_api, trigger_remote
@@ -54,10 +55,11 @@ def reward_run(
     if remote:
         trigger_remote(remote if "/" in remote else f"{REWARD_FLOW}/{remote}", parameters, wait)
         return
-    if resume:
-        from components.tracking import find_run
+    if resume:  # another stage's run, or settings other than the recorded ones: one line, changing nothing
+        from components.config import given_keys
+        from components.tracking import resumed_config
 
-        find_run(run_config.tracking, resume)
+        run_config = resumed_config(run_config, resume, "reward", given_keys(config, set_))
     prepare_demo_base(run_config)
     from components.preferences import load_pairs
 
@@ -91,7 +93,7 @@ def show_reward_result(result, run_config: RewardRunConfig) -> None:
     console.print(f"{result.steps} steps, {result.pairs_seen} pairs; registered [bold]{name}[/] version "
                   f"[bold]{result.model_version}[/]: {state}")
     console.print(f"policies use it with --set reward.model=models:/{name}@{alias}")
-    uri = resolve_tracking_uri(run_config.tracking)
+    uri = secrets.redact_uri(resolve_tracking_uri(run_config.tracking))
     console.print(f"MLflow run {result.run_id}; open the UI with:\n  mlflow ui --backend-store-uri {uri}"
                   if uri.startswith("sqlite") else f"MLflow run {result.run_id} at {uri}")
 
@@ -119,11 +121,11 @@ def reward_models(config: Optional[Path] = RewardConfigOption, set_: list[str] =
     """Versions of the registered reward model: aliases, gates, held-out accuracy, base model and preference data."""
     from components import registry, tracking
 
-    run_config = reward_config(config, set_)
+    run_config = reachable_tracking(reward_config(config, set_))
     uri = tracking.use_tracking(run_config.tracking)
     name = run_config.tracking.registered_model
     versions = refused_in_words(lambda: registry.list_versions(name), f"read the versions of {name}")
-    table = Table(title=f"Registered reward model {name}, {uri}")
+    table = Table(title=f"Registered reward model {name}, {secrets.redact_uri(uri)}")
     for column in ("version", "aliases", "gates", "failed gates", "accuracy", "95% CI", "base model", "data", "promoted by"):
         table.add_column(column)
     for version in versions:
@@ -133,7 +135,7 @@ def reward_models(config: Optional[Path] = RewardConfigOption, set_: list[str] =
         table.add_row(str(version.version), ", ".join(version.aliases) or "-", gates, tags.get("gates_failed") or "-",
                       tags.get("eval/accuracy", "-")[:6], ci, escape(tags.get("base_model", "-")),
                       escape(f"{tags.get('data_name', '?')} {tags.get('data_md5', '-')[:8]}"), tags.get("promoted_by", "-"))
-    console.print(table if versions else f"no versions of {name} in {uri}")
+    console.print(table if versions else f"no versions of {name} in {secrets.redact_uri(uri)}")
 
 
 @reward_app.command("promote")

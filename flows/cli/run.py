@@ -12,7 +12,9 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from components import secrets
 from components.config import PROJECT_ROOT
+from components.errors import prefect_credentials_message
 from flows.cli import (
     ConfigOption, CronOption, IntervalOption, SetOption, app, console, explain_errors, fail, flow_overrides, resolved,
 )
@@ -39,11 +41,12 @@ def run(
         return
     from components.model_safety import check_run_models
 
-    check_run_models(run_config, PROJECT_ROOT)  # no pickle-only checkpoint, no remote code: one line, before any work
-    if resume:
-        from components.tracking import find_run
+    if resume:  # an unknown id, another stage's run, settings other than the recorded ones: one line, changing nothing
+        from components.config import given_keys
+        from components.tracking import resumed_config
 
-        find_run(run_config.tracking, resume)  # an unknown id fails here, naming the store
+        run_config = resumed_config(run_config, resume, "policy", given_keys(config, set_))
+    check_run_models(run_config, PROJECT_ROOT)  # no pickle-only checkpoint, no remote code: one line, before any work
     prepare_demo_if_needed(run_config)
     from flows.pipeline import pipeline
 
@@ -106,11 +109,22 @@ def _die_with_parent() -> None:
 
 
 def trigger_remote(deployment: str, parameters: dict, wait: bool) -> None:
+    """Start a flow run of `deployment` (FLOW/NAME, or NAME of the pipeline's flow) on the Prefect server; a name the
+    server does not know ends the command naming the deployments it does know."""
     from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
 
-    require_prefect_server()
+    from flows.cli import missing_deployment
+
+    url = require_prefect_server()
     name = deployment if "/" in deployment else f"{PIPELINE_FLOW}/{deployment}"
-    flow_run = run_deployment(name, parameters=parameters, timeout=None if wait else 0)
+    try:
+        flow_run = run_deployment(name, parameters=parameters, timeout=None if wait else 0)
+    except ObjectNotFound:
+        message = missing_deployment(name, url)
+        if message is None:
+            raise
+        fail(f"--remote {deployment}: {message}")
     console.print(f"flow run {flow_run.name} ({flow_run.id}) of {name}: {flow_run.state.name if flow_run.state else 'scheduled'}")
     if wait and not (flow_run.state and flow_run.state.is_completed()):
         fail(f"flow run {flow_run.id} ended {flow_run.state.name if flow_run.state else 'without a state'}", code=1)
@@ -172,7 +186,7 @@ def show_result(result, run_config) -> None:
     state = f"promoted to @{alias}" if result.promoted else f"not promoted (@{alias} unchanged)"
     console.print(f"stop reason: {result.stop_reason} after {result.episodes} episodes")
     console.print(f"registered [bold]{name}[/] version [bold]{result.model_version}[/]: {state}")
-    uri = resolve_tracking_uri(run_config.tracking)
+    uri = secrets.redact_uri(resolve_tracking_uri(run_config.tracking))
     console.print(f"MLflow run {result.run_id}; open the UI with:\n  mlflow ui --backend-store-uri {uri}"
                   if uri.startswith("sqlite") else f"MLflow run {result.run_id} at {uri}")
 
@@ -225,6 +239,4 @@ def check_prefect_credentials(url: str) -> None:
     auth = PREFECT_API_AUTH_STRING.value()
     headers = {"Authorization": "Basic " + base64.b64encode(auth.encode()).decode()} if auth else {}
     if httpx.get(f"{url.rstrip('/')}/admin/version", headers=headers, timeout=10).status_code == 401:
-        fail(f"the Prefect server at {url} {'refused PREFECT_API_AUTH_STRING' if auth else 'requires credentials'}: "
-             "set PREFECT_API_AUTH_STRING to the team's Prefect API credential (infra/local-stack: source .stack/env; "
-             "docker compose: PREFECT_AUTH_STRING in infra/.env)")
+        fail(prefect_credentials_message(url, bool(auth)))

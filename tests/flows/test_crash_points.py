@@ -21,7 +21,7 @@ from support import alignflow, cli_in_child, register_versions
 
 from components import registry, tracking
 from components.config import TrackingConfig
-from components.faults import CRASH_ENV, POINTS
+from components.faults import CRASH_ENV, RUN_POINTS
 
 pytestmark = pytest.mark.slow
 
@@ -29,6 +29,8 @@ MODEL = "crash-policy"
 EXPERIMENT = "crash"
 # The kill of each link of the chain: a point, and the N-th time this process reaches it ("#N").
 CHAIN = [
+    "tracking.created",  # the run exists with its stage tag, nothing of its record: the resume writes it
+    "tracking.config_logged",  # params and config.yaml logged, provenance tags not: the resume completes the record
     "tracking.started",
     "evaluation.recorded",  # the reference's
     "checkpoint.written",  # the first save, before its renames
@@ -89,6 +91,7 @@ def left_where_it_was_killed(point: str, store: Path) -> None:
     checkpoint, aside = run_dir / "checkpoint", run_dir / ".checkpoint.previous"
     tags = run.data.tags
     version = registry.version_of_run(MODEL, run.info.run_id)
+    support.left_in_its_record(point, run, "policy")
     if point == "checkpoint.written":
         assert not checkpoint.exists() and list(run_dir.glob(".checkpoint.tmp-*"))
     elif point == "checkpoint.between_renames":
@@ -103,9 +106,9 @@ def left_where_it_was_killed(point: str, store: Path) -> None:
         assert version is not None and registry.GATES_TAG in version.tags
         assert tracking.MODEL_VERSION_TAG not in tags
     elif point == "promote.intent":
-        assert registry.pending_move(version.tags) and str(registry.get_champion(MODEL).version) == "1"
+        assert registry.pending_move(MODEL) and str(registry.get_champion(MODEL).version) == "1"
     elif point == "promote.alias_moved":
-        assert registry.pending_move(version.tags) and str(registry.get_champion(MODEL).version) == str(version.version)
+        assert registry.pending_move(MODEL) and str(registry.get_champion(MODEL).version) == str(version.version)
     elif point == "finish.tagged":
         assert tags.get(tracking.PROMOTED_TAG) == "true" and tags.get(tracking.FINISHED_TAG) is None and run_dir.exists()
 
@@ -119,7 +122,7 @@ def uninterrupted(demo_data, tiny_lm_dir, tiny_reward_dir, tmp_path_factory):
 
 
 def test_every_crash_point_is_in_the_chain():
-    assert set(CHAIN) == set(POINTS)
+    assert set(CHAIN) == RUN_POINTS
 
 
 def test_a_run_killed_at_every_crash_point_and_resumed_ends_as_an_uninterrupted_run(uninterrupted, tiny_lm_dir,
@@ -140,7 +143,7 @@ def test_a_run_killed_at_every_crash_point_and_resumed_ends_as_an_uninterrupted_
     state = end_state(store)
     assert state == uninterrupted
     assert state["status"] == "FINISHED" and state["versions"] == [1, 2] and state["champion"] == "2"
-    assert state["version_tags"]["previous_champion"] == "1" and registry.pending_move(state["version_tags"]) is None
+    assert state["version_tags"]["previous_champion"] == "1" and registry.pending_move(MODEL) is None
     assert state["leftovers"] == [] and state["logged_models"] == 1
 
     # a finished run resumed again changes nothing

@@ -17,7 +17,7 @@ from support import cli_in_child
 
 from components import registry, tracking
 from components.config import TrackingConfig
-from components.faults import CRASH_ENV, POINTS
+from components.faults import CRASH_ENV, RUN_POINTS
 from flows.reward_tasks import ACCURACY_TAG
 
 pytestmark = pytest.mark.slow
@@ -26,6 +26,8 @@ MODEL = "crash-reward"
 EXPERIMENT = "reward-crash"
 # 40 steps, a checkpoint every 10: the kill of each link, a point and the N-th time this process reaches it ("#N").
 CHAIN = [
+    "tracking.created",  # the run exists with its stage tag, nothing of its record: the resume writes it
+    "tracking.config_logged",  # params and config.yaml logged, provenance tags not: the resume completes the record
     "tracking.started",
     "checkpoint.written",  # the first save (step 10), before its renames
     "train.checkpointed",  # step 10 in place, its metrics not logged
@@ -68,6 +70,7 @@ def seed_champion(store: Path, tiny_reward_dir: Path) -> None:
     tracking.use_tracking(config)
     with mlflow.start_run(experiment_id=tracking.ensure_experiment(config)) as run:
         uri = registry.log_reward_model(tiny_reward_dir)
+        mlflow.log_metric(registry.GATES_METRIC, 1.0)
         registry.register(MODEL, run.info.run_id, uri, {registry.GATES_TAG: True, ACCURACY_TAG: 0.0})
     registry.promote(MODEL, "1", reason="seed")
 
@@ -92,6 +95,7 @@ def left_where_it_was_killed(point: str, store: Path, earlier: int) -> None:
     evaluations = {a.path for a in client.list_artifacts(run.info.run_id, "evaluations")}
     version = registry.version_of_run(MODEL, run.info.run_id)
     tags = run.data.tags
+    support.left_in_its_record(point, run, "reward")
     if point == "checkpoint.written":  # the first checkpoint's save, then the export's
         assert list(run_dir.glob(".export.tmp-*" if earlier else ".checkpoint.tmp-*")) and not (run_dir / "export").exists()
         assert (run_dir / "checkpoint").is_dir() == bool(earlier)
@@ -110,9 +114,9 @@ def left_where_it_was_killed(point: str, store: Path, earlier: int) -> None:
     elif point == "register.created":
         assert version is not None and registry.GATES_TAG in version.tags and tracking.MODEL_VERSION_TAG not in tags
     elif point == "promote.intent":
-        assert registry.pending_move(version.tags) and str(registry.get_champion(MODEL).version) == "1"
+        assert registry.pending_move(MODEL) and str(registry.get_champion(MODEL).version) == "1"
     elif point == "promote.alias_moved":
-        assert registry.pending_move(version.tags) and str(registry.get_champion(MODEL).version) == str(version.version)
+        assert registry.pending_move(MODEL) and str(registry.get_champion(MODEL).version) == str(version.version)
     elif point == "finish.artifacts":
         assert tracking.PROMOTED_TAG not in tags and "result.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
     elif point == "finish.tagged":
@@ -120,7 +124,7 @@ def left_where_it_was_killed(point: str, store: Path, earlier: int) -> None:
 
 
 def test_the_chain_covers_every_crash_point():
-    assert {point.partition("#")[0] for point in CHAIN} == set(POINTS)
+    assert {point.partition("#")[0] for point in CHAIN} == RUN_POINTS
 
 
 def test_a_reward_run_killed_at_every_crash_point_and_resumed_ends_as_an_uninterrupted_run(pairs, tiny_reward_dir, tmp_path):
@@ -144,7 +148,7 @@ def test_a_reward_run_killed_at_every_crash_point_and_resumed_ends_as_an_uninter
     state = end_state(crashed)
     assert state == uninterrupted
     assert state["status"] == "FINISHED" and state["version_tags"]["previous_champion"] == "1"
-    assert registry.pending_move(state["version_tags"]) is None and state["logged_models"] == 1
+    assert registry.pending_move(MODEL) is None and state["logged_models"] == 1
 
     # a finished run resumed again changes nothing
     assert cli_in_child(["reward", "run", *sets, "--resume", run_id]) == 0
