@@ -4,19 +4,22 @@ Every change here is idempotent, so a run killed at any point and resumed ends a
   - `log_policy` reuses the policy a killed attempt already logged to the run (and deletes one left half-logged);
   - `register` creates the version WITH all its tags in one call, and a resumed run finds its version by run id
     instead of registering a second one;
-  - `promote` and `rollback` write their intent on the version before moving the alias and their record after, so a
-    move interrupted between the two is completed by the next call. They must run under the registry's promotion
-    lock (flows/promotion.py takes it), so that a compare-and-set (`evaluated_against`) and the `previous_<alias>`
-    chain stay consistent when several runs and people promote at once.
+  - `promote` and `rollback` write their move ahead on the registered model before moving the alias, and their
+    record after (the versions' tags, then the alias's history), so a move interrupted between the two is completed
+    by the next registry command, whichever it is, before it acts. They must run under the registry's promotion
+    lock (flows/promotion.py takes it), so that a compare-and-set (`evaluated_against`) and the history stay
+    consistent when several runs and people promote at once.
 
 Version tags written here: the caller's (gates, data, lineage, `eval_mean_score`), then by promotion `promoted_by`,
-`promoted_at`, `promotion_reason`, `forced`, `previous_<alias>`; by rollback `rolled_back_*`.
+`promoted_at`, `promotion_reason`, `forced`, `previous_<alias>`; by rollback `rolled_back_*`. Registered-model tags:
+`alignflow.pending_move.<alias>` and `alignflow.history.<alias>.<number>` (one per move).
 """
 
 from __future__ import annotations
 
 import getpass
 import json
+import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
@@ -35,8 +38,6 @@ from components.faults import crash_point
 GATES_TAG = "gates_passed"
 SCORE_TAG = "eval/candidate/mean_score"  # the version's evaluation, under the metric's own name
 KL_TAG = "eval/candidate/kl"
-INTENT_TAG = "alignflow.alias_move"  # write-ahead record of an alias move: its JSON while in progress, then MOVE_DONE
-MOVE_DONE = "done"  # overwritten, not deleted: deleting a version tag needs MANAGE, and promoters hold only EDIT
 _MISSING = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")
 
 
@@ -252,27 +253,31 @@ def promote(
 ) -> tuple[bool, str]:
     """Point `alias` at `version`; returns (moved, what happened). Call under the promotion lock.
 
-    A version whose gates failed, or with no gate result, is refused unless `force` with a `reason`. For a pipeline
-    run, `evaluated_against` is the champion its gates compared it with (None: there was none) and `score` its
-    evaluation score: if another version took the alias since, this one takes it only with a higher score
-    (compare-and-set; the holder's score is its `score_tag`). The default False skips that check (a person promoting by hand).
+    A version is promoted without `force` only when its gates passed as its own run recorded them (`verified_gates`):
+    a `gates_passed` tag set by hand is not enough. Otherwise `force` with a `reason`. For a pipeline run,
+    `evaluated_against` is the champion its gates compared it with (None: there was none) and `score` its evaluation
+    score: if another version took the alias since, this one takes it only with a higher score (compare-and-set; the
+    holder's score is its `score_tag`). The default False skips that check (a person promoting by hand).
 
-    The move is recorded before it happens (tag INTENT_TAG on the version: previous holder, who, when, why) and
-    completed after it (`previous_<alias>`, `promoted_*`, `forced`); a promotion cut between the two is finished by
-    the next call for the same version."""
+    A move another command left pending is completed first (`complete_pending`). For a person, a pending move that
+    was this same promotion ends the command; any other is completed and the command refused, naming it, so that
+    nobody moves the alias on a state they did not see. The pipeline goes on to its compare-and-set."""
     client = MlflowClient()
     version = str(version)
     target = get_version(name, version)
+    completed = complete_pending(name, alias)
+    if completed is not None:
+        if completed["action"] == "promote" and completed["version"] == version:
+            return True, f"version {version} is now {alias} (its interrupted promotion, {describe(completed)}, completed)"
+        if evaluated_against is False:
+            raise PromotionError(f"an interrupted move of @{alias} was pending ({describe(completed)}): it is completed "
+                                 f"now, and @{alias} is on version {completed['version']}. Nothing else was changed: "
+                                 f"run `alignflow promote {version}` again if you still want it")
     current = get_champion(name, alias)
     if current is not None and str(current.version) == version:
-        intent = pending_move(target.tags)
-        if intent is not None:
-            _complete_move(client, name, version, intent, alias)
-            return True, f"version {version} is now {alias} (its interrupted promotion completed)"
         return False, f"version {version} is already {alias}"
-    gates = target.tags.get(GATES_TAG)
-    if gates != "true":
-        why = "its promotion gates failed" if gates == "false" else f"it has no gate result (tag {GATES_TAG})"
+    passed, why = verified_gates(target)
+    if not passed:
         if not force:
             raise PromotionError(f"refusing to make {name} version {version} the {alias}: {why}. To promote it anyway, "
                                  f"force it with a reason (alignflow promote {version} --force --reason \"...\")")
@@ -283,56 +288,166 @@ def promote(
         if score is None or current_score >= score:
             return False, (f"version {current.version} became {alias} meanwhile with score {current_score:.4g} "
                            f">= {score if score is not None else float('nan'):.4g}; {alias} unchanged")
-    intent = {"action": "promote", "previous": str(current.version) if current is not None else "",
-              "by": user or _current_user(), "at": _now(), "reason": reason or "all gates passed",
-              "forced": force and gates != "true"}
-    client.set_model_version_tag(name, version, INTENT_TAG, json.dumps(intent))
+    move = _move("promote", name, alias, version, current, user, reason or "all gates passed", forced=not passed)
+    client.set_registered_model_tag(name, pending_tag(alias), json.dumps(move))
     crash_point("promote.intent")
     client.set_registered_model_alias(name, alias, version)
     crash_point("promote.alias_moved")
-    _complete_move(client, name, version, intent, alias)
+    _complete_move(client, name, alias, move)
     return True, f"version {version} is now {alias}"
 
 
 @access.explains_denial("move @{alias} of {name} back")
 def rollback(name: str, alias: str = "champion", *, user: str | None = None, reason: str | None = None) -> ModelVersion:
-    """Move `alias` back to the version recorded in the current holder's `previous_<alias>` tag. Call under the
-    promotion lock. The previous version keeps its own `previous_<alias>`, so rolling back again goes one further."""
+    """Move `alias` back to the champion before the current one, as the alias's history has it: each rollback undoes
+    the newest promotion not yet undone, so rolling back again goes one further and never loops. Call under the
+    promotion lock. A pending rollback (a rollback killed midway) is completed and counts as this one; another pending
+    move is completed and this rollback refused, naming it."""
     client = MlflowClient()
+    completed = complete_pending(name, alias)
+    if completed is not None:
+        if completed["action"] == "rollback":
+            return client.get_model_version(name, completed["version"])
+        raise PromotionError(f"an interrupted move of @{alias} was pending ({describe(completed)}): it is completed "
+                             f"now, and @{alias} is on version {completed['version']}. Nothing was rolled back: run "
+                             "`alignflow rollback` again if you still want it")
     current = get_champion(name, alias)
     if current is None:
         raise PromotionError(f"{name} has no {alias} to roll back")
-    previous = current.tags.get(f"previous_{alias}")
+    champions = champion_stack(history(name, alias))
+    if champions and champions[-1] != str(current.version):
+        raise PromotionError(f"@{alias} of {name} is on version {current.version}, but alignflow's history of it ends "
+                             f"on version {champions[-1]}: the alias was moved outside alignflow. Promote the version "
+                             f"you want instead (alignflow promote VERSION)")
+    previous = champions[-2] if len(champions) > 1 else (None if champions else current.tags.get(f"previous_{alias}"))
     if not previous:
-        raise PromotionError(f"{name} version {current.version} has no previous_{alias} tag: nothing to roll back to")
+        raise PromotionError(f"{name} version {current.version} is the first {alias} alignflow's history has: nothing "
+                             "to roll back to (see `alignflow models --history`)")
     get_version(name, previous)
-    intent = {"action": "rollback", "from": str(current.version), "by": user or _current_user(), "at": _now(),
-              "reason": reason or ""}
-    client.set_model_version_tag(name, previous, INTENT_TAG, json.dumps(intent))
+    move = _move("rollback", name, alias, previous, current, user, reason or "", forced=False)
+    client.set_registered_model_tag(name, pending_tag(alias), json.dumps(move))
+    crash_point("rollback.intent")
     client.set_registered_model_alias(name, alias, previous)
-    _complete_move(client, name, previous, intent, alias)
+    crash_point("rollback.alias_moved")
+    _complete_move(client, name, alias, move)
     return client.get_model_version(name, previous)
 
 
-def _complete_move(client: MlflowClient, name: str, version: str, intent: dict, alias: str) -> None:
-    if intent["action"] == "rollback":
-        client.set_model_version_tag(name, intent["from"], f"rolled_back_from_{alias}", f"{intent['at']} by {intent['by']}")
-        record = {"rolled_back_by": intent["by"], "rolled_back_at": intent["at"], "rollback_reason": intent["reason"],
-                  "rolled_back_from": intent["from"]}
+# A move of an alias is written ahead on the registered model (tag `pending_tag(alias)`: the move's JSON while in
+# progress, NO_MOVE after) and, once made, appended to the alias's history: one tag per move, numbered, never
+# rewritten (`history_tag`). Tags of the registered model need only EDIT on it, which promoters hold.
+NO_MOVE = "none"  # overwritten, not deleted: deleting a tag needs MANAGE, and promoters hold only EDIT
+_HISTORY_PREFIX = "alignflow.history."
+
+
+def pending_tag(alias: str) -> str:
+    return f"alignflow.pending_move.{alias}"
+
+
+def history_tag(alias: str, number: int) -> str:
+    return f"{_HISTORY_PREFIX}{alias}.{number:06d}"
+
+
+def _move(action: str, name: str, alias: str, version: str, current: ModelVersion | None, user: str | None,
+          reason: str, forced: bool) -> dict:
+    return {"number": len(history(name, alias)) + 1, "action": action, "version": version,
+            "from": str(current.version) if current is not None else "", "by": user or current_identity(),
+            "at": _now(), "reason": reason[:500], "forced": forced}
+
+
+def describe(move: dict) -> str:
+    """One line for a move: `promote 2 -> 3 by alice at ...`."""
+    return (f"{move['action']} {move['from'] or '(none)'} -> {move['version']} by {move['by']} at {move['at']}"
+            + (" (forced)" if move.get("forced") else ""))
+
+
+def pending_move(name: str, alias: str = "champion") -> dict | None:
+    """The move of `alias` written ahead and not completed, or None."""
+    try:
+        value = MlflowClient().get_registered_model(name).tags.get(pending_tag(alias))
+    except MlflowException as exc:
+        if exc.error_code in _MISSING:
+            return None
+        raise
+    return None if value in (None, NO_MOVE) else json.loads(value)
+
+
+def complete_pending(name: str, alias: str = "champion") -> dict | None:
+    """Complete the move of `alias` a killed command left pending (the alias moved, the versions' records, the
+    history); returns that move, or None when nothing was pending. Idempotent."""
+    move = pending_move(name, alias)
+    if move is None:
+        return None
+    client = MlflowClient()
+    client.set_registered_model_alias(name, alias, move["version"])
+    crash_point(f"{move['action']}.alias_moved")  # the state a kill there leaves, whether the move began here or not
+    _complete_move(client, name, alias, move)
+    return move
+
+
+def _complete_move(client: MlflowClient, name: str, alias: str, move: dict) -> None:
+    if move["action"] == "rollback":
+        client.set_model_version_tag(name, move["from"], f"rolled_back_from_{alias}", f"{move['at']} by {move['by']}")
+        record = {"rolled_back_by": move["by"], "rolled_back_at": move["at"], "rollback_reason": move["reason"],
+                  "rolled_back_from": move["from"]}
     else:
-        record = {"promoted_by": intent["by"], "promoted_at": intent["at"], "promotion_reason": intent["reason"],
-                  "forced": tag_value(intent["forced"])}
-        if intent["previous"]:
-            record[f"previous_{alias}"] = intent["previous"]
+        record = {"promoted_by": move["by"], "promoted_at": move["at"], "promotion_reason": move["reason"],
+                  "forced": tag_value(move["forced"])}
+        if move["from"]:
+            record[f"previous_{alias}"] = move["from"]
     for key, value in record.items():
-        client.set_model_version_tag(name, version, key, value)
-    client.set_model_version_tag(name, version, INTENT_TAG, MOVE_DONE)
+        client.set_model_version_tag(name, move["version"], key, value)
+    client.set_registered_model_tag(name, history_tag(alias, move["number"]), json.dumps(move))
+    client.set_registered_model_tag(name, pending_tag(alias), NO_MOVE)
 
 
-def pending_move(tags: dict[str, str]) -> dict | None:
-    """The alias move a version's tags record as started and not completed, or None."""
-    value = tags.get(INTENT_TAG)
-    return None if value in (None, MOVE_DONE) else json.loads(value)
+def history(name: str, alias: str = "champion") -> list[dict]:
+    """Every completed move of `alias`, oldest first: {number, action, version, from, by, at, reason, forced}."""
+    try:
+        tags = MlflowClient().get_registered_model(name).tags
+    except MlflowException as exc:
+        if exc.error_code in _MISSING:
+            return []
+        raise
+    prefix = f"{_HISTORY_PREFIX}{alias}."
+    return [json.loads(value) for key, value in sorted(tags.items()) if key.startswith(prefix)]
+
+
+def champion_stack(moves: list[dict]) -> list[str]:
+    """The champions a rollback returns to, oldest first, the current one last: each promotion pushes its version,
+    each rollback pops the newest (`promote 1, 2, 3, 2` then rollbacks walk 3, 2, 1)."""
+    stack: list[str] = [moves[0]["from"]] if moves and moves[0]["from"] else []  # the champion before the history
+    for move in moves:
+        if move["action"] == "promote":
+            stack.append(move["version"])
+        elif stack:
+            stack.pop()
+    return stack
+
+
+GATES_METRIC = "gate/passed"  # what the pipeline's gates task logs on the run (components/gates.py)
+
+
+def verified_gates(version: ModelVersion) -> tuple[bool, str]:
+    """Whether `version` passed its gates, as the run that registered it recorded them (its `gate/passed` metric,
+    written by the pipeline under its own account), and if not, why. The version's `gates_passed` tag must agree:
+    a tag set by hand on the version proves nothing."""
+    tag = version.tags.get(GATES_TAG)
+    if tag != "true":
+        return False, ("its promotion gates failed" if tag == "false" else f"it has no gate result (tag {GATES_TAG})")
+    try:
+        recorded = MlflowClient().get_run(version.run_id).data.metrics.get(GATES_METRIC) if version.run_id else None
+    except MlflowException as exc:
+        if exc.error_code not in _MISSING and exc.error_code != "PERMISSION_DENIED":
+            raise
+        recorded = None
+    if recorded is None:
+        return False, (f"its run {version.run_id or '(none)'} recorded no gate result ({GATES_METRIC}), so its "
+                       f"{GATES_TAG} tag cannot be checked")
+    if recorded != 1.0:
+        return False, (f"its {GATES_TAG} tag says true but its run {version.run_id} recorded {GATES_METRIC}="
+                       f"{recorded:g}: the tag was changed after the pipeline wrote it")
+    return True, "its gates passed"
 
 
 @dataclass(frozen=True)
@@ -375,7 +490,11 @@ def tag_value(value: Any) -> str:
     return str(value)
 
 
-def _current_user() -> str:
+def current_identity() -> str:
+    """Who is acting, as the registry knows them: the MLflow account (MLFLOW_TRACKING_USERNAME) on a server with
+    accounts; else the login name of this process."""
+    if os.environ.get("MLFLOW_TRACKING_USERNAME"):
+        return os.environ["MLFLOW_TRACKING_USERNAME"]
     try:
         return getpass.getuser()
     except Exception:  # no login name in some containers

@@ -234,6 +234,7 @@ def register_versions(config: TrackingConfig, model: str, policy_dir: Path, scor
     for score in scores:
         with mlflow.start_run(experiment_id=tracking.ensure_experiment(config)) as run:
             uri = registry.log_policy(policy_dir)
+            mlflow.log_metric(registry.GATES_METRIC, 1.0)  # as the pipeline's gates task records it
             version = registry.register(model, run.info.run_id, uri, {registry.GATES_TAG: True, registry.SCORE_TAG: score})
         versions.append(str(version.version))
     return versions
@@ -333,6 +334,8 @@ def end_state(store: Path, experiment: str, model: str, run_tags: tuple[str, ...
     return {
         "status": run.info.status,
         "tags": {key: run.data.tags.get(key) for key in run_tags},
+        "record": {"params": sorted(run.data.params), "tags": sorted(k for k in run.data.tags if k.startswith("alignflow.")),
+                   "stage": run.data.tags.get(tracking.STAGE_TAG), "recorded": run.data.tags.get(tracking.RECORDED_TAG)},
         "metrics": metrics,
         "versions": sorted(int(v.version) for v in versions),
         "versions_of_the_run": len(mine),
@@ -343,3 +346,17 @@ def end_state(store: Path, experiment: str, model: str, run_tags: tuple[str, ...
         + sorted(a.path for a in client.list_artifacts(run_id, "evaluations")),
         "leftovers": sorted(p.name for p in (store / "checkpoints").iterdir()) if (store / "checkpoints").exists() else [],
     }
+
+
+def left_in_its_record(point: str, run, stage: str) -> None:
+    """The state a kill at one of the record's points leaves (tracking.record_run): the run exists with its stage tag
+    and nothing else (tracking.created), or with its params and config.yaml but not its provenance tags
+    (tracking.config_logged). Other points leave the record whole."""
+    tags, params = run.data.tags, run.data.params
+    assert tags.get(tracking.STAGE_TAG) == stage
+    if point == "tracking.created":
+        assert not params and tracking.RECORDED_TAG not in tags and "alignflow.git_commit" not in tags
+    elif point == "tracking.config_logged":
+        assert params and tracking.RECORDED_TAG not in tags and "alignflow.git_commit" not in tags
+    else:
+        assert params and tags.get(tracking.RECORDED_TAG) == "true" and "alignflow.git_commit" in tags

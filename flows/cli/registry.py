@@ -10,7 +10,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from flows.cli import ConfigOption, SetOption, app, console, explain_errors, fail, resolved
+from components import secrets
+from flows.cli import ConfigOption, SetOption, app, console, explain_errors, fail, reachable_tracking, resolved
 from flows.cli.run import prefect_api
 
 
@@ -21,12 +22,12 @@ def runs(config: Optional[Path] = ConfigOption, set_: list[str] = SetOption, lim
     --set), the runs of its experiment; without, the runs of every experiment of the tracking store."""
     from components import tracking
 
-    run_config = resolved(config, set_)
+    run_config = reachable_tracking(resolved(config, set_))
     uri = tracking.use_tracking(run_config.tracking)
     experiment = run_config.tracking.experiment if (config or set_) else None
     title = f"Recent runs of experiment {experiment}" if experiment else \
         "Recent runs of every experiment (--config F shows the runs of F's experiment)"
-    table = Table(title=f"{title}, {uri}")
+    table = Table(title=f"{title}, {secrets.redact_uri(uri)}")
     columns = ("run id", "algorithm", "start", "status", "stop reason", "score gain", "KL", "gates", "version")
     for column in (() if experiment else ("experiment",)) + columns:
         table.add_column(column)
@@ -60,7 +61,11 @@ def _num(value) -> str:
 
 @app.command()
 @explain_errors
-def models(config: Optional[Path] = ConfigOption, set_: list[str] = SetOption) -> None:
+def models(
+    config: Optional[Path] = ConfigOption,
+    set_: list[str] = SetOption,
+    history: bool = typer.Option(False, "--history", help="Every move of the champion alias, oldest first, instead."),
+) -> None:
     """Versions of the registered policy with their aliases, gate results, the reward model (a registered one by its
     version, with the preference data it was trained on) and the prompt data behind each.
     With --config (or --set), its registered model; without, every registered model of the store. A score from
@@ -68,15 +73,18 @@ def models(config: Optional[Path] = ConfigOption, set_: list[str] = SetOption) -
     are not comparable."""
     from components import registry, tracking
 
-    run_config = resolved(config, set_)
+    run_config = reachable_tracking(resolved(config, set_))
     uri = tracking.use_tracking(run_config.tracking)
     names = [run_config.tracking.registered_model] if (config or set_) else refused_in_words(
         registry.registered_models, "list the registered models")
     for name in names:
+        if history:
+            show_history(name, run_config.tracking.champion_alias, uri)
+            continue
         versions = refused_in_words(lambda: registry.list_versions(name), f"read the versions of {name}")
         reference = next((v for v in versions if run_config.tracking.champion_alias in v.aliases), versions[0] if versions else None)
         scorer = reference.tags.get("reward_model") if reference else None
-        table = Table(title=f"Registered model {name}, {uri}" + ("" if (config or set_) else " (--config F shows F's model)"))
+        table = Table(title=f"Registered model {name}, {secrets.redact_uri(uri)}" + ("" if (config or set_) else " (--config F shows F's model)"))
         for column in ("version", "aliases", "algorithm", "gates", "failed gates", "eval score", "KL", "reward model",
                        "reward data", "data", "promoted by"):
             table.add_column(column, overflow="fold")
@@ -93,12 +101,36 @@ def models(config: Optional[Path] = ConfigOption, set_: list[str] = SetOption) -
                           score, tags.get(registry.KL_TAG, tags.get("eval_kl", "-"))[:7], escape(tags.get("reward_model", "-")),
                           escape(reward_data), escape(data), tags.get("promoted_by", "-"))
         console.print(table)
+        pending = registry.pending_move(name, run_config.tracking.champion_alias)
+        if pending is not None:
+            console.print(f"[yellow]an interrupted move of @{run_config.tracking.champion_alias} is pending[/] "
+                          f"({escape(registry.describe(pending))}): the next promote or rollback completes it first")
         if mismatched:
             console.print(f"[yellow]*[/] scored by another reward model than {escape(str(scorer))} (the "
                           f"{'champion' if reference and run_config.tracking.champion_alias in reference.aliases else 'newest version'}"
                           "'s): not comparable with the other scores")
     if not names:
-        console.print(f"no registered models in {uri}")
+        console.print(f"no registered models in {secrets.redact_uri(uri)}")
+
+
+def show_history(name: str, alias: str, uri: str) -> None:
+    """The moves of `alias` of `name`, oldest first; rollbacks walk this history back (registry.champion_stack)."""
+    from components import registry
+
+    moves = refused_in_words(lambda: registry.history(name, alias), f"read the history of {name}")
+    table = Table(title=f"@{alias} of {name}, every move, {secrets.redact_uri(uri)}")
+    for column in ("#", "action", "from", "to", "by", "at", "forced", "reason"):
+        table.add_column(column, overflow="fold")
+    for move in moves:
+        table.add_row(str(move["number"]), move["action"], move["from"] or "-", move["version"], escape(move["by"]),
+                      move["at"], "yes" if move.get("forced") else "-", escape(move["reason"] or "-"))
+    console.print(table)
+    stack = registry.champion_stack(moves)
+    pending = registry.pending_move(name, alias)
+    if pending is not None:
+        console.print(f"[yellow]pending[/] (interrupted): {escape(registry.describe(pending))}; the next promote or "
+                      "rollback completes it first")
+    console.print(f"a rollback now returns to version {stack[-2]}" if len(stack) > 1 else "nothing to roll back to")
 
 
 @app.command()
@@ -112,7 +144,7 @@ def promote(
 ) -> None:
     """Make VERSION the champion; refuses a version that failed its gates unless --force --reason. Takes the same lock
     as the pipeline's promotions, so promotions at the same time keep one champion and a consistent chain."""
-    promote_version(resolved(config, set_), version, force, reason)
+    promote_version(reachable_tracking(resolved(config, set_)), version, force, reason)
 
 
 def promote_version(run_config, version: str, force: bool, reason: Optional[str]) -> None:
@@ -133,7 +165,7 @@ def rollback(
     reason: Optional[str] = typer.Option(None, help="Why (recorded in the versions' tags)."),
 ) -> None:
     """Move the champion alias back to the previous champion."""
-    roll_back(resolved(config, set_), reason)
+    roll_back(reachable_tracking(resolved(config, set_)), reason)
 
 
 def roll_back(run_config, reason: Optional[str]) -> None:

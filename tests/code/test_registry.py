@@ -19,6 +19,8 @@ def register(tiny_lm_dir, gates_passed, **tags) -> str:
     """A run that logs the tiny policy and registers it, as the pipeline does; returns the version."""
     with mlflow.start_run(experiment_id=tracking.ensure_experiment(TrackingConfig(experiment="tests"))) as run:
         uri = registry.log_policy(tiny_lm_dir, model_config={"max_new_tokens": 5})
+        if gates_passed in (True, False):  # what the pipeline's gates task records on the run
+            mlflow.log_metric(registry.GATES_METRIC, float(gates_passed))
         version = registry.register(MODEL, run.info.run_id, uri, {registry.GATES_TAG: gates_passed, **tags})
     return str(version.version)
 
@@ -42,7 +44,7 @@ def test_registered_champion_generates_text(config, tiny_lm_dir):
     assert registry.promote(MODEL, version, user="ci", reason="first model") == (True, "version 1 is now champion")
     promoted = registry.get_champion(MODEL)
     assert (promoted.tags["promoted_by"], promoted.tags["promotion_reason"], promoted.tags["forced"]) == ("ci", "first model", "false")
-    assert "previous_champion" not in promoted.tags and registry.pending_move(promoted.tags) is None
+    assert "previous_champion" not in promoted.tags and registry.pending_move(MODEL) is None
     assert registry.promote(MODEL, version) == (False, "version 1 is already champion")
 
     output = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion").predict(["The film was"])
@@ -88,18 +90,21 @@ def test_an_alias_move_cut_before_its_tags_is_completed_by_the_next_call(config,
     first, second = register(tiny_lm_dir, gates_passed=True), register(tiny_lm_dir, gates_passed=True)
     registry.promote(MODEL, first)
     client = MlflowClient()
-    # the state a kill leaves between the alias move and its tags (tests/flows/test_crash_points.py kills for real)
-    intent = {"action": "promote", "previous": first, "by": "pipeline", "at": "t", "reason": "all gates passed", "forced": False}
-    client.set_model_version_tag(MODEL, second, registry.INTENT_TAG, json.dumps(intent))
+    # the state a kill leaves between the alias move and its tags (tests/flows/test_registry_crash_points.py kills for real)
+    move = {"number": 2, "action": "promote", "version": second, "from": first, "by": "pipeline", "at": "t",
+            "reason": "all gates passed", "forced": False}
+    client.set_registered_model_tag(MODEL, registry.pending_tag("champion"), json.dumps(move))
     client.set_registered_model_alias(MODEL, "champion", second)
 
     moved, why = registry.promote(MODEL, second, evaluated_against=first, score=1.0)
-    assert moved and "interrupted promotion completed" in why
+    assert moved and "interrupted promotion, promote 1 -> 2 by pipeline at t, completed" in why
     tags = registry.get_champion(MODEL).tags
-    assert tags["previous_champion"] == first and tags["promoted_by"] == "pipeline" and registry.pending_move(tags) is None
+    assert tags["previous_champion"] == first and tags["promoted_by"] == "pipeline" and registry.pending_move(MODEL) is None
+    assert [(m["action"], m["from"], m["version"]) for m in registry.history(MODEL)] == [("promote", "", first),
+                                                                                         ("promote", first, second)]
 
 
-def test_rollback_walks_the_chain_of_previous_champions(config, tiny_lm_dir):
+def test_rollback_walks_the_history_back_one_champion_at_a_time(config, tiny_lm_dir):
     versions = [register(tiny_lm_dir, gates_passed=True) for _ in range(3)]
     with pytest.raises(PromotionError, match="no champion to roll back"):
         registry.rollback(MODEL)
@@ -114,6 +119,65 @@ def test_rollback_walks_the_chain_of_previous_champions(config, tiny_lm_dir):
     with pytest.raises(PromotionError, match="nothing to roll back to"):
         registry.rollback(MODEL)
     assert registry.list_versions("no-such-model") == []
+
+
+def test_rollback_never_loops_after_a_version_is_promoted_twice(config, tiny_lm_dir):
+    """promote 1, 2, 3, 2; rollback x4 walks 3, 2, 1 and then refuses: the history is a stack of champions, not a
+    pointer per version (which walked 3, 2, 3, 2 and lost version 1)."""
+    v1, v2, v3 = (register(tiny_lm_dir, gates_passed=True) for _ in range(3))
+    for version in (v1, v2, v3, v2):
+        registry.promote(MODEL, version)
+    walked = [str(registry.rollback(MODEL).version) for _ in range(3)]
+    assert walked == [v3, v2, v1] and str(registry.get_champion(MODEL).version) == v1
+    with pytest.raises(PromotionError, match="the first champion alignflow's history has: nothing to roll back to"):
+        registry.rollback(MODEL)
+    moves = [(m["number"], m["action"], m["from"], m["version"]) for m in registry.history(MODEL)]
+    assert moves == [(1, "promote", "", v1), (2, "promote", v1, v2), (3, "promote", v2, v3), (4, "promote", v3, v2),
+                     (5, "rollback", v2, v3), (6, "rollback", v3, v2), (7, "rollback", v2, v1)]
+
+
+def test_a_pending_move_is_completed_by_any_registry_command_which_then_refuses_naming_it(config, tiny_lm_dir):
+    v1, v2, v3 = (register(tiny_lm_dir, gates_passed=True) for _ in range(3))
+    registry.promote(MODEL, v1)
+    registry.promote(MODEL, v2)
+    client = MlflowClient()
+    # a promotion of v3 killed after its intent, before the alias moved
+    move = {"number": 3, "action": "promote", "version": v3, "from": v2, "by": "carol", "at": "t", "reason": "r",
+            "forced": False}
+    client.set_registered_model_tag(MODEL, registry.pending_tag("champion"), json.dumps(move))
+    with pytest.raises(PromotionError, match=r"pending \(promote 2 -> 3 by carol at t\): it is completed now, and "
+                                             r"@champion is on version 3. Nothing was rolled back"):
+        registry.rollback(MODEL)
+    assert str(registry.get_champion(MODEL).version) == v3 and registry.pending_move(MODEL) is None
+    assert registry.get_champion(MODEL).tags["promoted_by"] == "carol"
+    # a rollback killed after the alias moved: running rollback again completes it and goes no further
+    move = {"number": 4, "action": "rollback", "version": v2, "from": v3, "by": "dave", "at": "t2", "reason": "",
+            "forced": False}
+    client.set_registered_model_tag(MODEL, registry.pending_tag("champion"), json.dumps(move))
+    client.set_registered_model_alias(MODEL, "champion", v2)
+    assert str(registry.rollback(MODEL).version) == v2 == str(registry.get_champion(MODEL).version)
+    assert client.get_model_version(MODEL, v3).tags["rolled_back_from_champion"] == "t2 by dave"
+    assert [m["number"] for m in registry.history(MODEL)] == [1, 2, 3, 4]
+    assert str(registry.rollback(MODEL).version) == v1  # the next rollback goes one further
+
+
+def test_a_gates_passed_tag_set_by_hand_does_not_promote(config, tiny_lm_dir):
+    failed = register(tiny_lm_dir, gates_passed=False)
+    MlflowClient().set_model_version_tag(MODEL, failed, registry.GATES_TAG, "true")  # a promoter forging the result
+    with pytest.raises(PromotionError, match=r"its gates_passed tag says true but its run .* recorded gate/passed=0: "
+                                             "the tag was changed after the pipeline wrote it"):
+        registry.promote(MODEL, failed)
+    unchecked = register(tiny_lm_dir, gates_passed="true")  # a version whose run recorded no gate result at all
+    with pytest.raises(PromotionError, match="recorded no gate result"):
+        registry.promote(MODEL, unchecked)
+    assert registry.get_champion(MODEL) is None
+
+
+def test_promoted_by_names_the_mlflow_account(config, tiny_lm_dir, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "erin")
+    registry.promote(MODEL, register(tiny_lm_dir, gates_passed=True))
+    assert registry.get_champion(MODEL).tags["promoted_by"] == "erin"
+    assert registry.history(MODEL)[0]["by"] == "erin"
 
 
 def test_registry_reference_resolves_to_a_loadable_directory(config, tiny_lm_dir, tmp_path):

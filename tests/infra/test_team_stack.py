@@ -148,6 +148,7 @@ def test_concurrent_promotions_leave_exactly_one_champion_the_better_one(stack, 
     tracking.use_tracking(store)
     with mlflow.start_run(experiment_id=tracking.ensure_experiment(store)) as run:  # two candidates of one logged model
         uri = registry.log_policy(tiny_lm_dir)
+        mlflow.log_metric(registry.GATES_METRIC, 1.0)  # the pipeline's gate result, which promotion checks the tag against
         first = registry.register(name, run.info.run_id, uri, {"gates_passed": True, registry.SCORE_TAG: 1.0})
     second = mlflow.register_model(uri, name, tags={"gates_passed": "true", registry.SCORE_TAG: "2.0"})
     versions = {1.0: str(first.version), 2.0: str(second.version)}
@@ -181,6 +182,60 @@ def test_concurrent_promotions_leave_exactly_one_champion_the_better_one(stack, 
         assert str(champion.version) == versions[2.0], (order, outcomes)
         aliases = MlflowClient().get_registered_model(name).aliases
         assert list(aliases) == ["champion"]
+
+
+HOLD_THE_LOCK = """
+import sys, time
+from flows import promotion
+with promotion.promotion_lock(sys.argv[1], action="test promotion"):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_promotion_killed_holding_the_lock_blocks_the_next_for_the_stated_time_only(stack, as_client, capfd):
+    """A process SIGKILLed inside the promotion lock (Prefect's slot, leased): the next promotion says once on stderr
+    what it waits for and who holds it, and moves the champion within the stated FREED_WITHIN_SECONDS (not after
+    Prefect's default lease of 300 s)."""
+    from prefect.client.orchestration import get_client
+
+    from components import registry
+    from flows import promotion
+
+    uri = as_client["MLFLOW_TRACKING_URI"]
+    with get_client(sync_client=True) as client:  # a fresh limit, as in the race above
+        try:
+            client.delete_global_concurrency_limit_by_name(promotion.PROMOTION_LOCK)
+        except Exception:
+            pass
+        client.upsert_global_concurrency_limit_by_name(promotion.PROMOTION_LOCK, 1)
+    name = f"lease-{os.getpid()}-{int(time.time())}"
+    client = MlflowClient(uri, uri)
+    run = client.create_run(client.create_experiment(name))
+    client.log_text(run.info.run_id, "weights", "model/weights.txt")
+    client.create_registered_model(name)
+    version = client.create_model_version(name, f"runs:/{run.info.run_id}/model", run_id=run.info.run_id,
+                                          tags={"gates_passed": "true"}).version
+
+    holder = subprocess.Popen([os.sys.executable, "-c", HOLD_THE_LOCK, uri], env={**os.environ, **as_client},
+                              cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+    finally:
+        holder.kill()  # SIGKILL: no release, no cleanup
+        holder.wait()
+    killed = time.monotonic()
+    capfd.readouterr()
+    with promotion.promotion_lock(uri, timeout_seconds=promotion.FREED_WITHIN_SECONDS + 30, action="the next promotion"):
+        waited = time.monotonic() - killed
+        moved, _ = registry.promote(name, version, user="lease-test")
+    assert moved and str(registry.get_champion(name).version) == str(version)
+    assert waited <= promotion.FREED_WITHIN_SECONDS + 10, f"the dead holder's slot was freed after {waited:.0f} s"
+    said = [line for line in capfd.readouterr().err.splitlines() if line.startswith("waiting for the registry's promotion lock")]
+    assert len(said) == 1, said  # one line, not one per retry
+    assert "held by alignflow-pipeline's test promotion (pid " in said[0], said[0]
+    assert f"up to {promotion.FREED_WITHIN_SECONDS + 30} s" in said[0]
+    assert f"a holder that died frees it within {promotion.FREED_WITHIN_SECONDS} s" in said[0]
 
 
 # Tiny models rarely pass the demo's gates: both candidates must, so that both race for the alias.
