@@ -366,7 +366,7 @@ def pending_move(name: str, alias: str = "champion") -> dict | None:
     try:
         value = MlflowClient().get_registered_model(name).tags.get(pending_tag(alias))
     except MlflowException as exc:
-        if exc.error_code in _MISSING:
+        if exc.error_code in _MISSING or access.model_is_missing(exc, name):  # basic auth: 403 for no such model
             return None
         raise
     return None if value in (None, NO_MOVE) else json.loads(value)
@@ -406,7 +406,7 @@ def history(name: str, alias: str = "champion") -> list[dict]:
     try:
         tags = MlflowClient().get_registered_model(name).tags
     except MlflowException as exc:
-        if exc.error_code in _MISSING:
+        if exc.error_code in _MISSING or access.model_is_missing(exc, name):
             return []
         raise
     prefix = f"{_HISTORY_PREFIX}{alias}."

@@ -247,7 +247,12 @@ def resumed_config(given, run_id: str, stage: str, keys_given: set[str]):
                                 "nothing was changed")
         tree = _unflatten({key: given_flat[key] if key in unrecorded else value for key, value in recorded_flat.items()})
         tree["tracking"]["tracking_uri"] = given.tracking.tracking_uri  # where the run was found, not what it did
-        config = type(given).model_validate(tree)
+        try:
+            config = type(given).model_validate(tree)
+        except ValueError as exc:  # pydantic's ValidationError: a key this version renamed or retired
+            raise ResumeRefused(f"--resume {run_id}: the configuration the run recorded is not valid in this version of "
+                                f"alignflow ({' '.join(str(exc).split())[:400]}); resume it with the version that "
+                                "started it, or start a new run; nothing was changed") from None
     else:  # killed before its record was whole: what it logged of it must be what is given now
         params = {key: _param_value(value) for key, value in secrets.redacted_params(given.flat()).items()}
         differing = sorted(key for key, value in run.data.params.items() if params.get(key, value) != value)
