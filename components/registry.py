@@ -470,7 +470,7 @@ def list_versions(name: str) -> list[VersionSummary]:
         for alias, version in client.get_registered_model(name).aliases.items():
             aliases_by_version.setdefault(str(version), []).append(alias)
     except MlflowException as exc:
-        if exc.error_code in _MISSING:
+        if exc.error_code in _MISSING or access.model_is_missing(exc, name):
             return []
         raise
     versions = client.search_model_versions(f"name='{name}'")
