@@ -4,7 +4,8 @@ check inputs -> prepare the prompts -> load the reward model and the policy -> (
 -> evaluate the reference -> train, a checkpoint at a time -> evaluate the candidate (and the champion) -> gates
 -> register -> promote -> finish
 
-Each step is a thin task around one component call (flows/tasks.py); the math lives in components/. Every step can
+Each step is a thin task around one component call: the policy's own in flows/tasks.py, those every stage shares in
+flows/stage.py; the math lives in components/. Every step can
 run again: `alignflow run --resume RUN_ID` after a crash at any point ends where an uninterrupted run ends.
 """
 
@@ -12,8 +13,9 @@ from __future__ import annotations
 
 from prefect import flow
 
+from components import registry
 from components.config import RunConfig, load_config
-from flows import tasks
+from flows import stage, tasks
 from flows.tasks import PipelineResult
 
 
@@ -22,7 +24,7 @@ def pipeline(config_path: str | None = None, overrides: list[str] | None = None,
     """Align the configured policy with RL against the reward model; promote it if every gate passes."""
     given: RunConfig = load_config(config_path, overrides or [])
     if resume_run_id:  # the run's own configuration; other settings given here are refused, changing nothing
-        given = tasks.resumed_config(given, resume_run_id, config_path, overrides or [])
+        given = stage.resumed_config(given, resume_run_id, config_path, overrides or [], "policy")
     config = tasks.pin_models(given, resume_run_id)  # registry aliases pinned to versions, once, for the whole run
     models = tasks.check_inputs(config, resume_run_id)  # the same run with its model references resolved here
     data_version = tasks.check_data_version(config)
@@ -32,13 +34,14 @@ def pipeline(config_path: str | None = None, overrides: list[str] | None = None,
     policy, tokenizer = tasks.load_policy(models)
     trainer = tasks.build(models, policy, tokenizer, scorer)
 
-    run_id = tasks.start_tracking(given, resume_run_id, tasks.pinned_models(given, config))  # inputs are good: recorded from here on
+    pinned = tasks.pinned_models(given, config)
+    run_id = stage.start_tracking(given, resume_run_id, "policy", tasks.provenance(given, pinned))  # inputs are good
     try:
         settled = tasks.recorded_result() if resume_run_id else None
         if settled is not None:
             print(f"run {run_id} had settled its outcome: closing it")
-            tasks.close(config, settled)
-            tasks.end_tracking(run_id, failed=False)
+            stage.close(config, run_id, tasks.end_tags(settled))
+            stage.end_tracking(run_id, failed=False)
             return settled
         tasks.log_dataset(data, data_version)
         tasks.resume(trainer, config, run_id)
@@ -50,22 +53,23 @@ def pipeline(config_path: str | None = None, overrides: list[str] | None = None,
 
         candidate = tasks.evaluate("candidate", lambda: (trainer.policy, tokenizer), data.eval_prompts, scorer, config,
                                    reference=trainer.reference, judge=judge)
-        champion_version = tasks.find_champion(config)
+        champion_version = stage.find_champion(config)
         champion = None if champion_version is None else tasks.evaluate(
             "champion", tasks.registered_policy(config, champion_version), data.eval_prompts, scorer, config,
             version=champion_version)
         report = tasks.gates(config, reference, candidate, champion)
         policy_dir = tasks.export(trainer, config, run_id)
         version = tasks.register(config, policy_dir, run_id, data_version, report, candidate, champion, trainer.stop_reason)
-        promoted = tasks.promote(config, version, report, candidate, champion)
+        promoted = stage.promote(config, version, report, champion_version, candidate.summary.mean_score,
+                                 registry.SCORE_TAG, "alignflow-pipeline")
         result = tasks.finish(run_id, config, trainer.history, trainer.stop_reason, reference, candidate, report, version,
                               promoted, champion)
-        tasks.close(config, result)
+        stage.close(config, run_id, tasks.end_tags(result))
     except BaseException as exc:
-        tasks.end_tracking(run_id, failed=True)
-        failure = tasks.explain_failure(exc, config, run_id)
+        stage.end_tracking(run_id, failed=True)
+        failure = stage.explain_failure(exc, config, run_id, "policy")
         if failure is exc:
             raise
         raise failure from exc
-    tasks.end_tracking(run_id, failed=False)
+    stage.end_tracking(run_id, failed=False)
     return result

@@ -12,6 +12,7 @@ from prefect import flow
 
 from components.config import RewardRunConfig, load_config
 from flows import reward_tasks as tasks
+from flows import stage
 from flows.reward_tasks import RewardResult
 
 
@@ -21,18 +22,18 @@ def reward_pipeline(config_path: str | None = None, overrides: list[str] | None 
     """Train a reward model on human preference pairs; register it; promote it if every gate passes."""
     config: RewardRunConfig = load_config(config_path, overrides or [], schema=RewardRunConfig)
     if resume_run_id:  # the run's own configuration; other settings given here are refused, changing nothing
-        config = tasks.resumed_config(config, resume_run_id, config_path, overrides or [])
+        config = stage.resumed_config(config, resume_run_id, config_path, overrides or [], "reward")
     resolved = tasks.check_inputs(config, resume_run_id)
     data_version = tasks.check_data_version(config)
     data = tasks.prepare_pairs(config, resolved)
 
-    run_id = tasks.start_tracking(config, resume_run_id)
+    run_id = stage.start_tracking(config, resume_run_id, "reward", tasks.provenance(config))
     try:
         settled = tasks.recorded_result() if resume_run_id else None
         if settled is not None:
             print(f"run {run_id} had settled its outcome: closing it")
-            tasks.close(config, settled)
-            tasks.tracking.end_run(run_id)
+            stage.close(config, run_id, stage.end_tags(settled))
+            stage.end_tracking(run_id, failed=False)
             return settled
         tasks.log_dataset(data, data_version)
         trainer, tokenizer = tasks.build(resolved, data)
@@ -41,22 +42,23 @@ def reward_pipeline(config_path: str | None = None, overrides: list[str] | None 
             tasks.train(trainer, trainer.step, config, run_id)
 
         candidate = tasks.evaluate("candidate", lambda: (trainer.model, tokenizer), data.held_out, config)
-        champion_version = tasks.find_champion(config)
+        champion_version = stage.find_champion(config)
         champion = None if champion_version is None else tasks.evaluate(
             "champion", tasks.registered_reward_model(config, champion_version), data.held_out, config, champion_version)
         report = tasks.gates(config, candidate, champion)
         model_dir = tasks.export(trainer, tokenizer, config, run_id)
         version = tasks.register(config, model_dir, run_id, data_version, report, candidate, champion_version, data)
-        promoted = tasks.promote(config, version, report, candidate, champion_version)
+        promoted = stage.promote(config, version, report, champion_version, candidate.accuracy, tasks.ACCURACY_TAG,
+                                 "alignflow-reward")
         result = tasks.finish(run_id, trainer, candidate, report, version, promoted, champion_version, champion, config)
-        tasks.close(config, result)
-    except BaseException:
-        try:
-            tasks.tracking.end_run(run_id, failed=True)
-        except Exception as exc:  # noqa: BLE001 - the store may be what failed (a full disk): keep the original error
-            print(f"could not mark MLflow run {run_id} failed: {exc}")
-        raise
-    tasks.tracking.end_run(run_id)
+        stage.close(config, run_id, stage.end_tags(result))
+    except BaseException as exc:
+        stage.end_tracking(run_id, failed=True)
+        failure = stage.explain_failure(exc, config, run_id, "reward")
+        if failure is exc:
+            raise
+        raise failure from exc
+    stage.end_tracking(run_id, failed=False)
     return result
 
 

@@ -7,19 +7,16 @@ the run and read back, registration finds the run's version, promotion completes
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import mlflow
 from prefect import get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
-from prefect.runtime import flow_run
 
-from components import registry, secrets, tracking
-from components.config import PROJECT_ROOT, RewardRunConfig, given_keys
+from components import access, registry, secrets, tracking
+from components.config import PROJECT_ROOT, RewardRunConfig
 from components.errors import retryable
 from components.evaluation import load_gold_scorer
 from components.faults import crash_point
@@ -33,8 +30,7 @@ from components.reward_eval import (
 from components.reward_training import RewardTrainer, encode_pairs, load_base, pair_texts, score_pairs
 from components.rl.checkpoint import check_writable, recover, write_atomically
 from components.versioning import DatasetVersion, dataset_version
-from flows import promotion
-from flows.tasks import checkpoint_root, git_commit
+from flows import stage
 
 ACCURACY_TAG = "eval/accuracy"  # a reward-model version's held-out accuracy: what compare-and-set promotion compares
 STEP_METRIC = "step"
@@ -72,24 +68,23 @@ class RewardResult:
                       "gates": GateReport.from_json(value["gates"])})
 
 
-def run_directory(config: RewardRunConfig, run_id: str) -> Path:
-    return checkpoint_root(config) / run_id
-
-
 # --- inputs -----------------------------------------------------------------------------------
 
 
 @task(cache_policy=NONE)
 def check_inputs(config: RewardRunConfig, resume_run_id: str | None) -> RewardRunConfig:
-    """Before anything heavy or recorded: the run to resume exists, the base model is found (a registry URI pinned to
+    """Before anything heavy or recorded: the names the run writes to and reads are no other account's
+    (access.check_owned), the run to resume exists, the base model is found (a registry URI pinned to
     its version and downloaded) and safe to load, the checkpoint directory is writable. Returns the configuration
     with `model.base` as this machine loads it."""
+    access.check_owned(tracking.use_tracking(config.tracking), experiment=config.tracking.experiment,
+                       registered_model=config.tracking.registered_model, reads=access.registry_reads(config))
     if resume_run_id is not None:
         tracking.find_run(config.tracking, resume_run_id)
     tracking.use_tracking(config.tracking)
     base = locate("model.base", config.model.base, config.model.revision)
     check_model_files(Path(base) if Path(base).is_absolute() else PROJECT_ROOT / base, "model.base", config.model.allow_pickle)
-    check_writable(checkpoint_root(config), "checkpoint.dir")
+    check_writable(stage.checkpoint_root(config), "checkpoint.dir")
     return config.model_copy(update={"model": config.model.model_copy(update={"base": base})})
 
 
@@ -116,28 +111,13 @@ def prepare_pairs(config: RewardRunConfig, resolved: RewardRunConfig) -> Prepare
 # --- tracking around the flow ------------------------------------------------------------------
 
 
-def start_tracking(config: RewardRunConfig, resume_run_id: str | None) -> str:
-    """Start (or resume) the stage's MLflow run and make its record whole (tracking.record_run)."""
-    run = tracking.start_run(config, resume_run_id, stage="reward")
-    get_run_logger().info("MLflow run %s%s", run.info.run_id,
-                          "" if resume_run_id else f" (if it is interrupted: alignflow reward run --resume {run.info.run_id})")
-    tracking.record_run(config, lambda: {"alignflow.git_commit": git_commit(), "alignflow.prefect_flow_run_id": flow_run.id or "",
-                                         "alignflow.base_model": config.model.base})
-    return run.info.run_id
-
-
-@task(cache_policy=NONE)
-def resumed_config(given: RewardRunConfig, resume_run_id: str, config_path: str | None,
-                   overrides: list[str]) -> RewardRunConfig:
-    """The configuration the run to resume recorded (tracking.resumed_config), or a refusal that changes nothing."""
-    config = tracking.resumed_config(given, resume_run_id, "reward", given_keys(config_path, overrides))
-    get_run_logger().info("resuming run %s with the configuration it recorded", resume_run_id)
-    return config
+def provenance(config: RewardRunConfig) -> Callable[[], dict[str, str]]:
+    """The reward run's own provenance tags (stage.start_tracking): the base model it trains."""
+    return lambda: {"alignflow.base_model": config.model.base}
 
 
 def recorded_result() -> RewardResult | None:
-    recorded = tracking.recorded("result.json")
-    return RewardResult.from_json(recorded) if recorded else None
+    return stage.recorded_result(RewardResult.from_json)
 
 
 @task(cache_policy=NONE)
@@ -170,7 +150,7 @@ def build(config: RewardRunConfig, data: PreparedPairs) -> tuple[RewardTrainer, 
 @task(cache_policy=NONE)
 def resume(trainer: RewardTrainer, config: RewardRunConfig, run_id: str) -> None:
     """Continue from this run's checkpoint when one exists; log the steps it holds that MLflow lacks."""
-    directory = run_directory(config, run_id) / "checkpoint"
+    directory = stage.run_directory(config, run_id) / "checkpoint"
     if recover(directory):
         trainer.load_checkpoint(directory)
         get_run_logger().info("resumed from %s at step %d of %d", directory, trainer.step, trainer.steps)
@@ -184,7 +164,7 @@ def train(trainer: RewardTrainer, start: int, config: RewardRunConfig, run_id: s
     metrics; returns the step reached. A retry reloads the last checkpoint first."""
     from components.rl.progress import StepBar
 
-    directory = run_directory(config, run_id) / "checkpoint"
+    directory = stage.run_directory(config, run_id) / "checkpoint"
     if trainer.step != start and recover(directory):
         trainer.load_checkpoint(directory)
     tracking.log_history(trainer.history, step_key="pairs", step_metric=STEP_METRIC)
@@ -213,7 +193,7 @@ def export(trainer: RewardTrainer, tokenizer, config: RewardRunConfig, run_id: s
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
-    return write_atomically(run_directory(config, run_id) / "export", write, key="checkpoint.dir")
+    return write_atomically(stage.run_directory(config, run_id) / "export", write, key="checkpoint.dir")
 
 
 # --- evaluation, gates, registry -----------------------------------------------------------------
@@ -258,25 +238,9 @@ def registered_reward_model(config: RewardRunConfig, version: str):
 
 
 @task(cache_policy=NONE)
-def find_champion(config: RewardRunConfig) -> str | None:
-    """The reward-model version holding the champion alias, recorded on the run (a resumed run compares with the
-    champion its first attempt saw)."""
-    done = tracking.recorded("evaluations/champion_version.json")
-    if done is not None:
-        return done["version"]
-    champion = registry.get_champion(config.tracking.registered_model, config.tracking.champion_alias)
-    version = None if champion is None else str(champion.version)
-    tracking.record({"version": version}, "evaluations/champion_version.json")
-    return version
-
-
-@task(cache_policy=NONE)
 def gates(config: RewardRunConfig, candidate: RewardEval, champion: RewardEval | None) -> GateReport:
     report = check_reward_gates(candidate, config.gates, champion)
-    tracking.log_metrics_once(report.as_metrics())
-    mlflow.set_tags(report.as_tags())
-    mlflow.log_text(report.to_markdown(), "gate_report.md")
-    create_markdown_artifact(markdown=report.to_markdown(), key="reward-gate-report", description="reward-model gates")
+    stage.record_gates(report, {}, key="reward-gate-report", description="reward-model gates")
     return report
 
 
@@ -285,42 +249,13 @@ def register(config: RewardRunConfig, model_dir: Path | None, run_id: str, data:
              candidate: RewardEval, champion_version: str | None, pairs: PreparedPairs) -> str:
     """Log the reward model in MLflow's transformers flavour and register it as a version of its own registered model,
     tagged with the preference data's md5, its base model and its evaluation. A resumed run gets its version back."""
-    name = config.tracking.registered_model
-    existing = registry.version_of_run(name, run_id)
-    if existing is None:
-        model_uri = registry.log_reward_model(model_dir)
-        crash_point("register.logged")
-        tags = {
-            registry.GATES_TAG: report.passed, "gates_failed": ",".join(report.failed_names), "stage": "reward",
-            "data_md5": data.md5, "data_name": data.name, "data_dvc_file": data.dvc_file or "", "data_versioned": data.versioned,
-            "data_source": config.data.source, "base_model": config.model.base, "git_commit": git_commit(),
-            "prefect_flow_run_id": flow_run.id or "", "mlflow_run_id": run_id, "evaluated_against": champion_version or "",
-            "pairs_train": len(pairs.train), "pairs_held_out": len(pairs.held_out), "lora": config.model.lora.enabled,
-            ACCURACY_TAG: candidate.accuracy, "eval/accuracy_ci_low": candidate.accuracy_ci[0],
-            "eval/accuracy_ci_high": candidate.accuracy_ci[1], "eval/mean_margin": candidate.mean_margin,
-            "eval/calibration_error": candidate.calibration_error, "eval/n": candidate.n,
-        }
-        existing = registry.register(name, run_id, model_uri, tags)
-        crash_point("register.created")
-    mlflow.set_tag(tracking.MODEL_VERSION_TAG, existing.version)
-    return str(existing.version)
-
-
-@task(retries=2, retry_delay_seconds=[2, 10], cache_policy=NONE, retry_condition_fn=retryable)
-def promote(config: RewardRunConfig, version: str, report: GateReport, candidate: RewardEval,
-            champion_version: str | None) -> bool:
-    """Only a version that passed every gate becomes the reward-model champion, under the registry's promotion lock
-    and compare-and-set on held-out accuracy (flows/promotion.py)."""
-    logger = get_run_logger()
-    if not report.passed:
-        logger.warning("reward model version %s not promoted: %s", version, report.summary())
-        return False
-    _, why = promotion.promote(config, version, user=f"alignflow-reward ({registry.current_identity()})", reason=report.summary(),
-                               evaluated_against=champion_version, score=candidate.accuracy, score_tag=ACCURACY_TAG)
-    holder = registry.get_champion(config.tracking.registered_model, config.tracking.champion_alias)
-    promoted = holder is not None and str(holder.version) == version
-    (logger.info if promoted else logger.warning)("reward model version %s: %s", version, why)
-    return promoted
+    return stage.register_version(config, run_id, data, report, champion_version,
+                                  log_model=lambda: registry.log_reward_model(model_dir), tags=lambda: {
+        "stage": "reward", "data_source": config.data.source, "base_model": config.model.base,
+        "pairs_train": len(pairs.train), "pairs_held_out": len(pairs.held_out), "lora": config.model.lora.enabled,
+        ACCURACY_TAG: candidate.accuracy, "eval/accuracy_ci_low": candidate.accuracy_ci[0],
+        "eval/accuracy_ci_high": candidate.accuracy_ci[1], "eval/mean_margin": candidate.mean_margin,
+        "eval/calibration_error": candidate.calibration_error, "eval/n": candidate.n})
 
 
 @task(cache_policy=NONE)
@@ -336,14 +271,3 @@ def finish(run_id: str, trainer: RewardTrainer, candidate: RewardEval, report: G
     tracking.record(asdict(result), "result.json")
     crash_point("finish.artifacts")
     return result
-
-
-@task(cache_policy=NONE)
-def close(config: RewardRunConfig, result: RewardResult) -> None:
-    """The run's end tags; its checkpoint removed unless `checkpoint.keep`; last, the tag that says it is done."""
-    mlflow.set_tags({tracking.GATES_PASSED_TAG: str(result.gates.passed).lower(),
-                     tracking.PROMOTED_TAG: str(result.promoted).lower(), tracking.MODEL_VERSION_TAG: result.model_version})
-    crash_point("finish.tagged")
-    if not config.checkpoint.keep:
-        shutil.rmtree(run_directory(config, result.run_id), ignore_errors=True)
-    mlflow.set_tag(tracking.FINISHED_TAG, "true")

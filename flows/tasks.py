@@ -1,5 +1,7 @@
-"""The pipeline's tasks: each wraps one component call and adds what Prefect is for (retries, caching, artifacts).
-The MLflow run is started by the flow; tasks run in the flow's thread, so MLflow's active run is theirs.
+"""The policy pipeline's own tasks: each wraps one component call and adds what Prefect is for (retries, caching,
+artifacts). What every stage does alike (tracking, the champion, gates on the run, registering, promoting, closing)
+is flows/stage.py. The MLflow run is started by the flow; tasks run in the flow's thread, so MLflow's active run is
+theirs.
 
 Every task is safe to run again, so that `alignflow run --resume RUN_ID` after a crash ends where an uninterrupted run
 ends: training continues from the run's checkpoint, which carries every iteration's statistics (each step logged
@@ -12,23 +14,21 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import mlflow
 from prefect import get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NONE
-from prefect.runtime import flow_run, task_run
+from prefect.runtime import task_run
 
-from components import references, registry, secrets, tracking
-from components.config import PROJECT_ROOT, RunConfig, given_keys
+from components import access, references, registry, secrets, tracking
+from components.config import PROJECT_ROOT, RunConfig
 from components.data import PreparedData, prepare
 from components.dialogue import render_transcript
-from components.errors import AlignflowError, retryable, translated, unreachable
+from components.errors import retryable
 from components.evaluation import PolicyEval, compare, comparison_table, evaluate_policy
 from components.faults import crash_point
 from components.model_safety import check_run_models
@@ -41,7 +41,7 @@ from components.rl.checkpoint import check_writable, recover
 from components.rl.progress import ProgressBar
 from components.rl.rollout import prompt_ids
 from components.versioning import DatasetVersion, dataset_version
-from flows import multinode, promotion
+from flows import multinode, stage
 
 
 @dataclass
@@ -87,80 +87,24 @@ class PipelineResult:
 # --- tracking around the flow ------------------------------------------------------------------
 
 
-def start_tracking(config: RunConfig, resume_run_id: str | None, pinned: dict[str, str] | None = None) -> str:
-    """Start (or resume) the flow's MLflow run and make its record whole (tracking.record_run: a run killed before or
-    inside it gets it from its resume): the configuration as given, the registry versions its aliases were pinned to
-    (`pinned`), and the reward model's lineage."""
-    run = tracking.start_run(config, resume_run_id, stage="policy")
-    get_run_logger().info("MLflow run %s%s", run.info.run_id,
-                          "" if resume_run_id else f" (if it is interrupted: alignflow run --resume {run.info.run_id})")
-    reward_model = (pinned or {}).get("reward.model", config.reward.model)
-    tracking.record_run(config, lambda: {
-        "alignflow.git_commit": git_commit(), "alignflow.prefect_flow_run_id": flow_run.id or "",
-        "alignflow.base_policy": (pinned or {}).get("policy.model", config.policy.model),
-        "alignflow.reward_model": reward_model, tracking.ALGORITHM_TAG: config.rl.algorithm,
-        PINNED_TAG: json.dumps(pinned or {}), **{f"alignflow.{key}": value for key, value in reward_lineage(reward_model).items()}})
-    return run.info.run_id
-
-
-@task(cache_policy=NONE)
-def resumed_config(given: RunConfig, resume_run_id: str, config_path: str | None, overrides: list[str]) -> RunConfig:
-    """The configuration the run to resume recorded (tracking.resumed_config): refused, changing nothing, when it is
-    another stage's run or a setting given here differs from the recorded one."""
-    config = tracking.resumed_config(given, resume_run_id, "policy", given_keys(config_path, overrides))
-    get_run_logger().info("resuming run %s with the configuration it recorded", resume_run_id)
-    return config
+def provenance(config: RunConfig, pinned: dict[str, str]) -> Callable[[], dict[str, str]]:
+    """The policy run's own provenance tags (stage.start_tracking): the configuration's registry aliases as pinned to
+    versions (`pinned`), the base policy, the reward model and its lineage, the algorithm."""
+    reward_model = pinned.get("reward.model", config.reward.model)
+    return lambda: {"alignflow.base_policy": pinned.get("policy.model", config.policy.model),
+                    "alignflow.reward_model": reward_model, tracking.ALGORITHM_TAG: config.rl.algorithm,
+                    PINNED_TAG: json.dumps(pinned),
+                    **{f"alignflow.{key}": value for key, value in reward_lineage(reward_model).items()}}
 
 
 def recorded_result() -> PipelineResult | None:
-    """The result the run recorded once its outcome was settled (`finish`): a resumed run that has it only closes."""
-    recorded = tracking.recorded("result.json")
-    return PipelineResult.from_json(recorded) if recorded else None
+    """The result the run recorded once its outcome was settled: a resumed run that has it only closes."""
+    return stage.recorded_result(PipelineResult.from_json)
 
 
-def end_tracking(run_id: str, failed: bool) -> None:
-    try:
-        tracking.end_run(run_id, failed=failed)
-    except Exception as exc:  # the tracking server may be what failed; keep the original error in front
-        if not failed:
-            raise
-        print(f"could not mark MLflow run {run_id} failed: {exc}")
-
-
-class ServerUnreachable(AlignflowError):
-    """A server the pipeline needs stayed unreachable through every retry."""
-
-
-def explain_failure(exc: BaseException, config: RunConfig, run_id: str) -> BaseException:
-    """Name the server and URL when MLflow could not be reached, and say how to resume."""
-    translation = translated(exc)  # a full disk under the store, a Prefect server refusing its credential
-    if translation is not None:
-        return translation
-    if isinstance(exc, AlignflowError) or not unreachable(exc):
-        return exc
-    uri = secrets.redact_uri(tracking.resolve_tracking_uri(config.tracking))
-    return ServerUnreachable(
-        f"the MLflow tracking server at {uri} is unreachable (after retries with backoff): {exc}\n"
-        f"Nothing was promoted and the checkpoints are kept. When the server is back, resume with\n"
-        f"  alignflow run --resume {run_id} (and the same --config/--set)"
-    )
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def checkpoint_root(config: RunConfig) -> Path:
-    root = Path(config.checkpoint.dir)
-    return root if root.is_absolute() else PROJECT_ROOT / root
-
-
-def run_directory(config: RunConfig, run_id: str) -> Path:
-    """What a run keeps on disk for --resume, one directory per MLflow run: concurrent runs never share one."""
-    return checkpoint_root(config) / run_id
+def end_tags(result: PipelineResult) -> dict[str, str]:
+    """What `stage.close` tags a policy run with: the stage's end tags and why training stopped."""
+    return {tracking.STOP_REASON_TAG: result.stop_reason, **stage.end_tags(result)}
 
 
 # --- inputs -----------------------------------------------------------------------------------
@@ -215,10 +159,13 @@ def reward_lineage(reward_ref: str) -> dict[str, str]:
 
 @task(cache_policy=NONE)
 def check_inputs(config: RunConfig, resume_run_id: str | None) -> RunConfig:
-    """Before anything heavy or recorded: the run to resume exists, every model reference is found (local, registry
-    or hub; registry URIs downloaded) and safe to load, the memory plan says the run fits its device
-    (memory.check_fit), and the checkpoint directory is writable. Returns the configuration with the references as
+    """Before anything heavy or recorded: the names the run writes to and reads are no other account's
+    (access.check_owned), the run to resume exists, every model reference is found (local, registry or hub; registry
+    URIs downloaded) and safe to load, the memory plan says the run fits its device (memory.check_fit), and the
+    checkpoint directory is writable. Returns the configuration with the references as
     this machine loads them. A fault is named by its key."""
+    access.check_owned(tracking.use_tracking(config.tracking), experiment=config.tracking.experiment,
+                       registered_model=config.tracking.registered_model, reads=access.registry_reads(config))
     if resume_run_id is not None:
         tracking.find_run(config.tracking, resume_run_id)
     resolved = multinode.resolved_models(config)
@@ -226,7 +173,7 @@ def check_inputs(config: RunConfig, resume_run_id: str | None) -> RunConfig:
     plan = check_fits(resolved)  # sizes from the config files; nothing loaded yet
     get_run_logger().info("memory plan: peak %.2f GiB per %s device, %s available", plan.peak_bytes / GIB, plan.device,
                           "?" if plan.device_bytes is None else f"{plan.device_bytes / GIB:.2f} GiB")
-    check_writable(checkpoint_root(config), "checkpoint.dir")
+    check_writable(stage.checkpoint_root(config), "checkpoint.dir")
     return resolved
 
 
@@ -321,7 +268,7 @@ def build(config: RunConfig, policy, tokenizer, scorer: RewardScorer) -> Trainer
     """The engine around the starting policy, and a check, before any training, that the checkpoint directory's
     disk has room for a checkpoint of it (a save holds the previous checkpoint and the new one at once)."""
     trainer = build_trainer(policy, tokenizer, scorer, **config.trainer_sections())
-    check_writable(checkpoint_root(config), "checkpoint.dir", need_bytes=2 * trainer.checkpoint_bytes())
+    check_writable(stage.checkpoint_root(config), "checkpoint.dir", need_bytes=2 * trainer.checkpoint_bytes())
     return trainer
 
 
@@ -332,7 +279,7 @@ def resume(trainer: Trainer, config: RunConfig, run_id: str) -> None:
     and then lost MLflow trains no more, so its training task would never log them. The run is tagged with the
     models whose forwards run on packed episodes."""
     mlflow.set_tag("alignflow.packed_sequences", ", ".join(trainer.packed_models) or "none")
-    directory = run_directory(config, run_id) / "checkpoint"
+    directory = stage.run_directory(config, run_id) / "checkpoint"
     if recover(directory):
         trainer.load_checkpoint(directory)
         get_run_logger().info("resumed from %s at iteration %d (%d episodes)", directory, trainer.iteration, trainer.episodes)
@@ -340,19 +287,6 @@ def resume(trainer: Trainer, config: RunConfig, run_id: str) -> None:
 
 
 # --- evaluation -------------------------------------------------------------------------------
-
-
-@task(cache_policy=NONE)
-def find_champion(config: RunConfig) -> str | None:
-    """The version holding the champion alias, recorded on the run: a resumed run compares with the champion its
-    first attempt saw, even if the alias moved since."""
-    done = tracking.recorded("evaluations/champion_version.json")
-    if done is not None:
-        return done["version"]
-    champion = registry.get_champion(config.tracking.registered_model, config.tracking.champion_alias)
-    version = None if champion is None else str(champion.version)
-    tracking.record({"version": version}, "evaluations/champion_version.json")
-    return version
 
 
 @task(cache_policy=NONE, task_run_name="evaluate-{name}")
@@ -396,7 +330,7 @@ def train(trainer: Trainer, start: int, prompts: list, config: RunConfig, run_id
     Idempotent: a retry (or a rerun with --resume) reloads the last checkpoint, logs the steps it holds that MLflow
     lacks, and runs only the iterations still missing. The statistics live in the checkpoint, so no step is logged
     twice and none is lost while MLflow is down."""
-    directory = run_directory(config, run_id) / "checkpoint"
+    directory = stage.run_directory(config, run_id) / "checkpoint"
     if task_run.run_count > 1 and recover(directory):
         trainer.load_checkpoint(directory)
         get_run_logger().warning("attempt %d: resumed from %s at iteration %d", task_run.run_count, directory, trainer.iteration)
@@ -429,10 +363,7 @@ def gates(config: RunConfig, reference: Evaluated, candidate: Evaluated, champio
     comparison = compare(reference.summary, candidate.summary, n_resamples=config.evaluation.bootstrap_samples,
                          seed=config.evaluation.seed)
     report = check_gates(comparison, config.gates, champion.summary.mean_score if champion else None)
-    tracking.log_metrics_once({**comparison.as_metrics(), **report.as_metrics()})
-    mlflow.set_tags(report.as_tags())
-    mlflow.log_text(report.to_markdown(), "gate_report.md")
-    create_markdown_artifact(markdown=report.to_markdown(), key="gate-report", description="alignflow promotion gates")
+    stage.record_gates(report, comparison.as_metrics(), key="gate-report", description="alignflow promotion gates")
     return report
 
 
@@ -442,7 +373,7 @@ def export(trainer: Trainer, config: RunConfig, run_id: str) -> Path | None:
     directory; None when the run registered its version already (a resumed run)."""
     if registry.version_of_run(config.tracking.registered_model, run_id) is not None:
         return None
-    return trainer.export_policy(run_directory(config, run_id) / "export", merge=config.policy.lora.save_mode == "merged")
+    return trainer.export_policy(stage.run_directory(config, run_id) / "export", merge=config.policy.lora.save_mode == "merged")
 
 
 @task(retries=2, retry_delay_seconds=5, cache_policy=NONE, retry_condition_fn=retryable)
@@ -450,49 +381,20 @@ def register(config: RunConfig, policy_dir: Path | None, run_id: str, data: Data
              candidate: Evaluated, champion: Evaluated | None, stop_reason: str | None) -> str:
     """Log the exported policy (with tokenizer) in MLflow's transformers flavour and register it as a version whose
     tags are written with it. A resumed run that registered already gets its version back."""
-    name = config.tracking.registered_model
-    existing = registry.version_of_run(name, run_id)
-    if existing is None:
-        model_uri = registry.log_policy(policy_dir, model_config={"max_new_tokens": config.generation.max_new_tokens,
-                                                                  "do_sample": True, "temperature": config.generation.temperature})
-        crash_point("register.logged")
-        tags = {
-            registry.GATES_TAG: report.passed, "gates_failed": ",".join(report.failed_names),
-            "data_md5": data.md5, "data_name": data.name, "data_dvc_file": data.dvc_file or "", "data_versioned": data.versioned,
-            "reward_model": config.reward.model, **reward_lineage(config.reward.model),
-            "base_policy": config.policy.model, "algorithm": config.rl.algorithm,
-            "samples_per_prompt": config.rl.samples_per_prompt, "git_commit": git_commit(),
-            **({"judge_model": config.judge.model, "eval/judge_gain": report_judge_gain(report)} if config.judge else {}),
-            "prefect_flow_run_id": flow_run.id or "", "mlflow_run_id": run_id,
-            registry.SCORE_TAG: candidate.summary.mean_score, registry.KL_TAG: candidate.summary.kl,
-            "evaluated_against": champion.version if champion else "", "stop_reason": stop_reason,
-        }
-        existing = registry.register(name, run_id, model_uri, tags)
-        crash_point("register.created")
-    mlflow.set_tag(tracking.MODEL_VERSION_TAG, existing.version)
-    return str(existing.version)
+    model_config = {"max_new_tokens": config.generation.max_new_tokens, "do_sample": True,
+                    "temperature": config.generation.temperature}
+    return stage.register_version(config, run_id, data, report, champion.version if champion else None,
+                                  log_model=lambda: registry.log_policy(policy_dir, model_config=model_config),
+                                  tags=lambda: {
+        "reward_model": config.reward.model, **reward_lineage(config.reward.model), "base_policy": config.policy.model,
+        "algorithm": config.rl.algorithm, "samples_per_prompt": config.rl.samples_per_prompt,
+        **({"judge_model": config.judge.model, "eval/judge_gain": report_judge_gain(report)} if config.judge else {}),
+        registry.SCORE_TAG: candidate.summary.mean_score, registry.KL_TAG: candidate.summary.kl, "stop_reason": stop_reason})
 
 
 def report_judge_gain(report: GateReport) -> str:
     """The judge's gain CI's lower bound as the gate report has it ("" when the judge gate is off)."""
     return next((str(gate.value) for gate in report.gates if gate.name == "judge_gain_ci_low"), "")
-
-
-@task(retries=2, retry_delay_seconds=[2, 10], cache_policy=NONE, retry_condition_fn=retryable)
-def promote(config: RunConfig, version: str, report: GateReport, candidate: Evaluated, champion: Evaluated | None) -> bool:
-    """Only a version that passed every gate becomes champion; a failure leaves the champion alone. Under the
-    registry's promotion lock, the alias is compared-and-set: of candidates finishing together, the best passing
-    evaluation wins (flows/promotion.py). Returns whether this version holds the alias now."""
-    logger = get_run_logger()
-    if not report.passed:
-        logger.warning("version %s not promoted: %s", version, report.summary())
-        return False
-    _, why = promotion.promote(config, version, user=f"alignflow-pipeline ({registry.current_identity()})", reason=report.summary(),
-                               evaluated_against=champion.version if champion else None, score=candidate.summary.mean_score)
-    holder = registry.get_champion(config.tracking.registered_model, config.tracking.champion_alias)
-    promoted = holder is not None and str(holder.version) == version
-    (logger.info if promoted else logger.warning)("version %s: %s", version, why)
-    return promoted
 
 
 @task(cache_policy=NONE)
@@ -519,15 +421,3 @@ def finish(run_id: str, config: RunConfig, history: list[dict[str, float]], stop
     tracking.record(asdict(result), "result.json")
     crash_point("finish.artifacts")
     return result
-
-
-@task(cache_policy=NONE)
-def close(config: RunConfig, result: PipelineResult) -> None:
-    """The run's end tags, then its checkpoint removed unless `checkpoint.keep` (the registered version holds the
-    model now); last, the tag that says the run has nothing left to do."""
-    mlflow.set_tags({tracking.STOP_REASON_TAG: result.stop_reason, tracking.GATES_PASSED_TAG: str(result.gates.passed).lower(),
-                     tracking.PROMOTED_TAG: str(result.promoted).lower(), tracking.MODEL_VERSION_TAG: result.model_version})
-    crash_point("finish.tagged")
-    if not config.checkpoint.keep:
-        shutil.rmtree(run_directory(config, result.run_id), ignore_errors=True)
-    mlflow.set_tag(tracking.FINISHED_TAG, "true")

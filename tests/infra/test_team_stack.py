@@ -213,6 +213,7 @@ def test_a_promotion_killed_holding_the_lock_blocks_the_next_for_the_stated_time
     client = MlflowClient(uri, uri)
     run = client.create_run(client.create_experiment(name))
     client.log_text(run.info.run_id, "weights", "model/weights.txt")
+    client.log_metric(run.info.run_id, registry.GATES_METRIC, 1.0)  # the pipeline's gate result, checked by promotion
     client.create_registered_model(name)
     version = client.create_model_version(name, f"runs:/{run.info.run_id}/model", run_id=run.info.run_id,
                                           tags={"gates_passed": "true"}).version
@@ -270,7 +271,7 @@ def test_two_runs_at_once_on_the_team_stack_keep_separate_runs_checkpoints_and_v
 def test_mlflow_down_mid_run_fails_clearly_and_a_rerun_resumes(stack, as_client, demo_kit, tiny_lm_dir, tiny_reward_dir, tmp_path, monkeypatch):
     from flows import tasks
     from flows.pipeline import pipeline
-    from flows.tasks import ServerUnreachable
+    from flows.stage import ServerUnreachable
 
     overrides = tiny_overrides(tiny_lm_dir, tiny_reward_dir, tmp_path, "team-outage")
     real_iteration = Trainer.run_iteration
@@ -374,7 +375,7 @@ def test_a_two_machine_ppo_epoch_runs_machine_1_on_the_worker_and_logs_once(stac
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
 
     from components.config import load_config
-    from flows import tasks
+    from flows import stage, tasks
 
     node = node_deployment("loopback")
     config = load_config(None, two_machine_overrides(tiny_lm_dir, tiny_reward_dir, tmp_path, node, "team-two-machines"))
@@ -384,10 +385,10 @@ def test_a_two_machine_ppo_epoch_runs_machine_1_on_the_worker_and_logs_once(stac
         scorer = tasks.load_reward_model(config)
         policy, tokenizer = tasks.load_policy(config)
         trainer = tasks.build(config, policy, tokenizer, scorer)
-        run_id = tasks.start_tracking(config, None)
+        run_id = stage.start_tracking(config, None, "policy", tasks.provenance(config, {}))
         while trainer.stop_reason is None:
             tasks.train(trainer, trainer.iteration, TWO_MACHINE_PROMPTS, config, run_id)
-        tasks.end_tracking(run_id, failed=False)
+        stage.end_tracking(run_id, failed=False)
         return run_id, trainer.episodes
 
     run_id, episodes = ppo_epochs()

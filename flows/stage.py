@@ -1,0 +1,196 @@
+"""The life every stage shares, around what it trains (the style guide's "a stage is one shape").
+
+A stage's flow (the policy pipeline, flows/pipeline.py with flows/tasks.py; the reward model, flows/reward_pipeline.py
+with flows/reward_tasks.py) is:
+
+    resumed_config (on --resume) -> its own inputs -> start_tracking -> recorded_result (a settled run only closes)
+    -> its own training, a checkpoint at a time -> its own evaluations, the champion's found by find_champion
+    -> its gates, recorded by record_gates -> register_version -> promote -> its own finish -> close
+    on any failure: end_tracking(failed) and explain_failure
+
+Everything here is written once for every stage and is safe to run again (a resumed run ends where an
+uninterrupted one ends); a stage's module holds only what is its own: its inputs, training, evaluation, the model it
+logs, the tags of its versions and its result.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any, Callable
+
+import mlflow
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NONE
+from prefect.runtime import flow_run
+
+from components import registry, secrets, tracking
+from components.config import PROJECT_ROOT, given_keys
+from components.errors import AlignflowError, retryable, translated, unreachable
+from components.faults import crash_point
+from components.gates import GateReport
+from components.versioning import DatasetVersion
+from flows import promotion
+
+COMMANDS = {"policy": "alignflow run", "reward": "alignflow reward run"}  # how a person resumes a stage's run
+
+
+# --- where a run keeps its files ---------------------------------------------------------------
+
+
+def checkpoint_root(config) -> Path:
+    root = Path(config.checkpoint.dir)
+    return root if root.is_absolute() else PROJECT_ROOT / root
+
+
+def run_directory(config, run_id: str) -> Path:
+    """What a run keeps on disk for --resume, one directory per MLflow run: concurrent runs never share one."""
+    return checkpoint_root(config) / run_id
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+# --- tracking around the flow ------------------------------------------------------------------
+
+
+@task(cache_policy=NONE)
+def resumed_config(given, resume_run_id: str, config_path: str | None, overrides: list[str], stage: str):
+    """The configuration the run to resume recorded (tracking.resumed_config): refused, changing nothing, when it is
+    another stage's run or a setting given here differs from the recorded one."""
+    config = tracking.resumed_config(given, resume_run_id, stage, given_keys(config_path, overrides))
+    get_run_logger().info("resuming run %s with the configuration it recorded", resume_run_id)
+    return config
+
+
+def start_tracking(config, resume_run_id: str | None, stage: str, provenance: Callable[[], dict[str, str]]) -> str:
+    """Start (or resume) the stage's MLflow run and make its record whole (tracking.record_run: a run killed before or
+    inside it gets it from its resume): the configuration, the commit, the Prefect flow run and the stage's own
+    `provenance()`."""
+    run = tracking.start_run(config, resume_run_id, stage=stage)
+    get_run_logger().info("MLflow run %s%s", run.info.run_id,
+                          "" if resume_run_id else f" (if it is interrupted: {COMMANDS[stage]} --resume {run.info.run_id})")
+    tracking.record_run(config, lambda: {"alignflow.git_commit": git_commit(),
+                                         "alignflow.prefect_flow_run_id": flow_run.id or "", **provenance()})
+    return run.info.run_id
+
+
+def recorded_result(from_json: Callable[[dict], Any]):
+    """The result the run recorded once its outcome was settled (`finish`): a resumed run that has it only closes."""
+    recorded = tracking.recorded("result.json")
+    return from_json(recorded) if recorded else None
+
+
+def end_tracking(run_id: str, failed: bool) -> None:
+    try:
+        tracking.end_run(run_id, failed=failed)
+    except Exception as exc:  # the tracking server (or its disk) may be what failed; keep the original error in front
+        if not failed:
+            raise
+        print(f"could not mark MLflow run {run_id} failed: {exc}")
+
+
+class ServerUnreachable(AlignflowError):
+    """A server the pipeline needs stayed unreachable through every retry."""
+
+
+def explain_failure(exc: BaseException, config, run_id: str, stage: str) -> BaseException:
+    """A library's error with one cause the user can act on, said as such (a full disk, a Prefect credential); an
+    MLflow server that could not be reached, named with how to resume; else `exc` itself."""
+    translation = translated(exc)
+    if translation is not None:
+        return translation
+    if isinstance(exc, AlignflowError) or not unreachable(exc):
+        return exc
+    uri = secrets.redact_uri(tracking.resolve_tracking_uri(config.tracking))
+    return ServerUnreachable(
+        f"the MLflow tracking server at {uri} is unreachable (after retries with backoff): {exc}\n"
+        f"Nothing was promoted and the checkpoints are kept. When the server is back, resume with\n"
+        f"  {COMMANDS[stage]} --resume {run_id}"
+    )
+
+
+# --- evaluation, gates, registry ---------------------------------------------------------------------
+
+
+@task(cache_policy=NONE)
+def find_champion(config) -> str | None:
+    """The version holding the champion alias, recorded on the run: a resumed run compares with the champion its
+    first attempt saw, even if the alias moved since."""
+    done = tracking.recorded("evaluations/champion_version.json")
+    if done is not None:
+        return done["version"]
+    champion = registry.get_champion(config.tracking.registered_model, config.tracking.champion_alias)
+    version = None if champion is None else str(champion.version)
+    tracking.record({"version": version}, "evaluations/champion_version.json")
+    return version
+
+
+def record_gates(report: GateReport, extra_metrics: dict[str, float], key: str, description: str) -> None:
+    """A gate report on the run (gate/* metrics, alignflow.gates_* tags, gate_report.md) and as a Prefect artifact."""
+    tracking.log_metrics_once({**extra_metrics, **report.as_metrics()})
+    mlflow.set_tags(report.as_tags())
+    mlflow.log_text(report.to_markdown(), "gate_report.md")
+    create_markdown_artifact(markdown=report.to_markdown(), key=key, description=description)
+
+
+def register_version(config, run_id: str, data: DatasetVersion, report: GateReport, evaluated_against: str | None,
+                     log_model: Callable[[], str], tags: Callable[[], dict[str, Any]]) -> str:
+    """Log the stage's model (`log_model()`, its model URI) and register it as a version of the configured registered
+    model with every tag in the same call: the gates, the data, the provenance, and the stage's own `tags()`. A resumed
+    run that registered already gets its version back."""
+    name = config.tracking.registered_model
+    existing = registry.version_of_run(name, run_id)
+    if existing is None:
+        model_uri = log_model()
+        crash_point("register.logged")
+        existing = registry.register(name, run_id, model_uri, {
+            registry.GATES_TAG: report.passed, "gates_failed": ",".join(report.failed_names),
+            "data_md5": data.md5, "data_name": data.name, "data_dvc_file": data.dvc_file or "", "data_versioned": data.versioned,
+            "git_commit": git_commit(), "prefect_flow_run_id": flow_run.id or "", "mlflow_run_id": run_id,
+            "evaluated_against": evaluated_against or "", **tags()})
+        crash_point("register.created")
+    mlflow.set_tag(tracking.MODEL_VERSION_TAG, existing.version)
+    return str(existing.version)
+
+
+@task(retries=2, retry_delay_seconds=[2, 10], cache_policy=NONE, retry_condition_fn=retryable)
+def promote(config, version: str, report: GateReport, evaluated_against: str | None, score: float, score_tag: str,
+            who: str) -> bool:
+    """Only a version that passed every gate becomes champion; a failure leaves the champion alone. Under the
+    registry's promotion lock, the alias is compared-and-set: of candidates finishing together, the best passing
+    evaluation (`score`, the holder's `score_tag`) wins (flows/promotion.py). Returns whether this version holds the
+    alias now."""
+    logger = get_run_logger()
+    if not report.passed:
+        logger.warning("%s version %s not promoted: %s", config.tracking.registered_model, version, report.summary())
+        return False
+    _, why = promotion.promote(config, version, user=f"{who} ({registry.current_identity()})", reason=report.summary(),
+                               evaluated_against=evaluated_against, score=score, score_tag=score_tag)
+    holder = registry.get_champion(config.tracking.registered_model, config.tracking.champion_alias)
+    promoted = holder is not None and str(holder.version) == version
+    (logger.info if promoted else logger.warning)("%s version %s: %s", config.tracking.registered_model, version, why)
+    return promoted
+
+
+@task(cache_policy=NONE)
+def close(config, run_id: str, end_tags: dict[str, str]) -> None:
+    """The run's end tags, then its checkpoint removed unless `checkpoint.keep` (the registered version holds the
+    model now); last, the tag that says the run has nothing left to do."""
+    mlflow.set_tags(end_tags)
+    crash_point("finish.tagged")
+    if not config.checkpoint.keep:
+        shutil.rmtree(run_directory(config, run_id), ignore_errors=True)
+    mlflow.set_tag(tracking.FINISHED_TAG, "true")
+
+
+def end_tags(result) -> dict[str, str]:
+    """What `close` tags a run with, from its recorded result (a stage's result has gates, promoted, model_version)."""
+    return {tracking.GATES_PASSED_TAG: str(result.gates.passed).lower(), tracking.PROMOTED_TAG: str(result.promoted).lower(),
+            tracking.MODEL_VERSION_TAG: result.model_version}
