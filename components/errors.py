@@ -30,6 +30,11 @@ class UserError(AlignflowError):
     exit_code = 2
 
 
+class TrainingError(AlignflowError, RuntimeError):
+    """Training cannot go on (non-finite values, bad reward output), in either stage; raised before any optimizer step
+    or checkpoint of the failing iteration, so the last good checkpoint is intact. A retry would meet it again."""
+
+
 class DiskFull(UserError):
     """The disk under a file alignflow writes, or under the SQLite tracking store, is full."""
 

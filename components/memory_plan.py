@@ -225,7 +225,8 @@ def shape_of(ref: str, key: str, revision: str | None = None, kind: str = "lm", 
     and the sizes."""
     from transformers import AutoConfig
 
-    from components.models import adapter_base, locate
+    from components.models import locate
+    from components.references import adapter_base
 
     located = locate(key, ref, revision)
     base = adapter_base(located)  # a saved LoRA adapter (lora.save_mode: adapter): the shape is its base model's

@@ -12,7 +12,6 @@ code runs (components/model_safety.py): `allow_pickle` (`policy.allow_pickle`, `
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -32,6 +31,7 @@ from transformers import (
 from components.config import PROJECT_ROOT
 from components.errors import UserError
 from components.model_safety import check_model_files, loading
+from components.references import ModelReferenceError, adapter_base, resolve_model_reference
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
 
@@ -43,8 +43,6 @@ class ModelLoadError(UserError):
 def locate(key: str, ref: str, revision: str | None = None, root: Path = PROJECT_ROOT) -> str:
     """The reference `key` holds, as `from_pretrained` takes it, checked before anything is loaded."""
     if ref.startswith("models:"):
-        from components.references import ModelReferenceError, resolve_model_reference
-
         try:
             return resolve_model_reference(ref)
         except ModelReferenceError as exc:
@@ -69,6 +67,29 @@ def locate(key: str, ref: str, revision: str | None = None, root: Path = PROJECT
         raise ModelLoadError(f"{key}: {ref!r} is neither a local directory ({local} does not exist) nor a hub id "
                              f"that can be reached: {why}")
     return ref
+
+
+def with_models(config, rewrite):
+    """The configuration with its model references (policy, reward model, critic, judge) passed through `rewrite(key, ref)`."""
+    critic, judge = config.critic.model, config.judge
+    return config.model_copy(update={
+        "policy": config.policy.model_copy(update={"model": rewrite("policy.model", config.policy.model)}),
+        "critic": config.critic.model_copy(update={"model": None if critic is None else rewrite("critic.model", critic)}),
+        "reward": config.reward.model_copy(update={"model": rewrite("reward.model", config.reward.model)}),
+        "judge": None if judge is None else judge.model_copy(update={"model": rewrite("judge.model", judge.model)}),
+    })
+
+
+def resolved_models(config):
+    """The run configuration with every model reference as this machine loads it (checked, registry URIs downloaded):
+    what the pipeline's first task, `alignflow plan` and each machine of a launch load."""
+    return with_models(config, lambda key, ref: locate(key, ref, _revision(config, key)))
+
+
+def _revision(config, key: str) -> str | None:
+    if key == "judge.model":
+        return config.judge.revision
+    return config.reward.revision if key == "reward.model" else config.policy.revision
 
 
 def tokenizer_fingerprint(ref: str) -> str:
@@ -161,14 +182,6 @@ def load_seq2seq_lm(name_or_path: str, revision: str | None = None, key: str = "
     return model.eval()
 
 
-def adapter_base(path: str | Path) -> str | None:
-    """The base model of a saved LoRA adapter (a folder with adapter_config.json and no config.json), else None."""
-    path = Path(path)
-    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
-        return json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
-    return None
-
-
 def load_policy(name_or_path: str, revision: str | None = None, key: str = "policy.model", *,
                 allow_pickle: bool = False, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """The policy LM in `dtype` (RunConfig.policy_dtype): an encoder-decoder when its config says so
@@ -245,11 +258,10 @@ def with_lora(policy: PreTrainedModel, lora, task_type: str | None = None) -> to
     head; default: the policy's LM task."""
     from peft import LoraConfig, get_peft_model
 
-    from components.rl.roles import is_encoder_decoder
 
     config = LoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=0.0, target_modules=lora_target_modules(policy, lora),
-        task_type=task_type or ("SEQ_2_SEQ_LM" if is_encoder_decoder(policy) else "CAUSAL_LM"),
+        task_type=task_type or ("SEQ_2_SEQ_LM" if getattr(policy.config, "is_encoder_decoder", False) else "CAUSAL_LM"),
     )
     return get_peft_model(policy, config).eval()
 

@@ -74,11 +74,18 @@ def resolve_model_reference(ref: str, cache_dir: Path | None = None) -> str:
     return str(target)
 
 
+def adapter_base(path: str | Path) -> str | None:
+    """The base model of a saved LoRA adapter (a folder with adapter_config.json and no config.json), else None."""
+    path = Path(path)
+    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        return json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
+    return None
+
+
 def _assemble_policy_dir(downloaded: Path, ref: str) -> Path:
     """The folder `load_policy` reads: a saved model, or a LoRA adapter whose config names its base."""
     import yaml
 
-    from components.models import adapter_base
 
     mlmodel = downloaded / "MLmodel"
     flavors = (yaml.safe_load(mlmodel.read_text()) or {}).get("flavors", {}) if mlmodel.is_file() else {}

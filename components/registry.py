@@ -78,7 +78,8 @@ def log_policy(
     (or, where the account may not delete, tagged `alignflow.abandoned`)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from components.models import adapter_base, load_policy
+    from components.models import load_policy
+    from components.references import adapter_base
 
     reused = _reuse_logged(artifact_name)
     if reused is not None:

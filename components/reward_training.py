@@ -30,8 +30,8 @@ from transformers import AutoModelForSequenceClassification, PreTrainedTokenizer
 
 from components.config import RewardModelConfig, RewardTrainingConfig
 from components.reward import eos_suffix, reward_text
-from components.rl.checkpoint import write_atomically
-from components.rl.experience import TrainingError
+from components.checkpoint import write_atomically
+from components.errors import TrainingError
 
 Collate = Callable[[list[list[int]], torch.Generator], dict[str, torch.Tensor]]
 STATE_FILE = "trainer_state.pt"

@@ -26,31 +26,9 @@ from prefect.runtime import flow_run
 
 from components import references, secrets
 from components.config import PROJECT_ROOT, ConfigError, RunConfig
-from components.models import locate
+from components.models import resolved_models, with_models
 from components.rl import Trainer, launcher
 from components.rl.distributed import accelerate_precision
-
-
-def with_models(config: RunConfig, rewrite) -> RunConfig:
-    """The configuration with its model references (policy, reward model, critic, judge) passed through `rewrite(key, ref)`."""
-    critic, judge = config.critic.model, config.judge
-    return config.model_copy(update={
-        "policy": config.policy.model_copy(update={"model": rewrite("policy.model", config.policy.model)}),
-        "critic": config.critic.model_copy(update={"model": None if critic is None else rewrite("critic.model", critic)}),
-        "reward": config.reward.model_copy(update={"model": rewrite("reward.model", config.reward.model)}),
-        "judge": None if judge is None else judge.model_copy(update={"model": rewrite("judge.model", judge.model)}),
-    })
-
-
-def resolved_models(config: RunConfig) -> RunConfig:
-    """The configuration with every model reference as this machine loads it (checked, registry URIs downloaded)."""
-    return with_models(config, lambda key, ref: locate(key, ref, _revision(config, key)))
-
-
-def _revision(config: RunConfig, key: str) -> str | None:
-    if key == "judge.model":
-        return config.judge.revision
-    return config.reward.revision if key == "reward.model" else config.policy.revision
 
 
 def launch_iterations(trainer: Trainer, prompts: list[str], config: RunConfig, directory: Path, iterations: int) -> None:

@@ -28,7 +28,7 @@ from components.reward_eval import (
     RewardEval, check_reward_gates, evaluate_pairs, gold_accuracy_of, plot_reliability, plot_score_distributions,
 )
 from components.reward_training import RewardTrainer, encode_pairs, load_base, pair_texts, score_pairs
-from components.rl.checkpoint import check_writable, recover, write_atomically
+from components.checkpoint import check_writable, recover, write_atomically
 from components.versioning import DatasetVersion, dataset_version
 from flows import stage
 

@@ -34,10 +34,12 @@ from components.faults import crash_point
 from components.model_safety import check_run_models
 from components.gates import GateReport, check_gates
 from components.memory_plan import GIB, check_fits
-from components.models import ModelLoadError, load_policy as load_policy_model, load_tokenizer, tokenizer_fingerprint
+from components.models import (
+    ModelLoadError, load_policy as load_policy_model, load_tokenizer, resolved_models, tokenizer_fingerprint, with_models,
+)
 from components.reward import RewardScorer
 from components.rl import Trainer, TrainResult, build_trainer
-from components.rl.checkpoint import check_writable, recover
+from components.checkpoint import check_writable, recover
 from components.rl.progress import ProgressBar
 from components.rl.rollout import prompt_ids
 from components.versioning import DatasetVersion, dataset_version
@@ -133,7 +135,7 @@ def pin_models(config: RunConfig, resume_run_id: str | None) -> RunConfig:
             raise ModelLoadError(f"{key}: {exc}") from None
     for key, ref in aliased.items():
         get_run_logger().info("%s: %s is %s for this run", key, ref, pinned[key])
-    return multinode.with_models(config, lambda key, ref: pinned.get(key, ref))
+    return with_models(config, lambda key, ref: pinned.get(key, ref))
 
 
 def pinned_models(original: RunConfig, pinned: RunConfig) -> dict[str, str]:
@@ -168,7 +170,7 @@ def check_inputs(config: RunConfig, resume_run_id: str | None) -> RunConfig:
                        registered_model=config.tracking.registered_model, reads=access.registry_reads(config))
     if resume_run_id is not None:
         tracking.find_run(config.tracking, resume_run_id)
-    resolved = multinode.resolved_models(config)
+    resolved = resolved_models(config)
     check_run_models(resolved, PROJECT_ROOT)  # no pickle-only checkpoint, no model's own code (model_safety.py)
     plan = check_fits(resolved)  # sizes from the config files; nothing loaded yet
     get_run_logger().info("memory plan: peak %.2f GiB per %s device, %s available", plan.peak_bytes / GIB, plan.device,

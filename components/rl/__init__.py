@@ -7,12 +7,15 @@
     state.py        checkpoints and the exported policy
     rollout.py      our KV-cache sampling loop, prompt rendering; generate / sequence_kl for the evaluation
     roles.py        the value head, the separate critic, the reference of a LoRA policy, backbone helpers
-    packing.py, distributed.py, checkpoint.py, kl_controller.py, progress.py, launch.py, launcher.py
+    packing.py, distributed.py, kl_controller.py, progress.py, launch.py, launcher.py
+
+The atomic writes under its checkpoints are components/checkpoint.py, which the reward-model stage uses too.
 
 No Prefect, no MLflow: `Trainer.train(..., callback=...)` hands each iteration's statistics to the caller.
 """
 
-from components.rl.experience import Experience, TrainingError
+from components.errors import TrainingError
+from components.rl.experience import Experience
 from components.rl.kl_controller import AdaptiveKLController, FixedKLController
 from components.rl.rollout import PromptError, Samples, generate, sequence_kl
 from components.rl.trainer import Trainer, TrainResult, build_trainer

@@ -16,7 +16,7 @@ from typing import Callable, Sequence, TypeVar
 import torch
 
 from components.config import GenerationConfig, MemoryConfig, RewardConfig, RLConfig
-from components.errors import AlignflowError
+from components.errors import TrainingError
 from components.reward import score_completions
 from components.rl import distributed
 from components.rl.core import RunningMoments, compute_rewards, logprobs_of
@@ -29,11 +29,6 @@ T = TypeVar("T")
 # (prompts, completions) -> scores (B,); one with an `ended_with_eos` parameter (RewardScorer) also gets which
 # completions ended with the policy's EOS (components.reward.score_completions).
 RewardFn = Callable[..., torch.Tensor]
-
-
-class TrainingError(AlignflowError, RuntimeError):
-    """Training cannot go on (non-finite values, bad reward output); raised before any optimizer step or checkpoint
-    of the failing iteration, so the last good checkpoint is intact. A retry would meet it again."""
 
 
 @dataclass

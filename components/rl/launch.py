@@ -25,7 +25,7 @@ import torch
 from components.config import load_config
 from components.models import load_policy, load_tokenizer
 from components.rl import distributed
-from components.rl.checkpoint import resolve_checkpoint
+from components.checkpoint import resolve_checkpoint
 from components.rl.trainer import build_trainer
 from components.reward import RewardScorer
 

@@ -27,7 +27,7 @@ from typing import Callable
 import yaml
 
 from components.config import ConfigError, LaunchConfig
-from components.rl.checkpoint import resolve_checkpoint
+from components.checkpoint import resolve_checkpoint
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,8 @@ from components.config import MemoryConfig, RLConfig
 from components.rl import distributed
 from components.rl.precision import autocast, checkpointing, grad_scaler
 from components.rl.core import aggregate, entropy_from_logits, kl_penalty, logprobs_of, masked_mean, policy_loss, value_loss
-from components.rl.experience import Experience, TrainingError
+from components.errors import TrainingError
+from components.rl.experience import Experience
 
 STATS = ("policy/approxkl", "policy/clipfrac", "policy/ratio", "policy/token_entropy", "loss/policy")
 VALUE_STATS = ("val/clipfrac", "loss/value")

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 
 from components.config import ConfigError
 from components.rl import distributed
-from components.rl.checkpoint import resolve_checkpoint, write_atomically
+from components.checkpoint import resolve_checkpoint, write_atomically
 
 if TYPE_CHECKING:
     from components.rl.trainer import Trainer

@@ -61,7 +61,8 @@ from components.config import ConfigError, CriticConfig, GenerationConfig, LoraC
 from components.models import fuse_gelu
 from components.rl import distributed, state
 from components.rl.core import estimate_advantages, explained_variance, group_stats, masked_mean
-from components.rl.experience import ExperienceMaker, PolicyValue, RewardFn, TrainingError
+from components.errors import TrainingError
+from components.rl.experience import ExperienceMaker, PolicyValue, RewardFn
 from components.rl.kl_controller import kl_controller
 from components.rl.learner import Learner
 from components.rl.packing import packs_sequences

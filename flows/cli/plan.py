@@ -24,11 +24,11 @@ def plan(
     activations, KV cache) for the configured models (sizes from their config files: no weights are loaded), whether
     it fits the device, and what would make it fit. Exit code 1 when it does not fit."""
     from components.memory_plan import GIB, check_sizes, plan_run
-    from flows import multinode
+    from components.models import resolved_models
 
     run_config = resolved(config, set_)
     check_sizes(run_config, device_gb, "--device-gb")  # before any model is located or sized
-    run_config = multinode.resolved_models(run_config)
+    run_config = resolved_models(run_config)
     result = plan_run(run_config, None if device_gb is None else int(device_gb * GIB))
     if as_json:
         console.print_json(json.dumps(result.as_dict()))

@@ -16,7 +16,7 @@ from support import alignflow
 from components.errors import UserError, retryable
 from components.faults import CRASH_ENV
 from components.models import ModelLoadError
-from components.rl.checkpoint import StorageError
+from components.checkpoint import StorageError
 from flows.pipeline import pipeline
 
 

@@ -431,7 +431,7 @@ def test_a_name_another_account_owns_is_refused_naming_it_and_what_an_admin_must
             access.check_owned(uri, **kwargs)
         message = str(failure.value)
         assert isinstance(failure.value, UserError) and failure.value.exit_code == 2
-        assert f"MLflow user 'alignflow-pipeline' does not own" in message and f"'{name}', which this stage {use}" in message
+        assert "MLflow user 'alignflow-pipeline' does not own" in message and f"'{name}', which this stage {use}" in message
         kind = "experiment" if name == experiment else "registered_model"
         assert f"python -m components.access owners {kind} {name}" in message
         assert f"python -m components.access adopt {kind} {name}" in message
@@ -484,7 +484,7 @@ def test_the_stages_refuse_a_name_another_account_owns_with_exit_2_before_traini
     for done, name, use in ((reward, model, "registers its models in"), (against, model, "loads reward.model from"),
                             (into, experiment, "records its runs in")):
         assert done.returncode == 2, done.stdout[-3000:] + done.stderr[-3000:]
-        assert f"does not own" in done.stderr and f"'{name}', which this stage {use}" in done.stderr, done.stderr[-3000:]
+        assert "does not own" in done.stderr and f"'{name}', which this stage {use}" in done.stderr, done.stderr[-3000:]
         assert "Traceback" not in done.stderr
     assert client.get_experiment_by_name(reward_experiment) is None  # nothing recorded: no experiment, no run
     foreign_runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])

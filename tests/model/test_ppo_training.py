@@ -12,7 +12,7 @@ from support import one_thread, word_share  # noqa: F401
 from components.config import GenerationConfig, RLConfig, RewardConfig, RunConfig
 from components.models import load_causal_lm, load_tokenizer
 from components.rl import Trainer, TrainingError, build_trainer
-from components.rl.checkpoint import StorageError, check_writable, resolve_checkpoint
+from components.checkpoint import StorageError, check_writable, resolve_checkpoint
 
 PROMPTS = ["the film was", "I loved the movie", "the plot is", "it was a", "the acting", "we hated it but", "the music", "this movie"]
 STAT_NAMES = {

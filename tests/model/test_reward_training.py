@@ -12,7 +12,7 @@ from support import one_thread  # noqa: F401 - tiny models are op-overhead bound
 from components.config import LoraConfig, RewardModelConfig, RewardTrainingConfig
 from components.preferences import PreferencePair
 from components.reward_training import RewardTrainer, encode_pairs, load_base, lr_factor, score_pairs
-from components.rl.experience import TrainingError
+from components.errors import TrainingError
 
 
 def pairs(n: int, seed: int = 0, margin: float | None = None) -> list[PreferencePair]:
