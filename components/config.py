@@ -900,6 +900,16 @@ def apply_overrides(config: Section, overrides: list[str] | tuple[str, ...]) -> 
         raise ConfigError(_format_errors(exc, "overrides " + " ".join(overrides))) from None
 
 
+def renamed(tree: dict[str, Any]) -> dict[str, Any]:
+    """`tree` (a configuration as recorded by an earlier release) with its renamed keys under their new names, quietly."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConfigDeprecation)
+        _rename_keys(tree, "the recorded configuration")
+    return tree
+
+
 def given_keys(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> set[str]:
     """The `section.key`s a user set: those of the config file at `path` and of the `--set` overrides (renamed keys
     under their new names). What a resume compares with the run's recorded configuration."""

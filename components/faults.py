@@ -29,7 +29,7 @@ POINTS = {
     "evaluation.recorded": "an evaluation's results are recorded on the run, its metrics not yet logged",
     "register.logged": "the policy is logged to the run, no model version created yet",
     "register.created": "the model version is created with its tags, the run not yet tagged with it",
-    "promote.intent": "the promotion's intent is tagged on the version, the alias not moved yet",
+    "promote.intent": "the promotion is written ahead on the registered model, the alias not moved yet",
     "promote.alias_moved": "the alias points at the new version, the promotion tags not yet written",
     "rollback.intent": "(alignflow rollback) the rollback is written ahead on the registered model, the alias not moved",
     "rollback.alias_moved": "(alignflow rollback) the alias points at the previous champion, the records not yet written",

@@ -277,6 +277,11 @@ def promote(
     current = get_champion(name, alias)
     if current is not None and str(current.version) == version:
         return False, f"version {version} is already {alias}"
+    if evaluated_against is not False:  # a pipeline's resume never undoes a rollback of the version it promoted
+        undone = next((m for m in history(name, alias) if m["action"] == "rollback" and m["from"] == version), None)
+        if undone is not None:
+            return False, (f"version {version} was rolled back ({describe(undone)}); {alias} unchanged (a person "
+                           f"may promote it again: alignflow promote {version})")
     passed, why = verified_gates(target)
     if not passed:
         if not force:
@@ -320,7 +325,7 @@ def rollback(name: str, alias: str = "champion", *, user: str | None = None, rea
         raise PromotionError(f"@{alias} of {name} is on version {current.version}, but alignflow's history of it ends "
                              f"on version {champions[-1]}: the alias was moved outside alignflow. Promote the version "
                              f"you want instead (alignflow promote VERSION)")
-    previous = champions[-2] if len(champions) > 1 else (None if champions else current.tags.get(f"previous_{alias}"))
+    previous = rollback_target(name, alias, current)
     if not previous:
         raise PromotionError(f"{name} version {current.version} is the first {alias} alignflow's history has: nothing "
                              "to roll back to (see `alignflow models --history`)")
@@ -351,7 +356,7 @@ def history_tag(alias: str, number: int) -> str:
 
 def _move(action: str, name: str, alias: str, version: str, current: ModelVersion | None, user: str | None,
           reason: str, forced: bool) -> dict:
-    return {"number": len(history(name, alias)) + 1, "action": action, "version": version,
+    return {"number": max((m["number"] for m in history(name, alias)), default=0) + 1, "action": action, "version": version,
             "from": str(current.version) if current is not None else "", "by": user or current_identity(),
             "at": _now(), "reason": reason[:500], "forced": forced}
 
@@ -416,14 +421,29 @@ def history(name: str, alias: str = "champion") -> list[dict]:
 
 def champion_stack(moves: list[dict]) -> list[str]:
     """The champions a rollback returns to, oldest first, the current one last: each promotion pushes its version,
-    each rollback pops the newest (`promote 1, 2, 3, 2` then rollbacks walk 3, 2, 1)."""
-    stack: list[str] = [moves[0]["from"]] if moves and moves[0]["from"] else []  # the champion before the history
+    each rollback pops the newest (`promote 1, 2, 3, 2` then rollbacks walk 3, 2, 1). A move that did not start from
+    the top (the first moves after this history began, an alias moved outside alignflow) pushes where it started."""
+    stack: list[str] = []
     for move in moves:
         if move["action"] == "promote":
+            if move["from"] and (not stack or stack[-1] != move["from"]):
+                stack.append(move["from"])
             stack.append(move["version"])
-        elif stack:
-            stack.pop()
+        else:
+            if stack and stack[-1] == move["from"]:
+                stack.pop()
+            if not stack or stack[-1] != move["version"]:
+                stack.append(move["version"])
     return stack
+
+
+def rollback_target(name: str, alias: str, current: ModelVersion) -> str | None:
+    """The version a rollback of `alias` (held by `current`) returns to: the champion before it in the history; at
+    the bottom of the history, the `previous_<alias>` the holder was tagged with before the history began; else None."""
+    champions = champion_stack(history(name, alias))
+    if len(champions) > 1:
+        return champions[-2]
+    return current.tags.get(f"previous_{alias}") or None
 
 
 GATES_METRIC = "gate/passed"  # what the pipeline's gates task logs on the run (components/gates.py)
@@ -439,7 +459,10 @@ def verified_gates(version: ModelVersion) -> tuple[bool, str]:
     try:
         recorded = MlflowClient().get_run(version.run_id).data.metrics.get(GATES_METRIC) if version.run_id else None
     except MlflowException as exc:
-        if exc.error_code not in _MISSING and exc.error_code != "PERMISSION_DENIED":
+        if exc.error_code == "PERMISSION_DENIED":
+            return False, (f"its run {version.run_id} cannot be read by this account to check its {GATES_TAG} tag "
+                           "against the gate result the run recorded")
+        if exc.error_code not in _MISSING:
             raise
         recorded = None
     if recorded is None:

@@ -212,7 +212,7 @@ def resumed_config(given, run_id: str, stage: str, keys_given: set[str]):
     continues with `given` (its resume writes the record)."""
     import yaml
 
-    from components.config import _flatten
+    from components.config import _flatten, renamed
 
     run = find_run(given.tracking, run_id)
     tags = run.data.tags
@@ -223,6 +223,9 @@ def resumed_config(given, run_id: str, stage: str, keys_given: set[str]):
         raise ResumeRefused(f"--resume {run_id}: that is a {run_stage}-stage run, not a {stage}-stage one: "
                             f"resume it with `{other} --resume {run_id}`; nothing was changed")
     text = _artifact_text(run, "config.yaml") if tags.get(RECORDED_TAG) == "true" else None
+    if tags.get(RECORDED_TAG) == "true" and text is None:
+        raise ResumeRefused(f"--resume {run_id}: the run's config.yaml cannot be read from its artifact store "
+                            f"({run.info.artifact_uri}); try again when it can; nothing was changed")
     config = given
     if text is not None:
         recorded = yaml.safe_load(text)
@@ -239,7 +242,8 @@ def resumed_config(given, run_id: str, stage: str, keys_given: set[str]):
                                 + "\n  ".join(shown) + f"\nA resume continues the run as it was recorded: run "
                                 f"`{command} --resume {run_id}` without those settings (it takes the run's own), or "
                                 "start a new run with the new ones; nothing was changed")
-        unrecorded = [key for key, value in recorded_flat.items() if isinstance(value, str) and secrets.REDACTED in value]
+        unrecorded = [key for key, value in recorded_flat.items()  # what secrets.redact_tree wrote in place of a secret
+                      if value == secrets.REDACTED or (isinstance(value, str) and f"://{secrets.REDACTED}@" in value)]
         missing = [key for key in unrecorded if redacted_flat.get(key) != recorded_flat[key]]
         if missing:
             raise ResumeRefused(f"--resume {run_id}: {', '.join(missing)} held a secret the run did not record: give it "
@@ -248,14 +252,16 @@ def resumed_config(given, run_id: str, stage: str, keys_given: set[str]):
         tree = _unflatten({key: given_flat[key] if key in unrecorded else value for key, value in recorded_flat.items()})
         tree["tracking"]["tracking_uri"] = given.tracking.tracking_uri  # where the run was found, not what it did
         try:
-            config = type(given).model_validate(tree)
+            config = type(given).model_validate(renamed(tree))
         except ValueError as exc:  # pydantic's ValidationError: a key this version renamed or retired
             raise ResumeRefused(f"--resume {run_id}: the configuration the run recorded is not valid in this version of "
                                 f"alignflow ({' '.join(str(exc).split())[:400]}); resume it with the version that "
                                 "started it, or start a new run; nothing was changed") from None
     else:  # killed before its record was whole: what it logged of it must be what is given now
         params = {key: _param_value(value) for key, value in secrets.redacted_params(given.flat()).items()}
-        differing = sorted(key for key, value in run.data.params.items() if params.get(key, value) != value)
+        free = WHERE_KEYS | ({"tracking.experiment"} - keys_given)  # the store, and the run's experiment unless given
+        differing = sorted(key for key, value in run.data.params.items()
+                           if params.get(key, value) != value and key not in free)
         if differing:
             raise ResumeRefused(f"--resume {run_id}: the run logged other values of {', '.join(differing)} than given "
                                 "here: resume it with the settings it was started with; nothing was changed")

@@ -65,7 +65,8 @@ def resumed_config(given, resume_run_id: str, config_path: str | None, overrides
     """The configuration the run to resume recorded (tracking.resumed_config): refused, changing nothing, when it is
     another stage's run or a setting given here differs from the recorded one."""
     config = tracking.resumed_config(given, resume_run_id, stage, given_keys(config_path, overrides))
-    get_run_logger().info("resuming run %s with the configuration it recorded", resume_run_id)
+    get_run_logger().info("resuming run %s with %s", resume_run_id, "the configuration it recorded" if config is not given
+                          else "the configuration given (the run was interrupted before recording its own)")
     return config
 
 
@@ -74,10 +75,12 @@ def start_tracking(config, resume_run_id: str | None, stage: str, provenance: Ca
     inside it gets it from its resume): the configuration, the commit, the Prefect flow run and the stage's own
     `provenance()`."""
     run = tracking.start_run(config, resume_run_id, stage=stage)
-    get_run_logger().info("MLflow run %s%s", run.info.run_id,
-                          "" if resume_run_id else f" (if it is interrupted: {COMMANDS[stage]} --resume {run.info.run_id})")
+    logger = get_run_logger()
+    logger.info("MLflow run %s", run.info.run_id)
     tracking.record_run(config, lambda: {"alignflow.git_commit": git_commit(),
                                          "alignflow.prefect_flow_run_id": flow_run.id or "", **provenance()})
+    if resume_run_id is None:  # from here a resume takes the run's recorded configuration: no settings to repeat
+        logger.info("if it is interrupted: %s --resume %s", COMMANDS[stage], run.info.run_id)
     return run.info.run_id
 
 

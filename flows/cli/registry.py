@@ -125,12 +125,13 @@ def show_history(name: str, alias: str, uri: str) -> None:
         table.add_row(str(move["number"]), move["action"], move["from"] or "-", move["version"], escape(move["by"]),
                       move["at"], "yes" if move.get("forced") else "-", escape(move["reason"] or "-"))
     console.print(table)
-    stack = registry.champion_stack(moves)
     pending = registry.pending_move(name, alias)
     if pending is not None:
         console.print(f"[yellow]pending[/] (interrupted): {escape(registry.describe(pending))}; the next promote or "
                       "rollback completes it first")
-    console.print(f"a rollback now returns to version {stack[-2]}" if len(stack) > 1 else "nothing to roll back to")
+    current = registry.get_champion(name, alias)
+    target = None if current is None else registry.rollback_target(name, alias, current)
+    console.print(f"a rollback now returns to version {target}" if target else "nothing to roll back to")
 
 
 @app.command()

@@ -220,3 +220,39 @@ def test_same_version_number_in_another_registry_is_not_served_from_the_cache(co
     loaded = AutoModelForCausalLM.from_pretrained(second).state_dict()
     expected = AutoModelForCausalLM.from_pretrained(other_model).state_dict()
     assert all((loaded[k] == expected[k]).all() for k in expected)
+
+
+def move(number, action, source, version):
+    return {"number": number, "action": action, "from": source, "version": version}
+
+
+def test_the_champion_stack_starts_where_a_move_started_when_that_was_not_the_top():
+    assert registry.champion_stack([move(1, "promote", "", "1"), move(2, "promote", "1", "2"),
+                                    move(3, "rollback", "2", "1")]) == ["1"]
+    # a registry whose history began with a rollback (champions from before the history), then a promotion
+    assert registry.champion_stack([move(1, "rollback", "3", "2"), move(2, "promote", "2", "5")]) == ["2", "5"]
+    # the alias moved to 5 outside alignflow, then the pipeline promoted 6 from 5: a rollback returns to 5
+    assert registry.champion_stack([move(1, "promote", "", "1"), move(2, "promote", "1", "2"),
+                                    move(3, "promote", "5", "6")]) == ["1", "2", "5", "6"]
+
+
+def test_a_rollback_below_the_history_follows_the_previous_champion_tag_of_before(config, tiny_lm_dir):
+    v1, v2, v3 = (register(tiny_lm_dir, gates_passed=True) for _ in range(3))
+    client = MlflowClient()
+    # a registry from before the history: v2 champion, its previous_champion v1, set by the old code
+    client.set_registered_model_alias(MODEL, "champion", v2)
+    client.set_model_version_tag(MODEL, v2, "previous_champion", v1)
+    registry.promote(MODEL, v3)
+    assert [str(registry.rollback(MODEL).version) for _ in range(2)] == [v2, v1]
+    with pytest.raises(PromotionError, match="nothing to roll back to"):
+        registry.rollback(MODEL)
+
+
+def test_a_pipeline_resumed_after_its_version_was_rolled_back_does_not_promote_it_again(config, tiny_lm_dir):
+    v1, v2 = (register(tiny_lm_dir, gates_passed=True) for _ in range(2))
+    registry.promote(MODEL, v1)
+    assert registry.promote(MODEL, v2, evaluated_against=v1, score=1.0)[0]  # the pipeline's promotion
+    registry.rollback(MODEL, user="ops", reason="bad in production")
+    moved, why = registry.promote(MODEL, v2, evaluated_against=v1, score=1.0)  # its resume, before it had settled
+    assert not moved and f"version {v2} was rolled back" in why and str(registry.get_champion(MODEL).version) == v1
+    assert registry.promote(MODEL, v2, user="ops")[0]  # a person may

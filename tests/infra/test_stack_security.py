@@ -199,7 +199,8 @@ def test_a_promoter_moves_the_champion_and_back(stack, as_client, guarded_versio
 
 def test_a_credential_in_the_tracking_uri_stays_out_of_every_record(stack, as_client, demo_data_dir, tiny_lm_dir, tiny_reward_dir, tmp_path):
     """`alignflow run` here, its only MLflow credential in tracking.tracking_uri: the run works, and the password
-    is found in none of its MLflow params, tags and config.yaml, its Prefect flow-run parameters, logs and events."""
+    is found in none of its MLflow params, tags and config.yaml, its Prefect flow-run parameters, logs and events, nor
+    anywhere in Prefect's database."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
@@ -240,6 +241,27 @@ def test_a_credential_in_the_tracking_uri_stays_out_of_every_record(stack, as_cl
     for where, text in (("MLflow", mlflow_records), ("Prefect", prefect_records)):
         assert secret not in text, f"the password is in the {where} records"
         assert f"{user}:" not in text, f"the credentials are in the {where} records"
+    # and nowhere in Prefect's database (PostgreSQL): every row of every table, read as text
+    assert prefect_database_rows_with(stack, flow_run_id), "the search finds nothing: not the run's database"
+    assert prefect_database_rows_with(stack, secret) == {}
+
+
+def prefect_database_rows_with(stack, needle: str) -> dict[str, int]:
+    """{table: rows} of the stack's Prefect database whose text holds `needle` (read as this machine's PostgreSQL
+    superuser, as an intruder on the database would)."""
+    import psycopg
+
+    found = {}
+    with psycopg.connect(host="127.0.0.1", port=5432, user=os.environ.get("PGUSER", "postgres"),
+                         dbname=f"{stack.env['ALIGNFLOW_DB_PREFIX']}_prefect") as connection:
+        tables = [row[0] for row in connection.execute(
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'public'").fetchall()]
+        for table in tables:
+            rows = connection.execute(f'SELECT count(*) FROM "{table}" AS r WHERE r::text LIKE %s',
+                                      (f"%{needle}%",)).fetchone()[0]
+            if rows:
+                found[table] = rows
+    return found
 
 
 def test_the_stack_creates_every_name_the_stages_write_to_by_default():
