@@ -55,7 +55,9 @@ def test_concurrent_promotions_from_the_cli_and_pipelines_keep_one_champion_and_
         chain.append(client.get_model_version(MODEL, chain[-1]).tags["previous_champion"])
     # every promotion that moved the alias is in the chain exactly once: none recorded a holder another overwrote
     assert sorted(chain[:-1]) == sorted(promoted) and len(set(chain)) == len(chain)
-    assert not [v for v in registry.list_versions(MODEL) if registry.pending_move(v.tags)]
+    assert registry.pending_move(MODEL) is None
+    # the history holds each move once, in the order the lock let them through: the chain, read backwards
+    assert [m["version"] for m in registry.history(MODEL)] == list(reversed(chain))
 
     for expected in chain[1:]:
         assert cli_in_child(["rollback", *store]) == 0

@@ -4,7 +4,6 @@ a resume given no settings takes the run's own configuration."""
 
 from __future__ import annotations
 
-import mlflow
 import pytest
 from mlflow import MlflowClient
 from support import no_tracking_uri_left  # noqa: F401 - autouse: the tests point MLflow at a store
@@ -99,7 +98,7 @@ def test_a_run_killed_before_its_record_is_resumed_with_the_given_settings_and_i
         pass
     MlflowClient().update_run(run.info.run_id, status="RUNNING")
     assert tracking.resumed_config(config, run.info.run_id, "policy", set()) == config
-    with mlflow.start_run(run_id=run.info.run_id):
+    with tracking.start_run(config, run.info.run_id):  # as a resume does: the run's own experiment made active
         assert tracking.record_run(config, lambda: {"alignflow.git_commit": "test"})
         assert not tracking.record_run(config, lambda: {"alignflow.git_commit": "other"})  # whole: left alone
     recorded = MlflowClient().get_run(run.info.run_id).data
