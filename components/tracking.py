@@ -27,12 +27,13 @@ from typing import Any, Callable, Iterator
 from urllib.parse import urlparse
 
 import mlflow
+import yaml
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
 from components import secrets
-from components.config import PROJECT_ROOT, RunConfig, TrackingConfig
+from components.config import PROJECT_ROOT, RunConfig, TrackingConfig, _flatten, renamed
 from components.errors import UserError
 from components.faults import crash_point
 
@@ -210,10 +211,6 @@ def resumed_config(given, run_id: str, stage: str, keys_given: set[str]):
     its experiment is not the configured one, or when a key the user set (`keys_given`: config file and --set)
     differs from the recorded value: a resume continues the run as it was configured. A run killed before its record
     continues with `given` (its resume writes the record)."""
-    import yaml
-
-    from components.config import _flatten, renamed
-
     run = find_run(given.tracking, run_id)
     tags = run.data.tags
     run_stage = tags.get(STAGE_TAG) or ("policy" if ALGORITHM_TAG in tags else None)
