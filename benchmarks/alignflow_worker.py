@@ -69,9 +69,9 @@ def evaluate(spec: dict) -> dict:
     import components
     from components.config import GenerationConfig, RewardConfig
     from components.demo.gold import is_gold_positive
-    from components.models import load_causal_lm, load_tokenizer
+    from components.models.loading import load_causal_lm, load_tokenizer
     from components.rl import generate
-    from components.reward import RewardScorer
+    from components.reward.scorer import RewardScorer
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
@@ -113,8 +113,8 @@ def train(spec: dict) -> dict:
     import components
     import components.rl.experience as experience
     from components.config import CriticConfig, GenerationConfig, LoraConfig, RewardConfig, RLConfig
-    from components.models import load_causal_lm, load_tokenizer
-    from components.reward import RewardScorer
+    from components.models.loading import load_causal_lm, load_tokenizer
+    from components.reward.scorer import RewardScorer
     from components.rl import build_trainer
     from components.rl.roles import backbone_of
 

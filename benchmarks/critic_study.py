@@ -88,9 +88,9 @@ def run_one(variant: str, seed: int, overrides: list[str]) -> dict:
     from benchmarks.workloads import DEMO_DIR, split_prompts
     from components.config import DEMO_CONFIG, load_config
     from components.demo.gold import is_gold_positive
-    from components.models import load_causal_lm, load_tokenizer
+    from components.models.loading import load_causal_lm, load_tokenizer
     from components.rl import build_trainer, generate
-    from components.reward import RewardScorer
+    from components.reward.scorer import RewardScorer
 
     train_prompts, eval_prompts = split_prompts()
     value_head = "shared" if variant in ("shared", "trl") else "separate"

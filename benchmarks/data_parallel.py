@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         "policy": config.policy.model_copy(update={"model": str(PROJECT_ROOT / config.policy.model)}),
         "reward": config.reward.model_copy(update={"model": str(PROJECT_ROOT / config.reward.model)}),
     })
-    from components.data import load_prompts, split_prompts
+    from components.data.prompts import load_prompts, split_prompts
 
     prompts = split_prompts(load_prompts(config.data, PROJECT_ROOT).prompts, config.data.eval_size, config.seed)[0]
     results: dict[int, list[float]] = {1: [], 2: []}

@@ -54,9 +54,9 @@ def run(workload: str, device: str, iterations: int, directory: Path) -> None:
     import torch
 
     from components.config import load_config
-    from components.memory_plan import GIB, plan_run
-    from components.models import load_policy, load_tokenizer
-    from components.reward import RewardScorer
+    from components.models.memory_plan import GIB, plan_run
+    from components.models.loading import load_policy, load_tokenizer
+    from components.reward.scorer import RewardScorer
     from components.rl import build_trainer
 
     if workload == "demo":

@@ -25,7 +25,7 @@ def workloads():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from components.config import load_config
-    from components.models import load_causal_lm, load_tokenizer
+    from components.models.loading import load_causal_lm, load_tokenizer
 
     model, tokenizer = load_causal_lm(str(ROOT / "artifacts" / "demo" / "instruct")), load_tokenizer(str(ROOT / "artifacts" / "demo" / "instruct"))
     prompts = [json.loads(line)["prompt"] for line in (ROOT / "data" / "demo" / "prompts.jsonl").read_text().splitlines()[:64]]

@@ -1,4 +1,4 @@
-"""The memory model (`alignflow plan`, components/memory_plan.py) against measured peak memory. Run by hand:
+"""The memory model (`alignflow plan`, components/models/memory_plan.py) against measured peak memory. Run by hand:
 
     .venv/bin/python -m benchmarks.memory_model                       # every row (~30 min here), JSON + README table
     .venv/bin/python -m benchmarks.memory_model --sizes 10M 50M --families gpt2
@@ -125,7 +125,7 @@ def row_config(shape: str, variant: str, models: Path):
 
 def predictions(plan) -> dict:
     """The plan's figures a row compares with its measurements."""
-    from components.memory_plan import GIB
+    from components.models.memory_plan import GIB
 
     by_role = {line.role: line.bytes for line in plan.lines}
     return {
@@ -140,7 +140,7 @@ def predictions(plan) -> dict:
 def replan(path: Path, models: Path) -> dict:
     """The rows of an earlier run with the plan's predictions recomputed by today's memory model (the measurements
     stand; the models are read from `models` again, config files only)."""
-    from components.memory_plan import plan_run
+    from components.models.memory_plan import plan_run
 
     result = json.loads(path.read_text())
     for row in result["rows"]:
@@ -167,9 +167,9 @@ def worker(shape: str, variant: str, models: Path) -> dict:
 
     torch.set_num_threads(2)
     import flows.pipeline  # noqa: F401  what a pipeline process has imported before it loads a model
-    from components.memory_plan import GIB, plan_run
-    from components.models import load_policy, load_tokenizer
-    from components.reward import RewardScorer
+    from components.models.memory_plan import GIB, plan_run
+    from components.models.loading import load_policy, load_tokenizer
+    from components.reward.scorer import RewardScorer
     from components.rl import build_trainer
 
     runtime = _status("VmRSS")
@@ -316,7 +316,7 @@ def extrapolate(device_gib: float = 80.0) -> list[dict]:
     from transformers import LlamaConfig
 
     from components.config import RunConfig, apply_overrides
-    from components.memory_plan import GIB, plan_for_shapes, shape_of_config
+    from components.models.memory_plan import GIB, plan_for_shapes, shape_of_config
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -232,8 +232,8 @@ def alignflow_worker(spec_path: str, result_path: str) -> None:
     import transformers
 
     from components.config import RewardRunConfig, load_config
-    from components.preferences import PreferencePair
-    from components.reward_training import RewardTrainer, encode_pairs, load_base
+    from components.data.preferences import PreferencePair
+    from components.reward.training import RewardTrainer, encode_pairs, load_base
 
     config = load_config(spec["config"], spec["overrides"], schema=RewardRunConfig)
     model, tokenizer = load_base(config.model, config.seed)
@@ -341,9 +341,9 @@ def prepare_pairs(config, folder: Path) -> dict:
     """The pairs as alignflow's reward flow prepares them (load_pairs; those over model.max_length left out), also
     leaving out those over it in TRL's reading (EOS appended), then split_pairs(pairs, 0.1, seed=0); written to
     train.jsonl and held_out.jsonl in `folder`. Returns the paths, the counts and the held-out pairs."""
-    from components.models import load_tokenizer
-    from components.preferences import drop_too_long, load_pairs, split_pairs
-    from components.reward_training import pair_texts
+    from components.models.loading import load_tokenizer
+    from components.data.preferences import drop_too_long, load_pairs, split_pairs
+    from components.reward.training import pair_texts
 
     pairs = load_pairs(config.data, PROJECT_ROOT)
     tokenizer = load_tokenizer(config.model.base, config.model.revision, padding_side="right")
@@ -370,8 +370,8 @@ def score(model_dir: Path, readings: dict, evaluation) -> dict:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    from components.reward_eval import evaluate_pairs
-    from components.reward_training import score_pairs
+    from components.reward.evaluation import evaluate_pairs
+    from components.reward.training import score_pairs
 
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32)
     out = {}
@@ -460,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"{data['train']} training pairs, {data['held_out_n']} held out ({data['too_long']} of {data['total']} too long); "
         f"{steps} steps x {training.batch_size} pairs, {args.seeds} seed(s), {args.threads} threads")
 
-    from components.reward_training import encode_pairs
+    from components.reward.training import encode_pairs
 
     tokenizer = data["tokenizer"]
     alignflow_reading = encode_pairs(data["held_out"], tokenizer, append_eos=config.model.append_eos)
@@ -499,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"  disturbed: other processes used {result['other_cpu_share']:.0%} of the CPUs during the run "
                     f"(more than {args.max_disturbance:.0%})" + ("; repeating it" if attempt < args.retries else "; kept, flagged"))
             if engine == "trl":
-                from components.reward_training import EncodedPairs
+                from components.reward.training import EncodedPairs
 
                 ids = result.pop("held_out_ids")
                 own = EncodedPairs(ids["chosen"], ids["rejected"], [0.0] * len(ids["chosen"]))

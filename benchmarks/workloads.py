@@ -90,9 +90,9 @@ def group_workload(workload: Workload, k: int, mini_batch_size: int | None = Non
 
 
 def split_prompts() -> tuple[list[str], list[str]]:
-    """(train, eval): the demo prompts split by the pipeline's own split (components.data.split_prompts) with seed 0,
+    """(train, eval): the demo prompts split by the pipeline's own split (components.data.prompts.split_prompts) with seed 0,
     EVAL_SIZE held out."""
-    from components import data
+    from components.data import prompts as data
 
     prompts = [json.loads(line)["prompt"] for line in PROMPTS.read_text().splitlines() if line.strip()]
     return data.split_prompts(prompts, EVAL_SIZE, seed=0)

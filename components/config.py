@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from components import secrets
+from components.security import secrets
 from components.errors import UserError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -953,4 +953,4 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         config = schema.model_validate(tree)
     except ValidationError as exc:
         raise ConfigError(secrets.redact_text(_format_errors(exc, source))) from None
-    return secrets.externalize(config)  # tracking URI credentials to MLflow's variables; see components/secrets.py
+    return secrets.externalize(config)  # tracking URI credentials to MLflow's variables; see components/security/secrets.py

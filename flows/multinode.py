@@ -24,9 +24,11 @@ from prefect.client.orchestration import get_client
 from prefect.exceptions import ObjectNotFound
 from prefect.runtime import flow_run
 
-from components import references, secrets
+from components.models import references
+
+from components.security import secrets
 from components.config import PROJECT_ROOT, ConfigError, RunConfig
-from components.models import resolved_models, with_models
+from components.models.loading import resolved_models, with_models
 from components.rl import Trainer, launcher
 from components.rl.distributed import accelerate_precision
 

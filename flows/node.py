@@ -22,7 +22,7 @@ from prefect.cache_policies import NONE
 from components.config import PROJECT_ROOT, RunConfig, load_config
 from components.rl import launcher
 from components.rl.distributed import accelerate_precision
-from components.models import resolved_models
+from components.models.loading import resolved_models
 
 NODE_FLOW = "alignflow-ppo-node"
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from components import registry
+from components.tracking import registry
 from components.config import RunConfig, load_config
 from flows import stage, tasks
 from flows.tasks import PipelineResult

@@ -1,5 +1,5 @@
 """The one way the champion alias moves, for the pipeline and the CLI alike: the lock, then compare-and-set, then
-the tags (components/registry.py does the last two).
+the tags (components/tracking/registry.py does the last two).
 
 The lock serialises every promotion and rollback on one registry:
   - a registry in a local SQLite file: an exclusive file lock beside the database (every process that can write
@@ -23,10 +23,10 @@ import time
 from datetime import datetime, timezone
 from typing import Iterator
 
-from components import registry
+from components.tracking import registry
 from components.config import RewardRunConfig, RunConfig
 from components.errors import AlignflowError
-from components.tracking import file_lock, use_tracking
+from components.tracking.runs import file_lock, use_tracking
 
 PROMOTION_LOCK = "alignflow-promotion"
 HOLDER_VARIABLE = "alignflow-promotion-holder"

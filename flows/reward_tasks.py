@@ -1,5 +1,5 @@
-"""The reward-model stage's tasks: each wraps one component call (components/preferences.py, reward_training.py,
-reward_eval.py, registry.py) and adds what Prefect is for. Like the policy pipeline's (flows/tasks.py), every task
+"""The reward-model stage's tasks: each wraps one component call (components/data/preferences.py,
+components/reward/training.py and evaluation.py, components/tracking/registry.py) and adds what Prefect is for. Like the policy pipeline's (flows/tasks.py), every task
 is safe to run again, so `alignflow reward run --resume RUN_ID` after a crash ends where an uninterrupted run ends:
 training continues from the run's checkpoint (which carries every step's statistics), evaluations are recorded on
 the run and read back, registration finds the run's version, promotion completes an interrupted alias move.
@@ -15,21 +15,23 @@ import mlflow
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
-from components import access, registry, secrets, tracking
+from components.security import access, secrets
+
+from components.tracking import registry, runs as tracking
 from components.config import PROJECT_ROOT, RewardRunConfig
 from components.errors import retryable
-from components.evaluation import load_gold_scorer
+from components.evaluation.policy import load_gold_scorer
 from components.faults import crash_point
-from components.gates import GateReport
-from components.model_safety import check_model_files
-from components.models import load_tokenizer, locate
-from components.preferences import PairReport, PreferencePair, drop_too_long, load_pairs, split_pairs
-from components.reward_eval import (
+from components.evaluation.gates import GateReport
+from components.models.safety import check_model_files
+from components.models.loading import load_tokenizer, locate
+from components.data.preferences import PairReport, PreferencePair, drop_too_long, load_pairs, split_pairs
+from components.reward.evaluation import (
     RewardEval, check_reward_gates, evaluate_pairs, gold_accuracy_of, plot_reliability, plot_score_distributions,
 )
-from components.reward_training import RewardTrainer, encode_pairs, load_base, pair_texts, score_pairs
+from components.reward.training import RewardTrainer, encode_pairs, load_base, pair_texts, score_pairs
 from components.checkpoint import check_writable, recover, write_atomically
-from components.versioning import DatasetVersion, dataset_version
+from components.data.versioning import DatasetVersion, dataset_version
 from flows import stage
 
 ACCURACY_TAG = "eval/accuracy"  # a reward-model version's held-out accuracy: what compare-and-set promotion compares
@@ -229,8 +231,8 @@ def evaluate(name: str, load, pairs: list[PreferencePair], config: RewardRunConf
 def registered_reward_model(config: RewardRunConfig, version: str):
     """A loader of a registered reward-model version (the champion), for `evaluate`."""
     def load():
-        from components.models import load_reward_model
-        from components.references import resolve_model_reference
+        from components.models.loading import load_reward_model
+        from components.models.references import resolve_model_reference
 
         path = resolve_model_reference(f"models:/{config.tracking.registered_model}/{version}")
         return load_reward_model(path), load_tokenizer(path, padding_side="right")

@@ -26,12 +26,14 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 from prefect.runtime import flow_run
 
-from components import registry, secrets, tracking
+from components.tracking import registry, runs as tracking
+
+from components.security import secrets
 from components.config import PROJECT_ROOT, given_keys
 from components.errors import AlignflowError, retryable, translated, unreachable
 from components.faults import crash_point
-from components.gates import GateReport
-from components.versioning import DatasetVersion
+from components.evaluation.gates import GateReport
+from components.data.versioning import DatasetVersion
 from flows import promotion
 
 COMMANDS = {"policy": "alignflow run", "reward": "alignflow reward run"}  # how a person resumes a stage's run

@@ -24,25 +24,29 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NONE
 from prefect.runtime import task_run
 
-from components import access, references, registry, secrets, tracking
+from components.security import access, secrets
+
+from components.models import references
+
+from components.tracking import registry, runs as tracking
 from components.config import PROJECT_ROOT, RunConfig
-from components.data import PreparedData, prepare
-from components.dialogue import render_transcript
+from components.data.prompts import PreparedData, prepare
+from components.data.dialogue import render_transcript
 from components.errors import retryable
-from components.evaluation import PolicyEval, compare, comparison_table, evaluate_policy
+from components.evaluation.policy import PolicyEval, compare, comparison_table, evaluate_policy
 from components.faults import crash_point
-from components.model_safety import check_run_models
-from components.gates import GateReport, check_gates
-from components.memory_plan import GIB, check_fits
-from components.models import (
+from components.models.safety import check_run_models
+from components.evaluation.gates import GateReport, check_gates
+from components.models.memory_plan import GIB, check_fits
+from components.models.loading import (
     ModelLoadError, load_policy as load_policy_model, load_tokenizer, resolved_models, tokenizer_fingerprint, with_models,
 )
-from components.reward import RewardScorer
+from components.reward.scorer import RewardScorer
 from components.rl import Trainer, TrainResult, build_trainer
 from components.checkpoint import check_writable, recover
 from components.rl.progress import ProgressBar
 from components.rl.rollout import prompt_ids
-from components.versioning import DatasetVersion, dataset_version
+from components.data.versioning import DatasetVersion, dataset_version
 from flows import multinode, stage
 
 
@@ -171,7 +175,7 @@ def check_inputs(config: RunConfig, resume_run_id: str | None) -> RunConfig:
     if resume_run_id is not None:
         tracking.find_run(config.tracking, resume_run_id)
     resolved = resolved_models(config)
-    check_run_models(resolved, PROJECT_ROOT)  # no pickle-only checkpoint, no model's own code (model_safety.py)
+    check_run_models(resolved, PROJECT_ROOT)  # no pickle-only checkpoint, no model's own code (components/models/safety.py)
     plan = check_fits(resolved)  # sizes from the config files; nothing loaded yet
     get_run_logger().info("memory plan: peak %.2f GiB per %s device, %s available", plan.peak_bytes / GIB, plan.device,
                           "?" if plan.device_bytes is None else f"{plan.device_bytes / GIB:.2f} GiB")

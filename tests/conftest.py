@@ -63,7 +63,7 @@ def demo_kit(demo_data_dir) -> DemoKit:
     and these settings reuses them (the bootstrap's own skip rule).
     """
     from components.config import PROJECT_ROOT, DataConfig
-    from components.versioning import dataset_version
+    from components.data.versioning import dataset_version
     from components.demo.bootstrap import BootstrapSettings, bootstrap
 
     data_dir = demo_data_dir

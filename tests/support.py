@@ -16,7 +16,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from components import registry, tracking
+from components.tracking import registry, runs as tracking
 from components.demo.bootstrap import gpt2_config as demo_gpt2_config
 from components.config import TrackingConfig
 

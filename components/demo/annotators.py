@@ -30,7 +30,7 @@ def sample(model_dir: str, prompts: list[str], max_new_tokens: int, seed: int, b
     """One completion of each prompt, sampled at temperature 1 (no top-k/top-p) as the pipeline's rollout samples;
     a causal LM, an encoder-decoder or a saved LoRA adapter (merged), loaded as the policy pipeline loads them."""
     from components.demo.bootstrap import sample_completions
-    from components.models import load_policy, load_tokenizer
+    from components.models.loading import load_policy, load_tokenizer
 
     model, tokenizer = load_policy(model_dir, key=key), load_tokenizer(model_dir)
     torch.manual_seed(seed)

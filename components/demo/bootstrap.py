@@ -45,7 +45,7 @@ from transformers import (
 
 from components.demo.domain import DATA_FILES
 from components.demo.gold import gold_score, is_gold_positive, is_well_formed
-from components.reward_training import pad_right
+from components.reward.training import pad_right
 
 
 
@@ -236,10 +236,10 @@ def train_reward(
     pairs: list[dict[str, str]], instruct: GPT2LMHeadModel, tokenizer: PreTrainedTokenizerFast, settings: BootstrapSettings
 ) -> GPT2ForSequenceClassification:
     """Bradley-Terry: minimise -logsigmoid(r(prompt+chosen) - r(prompt+rejected)), with the reward-model stage's
-    trainer (components/reward_training.py), batches padded as `_pad_right` does (random position offsets)."""
+    trainer (components/reward/training.py), batches padded as `_pad_right` does (random position offsets)."""
     from components.config import RewardTrainingConfig
-    from components.preferences import PreferencePair
-    from components.reward_training import RewardTrainer, encode_pairs
+    from components.data.preferences import PreferencePair
+    from components.reward.training import RewardTrainer, encode_pairs
 
     model = GPT2ForSequenceClassification(gpt2_config(tokenizer, **_architecture(settings), num_labels=1))
     model.transformer.load_state_dict(instruct.transformer.state_dict())
@@ -317,7 +317,7 @@ def bootstrap(
 ) -> BootstrapReport:
     """Train tokenizer, instruct model and reward model into out_dir/{instruct,reward}. Two processes bootstrapping at
     once (two `make demo`s, or test workers) take turns: the second reuses what the first built."""
-    from components.tracking import file_lock
+    from components.tracking.runs import file_lock
 
     settings = settings or BootstrapSettings()
     data_dir, out_dir = Path(data_dir), Path(out_dir)

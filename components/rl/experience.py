@@ -17,7 +17,7 @@ import torch
 
 from components.config import GenerationConfig, MemoryConfig, RewardConfig, RLConfig
 from components.errors import TrainingError
-from components.reward import score_completions
+from components.reward.scorer import score_completions
 from components.rl import distributed
 from components.rl.core import RunningMoments, compute_rewards, logprobs_of
 from components.rl.precision import autocast
@@ -27,7 +27,7 @@ from components.rl.roles import Critic, ValueHead
 
 T = TypeVar("T")
 # (prompts, completions) -> scores (B,); one with an `ended_with_eos` parameter (RewardScorer) also gets which
-# completions ended with the policy's EOS (components.reward.score_completions).
+# completions ended with the policy's EOS (components.reward.scorer.score_completions).
 RewardFn = Callable[..., torch.Tensor]
 
 

@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 
 from components.config import load_config
-from components.models import load_policy, load_tokenizer
+from components.models.loading import load_policy, load_tokenizer
 from components.rl import distributed
 from components.checkpoint import resolve_checkpoint
 from components.rl.trainer import build_trainer
-from components.reward import RewardScorer
+from components.reward.scorer import RewardScorer
 
 
 def run_epoch(config_path: Path, prompts_path: Path, checkpoint: Path, iterations: int, stats_path: Path) -> None:

@@ -19,7 +19,7 @@ import torch
 from transformers import DynamicCache, EncoderDecoderCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from components.config import GenerationConfig
-from components.dialogue import render_transcript
+from components.data.dialogue import render_transcript
 from components.errors import UserError
 from components.rl import distributed
 from components.rl.roles import (
@@ -94,7 +94,7 @@ def tokenize_prompts(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Padded (input_ids, attention_mask): left for a causal LM, right for an encoder (whose positions may
     not follow the mask). Prompts (texts or conversations, `render_prompt`) over `generation.max_prompt_tokens` keep
-    their END (`prompt_overflow: truncate`; the data preparation, components.data.fit_prompts, has already shortened
+    their END (`prompt_overflow: truncate`; the data preparation, components.data.prompts.fit_prompts, has already shortened
     and counted them by row, this is the engine's own guard) or raise a PromptError naming the prompt index."""
     if len(prompts) == 0:
         raise PromptError("no prompts: the prompt batch is empty")

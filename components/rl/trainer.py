@@ -58,7 +58,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from components.config import ConfigError, CriticConfig, GenerationConfig, LoraConfig, MemoryConfig, RewardConfig, RLConfig
-from components.models import fuse_gelu
+from components.models.loading import fuse_gelu
 from components.rl import distributed, state
 from components.rl.core import estimate_advantages, explained_variance, group_stats, masked_mean
 from components.errors import TrainingError
@@ -346,9 +346,9 @@ def build_trainer(policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, r
                   generation: GenerationConfig, reward: RewardConfig, critic: CriticConfig, lora: LoraConfig,
                   seed: int = 0, use_chat_template: bool = False, memory: MemoryConfig | None = None) -> Trainer:
     """The one way a trainer is built from configuration sections (the flow, the launched processes and the benchmarks
-    alike). With `critic.type: separate`, the critic is loaded (components.models.load_critic); with `lora.enabled`,
+    alike). With `critic.type: separate`, the critic is loaded (components.models.loading.load_critic); with `lora.enabled`,
     LoRA adapters are injected into `policy` and only they (and the value head) train."""
-    from components.models import load_critic, with_lora
+    from components.models.loading import load_critic, with_lora
 
     critic_module = load_critic(critic, reward, tokenizer) if critic.type == "separate" else None
     if lora.enabled:

@@ -21,7 +21,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from components import secrets
+from components.security import secrets
 from components.config import PROJECT_ROOT, ConfigError, load_config
 from components.errors import explained
 
@@ -111,7 +111,7 @@ def reachable_tracking(run_config, timeout_s: float = 5.0):
     it); a local store (SQLite, files) is not probed."""
     import httpx
 
-    from components.tracking import resolve_tracking_uri
+    from components.tracking.runs import resolve_tracking_uri
 
     uri = resolve_tracking_uri(run_config.tracking)
     if not uri.startswith(("http://", "https://")):
@@ -221,7 +221,7 @@ def missing_deployment(name: str, url: str) -> str | None:
 
 def flow_overrides(overrides: list[str], *, here: bool) -> list[str]:
     """`--set` overrides as Prefect flow-run parameters, which the Prefect server stores and shows: without secrets
-    (components/secrets.py). A flow that runs in this process gets them through this process's environment
+    (components/security/secrets.py). A flow that runs in this process gets them through this process's environment
     (`MLFLOW_TRACKING_USERNAME`/`PASSWORD`, `ALIGNFLOW_<KEY>`); for one that runs on a worker they are refused."""
     try:
         clean, moved = secrets.scrub_overrides(overrides, refuse=not here)

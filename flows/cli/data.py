@@ -17,7 +17,7 @@ from flows.cli import ConfigOption, SetOption, config_app, console, data_app, de
 @explain_errors
 def config_show(config: Optional[Path] = ConfigOption, set_: list[str] = SetOption) -> None:
     """Print the resolved configuration (YAML), after overrides and defaults."""
-    from components import secrets
+    from components.security import secrets
 
     console.print(secrets.redacted_yaml(resolved(config, set_)), highlight=False, soft_wrap=True)
 
@@ -27,10 +27,10 @@ def config_show(config: Optional[Path] = ConfigOption, set_: list[str] = SetOpti
 def data_check(config: Optional[Path] = ConfigOption, set_: list[str] = SetOption) -> None:
     """Check the dataset a run would read against its .dvc file, and report every row left out or shortened (to
     generation.max_prompt_tokens, counted with the policy's tokenizer) by row number."""
-    from components.data import prepare
-    from components.models import load_tokenizer, locate
+    from components.data.prompts import prepare
+    from components.models.loading import load_tokenizer, locate
     from components.rl.rollout import prompt_ids
-    from components.versioning import dataset_version
+    from components.data.versioning import dataset_version
 
     run = resolved(config, set_)
     if run.data.source.startswith("data/demo"):
@@ -40,7 +40,7 @@ def data_check(config: Optional[Path] = ConfigOption, set_: list[str] = SetOptio
     chat = run.policy.use_chat_template
     prepared = prepare(run.data, run.generation, lambda prompt: len(prompt_ids(tokenizer, [prompt], chat)[0]), run.seed,
                        PROJECT_ROOT)
-    from components.secrets import redact_text
+    from components.security.secrets import redact_text
 
     pinned = f"pinned by {version.dvc_file}" if version.versioned else "[yellow]not versioned by DVC[/] (data.check_dvc: false)"
     console.print(f"dataset [bold]{escape(version.name)}[/] ({escape(redact_text(version.source))}): md5 of the bytes read "
@@ -86,7 +86,7 @@ def demo_data_lock_path(data_dir: Path) -> Path:
 def demo_data_lock(data_dir: Path):
     """The lock every writer of the demo data in `data_dir` holds while it writes (the files are written in place:
     no temporary file inside the DVC-tracked directory), and `ensure_demo_data` while it checks them."""
-    from components.tracking import file_lock
+    from components.tracking.runs import file_lock
 
     return file_lock(demo_data_lock_path(data_dir))
 
@@ -96,7 +96,7 @@ def ensure_demo_data(data_dir: Path = PROJECT_ROOT / "data/demo") -> None:
     at once take turns (the second finds it), as does `alignflow demo data` (the same lock)."""
     from components.config import DataConfig
     from components.demo.domain import DATA_FILES, generate_demo_data
-    from components.versioning import dataset_version
+    from components.data.versioning import dataset_version
 
     with demo_data_lock(data_dir):
         if not all((data_dir / name).is_file() for name in DATA_FILES):
@@ -130,11 +130,11 @@ def demo_annotate(
 ) -> None:
     """The demo's annotators label POLICY's completions against the reference's: the human-feedback loop, simulated.
     Train a reward model or judge on the pairs with `alignflow reward run --set data.source=...`."""
-    from components import tracking
+    from components.tracking import runs as tracking
     from components.demo.annotators import annotate_policy
     from components.demo.bootstrap import bootstrap, read_jsonl
     from components.demo.domain import write_jsonl
-    from components.models import locate
+    from components.models.loading import locate
 
     ensure_demo_data()
     if reference.startswith("artifacts/demo"):

@@ -23,8 +23,8 @@ def plan(
     """Print the expected memory per device of each role (policy, reference, critic, reward model, optimizer state,
     activations, KV cache) for the configured models (sizes from their config files: no weights are loaded), whether
     it fits the device, and what would make it fit. Exit code 1 when it does not fit."""
-    from components.memory_plan import GIB, check_sizes, plan_run
-    from components.models import resolved_models
+    from components.models.memory_plan import GIB, check_sizes, plan_run
+    from components.models.loading import resolved_models
 
     run_config = resolved(config, set_)
     check_sizes(run_config, device_gb, "--device-gb")  # before any model is located or sized

@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from components import secrets
+from components.security import secrets
 from flows.cli import ConfigOption, SetOption, app, console, explain_errors, fail, reachable_tracking, resolved
 from flows.cli.run import prefect_api
 
@@ -20,7 +20,7 @@ from flows.cli.run import prefect_api
 def runs(config: Optional[Path] = ConfigOption, set_: list[str] = SetOption, limit: int = typer.Option(10, "-n")) -> None:
     """Recent pipeline runs: algorithm, status, stop reason, score gain, KL, gate result and model version. With --config (or
     --set), the runs of its experiment; without, the runs of every experiment of the tracking store."""
-    from components import tracking
+    from components.tracking import runs as tracking
 
     run_config = reachable_tracking(resolved(config, set_))
     uri = tracking.use_tracking(run_config.tracking)
@@ -44,7 +44,7 @@ def refused_in_words(read, action: str):
     """`read()`, with MLflow's 401/403 said in one line (who, and what to set) instead of a traceback."""
     from mlflow.exceptions import MlflowException
 
-    from components.access import explain
+    from components.security.access import explain
 
     try:
         return read()
@@ -71,7 +71,7 @@ def models(
     With --config (or --set), its registered model; without, every registered model of the store. A score from
     another reward model than the champion's (or the newest version's) is marked: scores of different reward models
     are not comparable."""
-    from components import registry, tracking
+    from components.tracking import registry, runs as tracking
 
     run_config = reachable_tracking(resolved(config, set_))
     uri = tracking.use_tracking(run_config.tracking)
@@ -115,7 +115,7 @@ def models(
 
 def show_history(name: str, alias: str, uri: str) -> None:
     """The moves of `alias` of `name`, oldest first; rollbacks walk this history back (registry.champion_stack)."""
-    from components import registry
+    from components.tracking import registry
 
     moves = refused_in_words(lambda: registry.history(name, alias), f"read the history of {name}")
     table = Table(title=f"@{alias} of {name}, every move, {secrets.redact_uri(uri)}")

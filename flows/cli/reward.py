@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from components import secrets
+from components.security import secrets
 from components.config import PROJECT_ROOT, RewardRunConfig
 from flows.cli import CronOption, IntervalOption, SetOption, app, console, explain_errors, fail, flow_overrides, reachable_tracking, resolved
 from flows.cli.data import ensure_demo_data
@@ -57,11 +57,11 @@ def reward_run(
         return
     if resume:  # another stage's run, or settings other than the recorded ones: one line, changing nothing
         from components.config import given_keys
-        from components.tracking import resumed_config
+        from components.tracking.runs import resumed_config
 
         run_config = resumed_config(run_config, resume, "reward", given_keys(config, set_))
     prepare_demo_base(run_config)
-    from components.preferences import load_pairs
+    from components.data.preferences import load_pairs
 
     load_pairs(run_config.data, PROJECT_ROOT)  # a file that cannot be read, a missing column: one line, before any work
     from flows.reward_pipeline import reward_pipeline
@@ -72,7 +72,7 @@ def reward_run(
 
 
 def show_reward_result(result, run_config: RewardRunConfig) -> None:
-    from components.tracking import resolve_tracking_uri
+    from components.tracking.runs import resolve_tracking_uri
 
     evaluation = result.evaluation
     table = Table(title=f"Reward model on {evaluation.n} held-out pairs")
@@ -119,7 +119,7 @@ def reward_deploy(
 @explain_errors
 def reward_models(config: Optional[Path] = RewardConfigOption, set_: list[str] = SetOption) -> None:
     """Versions of the registered reward model: aliases, gates, held-out accuracy, base model and preference data."""
-    from components import registry, tracking
+    from components.tracking import registry, runs as tracking
 
     run_config = reachable_tracking(reward_config(config, set_))
     uri = tracking.use_tracking(run_config.tracking)

@@ -12,7 +12,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from components import secrets
+from components.security import secrets
 from components.config import PROJECT_ROOT
 from components.errors import prefect_credentials_message
 from flows.cli import (
@@ -39,11 +39,11 @@ def run(
     if remote:
         trigger_remote(remote, parameters, wait)
         return
-    from components.model_safety import check_run_models
+    from components.models.safety import check_run_models
 
     if resume:  # an unknown id, another stage's run, settings other than the recorded ones: one line, changing nothing
         from components.config import given_keys
-        from components.tracking import resumed_config
+        from components.tracking.runs import resumed_config
 
         run_config = resumed_config(run_config, resume, "policy", given_keys(config, set_))
     check_run_models(run_config, PROJECT_ROOT)  # no pickle-only checkpoint, no remote code: one line, before any work
@@ -168,8 +168,8 @@ def deploy_flow(entrypoint: str, flow_name: str, name: str, pool: str, cron: Opt
 
 def show_result(result, run_config) -> None:
     """The reference against the candidate, the gate report, and where the version and the run are."""
-    from components.evaluation import comparison_table
-    from components.tracking import resolve_tracking_uri
+    from components.evaluation.policy import comparison_table
+    from components.tracking.runs import resolve_tracking_uri
 
     table = Table(title="Reference (the starting policy) vs candidate, on the held-out prompts")
     for column in ("metric", "reference", "candidate"):

@@ -7,7 +7,7 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from components import tracking
+from components.tracking import runs as tracking
 from components.config import RunConfig, TrackingConfig
 
 MODEL = "tiny-policy"

@@ -134,7 +134,7 @@ def test_the_critic_studys_frozen_critic_trains_its_head_and_leaves_the_backbone
 
     from benchmarks.critic_study import ResidualMLPHead, frozen_critic
     from components.config import GenerationConfig, RLConfig
-    from components.models import load_causal_lm, load_tokenizer
+    from components.models.loading import load_causal_lm, load_tokenizer
     from components.rl import Trainer
 
     critic = AutoModelForSequenceClassification.from_pretrained(tiny_reward_dir, num_labels=1)

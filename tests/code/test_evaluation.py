@@ -5,9 +5,9 @@ import pytest
 
 import dataclasses
 
-from components import gates as gates_module
+from components.evaluation import gates as gates_module
 from components.config import GatesConfig
-from components.evaluation import bootstrap_ci, bootstrap_diff_ci, compare, comparison_table, distinct_n, summarize, win_rate
+from components.evaluation.policy import bootstrap_ci, bootstrap_diff_ci, compare, comparison_table, distinct_n, summarize, win_rate
 
 
 def check_gates(comparison, kl, gates, champion_score=None):
@@ -257,8 +257,8 @@ def test_the_reward_model_hears_which_evaluation_completions_ended_with_eos_as_i
     import torch
 
     from components.config import EvaluationConfig, GenerationConfig
-    from components.evaluation import evaluate_policy
-    from components.models import load_causal_lm, load_tokenizer
+    from components.evaluation.policy import evaluate_policy
+    from components.models.loading import load_causal_lm, load_tokenizer
 
     seen = {}
 

@@ -189,7 +189,7 @@ def test_mlflow_retries_are_bounded_for_the_cli_and_the_first_retry_is_said_at_o
     ("memory.device_memory_gb=.inf", "memory.device_memory_gb: inf GB is not a device's memory"),
 ])
 def test_the_memory_plan_refuses_sizes_no_run_can_have_naming_the_key(override, message):
-    from components.memory_plan import MemoryPlanError, check_sizes
+    from components.models.memory_plan import MemoryPlanError, check_sizes
 
     config = apply_overrides(RunConfig(), [override, "rl.mini_batch_size=1"])
     with pytest.raises(MemoryPlanError, match=message.replace("*", r"\*")) as caught:
@@ -200,7 +200,7 @@ def test_the_memory_plan_refuses_sizes_no_run_can_have_naming_the_key(override, 
 def test_a_model_config_no_model_can_have_is_refused_naming_its_key(tmp_path):
     import json
 
-    from components.memory_plan import MemoryPlanError, shape_of
+    from components.models.memory_plan import MemoryPlanError, shape_of
     from support import save_tiny_lm
 
     folder = save_tiny_lm(tmp_path / "huge")
@@ -217,10 +217,10 @@ def test_a_model_config_no_model_can_have_is_refused_naming_its_key(tmp_path):
 # --- the gold judge a configuration may name (item 8) ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("spec", ["os:system", "subprocess:run", "builtins:eval", "components.data:_text_lines",
+@pytest.mark.parametrize("spec", ["os:system", "subprocess:run", "builtins:eval", "components.data.prompts:_text_lines",
                                   "components._private:f", "componentsx.evil:f"])
 def test_a_gold_scorer_outside_the_project_is_refused_naming_the_key(spec):
-    from components.evaluation import load_gold_scorer
+    from components.evaluation.policy import load_gold_scorer
 
     with pytest.raises(ConfigError, match=r"evaluation.gold_scorer: .*not a judge alignflow may import"):
         apply_overrides(RunConfig(), [f"evaluation.gold_scorer={spec}"])
@@ -230,11 +230,11 @@ def test_a_gold_scorer_outside_the_project_is_refused_naming_the_key(spec):
 
 def test_a_gold_scorer_of_the_project_loads_and_one_it_only_imports_does_not():
     from components.demo.gold import gold_score, is_gold_positive
-    from components.evaluation import load_gold_scorer
+    from components.evaluation.policy import load_gold_scorer
 
     assert load_gold_scorer("components.demo.gold:is_gold_positive") is is_gold_positive
     assert load_gold_scorer("components.demo:gold_score") is gold_score  # re-exported inside the project
-    for imported in ("components.versioning:hashlib", "components.tracking:os"):  # modules a project module imports
+    for imported in ("components.data.versioning:hashlib", "components.tracking.runs:os"):  # modules a project module imports
         with pytest.raises(ConfigError, match=r"is not a function of this project's own packages"):
             load_gold_scorer(imported)
 

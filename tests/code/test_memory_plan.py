@@ -1,4 +1,4 @@
-"""The memory model (components/memory_plan.py, `alignflow plan`): shapes from config files only, the per-role
+"""The memory model (components/models/memory_plan.py, `alignflow plan`): shapes from config files only, the per-role
 arithmetic by hand, the fit check before loading, and the command. How close it comes to real runs is measured by
 benchmarks/memory_model.py (README, Memory)."""
 
@@ -10,7 +10,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from components.config import RunConfig, apply_overrides
 from components.errors import UserError
-from components.memory_plan import GIB, MemoryPlanError, Shape, check_fits, plan_for_shapes, plan_run, shape_of_config
+from components.models.memory_plan import GIB, MemoryPlanError, Shape, check_fits, plan_for_shapes, plan_run, shape_of_config
 from support import cli_in_child
 
 LLAMA = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=172, num_hidden_layers=3, num_attention_heads=4,
@@ -32,7 +32,7 @@ def test_shapes_come_from_the_config_alone_and_count_every_parameter(config, mod
 @pytest.mark.parametrize("config, model_class", [(GPT2, GPT2LMHeadModel), (LLAMA, LlamaForCausalLM)])
 def test_lora_parameters_are_those_peft_injects(config, model_class):
     from components.config import LoraConfig
-    from components.models import with_lora
+    from components.models.loading import with_lora
 
     lora = LoraConfig(enabled=True, r=8)
     shape = shape_of_config(config.__class__.from_dict(config.to_dict()), lora=lora)
@@ -147,7 +147,7 @@ def test_alignflow_plan_prints_each_role_and_says_whether_it_fits(tiny_lm_dir, t
 def test_frozen_bf16_plan_matches_the_bytes_a_loaded_model_holds(tiny_reward_dir):
     from transformers import AutoConfig
 
-    from components.models import load_reward_model
+    from components.models.loading import load_reward_model
 
     shape = shape_of_config(AutoConfig.from_pretrained(tiny_reward_dir), "classifier")
     model = load_reward_model(str(tiny_reward_dir), dtype=torch.bfloat16)

@@ -8,9 +8,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from components.config import ConfigError, load_config
-from components.model_safety import UnsafeModelError
-from components.models import load_policy, load_reward_model
-from components.reward import RewardScorer
+from components.models.safety import UnsafeModelError
+from components.models.loading import load_policy, load_reward_model
+from components.reward.scorer import RewardScorer
 from support import save_tiny_lm, save_tiny_reward_model
 
 

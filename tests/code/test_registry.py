@@ -8,9 +8,11 @@ import pytest
 from mlflow import MlflowClient
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from components import references, registry, tracking
+from components.models import references
+
+from components.tracking import registry, runs as tracking
 from components.config import TrackingConfig
-from components.registry import PromotionError
+from components.tracking.registry import PromotionError
 
 MODEL = "tiny-policy"
 

@@ -6,8 +6,8 @@ from support import one_thread  # noqa: F401
 from support import save_tiny_reward_model, word_tokenizer
 
 from components.config import RewardConfig
-from components.models import load_reward_model, load_tokenizer
-from components.reward import RewardLabelError, RewardScorer
+from components.models.loading import load_reward_model, load_tokenizer
+from components.reward.scorer import RewardLabelError, RewardScorer
 
 PROMPTS = ["the film was", "I loved the movie", "it"]
 COMPLETIONS = [" good .", " and the music was great", " bad"]

@@ -7,7 +7,7 @@ import pytest
 from matplotlib.figure import Figure
 
 from components.config import RewardEvaluationConfig, RewardGatesConfig
-from components.reward_eval import (
+from components.reward.evaluation import (
     RewardEval,
     check_reward_gates,
     evaluate_pairs,
@@ -250,8 +250,8 @@ def test_json_round_trip():
 
 
 def test_gold_accuracy_is_agreement_with_the_truth_where_it_decides():
-    from components.preferences import PreferencePair
-    from components.reward_eval import gold_accuracy_of
+    from components.data.preferences import PreferencePair
+    from components.reward.evaluation import gold_accuracy_of
 
     pairs = [PreferencePair("p", " good", " bad", None, 1), PreferencePair("p", " bad", " good", None, 2),  # 2: a flipped label
              PreferencePair("p", " fine", " fine!", None, 3)]  # the truth ties: left out

@@ -5,7 +5,7 @@ import torch
 from support import one_thread  # noqa: F401
 
 from components.config import GenerationConfig
-from components.models import load_causal_lm, load_tokenizer
+from components.models.loading import load_causal_lm, load_tokenizer
 from components.rl.roles import ValueHead
 from components.rl.rollout import (
     PromptError,

@@ -12,9 +12,11 @@ from mlflow import MlflowClient
 from pydantic import Field
 from typer.testing import CliRunner
 
-from components import secrets, tracking
+from components.security import secrets
+
+from components.tracking import runs as tracking
 from components.config import ConfigError, RunConfig, Section, load_config
-from components.secrets import PlaintextSecretWarning, SecretInParameters
+from components.security.secrets import PlaintextSecretWarning, SecretInParameters
 
 PASSWORD = "s3cr3t-Pa55word"
 URI = f"http://alice:{PASSWORD}@127.0.0.1:5000"

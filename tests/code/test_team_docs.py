@@ -4,7 +4,7 @@ import re
 import subprocess
 import sys
 
-from components import access
+from components.security import access
 from components.config import PROJECT_ROOT
 
 
@@ -31,6 +31,6 @@ def test_the_team_section_says_how_to_add_a_user_with_commands_that_exist():
     assert stack_command and "add-user) shift; add_user" in (PROJECT_ROOT / "infra" / "local-stack").read_text()
     for role in stack_command[1].strip("`").split("|"):
         assert role in access.role_grants([]), role
-    usage = subprocess.run([sys.executable, "-m", "components.access", "add-user", "--help"], cwd=PROJECT_ROOT,
+    usage = subprocess.run([sys.executable, "-m", "components.security.access", "add-user", "--help"], cwd=PROJECT_ROOT,
                            capture_output=True, text=True, timeout=120)
     assert usage.returncode == 0 and "--password-stdin" in usage.stdout and "--password-stdin" in section

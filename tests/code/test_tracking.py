@@ -6,7 +6,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from components import tracking
+from components.tracking import runs as tracking
 from components.config import PROJECT_ROOT, RunConfig, TrackingConfig
 
 MODEL = "tiny-policy"

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from components.config import PROJECT_ROOT, DataConfig
-from components.data import DataError
-from components.versioning import dataset_version, file_md5
+from components.data.prompts import DataError
+from components.data.versioning import dataset_version, file_md5
 
 
 @pytest.fixture

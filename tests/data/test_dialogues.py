@@ -6,8 +6,8 @@ import json
 import pytest
 
 from components.config import DataConfig, GenerationConfig
-from components.data import DataError, fit_prompts, load_prompts
-from components.dialogue import (
+from components.data.prompts import DataError, fit_prompts, load_prompts
+from components.data.dialogue import (
     DialogueError, check_messages, drop_oldest_turns, parse_transcript, prompt_of_pair, render_transcript,
 )
 from components.config import PROJECT_ROOT

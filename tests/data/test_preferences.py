@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 
 from components.config import PreferenceDataConfig
-from components.data import DataError
-from components.preferences import PreferencePair, drop_too_long, load_pairs, split_pairs
+from components.data.prompts import DataError
+from components.data.preferences import PreferencePair, drop_too_long, load_pairs, split_pairs
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
 PAIRS = FIXTURES / "preferences"

@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 
 from components.config import DataConfig
-from components.data import DataError, load_prompts, split_prompts
+from components.data.prompts import DataError, load_prompts, split_prompts
 
 ROWS = [
     {"prompt": "The film was", "id": 0},

@@ -15,7 +15,7 @@ from support import alignflow
 
 from components.errors import UserError, retryable
 from components.faults import CRASH_ENV
-from components.models import ModelLoadError
+from components.models.loading import ModelLoadError
 from components.checkpoint import StorageError
 from flows.pipeline import pipeline
 
@@ -78,7 +78,7 @@ def test_a_read_only_or_full_checkpoint_disk_is_refused_before_training(demo_dat
 
 def test_a_run_too_large_for_its_device_stops_before_loading_naming_the_figures_and_what_would_fit(
         demo_data, small_run, tiny_lm_dir, tiny_reward_dir, tracking_uri, tmp_path):
-    from components.memory_plan import MemoryPlanError
+    from components.models.memory_plan import MemoryPlanError
 
     with pytest.raises(MemoryPlanError, match=r"memory: this run needs about .* GiB per cpu device and 0.10 GiB are "
                                               r"available .* memory.check_fit=false tries anyway"):
@@ -152,8 +152,8 @@ def servers_of(home: Path) -> list[int]:
 
 def test_a_gate_outside_its_range_prints_the_range(capsys):
     from components.config import GatesConfig, load_config
-    from components.evaluation import compare, summarize
-    from components.gates import check_gates
+    from components.evaluation.policy import compare, summarize
+    from components.evaluation.gates import check_gates
     from flows.cli import show_result
     from flows.tasks import PipelineResult
 
@@ -170,12 +170,12 @@ def test_a_gate_outside_its_range_prints_the_range(capsys):
 
 def test_user_errors_are_user_errors():
     from components.config import ConfigError
-    from components.data import DataError
+    from components.data.prompts import DataError
     from components.rl import PromptError
-    from components.references import ModelReferenceError
-    from components.registry import PromotionError
-    from components.reward import RewardLabelError
-    from components.tracking import RunNotFound
+    from components.models.references import ModelReferenceError
+    from components.tracking.registry import PromotionError
+    from components.reward.scorer import RewardLabelError
+    from components.tracking.runs import RunNotFound
 
     for error in (ConfigError, DataError, PromptError, ModelReferenceError, PromotionError, RewardLabelError,
                   RunNotFound, ModelLoadError, StorageError):
@@ -210,8 +210,8 @@ def not_gzip_at_all(path: Path) -> Path:
 @pytest.mark.parametrize("corrupt", [garbage_after_a_gzip_header, not_gzip_at_all])
 def test_a_corrupt_gz_prompt_or_preference_file_is_refused_naming_the_file(tmp_path, corrupt):
     from components.config import DataConfig, PreferenceDataConfig
-    from components.data import DataError, load_prompts
-    from components.preferences import load_pairs
+    from components.data.prompts import DataError, load_prompts
+    from components.data.preferences import load_pairs
 
     path = corrupt(tmp_path / "rows.jsonl.gz")
     message = rf"{path}: cannot decompress as \.gz: the file is truncated, corrupt or not \.gz-compressed"
@@ -334,7 +334,7 @@ def test_a_prefect_server_refusing_a_cli_without_its_credential_is_the_readme_li
 
 
 def test_a_model_reference_to_a_file_says_it_is_a_file_not_a_model_folder(tiny_lm_dir, tmp_path):
-    from components.models import locate
+    from components.models.loading import locate
 
     with pytest.raises(ModelLoadError, match=rf"policy.model: {tiny_lm_dir / 'config.json'} is a file, not a model "
                                              rf"folder: point policy.model at its folder, {tiny_lm_dir}$"):

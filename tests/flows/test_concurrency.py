@@ -7,7 +7,7 @@ import pytest
 from mlflow import MlflowClient
 from support import _CONTEXT, _main, cli_in_child
 
-from components import registry, tracking
+from components.tracking import registry, runs as tracking
 from components.config import TrackingConfig, load_config
 from support import register_versions
 

@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 from support import alignflow
 
 from components.config import PROJECT_ROOT, load_config
-from components.versioning import file_md5
+from components.data.versioning import file_md5
 from flows.pipeline import pipeline
 
 pytestmark = pytest.mark.slow

@@ -7,10 +7,10 @@ import pytest
 from mlflow import MlflowClient
 from support import cli_in_child
 
-from components import registry
+from components.tracking import registry
 from components.config import PROJECT_ROOT
 from components.rl import Trainer
-from components.versioning import file_md5
+from components.data.versioning import file_md5
 from flows.pipeline import pipeline
 
 MODEL = "alignflow-policy"

@@ -11,7 +11,7 @@ import pytest
 from support import no_tracking_uri_left  # noqa: F401 - autouse: the store's client points MLflow at it
 from support import alignflow, cli_in_child, register_versions
 
-from components import registry
+from components.tracking import registry
 from components.config import TrackingConfig
 from components.faults import CRASH_ENV, POINTS
 

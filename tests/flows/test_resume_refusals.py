@@ -9,7 +9,7 @@ from mlflow import MlflowClient
 from support import no_tracking_uri_left  # noqa: F401 - autouse: the tests point MLflow at a store
 from support import alignflow, cli_in_child
 
-from components import tracking
+from components.tracking import runs as tracking
 from components.config import RewardRunConfig, RunConfig, load_config
 
 

@@ -15,7 +15,7 @@ import support
 from support import no_tracking_uri_left  # noqa: F401 - autouse: the_run points MLflow at a store
 from support import cli_in_child
 
-from components import registry, tracking
+from components.tracking import registry, runs as tracking
 from components.config import TrackingConfig
 from components.faults import CRASH_ENV, RUN_POINTS
 from flows.reward_tasks import ACCURACY_TAG

@@ -16,7 +16,7 @@ from mlflow import MlflowClient
 from support import alignflow, cli_in_child, one_thread  # noqa: F401 - one intra-op thread, as in the children
 
 from components.config import PROJECT_ROOT, PreferenceDataConfig
-from components.versioning import dataset_version
+from components.data.versioning import dataset_version
 
 MODEL = "stage-reward"
 POLICY = "stage-policy"
@@ -93,8 +93,8 @@ def test_a_version_carries_its_data_base_model_and_evaluation(first, store):
 
 
 def test_the_logged_reward_model_loads_and_scores_as_the_run_did(first, store):
-    from components.references import resolve_model_reference
-    from components.reward import RewardScorer
+    from components.models.references import resolve_model_reference
+    from components.reward.scorer import RewardScorer
     from components.config import RewardConfig
 
     mlflow.set_tracking_uri(f"sqlite:///{store}/mlflow.db")

@@ -1,5 +1,5 @@
 """One team stack for every module of tests/infra: infra/local-stack starts MLflow (PostgreSQL backend, basic auth
-with the roles of components/access.py) and Prefect (PostgreSQL, API credential) on loopback, and a worker on a process
+with the roles of components/security/access.py) and Prefect (PostgreSQL, API credential) on loopback, and a worker on a process
 work pool. Started once for the package, torn down after its last test."""
 
 import os

@@ -126,7 +126,7 @@ def as_user(values: dict[str, str], user: tuple[str, str]) -> dict[str, str]:
 def guarded_versions(stack):
     """Two versions of the guarded model, registered by the pipeline's service account, both past their gates:
     the second is the champion, the first the previous one (so a rollback would move the alias)."""
-    from components import registry
+    from components.tracking import registry
 
     values = stack.exports()
     os.environ.update({k: values[k] for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")})
@@ -156,8 +156,8 @@ def champion(values) -> str:
 
 
 def test_a_reader_lists_runs_and_models_but_cannot_move_the_champion(stack, as_client, guarded_versions, monkeypatch):
-    from components import registry
-    from components.access import RegistryPermissionError
+    from components.tracking import registry
+    from components.security.access import RegistryPermissionError
 
     experiment, run_id, (first, second) = guarded_versions
     reader = account(stack, "reader")
@@ -184,7 +184,7 @@ def test_a_reader_lists_runs_and_models_but_cannot_move_the_champion(stack, as_c
 
 
 def test_a_promoter_moves_the_champion_and_back(stack, as_client, guarded_versions, monkeypatch):
-    from components import registry
+    from components.tracking import registry
 
     _, _, (first, second) = guarded_versions
     promoter = account(stack, "promoter")
@@ -268,7 +268,7 @@ def test_the_stack_creates_every_name_the_stages_write_to_by_default():
     """The policy pipeline's names (configs/demo.yaml and the library's defaults), the reward stage's
     (configs/reward.yaml) and the judge's (README: the reward stage with tracking.registered_model=judge) are all among
     the names the stack's bootstrap creates and gives to the service account."""
-    from components import access
+    from components.security import access
     from components.config import RewardRunConfig, RewardTrackingConfig, TrackingConfig, load_config
 
     reward_yaml = PROJECT_ROOT / "configs" / "reward.yaml"
@@ -335,7 +335,7 @@ def test_the_compose_stack_guards_prefect_and_runs_the_worker_as_the_service_acc
     assert worker["PREFECT_API_AUTH_STRING"] == "team:api-pw"
     assert (worker["MLFLOW_TRACKING_USERNAME"], worker["MLFLOW_TRACKING_PASSWORD"]) == ("alignflow-pipeline", "svc-pw")
     assert "admin-pw" not in json.dumps(services["worker"])  # the worker never holds the MLflow admin's password
-    assert services["mlflow-roles"]["command"] == "python -m components.access bootstrap"
+    assert services["mlflow-roles"]["command"] == "python -m components.security.access bootstrap"
     assert services["worker"]["depends_on"]["mlflow-roles"]["condition"] == "service_completed_successfully"
     ini = (PROJECT_ROOT / "infra" / "mlflow" / "auth.ini").read_text()
     assert re.search(r"^default_permission = NO_PERMISSIONS$", ini, re.M)
@@ -369,7 +369,7 @@ def test_the_stages_names_exist_owned_by_the_service_account_and_a_reader_can_ne
     """The reward stage's registered model and experiment (and the policy's, and the judge's) are created by the stack,
     owned by the service account; a reader can create no name at all (MLflow's workspaces), and can neither register
     a version of `alignflow-reward` nor force it to @champion."""
-    from components import access
+    from components.security import access
 
     uri = as_client["MLFLOW_TRACKING_URI"]
     pipeline = MlflowClient()  # the service account (as_client)
@@ -411,7 +411,7 @@ def test_the_stages_names_exist_owned_by_the_service_account_and_a_reader_can_ne
 def foreign_names(stack):
     """A registered model with a @champion and an experiment that another account owns (MANAGE), as names made before
     the stack kept readers from creating them would be: made by the admin and given to a reader."""
-    from components import access
+    from components.security import access
 
     values, (user, password) = stack.exports(), admin(stack)
     owner = account(stack, "reader")
@@ -441,7 +441,7 @@ def foreign_names(stack):
 
 
 def test_a_name_another_account_owns_is_refused_naming_it_and_what_an_admin_must_do(stack, as_client, foreign_names):
-    from components import access
+    from components.security import access
     from components.errors import UserError
 
     model, experiment, owner = foreign_names
@@ -455,18 +455,18 @@ def test_a_name_another_account_owns_is_refused_naming_it_and_what_an_admin_must
         assert isinstance(failure.value, UserError) and failure.value.exit_code == 2
         assert "MLflow user 'alignflow-pipeline' does not own" in message and f"'{name}', which this stage {use}" in message
         kind = "experiment" if name == experiment else "registered_model"
-        assert f"python -m components.access owners {kind} {name}" in message
-        assert f"python -m components.access adopt {kind} {name}" in message
+        assert f"python -m components.security.access owners {kind} {name}" in message
+        assert f"python -m components.security.access adopt {kind} {name}" in message
     access.check_owned("sqlite:///nowhere.db", experiment=experiment, registered_model=model)  # a local store: no owners
 
     # What the admin is told to run names the other owner, and gives the name to the service account.
     as_admin = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_TRACKING_USERNAME": admin(stack)[0],
                 "MLFLOW_TRACKING_PASSWORD": admin(stack)[1]}
-    shown = subprocess.run([sys.executable, "-m", "components.access", "owners", "registered_model", model],
+    shown = subprocess.run([sys.executable, "-m", "components.security.access", "owners", "registered_model", model],
                            env=as_admin, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
     assert shown.returncode == 0 and f"also written by {owner} (MANAGE)" in shown.stdout, shown.stdout + shown.stderr
     # The stack's bootstrap (`up`), asked to own the foreign experiment, does not launder it: it says who else can write.
-    setup = subprocess.run([sys.executable, "-m", "components.access", "bootstrap"], cwd=PROJECT_ROOT, timeout=300,
+    setup = subprocess.run([sys.executable, "-m", "components.security.access", "bootstrap"], cwd=PROJECT_ROOT, timeout=300,
                            env={**as_admin, "ALIGNFLOW_PIPELINE_PASSWORD": stack.secrets()["PIPELINE_PASSWORD"],
                                 "ALIGNFLOW_REGISTERED_MODELS": stack.env["ALIGNFLOW_REGISTERED_MODELS"],
                                 "ALIGNFLOW_EXPERIMENTS": f"alignflow-demo,{experiment}"}, capture_output=True, text=True)

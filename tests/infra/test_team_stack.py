@@ -16,7 +16,7 @@ import pytest
 from mlflow import MlflowClient
 
 from support import build_trainer_with
-from components import tracking
+from components.tracking import runs as tracking
 from components.config import PROJECT_ROOT, TrackingConfig
 from components.rl import Trainer
 
@@ -139,7 +139,7 @@ def test_a_manual_remote_run_is_executed_by_the_worker_and_waited_for(stack, as_
 def test_concurrent_promotions_leave_exactly_one_champion_the_better_one(stack, as_client, tiny_lm_dir):
     from prefect.client.orchestration import get_client
 
-    from components import registry
+    from components.tracking import registry
     from components.config import RunConfig
     from flows import promotion
 
@@ -199,7 +199,7 @@ def test_a_promotion_killed_holding_the_lock_blocks_the_next_for_the_stated_time
     Prefect's default lease of 300 s)."""
     from prefect.client.orchestration import get_client
 
-    from components import registry
+    from components.tracking import registry
     from flows import promotion
 
     uri = as_client["MLFLOW_TRACKING_URI"]
@@ -414,8 +414,8 @@ def test_a_machine_that_cannot_start_stops_the_epoch_naming_it(stack, as_client,
     """Machine 1's flow run crashes (its working directory does not exist on that machine): machine 0 stops waiting
     at the rendezvous, and the epoch fails naming machine 1 and its flow run."""
     from components.config import load_config
-    from components.models import load_policy, load_tokenizer
-    from components.reward import RewardScorer
+    from components.models.loading import load_policy, load_tokenizer
+    from components.reward.scorer import RewardScorer
     from flows.multinode import launch_iterations
     from prefect import flow
 

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from support import one_thread, save_tiny_policy, word_share  # noqa: F401
 
 from components.config import ConfigError, GenerationConfig, RewardConfig, RLConfig, RunConfig
-from components.models import load_causal_lm, load_policy, load_tokenizer
+from components.models.loading import load_causal_lm, load_policy, load_tokenizer
 from components.rl import Trainer, TrainingError, build_trainer
 from components.rl.roles import AdapterDisabled
 

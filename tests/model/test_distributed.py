@@ -18,10 +18,10 @@ import torch.multiprocessing as mp
 from support import build_trainer_with, one_thread, word_share  # noqa: F401
 
 from components.config import PROJECT_ROOT, GenerationConfig, MemoryConfig, RLConfig, RewardConfig, load_config
-from components.models import load_causal_lm, load_tokenizer, load_policy
+from components.models.loading import load_causal_lm, load_tokenizer, load_policy
 from components.rl import Trainer, distributed
 from components.rl.launcher import free_port
-from components.reward import RewardScorer
+from components.reward.scorer import RewardScorer
 
 PROMPTS = ["the film was", "I loved the movie", "the plot is", "it was a", "the acting", "we hated it but", "the music", "this movie"]
 TIMING = ("perf/tokens_per_second", "time/rollout", "time/scoring", "time/update")

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from components.config import RunConfig, apply_overrides
-from components.models import load_policy, load_reward_model, load_tokenizer
-from components.reward import RewardScorer
+from components.models.loading import load_policy, load_reward_model, load_tokenizer
+from components.reward.scorer import RewardScorer
 from components.rl import build_trainer
 from support import word_share
 
@@ -66,7 +66,7 @@ def test_the_memory_plan_is_within_15_percent_of_cuda_peak(tmp_path):
     runtime line: CUDA's context is not an allocation)."""
     from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
 
-    from components.memory_plan import plan_run
+    from components.models.memory_plan import plan_run
     from support import word_tokenizer
 
     tokenizer = word_tokenizer()

@@ -10,14 +10,16 @@ from support import POLICY_FAMILIES, REWARD_FAMILIES, SEQ2SEQ_FAMILIES, save_tin
 from support import one_thread, word_share  # noqa: F401
 from transformers import PreTrainedTokenizerFast
 
-from components import references, registry, tracking
+from components.models import references
+
+from components.tracking import registry, runs as tracking
 from components.config import GenerationConfig, RunConfig, TrackingConfig
-from components.models import load_policy, load_tokenizer
+from components.models.loading import load_policy, load_tokenizer
 from components.rl import PromptError
-from components.models import fuse_gelu
+from components.models.loading import fuse_gelu
 from components.rl.roles import AdapterDisabled
 from components.rl.rollout import response_logprobs, tokenize_prompts
-from components.reward import RewardScorer
+from components.reward.scorer import RewardScorer
 
 PROMPTS = ["the film was", "I loved the movie", "the plot is", "it was a", "the acting", "we hated it but", "the music", "this movie"]
 LORA_TARGETS = {"gpt2": {"c_attn"}, "llama": {"q_proj", "v_proj"}, "qwen2": {"q_proj", "v_proj"}, "mistral": {"q_proj", "v_proj"},

@@ -12,9 +12,9 @@ from support import one_thread  # noqa: F401
 
 from components.config import load_config
 from components.demo.gold import is_gold_positive
-from components.models import load_causal_lm, load_tokenizer
+from components.models.loading import load_causal_lm, load_tokenizer
 from components.rl import build_trainer, generate
-from components.reward import RewardScorer
+from components.reward.scorer import RewardScorer
 
 
 def evaluate(policy, tokenizer, scorer, prompts, generation):

@@ -10,7 +10,7 @@ import torch
 from support import one_thread, word_share  # noqa: F401
 
 from components.config import GenerationConfig, RLConfig, RewardConfig, RunConfig
-from components.models import load_causal_lm, load_tokenizer
+from components.models.loading import load_causal_lm, load_tokenizer
 from components.rl import Trainer, TrainingError, build_trainer
 from components.checkpoint import StorageError, check_writable, resolve_checkpoint
 
@@ -296,7 +296,7 @@ def test_progress_bar_callback_shows_episodes_score_and_kl(tiny_lm_dir):
 
 
 def test_separate_critic_starts_from_the_reward_model_when_vocabularies_match(tiny_lm_dir, tiny_reward_dir):
-    from components.models import load_reward_model
+    from components.models.loading import load_reward_model
 
     cfg = RunConfig.model_validate(
         {

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from components.config import ConfigError, RunConfig
-from components.models import load_causal_lm, load_policy, load_reward_model, load_tokenizer
-from components.reward import RewardScorer
+from components.models.loading import load_causal_lm, load_policy, load_reward_model, load_tokenizer
+from components.reward.scorer import RewardScorer
 from components.rl import build_trainer
 from components.rl.core import logprobs_of
 from components.rl.rollout import sample, tokenize_prompts, eos_token_ids, pad_id

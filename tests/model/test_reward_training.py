@@ -10,8 +10,8 @@ import torch
 from support import one_thread  # noqa: F401 - tiny models are op-overhead bound
 
 from components.config import LoraConfig, RewardModelConfig, RewardTrainingConfig
-from components.preferences import PreferencePair
-from components.reward_training import RewardTrainer, encode_pairs, load_base, lr_factor, score_pairs
+from components.data.preferences import PreferencePair
+from components.reward.training import RewardTrainer, encode_pairs, load_base, lr_factor, score_pairs
 from components.errors import TrainingError
 
 

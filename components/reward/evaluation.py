@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from components.config import RewardEvaluationConfig, RewardGatesConfig
-from components.evaluation import bootstrap_ci
-from components.gates import Gate, GateReport
+from components.evaluation.policy import bootstrap_ci
+from components.evaluation.gates import Gate, GateReport
 
 Scores = Sequence[float] | np.ndarray
 
@@ -233,7 +233,7 @@ def gold_accuracy(chosen_scores: Scores, rejected_scores: Scores, gold_chosen: S
 def gold_accuracy_of(pairs, chosen_scores: Scores, rejected_scores: Scores, judge) -> float:
     """`gold_accuracy` against `judge(text) -> float` (e.g. the demo's `gold_score`), reading each pair's prompt and
     answer as one text (a conversation as a Human:/Assistant: transcript)."""
-    from components.dialogue import render_transcript
+    from components.data.dialogue import render_transcript
 
     def text(prompt, answer: str) -> str:
         return (prompt if isinstance(prompt, str) else render_transcript(prompt)) + answer

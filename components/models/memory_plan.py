@@ -193,7 +193,7 @@ def shape_of_config(config, kind: str = "lm", lora=None) -> Shape:
     intermediate = _config_value(config, "intermediate_size", "n_inner", "d_ff", "ffn_dim", default=4 * hidden)
     lora_params = 0
     if lora is not None and lora.enabled:
-        from components.models import lora_target_modules
+        from components.models.loading import lora_target_modules
 
         targets = lora_target_modules(model, lora)
         for name, module in model.named_modules():
@@ -225,8 +225,8 @@ def shape_of(ref: str, key: str, revision: str | None = None, kind: str = "lm", 
     and the sizes."""
     from transformers import AutoConfig
 
-    from components.models import locate
-    from components.references import adapter_base
+    from components.models.loading import locate
+    from components.models.references import adapter_base
 
     located = locate(key, ref, revision)
     base = adapter_base(located)  # a saved LoRA adapter (lora.save_mode: adapter): the shape is its base model's

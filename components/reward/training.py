@@ -5,7 +5,7 @@
 
 The model is any `AutoModelForSequenceClassification` with one output (a causal LM's body gets a new scoring head,
 as InstructGPT starts its reward model from the SFT model); LoRA optional. It reads each pair as the policy
-pipeline's `RewardScorer` will score it (`components.reward.reward_text`): prompt + answer, a conversation through
+pipeline's `RewardScorer` will score it (`components.reward.scorer.reward_text`): prompt + answer, a conversation through
 the tokenizer's chat template, and the EOS after the answer (`model.append_eos`).
 
 Each step takes the next `batch_size` pairs of the epoch's order, a permutation drawn from (seed, epoch) alone
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerBase
 
 from components.config import RewardModelConfig, RewardTrainingConfig
-from components.reward import eos_suffix, reward_text
+from components.reward.scorer import eos_suffix, reward_text
 from components.checkpoint import write_atomically
 from components.errors import TrainingError
 
@@ -60,7 +60,7 @@ def pair_texts(pair, tokenizer: PreTrainedTokenizerBase, append_eos: bool, chat:
 
 
 def encode_pairs(pairs: list, tokenizer: PreTrainedTokenizerBase, append_eos: bool = True) -> EncodedPairs:
-    """`pairs` (components.preferences.PreferencePair) as token ids; conversations through the chat template when
+    """`pairs` (components.data.preferences.PreferencePair) as token ids; conversations through the chat template when
     the tokenizer has one (as RewardScorer's conversation_format auto), else as transcripts."""
     chat = bool(getattr(tokenizer, "chat_template", None))
     encoded = [pair_texts(pair, tokenizer, append_eos, chat) for pair in pairs]
@@ -84,8 +84,8 @@ def pad_right(pad_id: int) -> Collate:
 def load_base(model: RewardModelConfig, seed: int, allow_pickle: bool | None = None):
     """(the reward model to train, its tokenizer): `model.base` with one output; a base without a trained scoring
     head gets one initialised with `seed`. `model.base` must be a local path or hub id (registry URIs resolved)."""
-    from components.model_safety import loading
-    from components.models import load_tokenizer, with_lora
+    from components.models.safety import loading
+    from components.models.loading import load_tokenizer, with_lora
 
     tokenizer = load_tokenizer(model.base, model.revision, padding_side="right")
     with torch.random.fork_rng(devices=[]):

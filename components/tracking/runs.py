@@ -1,6 +1,6 @@
 """Everything MLflow records about a run: where runs go, their params, metrics, inputs and artifacts.
 
-Small functions the flow calls; the engine never imports this module (the registry is components/registry.py).
+Small functions the flow calls; the engine never imports this module (the registry is components/tracking/registry.py).
 Logging functions use MLflow's active run (`with start_run(config, run_id): ...`). Every record is written so that a
 run resumed after a crash writes nothing twice: step metrics are logged for the steps the run does not have yet
 (`log_history`), one-off metrics only when the run lacks them (`log_metrics_once`), dataset inputs once, and results
@@ -32,7 +32,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
-from components import secrets
+from components.security import secrets
 from components.config import PROJECT_ROOT, RunConfig, TrackingConfig, _flatten, renamed
 from components.errors import UserError
 from components.faults import crash_point
@@ -196,7 +196,7 @@ def end_run(run_id: str, failed: bool = False) -> None:
 
 def log_config(config: RunConfig, present: dict[str, str] | None = None) -> None:
     """Every `section.key` as a param (YAML-style values; those in `present` not again) and the resolved config as
-    `config.yaml`, both without secrets (components/secrets.py)."""
+    `config.yaml`, both without secrets (components/security/secrets.py)."""
     params = {key: _param_value(value) for key, value in secrets.redacted_params(config.flat()).items()}
     mlflow.log_params({key: value for key, value in params.items() if key not in (present or {})})
     mlflow.log_text(secrets.redacted_yaml(config), "config.yaml")

@@ -295,8 +295,8 @@ def evaluate_policy(policy, tokenizer, prompts: Sequence, scorer, generation, ev
     held-out reward model, scoring as the reward model does: `judge_scorer`), its scores of the same completions.
     Returns (PolicyEval, the samples, the per-prompt scores); `samples.prompts_seen` is each prompt as the policy read it.
     """
-    from components.dialogue import render_transcript
-    from components.reward import score_completions
+    from components.data.dialogue import render_transcript
+    from components.reward.scorer import score_completions
     from components.rl.rollout import generate, sequence_kl
 
     samples = generate(policy, tokenizer, prompts, generation, seed=evaluation.seed, use_chat_template=use_chat_template)

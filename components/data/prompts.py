@@ -3,7 +3,7 @@
 Rows load through Hugging Face `datasets` from a hub id (with its configuration name, sub-directory and split), a
 local JSONL/JSON/CSV/Parquet file (compressed .gz/.bz2/.xz/.zst too) or a directory of them. `data.format` says what
 a row holds: a text prompt, a message list, a Human:/Assistant: transcript, or a preference pair whose shared part is
-the prompt (components/dialogue.py). A prompt is a text or a conversation (a list of messages); the engine renders
+the prompt (components/data/dialogue.py). A prompt is a text or a conversation (a list of messages); the engine renders
 it for the policy (a chat template, or a transcript).
 
 Nothing is left out or cut silently: rows whose prompt is missing, empty, not text, not a conversation, or longer
@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from components import secrets
+from components.security import secrets
 from components.config import DataConfig, GenerationConfig
-from components.dialogue import (
+from components.data.dialogue import (
     DialogueError, check_messages, drop_oldest_turns, ends_with_answer, parse_transcript, prompt_of_pair,
 )
 from components.errors import UserError

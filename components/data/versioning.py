@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from components.config import DataConfig
-from components.data import DEMO_DATA, DataError, data_files, local_source
+from components.data.prompts import DEMO_DATA, DataError, data_files, local_source
 
 @dataclass(frozen=True)
 class DatasetVersion:

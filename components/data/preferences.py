@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from components.config import PreferenceDataConfig
-from components.data import DataError, Prompt, load_rows
-from components.dialogue import DialogueError, check_messages, parse_transcript, prompt_of_pair
+from components.data.prompts import DataError, Prompt, load_rows
+from components.data.dialogue import DialogueError, check_messages, parse_transcript, prompt_of_pair
 
 MAX_LISTED_ROWS = 10
 

@@ -22,7 +22,7 @@ idempotent. `add-user NAME ROLE` gives a person an account (a random password, p
 `--password-stdin`) and exactly that alignflow role.
 
     MLFLOW_TRACKING_URI=... MLFLOW_TRACKING_USERNAME=<admin> MLFLOW_TRACKING_PASSWORD=... \\
-        python -m components.access bootstrap | add-user NAME reader|promoter|pipeline [--password-stdin]
+        python -m components.security.access bootstrap | add-user NAME reader|promoter|pipeline [--password-stdin]
                                     | owners experiment|registered_model NAME | adopt experiment|registered_model NAME
 
 A stage refuses, before anything is trained or recorded, an experiment or registered model it writes to or reads a
@@ -115,7 +115,7 @@ def ensure_role(client, role: str, grants: list[Grant]):
     name = ROLE_PREFIX + role
     found = next((r for r in client.list_roles(WORKSPACE) if r.name == name), None)
     if found is None:
-        found = client.create_role(WORKSPACE, name, description=f"alignflow {role} (components/access.py)")
+        found = client.create_role(WORKSPACE, name, description=f"alignflow {role} (components/security/access.py)")
     present = {(p.resource_type, p.resource_pattern): p for p in client.list_role_permissions(found.id)}
     wanted = {(g.resource_type, g.pattern): g.permission for g in grants}
     for key, permission in wanted.items():
@@ -182,7 +182,7 @@ def bootstrap(tracking_uri: str) -> str:
     for name in owned_models:
         try:
             registry.create_registered_model(name, description="alignflow; created with the team stack's roles, owned "
-                                             "by the pipeline's service account (components/access.py)")
+                                             "by the pipeline's service account (components/security/access.py)")
         except MlflowException as exc:
             if not _is(exc, "RESOURCE_ALREADY_EXISTS"):
                 raise
@@ -232,7 +232,7 @@ def _give(client, user: str, resource_type: str, resource_id: str, name: str) ->
     if others:
         return [f"not given to {user}: {_label(resource_type, name)} can be written by "
                 f"{', '.join(f'{u} ({p})' for u, p in sorted(others.items()))}; the stages refuse it until an admin "
-                f"deletes it or runs: python -m components.access adopt {resource_type} {name}"]
+                f"deletes it or runs: python -m components.security.access adopt {resource_type} {name}"]
     _grant_manage(client, user, resource_type, resource_id)
     return []
 
@@ -354,9 +354,9 @@ def check_owned(tracking_uri: str, experiment: str | None = None, registered_mod
                 f"MLflow user {user!r} does not own {_label(resource_type, name)}, which this stage {use} (it holds "
                 f"{held} there, not MANAGE): another account created it or was given it, and that account, and "
                 f"anyone it grants EDIT, can {_what_others_can(resource_type)} without this pipeline; nothing was "
-                f"trained or recorded. An MLflow admin must see who (python -m components.access owners "
+                f"trained or recorded. An MLflow admin must see who (python -m components.security.access owners "
                 f"{resource_type} {name}), check what they wrote, then delete it or give it to the service account "
-                f"(python -m components.access adopt {resource_type} {name}); or set another name that the service "
+                f"(python -m components.security.access adopt {resource_type} {name}); or set another name that the service "
                 "account creates (README, 'Who may do what')")
     except MlflowException as exc:
         if _is(exc, "ENDPOINT_NOT_FOUND"):
@@ -422,7 +422,7 @@ def current_user() -> str:
 
 def promoter_hint(user: str) -> str:
     return (f"an MLflow admin can grant it with the promoter role: infra/local-stack add-user {user} promoter (or "
-            f"python -m components.access add-user {user} promoter; README, 'Run it for a team')")
+            f"python -m components.security.access add-user {user} promoter; README, 'Run it for a team')")
 
 
 def explain(exc: MlflowException, action: str, resource: str, needs: str, hint: str | None = None) -> str | None:
@@ -486,7 +486,7 @@ def explains_denial(action: str, needs: str = "EDIT") -> Callable:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m components.access", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m components.security.access", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("bootstrap", help="create the roles, the service account, the experiments and models")
     adding = commands.add_parser("add-user", help="give a person an account with one alignflow role")

@@ -31,7 +31,7 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from components import access
+from components.security import access
 from components.errors import UserError
 from components.faults import crash_point
 
@@ -78,8 +78,8 @@ def log_policy(
     (or, where the account may not delete, tagged `alignflow.abandoned`)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from components.models import load_policy
-    from components.references import adapter_base
+    from components.models.loading import load_policy
+    from components.models.references import adapter_base
 
     reused = _reuse_logged(artifact_name)
     if reused is not None:
@@ -183,7 +183,7 @@ class Seq2SeqGenerator(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         from transformers import AutoTokenizer
 
-        from components.models import load_policy
+        from components.models.loading import load_policy
 
         self.model = load_policy(context.artifacts["policy"])
         self.tokenizer = AutoTokenizer.from_pretrained(context.artifacts["policy"])
@@ -446,7 +446,7 @@ def rollback_target(name: str, alias: str, current: ModelVersion) -> str | None:
     return current.tags.get(f"previous_{alias}") or None
 
 
-GATES_METRIC = "gate/passed"  # what the pipeline's gates task logs on the run (components/gates.py)
+GATES_METRIC = "gate/passed"  # what the pipeline's gates task logs on the run (components/evaluation/gates.py)
 
 
 def verified_gates(version: ModelVersion) -> tuple[bool, str]:

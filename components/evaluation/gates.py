@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass, field
 
 from components.config import GatesConfig
-from components.evaluation import Comparison
+from components.evaluation.policy import Comparison
 
 # --- gates ------------------------------------------------------------------------------------
 

@@ -6,7 +6,7 @@ a local directory (relative paths are relative to the project root), a registry 
 to a local copy), or a hub id found in the local hub cache or answering on the hub. A model whose weights do not
 cover it (a head that `from_pretrained` would initialise at random, e.g. a causal LM given as a reward model) is
 refused by the loaders, naming the key and the missing weights. Weights load from safetensors and no model's own
-code runs (components/model_safety.py): `allow_pickle` (`policy.allow_pickle`, `critic.allow_pickle`,
+code runs (components/models/safety.py): `allow_pickle` (`policy.allow_pickle`, `critic.allow_pickle`,
 `reward.allow_pickle`) admits a pickle-only checkpoint.
 """
 
@@ -30,8 +30,8 @@ from transformers import (
 
 from components.config import PROJECT_ROOT
 from components.errors import UserError
-from components.model_safety import check_model_files, loading
-from components.references import ModelReferenceError, adapter_base, resolve_model_reference
+from components.models.safety import check_model_files, loading
+from components.models.references import ModelReferenceError, adapter_base, resolve_model_reference
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
 

@@ -23,9 +23,9 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from components.config import RewardConfig
-from components.dialogue import render_transcript
+from components.data.dialogue import render_transcript
 from components.errors import UserError
-from components.models import fuse_gelu
+from components.models.loading import fuse_gelu
 
 
 class RewardLabelError(UserError, ValueError):
@@ -135,7 +135,7 @@ class RewardScorer:
     ) -> "RewardScorer":
         """Load `reward.model` (a local path or hub id) in `dtype` (memory.frozen_dtype) unless the model/tokenizer
         are given."""
-        from components.models import load_reward_model, load_tokenizer
+        from components.models.loading import load_reward_model, load_tokenizer
 
         model = model if model is not None else load_reward_model(reward.model, reward.revision, allow_pickle=reward.allow_pickle,
                                                                   dtype=dtype)
@@ -191,7 +191,7 @@ def reward_text(tokenizer: PreTrainedTokenizerBase, prompt, completion: str, cha
     """(the text a reward model reads for a prompt and its completion, whether it comes from the tokenizer's chat
     template, which brings its own special tokens and end of turn). A text prompt is followed by the completion; a
     conversation is rendered with the chat template (`chat`) or as a Human:/Assistant: transcript. Scoring
-    (RewardScorer) and reward-model training (components/reward_training.py) read pairs the same way."""
+    (RewardScorer) and reward-model training (components/reward/training.py) read pairs the same way."""
     if isinstance(prompt, str):
         return prompt + completion, False
     if chat:

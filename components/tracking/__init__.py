@@ -1,0 +1,1 @@
+"""What MLflow keeps: runs (idempotent records, resume) and the model registry (register, promote, roll back)."""
