@@ -53,7 +53,7 @@ SERVICE_USER_VAR, SERVICE_PASSWORD_VAR = "ALIGNFLOW_PIPELINE_USER", "ALIGNFLOW_P
 DEFAULT_SERVICE_USER = "alignflow-pipeline"
 DEFAULT_MODELS, DEFAULT_EXPERIMENTS = "alignflow-policy", "alignflow-demo"
 # The names the stages write to unless configured otherwise: the policy pipeline's (configs/demo.yaml, and the
-# library's defaults in components/config.py), the reward stage's (configs/reward.yaml: RewardTrackingConfig), and the
+# library's defaults in components/config/), the reward stage's (configs/reward.yaml: RewardTrackingConfig), and the
 # judge's (the reward stage with `tracking.registered_model=judge`, README). The stack creates them all up front.
 STAGE_MODELS = ("alignflow-policy", "alignflow-reward", "judge")
 STAGE_EXPERIMENTS = ("alignflow", "alignflow-demo", "alignflow-reward")

@@ -33,7 +33,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
 from components.security import secrets
-from components.config import PROJECT_ROOT, RunConfig, TrackingConfig, _flatten, renamed
+from components.config import PROJECT_ROOT, RunConfig, TrackingConfig, flatten, renamed
 from components.errors import UserError
 from components.faults import crash_point
 
@@ -45,6 +45,7 @@ GATES_PASSED_TAG = "alignflow.gates_passed"
 MODEL_VERSION_TAG = "alignflow.model_version"
 PROMOTED_TAG = "alignflow.promoted"
 FINISHED_TAG = "alignflow.finished"
+PINNED_TAG = "alignflow.pinned_models"  # {key: models:/NAME/VERSION} a run's registry aliases resolved to, at its start
 REWARD_GAIN_METRIC = "eval/reward_gain"
 KL_METRIC = "eval/candidate/kl"
 STEP_METRIC = "iteration"  # logged at every training step: which steps a run already has
@@ -228,7 +229,7 @@ def resumed_config(given, run_id: str, stage: str, keys_given: set[str]):
         recorded = yaml.safe_load(text)
         given_tree = given.model_dump(mode="json")
         given_flat, redacted_flat, recorded_flat = (
-            _flatten(given_tree), _flatten(secrets.redact_tree(given_tree)), _flatten(recorded))
+            flatten(given_tree), flatten(secrets.redact_tree(given_tree)), flatten(recorded))
         covered = lambda key: any(key == k or key.startswith(k + ".") for k in keys_given)  # noqa: E731
         differing = sorted(key for key in set(recorded_flat) | set(redacted_flat)
                            if recorded_flat.get(key) != redacted_flat.get(key) and covered(key) and key not in WHERE_KEYS)
