@@ -13,7 +13,7 @@ advantages and learning). Phases are timed by wrapping, from outside, what `Trai
   reference   `response_logprobs` (the reference policy's log-probs)
   value       a separate critic's forward in the rollout (none with a shared value head)
   scoring     `decode` + the reward function (re-tokenization and the reward model)
-  update      `learn` (the PPO epochs)
+  update      `learn` (the update epochs)
   other       the rest (rewards, GAE, whitening, statistics)
 """
 
@@ -63,7 +63,7 @@ def probe(algorithms: list[str], k: int) -> dict:
 def evaluate(spec: dict) -> dict:
     """Each policy in spec["evaluate"] on the held-out prompts, with the same code and seeds for all:
     spec["samples"] sampled completions per prompt (seeds spec["seed"], +1, ...), their reward-model scores and the
-    gold judge's verdicts (as tests/model does). The reward model reads the text as written, as it was trained."""
+    gold scorer's verdicts (as tests/model does). The reward model reads the text as written, as it was trained."""
     import torch
 
     import components
@@ -71,7 +71,7 @@ def evaluate(spec: dict) -> dict:
     from components.demo.gold import is_gold_positive
     from components.models.loading import load_causal_lm, load_tokenizer
     from components.rl import generate
-    from components.reward.scorer import RewardScorer
+    from components.rl.reward import RewardScorer
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
@@ -114,7 +114,7 @@ def train(spec: dict) -> dict:
     import components.rl.experience as experience
     from components.config import CriticConfig, GenerationConfig, LoraConfig, RewardConfig, RLConfig
     from components.models.loading import load_causal_lm, load_tokenizer
-    from components.reward.scorer import RewardScorer
+    from components.rl.reward import RewardScorer
     from components.rl import build_trainer
     from components.rl.roles import backbone_of
 
@@ -140,7 +140,7 @@ def train(spec: dict) -> dict:
         max_new_tokens=spec["max_new_tokens"], temperature=spec["temperature"], top_k=0, top_p=1.0,
         max_prompt_tokens=spec["max_prompt_tokens"],
     )
-    reward = RewardConfig(model=spec["reward"], max_length=spec["reward_max_length"], batch_size=batch)
+    reward = RewardConfig(model=spec["reward"], max_length=spec["reward_max_length"], score_batch_size=batch)
     # the separate critic starts as the reward model (build_trainer loads it when it shares the policy's vocabulary)
     critic = CriticConfig(type=spec.get("value_head", "shared") if settings["critic"] else "none")
 

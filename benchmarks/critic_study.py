@@ -6,7 +6,7 @@
 Each (variant, seed) trains in a fresh process, two at a time with one thread each: the demo config's PPO
 (`--set` overrides it) for 20 iterations of 64 episodes on the benchmark's training prompts, then 4 sampled
 completions for each of the 128 held-out prompts, scored by the reward model (reading the text as written, as
-it was trained) and the gold judge. Printed: mean ± standard error over seeds; every run is appended to
+it was trained) and the gold scorer. Printed: mean ± standard error over seeds; every run is appended to
 benchmarks/results/critic_study.jsonl.
 
 Variants (alignflow's critic):
@@ -90,7 +90,7 @@ def run_one(variant: str, seed: int, overrides: list[str]) -> dict:
     from components.demo.gold import is_gold_positive
     from components.models.loading import load_causal_lm, load_tokenizer
     from components.rl import build_trainer, generate
-    from components.reward.scorer import RewardScorer
+    from components.rl.reward import RewardScorer
 
     train_prompts, eval_prompts = split_prompts()
     value_head = "shared" if variant in ("shared", "trl") else "separate"

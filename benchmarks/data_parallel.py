@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from components.config import DEMO_CONFIG, PROJECT_ROOT, load_config
+from components.config import DEMO_CONFIG, PROJECT_ROOT, apply_overrides, load_config, to_document
 from components.rl.launcher import free_port
 
 
@@ -66,11 +66,13 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[int, list[float]] = {1: [], 2: []}
     with tempfile.TemporaryDirectory(prefix="alignflow-dp-bench-") as tmp:
         work = Path(tmp)
-        (work / "run.yaml").write_text(config.to_yaml())
+        for processes in (1, 2):  # each launch reads the validated configuration of its own process count
+            document = to_document(apply_overrides(config, [f"launch.num_processes={processes}"]))
+            (work / f"run-{processes}.json").write_text(document)
         (work / "prompts.json").write_text(json.dumps(prompts))
         for processes in (1, 2, 2, 1):
             threads = args.threads or max(1, cores // processes)
-            history = run(processes, work / "run.yaml", work / "prompts.json", args.iterations, work, threads)
+            history = run(processes, work / f"run-{processes}.json", work / "prompts.json", args.iterations, work, threads)
             results[processes].append(episodes_per_second(history, args.batch_size))
     one, two = (statistics.median(results[n]) for n in (1, 2))
     print(f"data-parallel PPO on {cores} CPU cores, demo models, batch {args.batch_size}: "

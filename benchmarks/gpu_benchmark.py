@@ -56,7 +56,7 @@ def run(workload: str, device: str, iterations: int, directory: Path) -> None:
     from components.config import load_config
     from components.models.memory_plan import GIB, plan_run
     from components.models.loading import load_policy, load_tokenizer
-    from components.reward.scorer import RewardScorer
+    from components.rl.reward import RewardScorer
     from components.rl import build_trainer
 
     if workload == "demo":
@@ -106,19 +106,19 @@ def rollout_seconds(trainer, prompts: list[str], device: str) -> dict[str, float
     """Seconds of one rollout of `prompts` with each KV cache (generation.kv_cache), best of 3, alternating."""
     import torch
 
-    from components.rl import rollout
+    from components.rl import sampler, tokenization
 
     tokenizer, policy, generation = trainer.tokenizer, trainer.policy, trainer.generation
-    eos, pad = rollout.eos_token_ids(tokenizer, policy).to(device), rollout.pad_id(tokenizer)
+    eos, pad = tokenization.eos_token_ids(tokenizer, policy).to(device), tokenization.pad_id(tokenizer)
     best = {"dynamic": float("inf"), "static": float("inf")}
     for _ in range(3):
         for kind in best:
             settings = generation.model_copy(update={"kv_cache": kind})
-            queries, mask = rollout.tokenize_prompts(tokenizer, prompts, settings)
+            queries, mask = tokenization.tokenize_prompts(tokenizer, prompts, settings)
             if device == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            rollout.sample(policy, queries.to(device), mask.to(device), settings, eos, pad, torch.Generator(device).manual_seed(0))
+            sampler.sample(policy, queries.to(device), mask.to(device), settings, eos, pad, torch.Generator(device).manual_seed(0))
             if device == "cuda":
                 torch.cuda.synchronize()
             best[kind] = min(best[kind], time.perf_counter() - start)

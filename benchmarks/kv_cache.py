@@ -40,7 +40,7 @@ def workloads():
 def main(argv: list[str] | None = None) -> None:
     import torch
 
-    from components.rl import rollout
+    from components.rl import sampler, tokenization
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=7)
@@ -49,15 +49,15 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(2)
     rows = []
     for name, model, tokenizer, prompts, generation in workloads():
-        eos, pad = rollout.eos_token_ids(tokenizer, model), rollout.pad_id(tokenizer)
+        eos, pad = tokenization.eos_token_ids(tokenizer, model), tokenization.pad_id(tokenizer)
         seconds: dict[str, list[float]] = {"dynamic": [], "static": []}
         outputs = {}
         for repeat in range(args.repeats + 1):  # the first round warms up
             for kind in seconds:
                 settings = generation.model_copy(update={"kv_cache": kind})
-                queries, mask = rollout.tokenize_prompts(tokenizer, prompts, settings)
+                queries, mask = tokenization.tokenize_prompts(tokenizer, prompts, settings)
                 start = time.perf_counter()
-                outputs[kind] = rollout.sample(model, queries, mask, settings, eos, pad, torch.Generator().manual_seed(repeat))
+                outputs[kind] = sampler.sample(model, queries, mask, settings, eos, pad, torch.Generator().manual_seed(repeat))
                 if repeat:
                     seconds[kind].append(time.perf_counter() - start)
         same = torch.equal(outputs["dynamic"].responses, outputs["static"].responses)

@@ -169,7 +169,7 @@ def worker(shape: str, variant: str, models: Path) -> dict:
     import flows.pipeline  # noqa: F401  what a pipeline process has imported before it loads a model
     from components.models.memory_plan import GIB, plan_run
     from components.models.loading import load_policy, load_tokenizer
-    from components.reward.scorer import RewardScorer
+    from components.rl.reward import RewardScorer
     from components.rl import build_trainer
 
     runtime = _status("VmRSS")

@@ -510,7 +510,7 @@ same work, no engine passes it on this machine. Peak RSS: {_peak_text(report)}.
 {_md_table(THROUGHPUT_HEADER, _throughput_rows(report))}
 
 Learning on the demo task: {settings['iterations']} iterations x {settings['batch_size']} episodes, then {_samples_text(report)} for each of {128} held-out prompts, scored by the reward model (reading the text as written, as
-it was trained) and the gold judge (mean ± sd over seeds).
+it was trained) and the gold scorer (mean ± sd over seeds).
 
 {_md_table(LEARNING_HEADER, _learning_rows(report))}
 

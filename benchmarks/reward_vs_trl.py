@@ -376,7 +376,7 @@ def score(model_dir: Path, readings: dict, evaluation) -> dict:
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32)
     out = {}
     for name, encoded in readings.items():
-        chosen, rejected = score_pairs(model, encoded, model.config.pad_token_id, evaluation.batch_size)
+        chosen, rejected = score_pairs(model, encoded, model.config.pad_token_id, evaluation.score_batch_size)
         lengths = [(len(c) + len(r)) / 2 for c, r in zip(encoded.chosen, encoded.rejected)]
         result = evaluate_pairs(chosen, rejected, lengths, evaluation)
         out[name] = {"accuracy": result.accuracy, "accuracy_ci": list(result.accuracy_ci), "mean_margin": result.mean_margin}

@@ -17,7 +17,7 @@ One run:
   1. learning: for each seed, every engine in a fresh process (order reversed on odd seeds), trained on the demo's
      training prompts to --max-episodes, its policy saved every --budget episodes with the training wall-clock
      seconds so far (setup and saving excluded); each saved policy then evaluated by the same code
-     (alignflow_worker.evaluate: 128 held-out prompts x 4 samples, reward-model score and the gold judge), and deleted;
+     (alignflow_worker.evaluate: 128 held-out prompts x 4 samples, reward-model score and the gold scorer), and deleted;
   2. throughput: every engine on the demo workloads and GPT-2 6x512 (benchmarks/workloads.py), alternating, summarised
      as benchmarks/ppo_vs_trl.py does (episodes/s the median after warm-up, phase split, own peak RSS, model FLOPs);
   3. writes benchmarks/results/time_to_quality.json, time_to_quality.png (gold share against training seconds and

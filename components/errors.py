@@ -24,7 +24,7 @@ class AlignflowError(Exception):
 
 
 class UserError(AlignflowError):
-    """Bad input the user must fix: a configuration key, a file and line, a model reference, a registry request, or a
+    """Bad input the user must fix: a configuration key, a file and line, a model URI, a registry request, or a
     storage location that cannot take a checkpoint. The message names it. Exit code 2."""
 
     exit_code = 2

@@ -1,4 +1,5 @@
-"""PPO iterations in several processes and on several machines, launched from the pipeline's training task.
+"""A training segment's iterations in several processes and on several machines, launched from the pipeline's
+training task.
 
 `launch_iterations` runs the iterations in `launch.num_processes` data-parallel processes (`accelerate launch`, with
 `launch.accelerate_config` if set), from and to the run's checkpoint. Over `launch.num_machines` > 1 machines this machine
@@ -24,12 +25,12 @@ from prefect.client.orchestration import get_client
 from prefect.exceptions import ObjectNotFound
 from prefect.runtime import flow_run
 
-from components.models import references
+from components.models import uris
 
-from components.security import secrets
-from components.config import PROJECT_ROOT, ConfigError, RunConfig
-from components.models.loading import resolved_models, with_models
+from components.config import PROJECT_ROOT, ConfigError, RunConfig, to_document
+from components.models.loading import with_models
 from components.rl import Trainer, launcher
+from components.rl.build import locate_models
 from components.rl.distributed import accelerate_precision
 
 
@@ -42,9 +43,10 @@ def launch_iterations(trainer: Trainer, prompts: list[str], config: RunConfig, d
     logger = get_run_logger()
     with tempfile.TemporaryDirectory(prefix="alignflow-launch-") as tmp:
         work = Path(tmp)
-        (work / "run.yaml").write_text(resolved_models(config).to_yaml())
+        # the validated configuration, its models as this machine loads them, as the one document the processes read
+        (work / "run.json").write_text(to_document(locate_models(config)))
         (work / "prompts.json").write_text(json.dumps(prompts))
-        command = launcher.accelerate_command(config.launch, meet, 0, config=work / "run.yaml", prompts=work / "prompts.json",
+        command = launcher.accelerate_command(config.launch, meet, 0, config=work / "run.json", prompts=work / "prompts.json",
                                               checkpoint=directory, iterations=iterations, stats=work / "stats.json",
                                               mixed_precision=accelerate_precision(config.memory.trained_precision))
         nodes = start_other_machines(config, meet, prompts, directory, trainer.iteration, iterations)
@@ -56,10 +58,6 @@ def launch_iterations(trainer: Trainer, prompts: list[str], config: RunConfig, d
         except BaseException:
             cancel_nodes(nodes)
             raise
-        stats = json.loads((work / "stats.json").read_text())
-        if stats["num_processes"] != config.launch.num_processes:
-            cancel_nodes(nodes)
-            raise RuntimeError(f"accelerate launch ran {stats['num_processes']} process(es); launch.num_processes is {config.launch.num_processes}")
     if nodes:  # the iterations ran and are checkpointed: a node run failing now fails the task, whose retry logs them
         problems = wait_for_nodes(nodes)
         if problems:
@@ -86,29 +84,29 @@ def start_other_machines(config: RunConfig, meet: launcher.Rendezvous, prompts: 
                          checkpoint_iteration: int, iterations: int) -> list[NodeRun]:
     """Submit one flow run of `launch.node_deployment` per machine rank 1..num_machines-1 (none on one machine).
 
-    They get the run configuration with registry aliases pinned to versions (each machine resolves its own
-    copy of the models), the prompts, and the checkpoint's absolute path, which must be on shared storage."""
+    They get the run's validated configuration as one document (components.config.to_document) with registry aliases
+    pinned to versions (each machine locates its own copy of the models), the prompts, and the checkpoint's absolute path, which must be on shared storage."""
     if meet.num_machines == 1:
         return []
     from prefect.deployments import run_deployment
 
-    pinned = with_models(config, lambda key, ref: references.pin_model_reference(ref))
-    # Flow-run parameters are stored and shown by the Prefect server: the configuration goes without its secrets
-    # (a node trains; each machine's worker has its own credentials).
-    parameters = {"run_config": secrets.redacted_yaml(pinned), "prompts": list(prompts), "checkpoint": str(directory.resolve()),
+    pinned = with_models(config, lambda key, ref: uris.pin_model_uri(ref))
+    # Flow-run parameters are stored and shown by the Prefect server: the configuration goes as its validated document,
+    # without its secrets (a node trains; each machine's worker has its own credentials).
+    parameters = {"run_config": to_document(pinned), "prompts": list(prompts), "checkpoint": str(directory.resolve()),
                   "checkpoint_iteration": checkpoint_iteration, "iterations": iterations,
                   "main_process_ip": meet.main_process_ip, "main_process_port": meet.main_process_port}
     nodes: list[NodeRun] = []
     try:
         for rank in range(1, meet.num_machines):
             run = run_deployment(config.launch.node_deployment, parameters={**parameters, "machine_rank": rank}, timeout=0,
-                                 flow_run_name=f"{flow_run.name or 'ppo'}-machine-{rank}", tags=["alignflow-ppo-node"])
+                                 flow_run_name=f"{flow_run.name or 'train'}-machine-{rank}", tags=["alignflow-train-node"])
             nodes.append(NodeRun(rank, run.id, run.name))
             get_run_logger().info("submitted %s of %s", nodes[-1], config.launch.node_deployment)
     except ObjectNotFound:
         cancel_nodes(nodes)
         raise ConfigError(f"launch.node_deployment: the Prefect server has no deployment {config.launch.node_deployment}; "
-                          "deploy flows/node.py:ppo_node (prefect.yaml: alignflow-ppo-node/gpu) on the GPU work pool") from None
+                          "deploy flows/node.py:train_node (prefect.yaml: alignflow-train-node/gpu) on the GPU work pool") from None
     except BaseException:
         cancel_nodes(nodes)
         raise

@@ -1,10 +1,10 @@
-"""One machine's share of a multi-machine PPO epoch, as a Prefect flow.
+"""One machine's share of a multi-machine training segment, as a Prefect flow.
 
-The pipeline's PPO-epoch task runs machine 0 itself and starts one run of this flow per other machine from
-the deployment `launch.node_deployment` (prefect.yaml: `alignflow-ppo-node/gpu`), so a worker of the work pool
+The pipeline's training task runs machine 0 itself and starts one run of this flow per other machine from
+the deployment `launch.node_deployment` (prefect.yaml: `alignflow-train-node/gpu`), so a worker of the work pool
 with the hardware runs it there. The flow launches `accelerate launch --machine_rank R` for the same run
 configuration, prompts, checkpoint and rendezvous; the processes meet the main machine's and train as one
-run. Nothing is logged here: the main machine logs the epoch once.
+run. Nothing is logged here: the main machine logs the segment once.
 
 The checkpoint is read from storage every machine sees at the same path (`checkpoint.dir`); the run
 configuration and prompts arrive as parameters, so they need no shared storage.
@@ -19,12 +19,12 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
-from components.config import PROJECT_ROOT, RunConfig, load_config
+from components.config import PROJECT_ROOT, RunConfig, from_document, to_document
 from components.rl import launcher
+from components.rl.build import locate_models
 from components.rl.distributed import accelerate_precision
-from components.models.loading import resolved_models
 
-NODE_FLOW = "alignflow-ppo-node"
+NODE_FLOW = "alignflow-train-node"
 
 
 @task(cache_policy=NONE)
@@ -42,9 +42,9 @@ def launch_machine(config: RunConfig, prompts: list[str], checkpoint: str, itera
     meet = launcher.Rendezvous(config.launch.num_machines, main_process_ip, main_process_port)
     with tempfile.TemporaryDirectory(prefix="alignflow-node-") as tmp:
         work = Path(tmp)
-        (work / "run.yaml").write_text(config.to_yaml())
+        (work / "run.json").write_text(to_document(config))
         (work / "prompts.json").write_text(json.dumps(prompts))
-        command = launcher.accelerate_command(config.launch, meet, machine_rank, config=work / "run.yaml",
+        command = launcher.accelerate_command(config.launch, meet, machine_rank, config=work / "run.json",
                                               prompts=work / "prompts.json", checkpoint=Path(checkpoint),
                                               iterations=iterations, stats=work / "stats.json",
                                               mixed_precision=accelerate_precision(config.memory.trained_precision))
@@ -54,14 +54,14 @@ def launch_machine(config: RunConfig, prompts: list[str], checkpoint: str, itera
 
 
 @flow(name=NODE_FLOW, log_prints=True)
-def ppo_node(run_config: str, prompts: list[str], checkpoint: str, checkpoint_iteration: int, iterations: int,
-             machine_rank: int, main_process_ip: str, main_process_port: int) -> None:
-    """Run machine `machine_rank`'s processes of a PPO epoch whose main machine is at main_process_ip:main_process_port.
+def train_node(run_config: str, prompts: list[str], checkpoint: str, checkpoint_iteration: int, iterations: int,
+               machine_rank: int, main_process_ip: str, main_process_port: int) -> None:
+    """Run machine `machine_rank`'s processes of a training segment whose main machine is at
+    main_process_ip:main_process_port.
 
-    `run_config` is the run configuration as YAML (its model references are resolved here, on this machine);
+    `run_config` is the run's validated configuration as the main machine handed it on, one JSON document
+    (components.config.to_document; validated here by the schema alone, its model URIs located on this machine);
     `checkpoint` the main machine's checkpoint directory, which must hold iteration `checkpoint_iteration`."""
-    with tempfile.TemporaryDirectory(prefix="alignflow-node-config-") as tmp:
-        (Path(tmp) / "run.yaml").write_text(run_config)
-        config = resolved_models(load_config(Path(tmp) / "run.yaml"))
+    config = locate_models(from_document(run_config))
     check_machine(config, checkpoint, checkpoint_iteration)
     launch_machine(config, prompts, checkpoint, iterations, machine_rank, main_process_ip, main_process_port)

@@ -1,5 +1,6 @@
 """The reward-model stage's tasks: each wraps one component call (components/data/preferences.py,
-components/reward/training.py and evaluation.py, components/tracking/registry.py) and adds what Prefect is for. Like the policy pipeline's (flows/tasks.py), every task
+components/reward/training.py and evaluation.py, components/tracking/registry.py) and adds what Prefect is for; what
+every stage does alike is flows/stage.py. Like the policy pipeline's (flows/tasks.py), every task
 is safe to run again, so `alignflow reward run --resume RUN_ID` after a crash ends where an uninterrupted run ends:
 training continues from the run's checkpoint (which carries every step's statistics), evaluations are recorded on
 the run and read back, registration finds the run's version, promotion completes an interrupted alias move.
@@ -15,7 +16,7 @@ import mlflow
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
-from components.security import access, secrets
+from components.security import secrets
 
 from components.tracking import registry, runs as tracking
 from components.config import PROJECT_ROOT, RewardRunConfig
@@ -24,15 +25,17 @@ from components.evaluation.policy import load_gold_scorer
 from components.faults import crash_point
 from components.evaluation.gates import GateReport
 from components.models.safety import check_model_files
-from components.models.loading import load_tokenizer, locate
+from components.models.loading import load_reward_model, load_tokenizer, locate
 from components.data.preferences import PairReport, PreferencePair, drop_too_long, load_pairs, split_pairs
 from components.reward.evaluation import (
     RewardEval, check_reward_gates, evaluate_pairs, gold_accuracy_of, plot_reliability, plot_score_distributions,
 )
 from components.reward.training import RewardTrainer, encode_pairs, load_base, pair_texts, score_pairs
-from components.checkpoint import check_writable, recover, write_atomically
-from components.data.versioning import DatasetVersion, dataset_version
+from components.checkpoint import recover, write_atomically
+from components.data.versioning import DatasetVersion
 from flows import stage
+from components.rl.progress import StepBar
+from components.models.uris import resolve_model_uri
 
 ACCURACY_TAG = "eval/accuracy"  # a reward-model version's held-out accuracy: what compare-and-set promotion compares
 STEP_METRIC = "step"
@@ -47,7 +50,7 @@ class PreparedPairs:
 
 
 @dataclass
-class RewardResult:
+class RewardResult(stage.Result):
     """What a reward-model run came to: the flow's return value, recorded on the run (result.json) once settled."""
 
     run_id: str
@@ -60,10 +63,6 @@ class RewardResult:
     champion_version: str | None
     champion_accuracy: float | None
 
-    @property
-    def gates_passed(self) -> bool:
-        return self.gates.passed
-
     @classmethod
     def from_json(cls, value: dict[str, Any]) -> "RewardResult":
         return cls(**{**value, "evaluation": RewardEval.from_json(value["evaluation"]),
@@ -73,27 +72,13 @@ class RewardResult:
 # --- inputs -----------------------------------------------------------------------------------
 
 
-@task(cache_policy=NONE)
-def check_inputs(config: RewardRunConfig, resume_run_id: str | None) -> RewardRunConfig:
-    """Before anything heavy or recorded: the names the run writes to and reads are no other account's
-    (access.check_owned), the run to resume exists, the base model is found (a registry URI pinned to
-    its version and downloaded) and safe to load, the checkpoint directory is writable. Returns the configuration
-    with `model.base` as this machine loads it."""
-    access.check_owned(tracking.use_tracking(config.tracking), experiment=config.tracking.experiment,
-                       registered_model=config.tracking.registered_model, reads=access.registry_reads(config))
-    if resume_run_id is not None:
-        tracking.find_run(config.tracking, resume_run_id)
+def resolve(config: RewardRunConfig) -> RewardRunConfig:
+    """The reward stage's part of stage.check_inputs: the base model found (a registry URI pinned to its version and
+    downloaded) and safe to load. Returns the configuration with `model.base` as this machine loads it."""
     tracking.use_tracking(config.tracking)
     base = locate("model.base", config.model.base, config.model.revision)
     check_model_files(Path(base) if Path(base).is_absolute() else PROJECT_ROOT / base, "model.base", config.model.allow_pickle)
-    check_writable(stage.checkpoint_root(config), "checkpoint.dir")
     return config.model_copy(update={"model": config.model.model_copy(update={"base": base})})
-
-
-@task(retries=1, retry_condition_fn=retryable)
-def check_data_version(config: RewardRunConfig) -> DatasetVersion:
-    """The version of the preference data: the md5 of its bytes, checked against the .dvc file that pins it."""
-    return dataset_version(config.data, PROJECT_ROOT)
 
 
 @task(cache_policy=NONE)
@@ -116,10 +101,6 @@ def prepare_pairs(config: RewardRunConfig, resolved: RewardRunConfig) -> Prepare
 def provenance(config: RewardRunConfig) -> Callable[[], dict[str, str]]:
     """The reward run's own provenance tags (stage.start_tracking): the base model it trains."""
     return lambda: {"alignflow.base_model": config.model.base}
-
-
-def recorded_result() -> RewardResult | None:
-    return stage.recorded_result(RewardResult.from_json)
 
 
 @task(cache_policy=NONE)
@@ -162,15 +143,14 @@ def resume(trainer: RewardTrainer, config: RewardRunConfig, run_id: str) -> None
 @task(retries=2, retry_delay_seconds=[2, 10], cache_policy=NONE, retry_condition_fn=retryable,
       task_run_name="train-from-step-{start}")
 def train(trainer: RewardTrainer, start: int, config: RewardRunConfig, run_id: str) -> int:
-    """Steps up to the next checkpoint (every `training.checkpoint_every`) or the end, then the checkpoint, then their
-    metrics; returns the step reached. A retry reloads the last checkpoint first."""
-    from components.rl.progress import StepBar
+    """Steps up to the next checkpoint (every `checkpoint.every` optimizer steps) or the end, then the checkpoint, then
+    their metrics; returns the step reached. A retry reloads the last checkpoint first."""
 
     directory = stage.run_directory(config, run_id) / "checkpoint"
     if trainer.step != start and recover(directory):
         trainer.load_checkpoint(directory)
     tracking.log_history(trainer.history, step_key="pairs", step_metric=STEP_METRIC)
-    every = config.training.checkpoint_every
+    every = config.checkpoint.every
     with StepBar(trainer.steps, "reward model", start=trainer.step) as bar:
         trainer.train(until=(trainer.step // every + 1) * every, callback=bar)
     trainer.save_checkpoint(directory)
@@ -183,19 +163,17 @@ def train(trainer: RewardTrainer, start: int, config: RewardRunConfig, run_id: s
     return trainer.step
 
 
-@task(cache_policy=NONE)
-def export(trainer: RewardTrainer, tokenizer, config: RewardRunConfig, run_id: str) -> Path | None:
-    """The trained reward model (LoRA merged in) and its tokenizer, saved for registration in the run's directory;
-    None when the run registered its version already (a resumed run)."""
-    if registry.version_of_run(config.tracking.registered_model, run_id) is not None:
-        return None
-    model = trainer.model.merge_and_unload() if config.model.lora.enabled else trainer.model
+def save_model(trainer: RewardTrainer, tokenizer, config: RewardRunConfig) -> Callable[[Path], Path]:
+    """How stage.export saves the trained reward model for registration: LoRA merged in, with its tokenizer."""
+    def save(directory: Path) -> Path:
+        model = trainer.model.merge_and_unload() if config.model.lora.enabled else trainer.model
 
-    def write(tmp: Path) -> None:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        def write(tmp: Path) -> None:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
 
-    return write_atomically(stage.run_directory(config, run_id) / "export", write, key="checkpoint.dir")
+        return write_atomically(directory, write, key="checkpoint.dir")
+    return save
 
 
 # --- evaluation, gates, registry -----------------------------------------------------------------
@@ -205,25 +183,21 @@ def export(trainer: RewardTrainer, tokenizer, config: RewardRunConfig, run_id: s
 def evaluate(name: str, load, pairs: list[PreferencePair], config: RewardRunConfig, version: str | None = None) -> RewardEval:
     """Score the held-out pairs with the model `load()` gives, (model, tokenizer), each pair read with that model's
     own tokenizer; record the result (a resumed run reads it back) and the candidate's plots."""
-    artifact = f"evaluations/{name}.json"
-    done = tracking.recorded(artifact)
-    if done is not None:
-        evaluation = RewardEval.from_json(done["evaluation"])
-    else:
+    def run() -> tuple[RewardEval, dict[str, Any]]:
         model, tokenizer = load()
         encoded = encode_pairs(pairs, tokenizer, config.model.append_eos)
-        chosen, rejected = score_pairs(model, encoded, tokenizer.pad_token_id, config.evaluation.batch_size)
+        chosen, rejected = score_pairs(model, encoded, tokenizer.pad_token_id, config.evaluation.score_batch_size)
         lengths = [(len(c) + len(r)) / 2 for c, r in zip(encoded.chosen, encoded.rejected)]
         evaluation = evaluate_pairs(chosen, rejected, lengths, config.evaluation)
         if config.evaluation.gold_scorer:
-            judge = load_gold_scorer(config.evaluation.gold_scorer)
-            evaluation = replace(evaluation, gold_accuracy=gold_accuracy_of(pairs, chosen, rejected, judge))
+            gold_scorer = load_gold_scorer(config.evaluation.gold_scorer)
+            evaluation = replace(evaluation, gold_accuracy=gold_accuracy_of(pairs, chosen, rejected, gold_scorer))
         if name == "candidate":
             mlflow.log_figure(plot_score_distributions(chosen, rejected), "plots/score_distributions.png")
             mlflow.log_figure(plot_reliability(chosen, rejected, config.evaluation.calibration_bins), "plots/reliability.png")
-        tracking.record({"evaluation": asdict(evaluation), "version": version,
-                         "scores": {"chosen": chosen, "rejected": rejected}}, artifact)
-        crash_point("evaluation.recorded")
+        return evaluation, {"evaluation": asdict(evaluation), "version": version, "scores": {"chosen": chosen, "rejected": rejected}}
+
+    evaluation = stage.recorded_evaluation(name, run, lambda done: RewardEval.from_json(done["evaluation"]))
     tracking.log_metrics_once(evaluation.as_metrics(f"eval/{name}"))
     return evaluation
 
@@ -231,10 +205,7 @@ def evaluate(name: str, load, pairs: list[PreferencePair], config: RewardRunConf
 def registered_reward_model(config: RewardRunConfig, version: str):
     """A loader of a registered reward-model version (the champion), for `evaluate`."""
     def load():
-        from components.models.loading import load_reward_model
-        from components.models.references import resolve_model_reference
-
-        path = resolve_model_reference(f"models:/{config.tracking.registered_model}/{version}")
+        path = resolve_model_uri(f"models:/{config.tracking.registered_model}/{version}")
         return load_reward_model(path), load_tokenizer(path, padding_side="right")
     return load
 
@@ -253,7 +224,7 @@ def register(config: RewardRunConfig, model_dir: Path | None, run_id: str, data:
     tagged with the preference data's md5, its base model and its evaluation. A resumed run gets its version back."""
     return stage.register_version(config, run_id, data, report, champion_version,
                                   log_model=lambda: registry.log_reward_model(model_dir), tags=lambda: {
-        "stage": "reward", "data_source": config.data.source, "base_model": config.model.base,
+        tracking.STAGE_TAG: "reward", "data_source": config.data.source, "alignflow.base_model": config.model.base,
         "pairs_train": len(pairs.train), "pairs_held_out": len(pairs.held_out), "lora": config.model.lora.enabled,
         ACCURACY_TAG: candidate.accuracy, "eval/accuracy_ci_low": candidate.accuracy_ci[0],
         "eval/accuracy_ci_high": candidate.accuracy_ci[1], "eval/mean_margin": candidate.mean_margin,

@@ -3,10 +3,12 @@
 A stage's flow (the policy pipeline, flows/pipeline.py with flows/tasks.py; the reward model, flows/reward_pipeline.py
 with flows/reward_tasks.py) is:
 
-    resumed_config (on --resume) -> its own inputs -> start_tracking -> recorded_result (a settled run only closes)
-    -> its own training, a checkpoint at a time -> its own evaluations, the champion's found by find_champion
-    -> its gates, recorded by record_gates -> register_version -> promote -> its own finish -> close
-    on any failure: end_tracking(failed) and explain_failure
+    resumed_config (on --resume) -> [pin_aliases] -> check_inputs (with its own `resolve`) -> check_data_version
+    -> its own inputs -> start_tracking -> settle, around the stage's body (a settled run only closes):
+        its own training, a checkpoint at a time -> its own evaluations (recorded_evaluation), the champion's found by
+        find_champion -> its gates, recorded by record_gates -> export (its own save) -> register_version (its own
+        tags) -> promote -> its own finish
+    -> close -> end_tracking; on any failure: end_tracking(failed) and explain_failure
 
 Everything here is written once for every stage and is safe to run again (a resumed run ends where an
 uninterrupted one ends); a stage's module holds only what is its own: its inputs, training, evaluation, the model it
@@ -15,6 +17,7 @@ logs, the tags of its versions and its result.
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -28,12 +31,15 @@ from prefect.runtime import flow_run
 
 from components.tracking import registry, runs as tracking
 
-from components.security import secrets
+from components.security import access, secrets
+from components.checkpoint import check_writable
 from components.config import PROJECT_ROOT, given_keys
 from components.errors import AlignflowError, retryable, translated, unreachable
 from components.faults import crash_point
 from components.evaluation.gates import GateReport
-from components.data.versioning import DatasetVersion
+from components.data.versioning import DatasetVersion, dataset_version
+from components.models import uris
+from components.models.loading import ModelLoadError
 from flows import promotion
 
 COMMANDS = {"policy": "alignflow run", "reward": "alignflow reward run"}  # how a person resumes a stage's run
@@ -57,6 +63,50 @@ def git_commit() -> str:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+# --- inputs -----------------------------------------------------------------------------------
+
+
+def pin_aliases(config, resume_run_id: str | None, refs: dict[str, str | None]) -> dict[str, str]:
+    """{key: models:/NAME/VERSION} for each `models:/NAME@ALIAS` among a stage's model URIs `refs`, pinned to the
+    version the alias points at now, once, at the start of a run: a model promoted mid-run never changes a running job,
+    and a resumed run takes the versions its first attempt pinned (recorded on the run, `tracking.PINNED_TAG`)."""
+    aliased = {key: ref for key, ref in refs.items() if ref and ref.startswith("models:") and "@" in ref}
+    if not aliased:
+        return {}
+    tracking.use_tracking(config.tracking)
+    recorded = json.loads(tracking.find_run(config.tracking, resume_run_id).data.tags.get(tracking.PINNED_TAG, "{}")) if resume_run_id else {}
+    pinned = {}
+    for key, ref in aliased.items():
+        try:
+            pinned[key] = recorded.get(key) or uris.pin_model_uri(ref)
+        except uris.ModelURIError as exc:
+            raise ModelLoadError(f"{key}: {exc}") from None
+    for key, ref in aliased.items():
+        get_run_logger().info("%s: %s is %s for this run", key, ref, pinned[key])
+    return pinned
+
+
+@task(cache_policy=NONE)
+def check_inputs(config, resolve: Callable[[Any], Any]):
+    """Before anything heavy or recorded: the names the run writes to and reads are no other account's
+    (access.check_owned), the stage's models are found and safe to load (`resolve(config)`, the stage's own check,
+    gives the configuration with its model URIs as this machine loads them, which this returns), and the checkpoint
+    directory is writable. A fault is named by its key. (The run a resume continues was found, once, by
+    resumed_config, which gave `config`.)"""
+    access.check_owned(tracking.use_tracking(config.tracking), experiment=config.tracking.experiment,
+                       registered_model=config.tracking.registered_model, reads=access.registry_reads(config))
+    resolved = resolve(config)
+    check_writable(checkpoint_root(config), "checkpoint.dir")
+    return resolved
+
+
+@task(retries=1, retry_condition_fn=retryable)
+def check_data_version(config) -> DatasetVersion:
+    """The version of the dataset the run reads (prompts, preference pairs): the md5 of its bytes, checked against the
+    .dvc file that pins it."""
+    return dataset_version(config.data, PROJECT_ROOT)
 
 
 # --- tracking around the flow ------------------------------------------------------------------
@@ -92,6 +142,30 @@ def recorded_result(from_json: Callable[[dict], Any]):
     return from_json(recorded) if recorded else None
 
 
+def settle(config, run_id: str, stage: str, resume_run_id: str | None, body: Callable[[], Any],
+           from_json: Callable[[dict], Any], end_tags: Callable[[Any], dict[str, str]]):
+    """The stage's `body` (its training through its recorded result) in the started run, then `close` with the
+    result's `end_tags`; a resumed run that had settled its outcome (its result recorded, read back by `from_json`)
+    only closes. On any failure the run is marked failed and the failure explained (explain_failure) as it is raised."""
+    try:
+        settled = recorded_result(from_json) if resume_run_id else None
+        if settled is not None:
+            print(f"run {run_id} had settled its outcome: closing it")
+            close(config, run_id, end_tags(settled))
+            end_tracking(run_id, failed=False)
+            return settled
+        result = body()
+        close(config, run_id, end_tags(result))
+    except BaseException as exc:
+        end_tracking(run_id, failed=True)
+        failure = explain_failure(exc, config, run_id, stage)
+        if failure is exc:
+            raise
+        raise failure from exc
+    end_tracking(run_id, failed=False)
+    return result
+
+
 def end_tracking(run_id: str, failed: bool) -> None:
     try:
         tracking.end_run(run_id, failed=failed)
@@ -122,6 +196,19 @@ def explain_failure(exc: BaseException, config, run_id: str, stage: str) -> Base
 
 
 # --- evaluation, gates, registry ---------------------------------------------------------------------
+
+
+def recorded_evaluation(name: str, evaluate: Callable[[], tuple[Any, Any]], from_json: Callable[[Any], Any]):
+    """An evaluation as the run recorded it (`evaluations/NAME.json`, read back by `from_json`: a resumed run does not
+    evaluate again), else `evaluate()`'s (the evaluation and its record), recorded."""
+    artifact = f"evaluations/{name}.json"
+    done = tracking.recorded(artifact)
+    if done is not None:
+        return from_json(done)
+    evaluation, record = evaluate()
+    tracking.record(record, artifact)
+    crash_point("evaluation.recorded")
+    return evaluation
 
 
 @task(cache_policy=NONE)
@@ -156,13 +243,20 @@ def register_version(config, run_id: str, data: DatasetVersion, report: GateRepo
         model_uri = log_model()
         crash_point("register.logged")
         existing = registry.register(name, run_id, model_uri, {
-            registry.GATES_TAG: report.passed, "gates_failed": ",".join(report.failed_names),
-            "data_md5": data.md5, "data_name": data.name, "data_dvc_file": data.dvc_file or "", "data_versioned": data.versioned,
-            "git_commit": git_commit(), "prefect_flow_run_id": flow_run.id or "", "mlflow_run_id": run_id,
-            "evaluated_against": evaluated_against or "", **tags()})
+            **registry.version_tags(report.passed, report.failed_names, data, run_id, evaluated_against,
+                                    git_commit=git_commit(), flow_run_id=flow_run.id or ""), **tags()})
         crash_point("register.created")
     mlflow.set_tag(tracking.MODEL_VERSION_TAG, existing.version)
     return str(existing.version)
+
+
+@task(cache_policy=NONE)
+def export(config, run_id: str, save: Callable[[Path], Path]) -> Path | None:
+    """The trained model saved for registration by the stage's `save(directory)`, in the run's directory; None when the
+    run registered its version already (a resumed run)."""
+    if registry.version_of_run(config.tracking.registered_model, run_id) is not None:
+        return None
+    return save(run_directory(config, run_id) / "export")
 
 
 @task(retries=2, retry_delay_seconds=[2, 10], cache_policy=NONE, retry_condition_fn=retryable)
@@ -195,7 +289,16 @@ def close(config, run_id: str, end_tags: dict[str, str]) -> None:
     mlflow.set_tag(tracking.FINISHED_TAG, "true")
 
 
-def end_tags(result) -> dict[str, str]:
-    """What `close` tags a run with, from its recorded result (a stage's result has gates, promoted, model_version)."""
+class Result:
+    """What a stage's result (a dataclass, recorded as result.json once settled) has beside its own fields: its
+    `gates` (a GateReport), `promoted`, `model_version`, which `end_tags` reads."""
+
+    @property
+    def gates_passed(self) -> bool:
+        return self.gates.passed
+
+
+def end_tags(result: Result) -> dict[str, str]:
+    """What `close` tags a run with, from its recorded result."""
     return {tracking.GATES_PASSED_TAG: str(result.gates.passed).lower(), tracking.PROMOTED_TAG: str(result.promoted).lower(),
             tracking.MODEL_VERSION_TAG: result.model_version}

@@ -1,6 +1,6 @@
 """The policy pipeline's own tasks: each wraps one component call and adds what Prefect is for (retries, caching,
-artifacts). What every stage does alike (tracking, the champion, gates on the run, registering, promoting, closing)
-is flows/stage.py. The MLflow run is started by the flow; tasks run in the flow's thread, so MLflow's active run is
+artifacts). What every stage does alike (checking inputs, tracking, failures, evaluations recorded, the champion,
+gates on the run, exporting, registering, promoting, closing) is flows/stage.py; here is what the policy's own is. The MLflow run is started by the flow; tasks run in the flow's thread, so MLflow's active run is
 theirs.
 
 Every task is safe to run again, so that `alignflow run --resume RUN_ID` after a crash ends where an uninterrupted run
@@ -24,9 +24,9 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NONE
 from prefect.runtime import task_run
 
-from components.security import access, secrets
+from components.security import secrets
 
-from components.models import references
+from components.models import uris
 
 from components.tracking import registry, runs as tracking
 from components.config import PROJECT_ROOT, RunConfig
@@ -35,18 +35,19 @@ from components.data.dialogue import render_transcript
 from components.errors import retryable
 from components.evaluation.policy import PolicyEval, compare, comparison_table, evaluate_policy
 from components.faults import crash_point
-from components.models.safety import check_run_models
 from components.evaluation.gates import GateReport, check_gates
 from components.models.memory_plan import GIB, check_fits
 from components.models.loading import (
-    ModelLoadError, load_policy as load_policy_model, load_tokenizer, resolved_models, tokenizer_fingerprint, with_models,
+    load_policy as load_policy_model, load_tokenizer, tokenizer_fingerprint, with_models,
 )
-from components.reward.scorer import RewardScorer
-from components.rl import Trainer, TrainResult, build_trainer
+from components.rl.reward import RewardScorer
+from components.rl import Trainer, TrainResult
+from components.rl import build as run_build
+from components.rl.build import compute_device
 from components.checkpoint import check_writable, recover
 from components.rl.progress import ProgressBar
-from components.rl.rollout import prompt_ids
-from components.data.versioning import DatasetVersion, dataset_version
+from components.rl.tokenization import prompt_ids
+from components.data.versioning import DatasetVersion
 from flows import multinode, stage
 
 
@@ -67,7 +68,7 @@ class Evaluated:
 
 
 @dataclass
-class PipelineResult:
+class PipelineResult(stage.Result):
     """What a run came to: the flow's return value, recorded on the run (result.json) once settled."""
 
     run_id: str
@@ -79,10 +80,6 @@ class PipelineResult:
     model_version: str
     promoted: bool
     champion_version: str | None
-
-    @property
-    def gates_passed(self) -> bool:
-        return self.gates.passed
 
     @classmethod
     def from_json(cls, value: dict[str, Any]) -> "PipelineResult":
@@ -99,13 +96,8 @@ def provenance(config: RunConfig, pinned: dict[str, str]) -> Callable[[], dict[s
     reward_model = pinned.get("reward.model", config.reward.model)
     return lambda: {"alignflow.base_policy": pinned.get("policy.model", config.policy.model),
                     "alignflow.reward_model": reward_model, tracking.ALGORITHM_TAG: config.rl.algorithm,
-                    PINNED_TAG: json.dumps(pinned),
-                    **{f"alignflow.{key}": value for key, value in reward_lineage(reward_model).items()}}
-
-
-def recorded_result() -> PipelineResult | None:
-    """The result the run recorded once its outcome was settled: a resumed run that has it only closes."""
-    return stage.recorded_result(PipelineResult.from_json)
+                    tracking.PINNED_TAG: json.dumps(pinned),
+                    **registry.lineage(reward_model, "reward")}
 
 
 def end_tags(result: PipelineResult) -> dict[str, str]:
@@ -116,77 +108,32 @@ def end_tags(result: PipelineResult) -> dict[str, str]:
 # --- inputs -----------------------------------------------------------------------------------
 
 
-PINNED_TAG = "alignflow.pinned_models"  # {key: models:/NAME/VERSION} a run's registry aliases resolved to, at its start
-
-
 @task(cache_policy=NONE)
 def pin_models(config: RunConfig, resume_run_id: str | None) -> RunConfig:
-    """The configuration with each `models:/NAME@ALIAS` (a reward-model or policy champion) pinned to the version the
-    alias points at now, once, at the start of a run: a model promoted mid-run never changes a running job, and a
-    resumed run takes the versions its first attempt pinned (recorded on the run, `PINNED_TAG`)."""
-    refs = (("policy.model", config.policy.model), ("reward.model", config.reward.model),
-            ("critic.model", config.critic.model), ("judge.model", config.judge.model if config.judge else None))
-    aliased = {key: ref for key, ref in refs if ref and ref.startswith("models:") and "@" in ref}
-    if not aliased:
-        return config
-    tracking.use_tracking(config.tracking)
-    recorded = json.loads(tracking.find_run(config.tracking, resume_run_id).data.tags.get(PINNED_TAG, "{}")) if resume_run_id else {}
-    pinned = {}
-    for key, ref in aliased.items():
-        try:
-            pinned[key] = recorded.get(key) or references.pin_model_reference(ref)
-        except references.ModelReferenceError as exc:
-            raise ModelLoadError(f"{key}: {exc}") from None
-    for key, ref in aliased.items():
-        get_run_logger().info("%s: %s is %s for this run", key, ref, pinned[key])
-    return with_models(config, lambda key, ref: pinned.get(key, ref))
+    """The configuration with each `models:/NAME@ALIAS` (a reward-model or policy champion) pinned to its version
+    for the whole run (stage.pin_aliases)."""
+    pinned = stage.pin_aliases(config, resume_run_id, {
+        "policy.model": config.policy.model, "reward.model": config.reward.model, "critic.model": config.critic.model,
+        "judge.model": config.judge.model if config.judge else None})
+    return with_models(config, lambda key, ref: pinned.get(key, ref)) if pinned else config
 
 
 def pinned_models(original: RunConfig, pinned: RunConfig) -> dict[str, str]:
-    """{key: pinned reference} for each model reference `pin_models` pinned."""
+    """{key: pinned URI} for each model URI `pin_models` pinned."""
     keys = (("policy.model", "policy"), ("reward.model", "reward"), ("critic.model", "critic"), ("judge.model", "judge"))
     return {key: getattr(pinned, section).model for key, section in keys
             if getattr(original, section) is not None and getattr(original, section).model != getattr(pinned, section).model}
 
 
-def reward_lineage(reward_ref: str) -> dict[str, str]:
-    """The tags that tie a policy version to the reward model it was trained against: for a registered reward model
-    (`models:/NAME/VERSION`), its version and the preference data behind it."""
-    from components.config import parse_registry_uri
-
-    parsed = parse_registry_uri(reward_ref) if reward_ref.startswith("models:") else None
-    if parsed is None or parsed[2] is None:
-        return {}
-    name, _, version = parsed
-    tags = registry.get_version(name, version).tags
-    return {"reward_model_name": name, "reward_model_version": version, "reward_data_md5": tags.get("data_md5", ""),
-            "reward_data_name": tags.get("data_name", ""), "reward_model_run_id": tags.get("mlflow_run_id", "")}
-
-
-@task(cache_policy=NONE)
-def check_inputs(config: RunConfig, resume_run_id: str | None) -> RunConfig:
-    """Before anything heavy or recorded: the names the run writes to and reads are no other account's
-    (access.check_owned), the run to resume exists, every model reference is found (local, registry or hub; registry
-    URIs downloaded) and safe to load, the memory plan says the run fits its device (memory.check_fit), and the
-    checkpoint directory is writable. Returns the configuration with the references as
-    this machine loads them. A fault is named by its key."""
-    access.check_owned(tracking.use_tracking(config.tracking), experiment=config.tracking.experiment,
-                       registered_model=config.tracking.registered_model, reads=access.registry_reads(config))
-    if resume_run_id is not None:
-        tracking.find_run(config.tracking, resume_run_id)
-    resolved = resolved_models(config)
-    check_run_models(resolved, PROJECT_ROOT)  # no pickle-only checkpoint, no model's own code (components/models/safety.py)
+def resolve(config: RunConfig) -> RunConfig:
+    """The policy's part of stage.check_inputs: every model URI found (local, registry or hub; registry URIs
+    downloaded) and safe to load, and the memory plan saying the run fits its device (memory_plan.check_fits).
+    Returns the configuration with the model URIs as this machine loads them."""
+    resolved = run_build.locate_models(config)  # no pickle-only checkpoint, no model's own code (components/models/safety.py)
     plan = check_fits(resolved)  # sizes from the config files; nothing loaded yet
     get_run_logger().info("memory plan: peak %.2f GiB per %s device, %s available", plan.peak_bytes / GIB, plan.device,
                           "?" if plan.device_bytes is None else f"{plan.device_bytes / GIB:.2f} GiB")
-    check_writable(stage.checkpoint_root(config), "checkpoint.dir")
     return resolved
-
-
-@task(retries=1, retry_condition_fn=retryable)
-def check_data_version(config: RunConfig) -> DatasetVersion:
-    """The version of the dataset this run reads: the md5 of its bytes, checked against the .dvc file that pins it."""
-    return dataset_version(config.data, PROJECT_ROOT)
 
 
 def _prepare_key(context, parameters) -> str:
@@ -231,9 +178,8 @@ def log_dataset(data: PreparedData, version: DatasetVersion) -> None:
 
 @task(retries=2, retry_delay_seconds=5, cache_policy=NONE, retry_condition_fn=retryable)
 def load_reward_model(config: RunConfig) -> RewardScorer:
-    """Load the reward model and check it scores a probe pair. `config` holds resolved references (check_inputs)."""
-    scorer = RewardScorer.from_config(config.reward, dtype=config.memory.frozen_torch_dtype)
-    scorer.model.to(compute_device(config))
+    """Load the reward model and check it scores a probe pair. `config` holds resolved model URIs (check_inputs)."""
+    scorer = run_build.load_scorer(config.reward, config, compute_device(config))
     probe = scorer(["The film was", "The film was"], [" wonderful and moving.", " dull."])
     if probe.shape != (2,) or not bool(probe.isfinite().all()):
         raise ValueError(f"reward.model {config.reward.model}: probe pair scored {probe.tolist()}; expected two finite scores")
@@ -241,22 +187,12 @@ def load_reward_model(config: RunConfig) -> RewardScorer:
     return scorer
 
 
-def compute_device(config: RunConfig) -> str:
-    """Where the flow's own process computes: the first GPU when there is one and the run trains in this process, else
-    the CPU (a launched multi-process run places each process on its own device, components/rl/launch.py; the flow's
-    copy then only evaluates and checkpoints, and leaves the GPUs to them)."""
-    import torch
-
-    return "cuda" if torch.cuda.is_available() and config.launch.num_processes == 1 else "cpu"
-
-
 @task(retries=2, retry_delay_seconds=5, cache_policy=NONE, retry_condition_fn=retryable)
 def load_judge(config: RunConfig) -> RewardScorer | None:
     """The judge (`judge.model`, a held-out reward model that scores the evaluations only), or None."""
     if config.judge is None:
         return None
-    judge = RewardScorer.from_config(config.judge, dtype=config.memory.frozen_torch_dtype)
-    judge.model.to(compute_device(config))
+    judge = run_build.load_scorer(config.judge, config, compute_device(config))
     get_run_logger().info("judge %s scores the evaluations beside the reward model", config.judge.model)
     return judge
 
@@ -264,16 +200,14 @@ def load_judge(config: RunConfig) -> RewardScorer | None:
 @task(retries=2, retry_delay_seconds=5, cache_policy=NONE, retry_condition_fn=retryable)
 def load_policy(config: RunConfig):
     """The starting policy (causal LM or encoder-decoder, from its config) and its tokenizer."""
-    return (load_policy_model(config.policy.model, config.policy.revision, allow_pickle=config.policy.allow_pickle,
-                              dtype=config.policy_dtype).to(compute_device(config)),
-            load_tokenizer(config.policy.model, config.policy.revision))
+    return run_build.load_policy(config, compute_device(config))
 
 
 @task(cache_policy=NONE)
 def build(config: RunConfig, policy, tokenizer, scorer: RewardScorer) -> Trainer:
     """The engine around the starting policy, and a check, before any training, that the checkpoint directory's
     disk has room for a checkpoint of it (a save holds the previous checkpoint and the new one at once)."""
-    trainer = build_trainer(policy, tokenizer, scorer, **config.trainer_sections())
+    trainer = run_build.build(config, policy, tokenizer, scorer)
     check_writable(stage.checkpoint_root(config), "checkpoint.dir", need_bytes=2 * trainer.checkpoint_bytes())
     return trainer
 
@@ -301,17 +235,14 @@ def evaluate(name: str, load: Callable[[], tuple[Any, Any]], prompts: list, scor
     """Sample the held-out prompts with the evaluation seed and score them (and, given the `reference`, measure the
     KL from it). `load()` gives (policy, tokenizer); it is not called for a result the run recorded already
     (`evaluations/NAME.json`), which a resumed run reads back instead of evaluating again."""
-    artifact = f"evaluations/{name}.json"
-    done = tracking.recorded(artifact)
-    if done is not None:
-        evaluated = Evaluated.from_json(done)
-    else:
+    def run() -> tuple[Evaluated, dict[str, Any]]:
         policy, tokenizer = load()
         summary, samples, scores = evaluate_policy(policy, tokenizer, prompts, scorer, config.generation,
                                                    config.evaluation, config.policy.use_chat_template, reference, judge)
         evaluated = Evaluated(name, summary, samples.prompts_seen, samples.completions, scores, version)
-        tracking.record(asdict(evaluated), artifact)
-        crash_point("evaluation.recorded")
+        return evaluated, asdict(evaluated)
+
+    evaluated = stage.recorded_evaluation(name, run, Evaluated.from_json)
     tracking.log_metrics_once(evaluated.summary.as_metrics(f"eval/{name}"))
     return evaluated
 
@@ -319,7 +250,7 @@ def evaluate(name: str, load: Callable[[], tuple[Any, Any]], prompts: list, scor
 def registered_policy(config: RunConfig, version: str) -> Callable[[], tuple[Any, Any]]:
     """A loader of a registered version of the policy (the champion), for `evaluate`."""
     def load():
-        path = references.resolve_model_reference(f"models:/{config.tracking.registered_model}/{version}")
+        path = uris.resolve_model_uri(f"models:/{config.tracking.registered_model}/{version}")
         return load_policy_model(path).to(compute_device(config)), load_tokenizer(path)
     return load
 
@@ -330,8 +261,8 @@ def registered_policy(config: RunConfig, version: str) -> Callable[[], tuple[Any
 @task(retries=2, retry_delay_seconds=[2, 10], cache_policy=NONE, retry_condition_fn=retryable,
       task_run_name="train-from-iteration-{start}")
 def train(trainer: Trainer, start: int, prompts: list, config: RunConfig, run_id: str) -> TrainResult:
-    """Iterations up to the next checkpoint (every `checkpoint.every`) or the end, then the checkpoint, then their
-    metrics; returns what they did.
+    """One segment: the iterations up to the next checkpoint (every `checkpoint.every`) or the end, then the
+    checkpoint, then their metrics; returns what they did.
 
     Idempotent: a retry (or a rerun with --resume) reloads the last checkpoint, logs the steps it holds that MLflow
     lacks, and runs only the iterations still missing. The statistics live in the checkpoint, so no step is logged
@@ -373,13 +304,9 @@ def gates(config: RunConfig, reference: Evaluated, candidate: Evaluated, champio
     return report
 
 
-@task(cache_policy=NONE)
-def export(trainer: Trainer, config: RunConfig, run_id: str) -> Path | None:
-    """The trained policy saved for registration (merged, or its LoRA adapter: `policy.lora.save_mode`), in the run's
-    directory; None when the run registered its version already (a resumed run)."""
-    if registry.version_of_run(config.tracking.registered_model, run_id) is not None:
-        return None
-    return trainer.export_policy(stage.run_directory(config, run_id) / "export", merge=config.policy.lora.save_mode == "merged")
+def save_policy(trainer: Trainer, config: RunConfig) -> Callable[[Path], Path]:
+    """How stage.export saves the trained policy for registration: merged, or its LoRA adapter (`policy.lora.save_mode`)."""
+    return lambda directory: trainer.export_policy(directory, merge=config.policy.lora.save_mode == "merged")
 
 
 @task(retries=2, retry_delay_seconds=5, cache_policy=NONE, retry_condition_fn=retryable)
@@ -392,10 +319,11 @@ def register(config: RunConfig, policy_dir: Path | None, run_id: str, data: Data
     return stage.register_version(config, run_id, data, report, champion.version if champion else None,
                                   log_model=lambda: registry.log_policy(policy_dir, model_config=model_config),
                                   tags=lambda: {
-        "reward_model": config.reward.model, **reward_lineage(config.reward.model), "base_policy": config.policy.model,
-        "algorithm": config.rl.algorithm, "samples_per_prompt": config.rl.samples_per_prompt,
+        "alignflow.reward_model": config.reward.model, **registry.lineage(config.reward.model, "reward"),
+        "alignflow.base_policy": config.policy.model, tracking.ALGORITHM_TAG: config.rl.algorithm,
+        "samples_per_prompt": config.rl.samples_per_prompt,
         **({"judge_model": config.judge.model, "eval/judge_gain": report_judge_gain(report)} if config.judge else {}),
-        registry.SCORE_TAG: candidate.summary.mean_score, registry.KL_TAG: candidate.summary.kl, "stop_reason": stop_reason})
+        registry.SCORE_TAG: candidate.summary.mean_score, registry.KL_TAG: candidate.summary.kl, tracking.STOP_REASON_TAG: stop_reason})
 
 
 def report_judge_gain(report: GateReport) -> str:

@@ -329,7 +329,7 @@ def end_state(store: Path, experiment: str, model: str, run_tags: tuple[str, ...
         metrics[key] = [m.step for m in history] if key.startswith(TIMING) else [(m.step, round(m.value, 5)) for m in history]
     versions = client.search_model_versions(f"name='{model}'")
     mine = [v for v in versions if v.run_id == run_id]
-    volatile = {"promoted_at", "prefect_flow_run_id", "mlflow_run_id"}
+    volatile = {"promoted_at", "alignflow.prefect_flow_run_id", "mlflow_run_id"}
     logged = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
     return {
         "status": run.info.status,

@@ -1,4 +1,4 @@
-"""What both stages' configurations share: the base of every section, model references, LoRA, checkpoints,
+"""What both stages' configurations share: the base of every section, model URIs, LoRA, checkpoints,
 tracking, the data source's common keys, and the gold scorer allow-list."""
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ GOLD_SCORER_PACKAGES = ("components", "benchmarks")
 
 
 def gold_scorer_allowed(module: str, function: str) -> bool:
-    """Whether `module:function` may be imported as a gold judge: a public function (no leading underscore) of a
+    """Whether `module:function` may be imported as a gold scorer: a public function (no leading underscore) of a
     module under GOLD_SCORER_PACKAGES."""
     parts = module.split(".")
     return (parts[0] in GOLD_SCORER_PACKAGES and not any(part.startswith("_") for part in parts)

@@ -16,7 +16,7 @@ from components.config.reward import REWARD_CONFIG, RewardRunConfig
 from components.security import secrets
 
 
-def _format_errors(error: ValidationError, source: str) -> str:
+def format_errors(error: ValidationError, source: str) -> str:
     lines = [f"invalid configuration ({source}):"]
     for item in error.errors():
         key = ".".join(str(part) for part in item["loc"]) or "(top level)"
@@ -51,12 +51,14 @@ def _apply_override(tree: dict[str, Any], override: str) -> None:
 
 
 # Keys a configuration written for an earlier release may hold. A renamed key keeps working, with a warning naming
-# its new name (its meaning is unchanged); a retired one is refused, saying why. None is silently ignored.
+# its new name (its meaning is unchanged); a retired one is refused, saying why. None is silently ignored. The table
+# serves both stages (a key names one stage's section or the other's).
 RENAMED_KEYS: dict[str, str] = {
     **{f"ppo.{key}": f"rl.{key}" for key in (
         "learning_rate", "lr_schedule", "mini_batch_size", "gradient_accumulation_steps", "gamma", "clip_range",
         "clip_range_value", "vf_coef", "ent_coef", "max_grad_norm", "whiten_advantages", "kl_coef", "adaptive_kl",
-        "target_kl", "target_reward", "target_window", "pack_sequences")},
+        "target_kl", "target_window", "pack_sequences")},
+    "ppo.target_reward": "rl.target_score",
     "ppo.batch_size": "rl.rollout_batch_size",
     "ppo.ppo_epochs": "rl.update_epochs",
     "ppo.lam": "rl.gae_lambda",
@@ -69,6 +71,19 @@ RENAMED_KEYS: dict[str, str] = {
     "policy.value_head": "critic.type",
     "policy.critic_model": "critic.model",
     "gates.beat_champion": "gates.beats_champion",
+    # the reward model's score is not the reward (the score minus the KL penalty): README, Glossary
+    "rl.target_reward": "rl.target_score",
+    "gates.min_reward_gain": "gates.min_score_gain",
+    # texts per scoring forward, not a training batch
+    "reward.batch_size": "reward.score_batch_size",
+    "judge.batch_size": "judge.score_batch_size",
+    "evaluation.batch_size": "evaluation.score_batch_size",
+    # the reward stage's checkpoint cadence, in optimizer steps, under the key the policy stage's has
+    "training.checkpoint_every": "checkpoint.every",
+}
+# Values renamed in this release, by key: the old value keeps working, with a warning naming the new one.
+RENAMED_VALUES: dict[str, dict[str, str]] = {
+    "data.format": {"preference": "implicit", "messages": "conversational"},  # the reward stage's (and TRL's) words
 }
 RETIRED_KEYS: dict[str, str] = {
     "data.dvc_file": "the .dvc file that tracks data.source is found by DVC itself (README: Your own data)",
@@ -82,17 +97,29 @@ class ConfigDeprecation(UserWarning):
 
 
 def _renamed_override(override: str) -> str:
-    """An override of a renamed key, as an override of its new name (with a warning)."""
+    """An override of a renamed key or value, as an override of its new name (with a warning)."""
     key, sep, value = override.partition("=")
-    new = RENAMED_KEYS.get(key.strip())
-    if not sep or new is None:
+    if not sep:
         return override
-    warnings.warn(f"--set {key.strip()} is now --set {new} (the same setting)", ConfigDeprecation, stacklevel=4)
-    return f"{new}={value}"
+    new = RENAMED_KEYS.get(key.strip())
+    if new is not None:
+        warnings.warn(f"--set {key.strip()} is now --set {new} (the same setting)", ConfigDeprecation, stacklevel=4)
+    name = new or key.strip()
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = None  # _apply_override reports it
+    values = RENAMED_VALUES.get(name, {})
+    if isinstance(parsed, str) and parsed in values:
+        warnings.warn(f"--set {name}={parsed} is now --set {name}={values[parsed]} (the same setting)",
+                      ConfigDeprecation, stacklevel=4)
+        return f"{name}={values[parsed]}"
+    return override if new is None else f"{new}={value}"
 
 
-def _rename_keys(tree: dict[str, Any], source: str) -> None:
-    """Move renamed keys of `tree` (in place) to their new names, warning once per key."""
+def _rename_keys(tree: dict[str, Any], source: str, recorded: bool = False) -> None:
+    """Move renamed keys of `tree` (in place) to their new names, and renamed values to theirs, warning once per key.
+    `recorded`: `tree` is a configuration an earlier release recorded, which holds every key of its time."""
     for old, new in RENAMED_KEYS.items():
         section, key = old.split(".", 1)
         node = tree.get(section)
@@ -102,13 +129,22 @@ def _rename_keys(tree: dict[str, Any], source: str) -> None:
         target = tree.setdefault(new_section, {})
         if not isinstance(target, dict):
             raise ConfigError(f"invalid configuration ({source}):\n  {new_section}: must be a section")
-        if new_key in target:
+        # a recorded tree may hold both names where its release had both keys (the reward stage's
+        # training.checkpoint_every beside a checkpoint.every it never read): the old one is what ran
+        if new_key in target and not recorded:
             raise ConfigError(f"invalid configuration ({source}):\n  {old} and {new} are both set: {old} is the old "
                               f"name of {new}; keep {new}")
         target[new_key] = node.pop(key)
         warnings.warn(f"{source}: {old} is now {new} (the same setting); rename it", ConfigDeprecation, stacklevel=4)
     if isinstance(tree.get("ppo"), dict) and not tree["ppo"]:
         del tree["ppo"]
+    for key, values in RENAMED_VALUES.items():
+        section, name = key.split(".", 1)
+        node = tree.get(section)
+        if isinstance(node, dict) and isinstance(node.get(name), str) and node[name] in values:
+            old, node[name] = node[name], values[node[name]]
+            warnings.warn(f"{source}: {key}: {old} is now {key}: {node[name]} (the same setting); rename it",
+                          ConfigDeprecation, stacklevel=4)
 
 
 def _retired(tree: dict[str, Any]) -> list[str]:
@@ -125,20 +161,22 @@ def apply_overrides(config: Section, overrides: list[str] | tuple[str, ...]) -> 
     try:
         return type(config).model_validate(tree)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, "overrides " + " ".join(overrides))) from None
+        raise ConfigError(format_errors(exc, "overrides " + " ".join(overrides))) from None
 
 
 def renamed(tree: dict[str, Any]) -> dict[str, Any]:
-    """`tree` (a configuration as recorded by an earlier release) with its renamed keys under their new names, quietly."""
+    """`tree` (a configuration as recorded by an earlier release) with its renamed keys under their new names and its
+    renamed values as their new ones, quietly."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConfigDeprecation)
-        _rename_keys(tree, "the recorded configuration")
+        _rename_keys(tree, "the recorded configuration", recorded=True)
     return tree
 
 
 def given_keys(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> set[str]:
     """The `section.key`s a user set: those of the config file at `path` and of the `--set` overrides (renamed keys
-    under their new names). What a resume compares with the run's recorded configuration."""
+    under their new names; renamed values are renamed too). What a resume compares with the run's recorded
+    configuration."""
     tree = yaml.safe_load(Path(path).read_text()) if path is not None else {}
     tree = tree if isinstance(tree, dict) else {}
     with warnings.catch_warnings():
@@ -176,5 +214,5 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     try:
         config = schema.model_validate(tree)
     except ValidationError as exc:
-        raise ConfigError(secrets.redact_text(_format_errors(exc, source))) from None
+        raise ConfigError(secrets.redact_text(format_errors(exc, source))) from None
     return secrets.externalize(config)  # tracking URI credentials to MLflow's variables; see components/security/secrets.py

@@ -24,8 +24,8 @@ from components.config.common import (
     gold_scorer_allowed,
     refuse_remote_code,
 )
+from components.config.estimators import ESTIMATORS
 from components.config.training import (
-    ESTIMATORS,
     GenerationConfig,
     LaunchConfig,
     MemoryConfig,
@@ -39,14 +39,15 @@ class DataConfig(DataSource):
     """The prompts a run trains and evaluates on. Which rows are left out, and why, is reported by row number."""
 
     source: str = Field("data/demo/prompts.jsonl", description=DataSource.model_fields["source"].description)
-    format: Literal["text", "messages", "dialogue", "preference"] = Field(
+    format: Literal["text", "conversational", "dialogue", "implicit"] = Field(
         "text",
-        description="What a row holds: text (prompt_field is the prompt), messages (prompt_field is a list of "
+        description="What a row holds: text (prompt_field is the prompt), conversational (prompt_field is a list of "
         "{role, content}), dialogue (prompt_field is a Human:/Assistant: transcript awaiting the assistant), or "
-        "preference (chosen_field and rejected_field are whole transcripts; the prompt is their shared part up to "
-        "the last Assistant: turn, as in Anthropic's hh-rlhf).",
+        "implicit (chosen_field and rejected_field are whole transcripts; the prompt is their shared part up to "
+        "the last Assistant: turn, as in Anthropic's hh-rlhf). conversational and implicit are the reward stage's "
+        "(and TRL's) names; messages and preference, their old names here, still load.",
     )
-    prompt_field: str = Field("prompt", description="Column holding the prompt (formats text, messages, dialogue).")
+    prompt_field: str = Field("prompt", description="Column holding the prompt (formats text, conversational, dialogue).")
     prompt_template: str | None = Field(None, description="Optional template with a {prompt} placeholder (format text).")
     max_prompt_chars: int = Field(1000, gt=0, description="Prompts longer than this many characters are reported and left out.")
     max_prompts: int | None = Field(None, gt=0, description="Use at most this many prompts (after filtering).")
@@ -67,8 +68,8 @@ class PolicyConfig(Section):
     revision: str | None = Field(None, description="The hub revision (branch, tag or commit) of a hub model.")
     use_chat_template: bool = Field(
         False,
-        description="Render prompts with the policy tokenizer's chat template: a conversation (data.format messages, "
-        "dialogue or preference) with its turns and roles, a text prompt as one user turn. false: a conversation is "
+        description="Render prompts with the policy tokenizer's chat template: a conversation (data.format conversational, "
+        "dialogue or implicit) with its turns and roles, a text prompt as one user turn. false: a conversation is "
         "written as a Human:/Assistant: transcript ending with Assistant:.",
     )
     lora: LoraConfig = Field(default_factory=LoraConfig)
@@ -119,7 +120,8 @@ class RewardConfig(Section):
         True,
         description="The reward model reads its tokenizer's EOS after a completion the policy ended with EOS, so it "
         "sees the text is finished (as TRL's and OpenRLHF's PPO do); not added where the tokenizer already ends every "
-        "text with it (T5, BERT).",
+        "text with it (T5, BERT). The same fact as the reward stage's model.append_eos, in this stage's section for the "
+        "reward model.",
     )
     max_length: int = Field(256, gt=0, description="Reward-model inputs are truncated to this many tokens.")
     conversation_format: Literal["auto", "chat_template", "transcript"] = Field(
@@ -128,7 +130,7 @@ class RewardConfig(Section):
         "chat template (as TRL does), or as a Human:/Assistant: transcript; auto: the chat template if its tokenizer "
         "has one.",
     )
-    batch_size: int = Field(64, gt=0, description="Texts the reward model scores per forward.")
+    score_batch_size: int = Field(64, gt=0, description="Texts the reward model scores per forward (not a training batch).")
     normalize: bool = Field(False, description="Normalise scores with a running mean/std.")
     clip: float | None = Field(None, gt=0, description="Clip scores to [-clip, clip].")
     missing_eos_penalty: float | None = Field(None, ge=0, description="Subtracted from the score of completions without EOS.")
@@ -175,14 +177,14 @@ class EvaluationConfig(Section):
             raise ValueError("must look like package.module:function")
         module, function = value.split(":")
         if not gold_scorer_allowed(module, function):
-            raise ValueError(f"not a judge alignflow may import: name a public function of this project's own "
+            raise ValueError(f"not a gold scorer alignflow may import: name a public function of this project's own "
                              f"packages ({', '.join(p + '.' for p in GOLD_SCORER_PACKAGES)}), e.g. "
                              "components.demo.gold:is_gold_positive")
         return value
 
 
 class GatesConfig(Section):
-    min_reward_gain: float = Field(0.0, description="The candidate's mean score gain over the reference must be at least this.")
+    min_score_gain: float = Field(0.0, description="The candidate's mean score gain over the reference must be at least this.")
     significant_gain: bool = Field(True, description="The gain's bootstrap 95% CI must lie above zero (its lower bound > 0).")
     min_win_rate: float = Field(0.5, ge=0, le=1, description="Share of held-out prompts the candidate must win (ties count half).")
     max_kl: float = Field(10.0, ge=0, description="Largest KL (nats per completion) of the candidate from the reference.")
@@ -229,9 +231,9 @@ class RunConfig(Section):
                 f"rl.gradient_accumulation_steps ({self.rl.gradient_accumulation_steps}) must be a multiple of "
                 f"launch.num_processes ({self.launch.num_processes}): each process takes the same number of micro-batches"
             )
-        if self.rl.needs_critic and self.critic.type == "none":
-            raise ValueError(f"rl.advantage_estimator={self.rl.advantage_estimator} needs a critic, but critic.type is "
-                             "none: set critic.type to shared or separate")
+        problem = self.rl.estimator.critic_problem(self.critic.type)
+        if problem:
+            raise ValueError(problem)
         if self.generation.generation_batch_size is not None and self.launch.num_processes > 1:
             raise ValueError(f"generation.generation_batch_size is for one process; with launch.num_processes="
                              f"{self.launch.num_processes} each process samples its own share of the batch: leave it unset")
@@ -240,13 +242,13 @@ class RunConfig(Section):
     @model_validator(mode="before")
     @classmethod
     def _critic_follows_the_estimator(cls, data: Any) -> Any:
-        """A critic-free estimator builds no critic: critic.type defaults to none for it, and a critic asked for
-        explicitly is refused, naming both keys."""
+        """A critic-free estimator builds no critic: critic.type defaults to none for it (a critic asked for explicitly
+        is refused by `_across_sections`, naming both keys)."""
         if not isinstance(data, dict):
             return data
         rl, critic = data.get("rl"), data.get("critic")
         estimator = rl.get("advantage_estimator", "gae") if isinstance(rl, dict) else getattr(rl, "advantage_estimator", "gae")
-        if estimator not in ESTIMATORS or ESTIMATORS[estimator][0]:
+        if estimator not in ESTIMATORS or ESTIMATORS[estimator].needs_critic:
             return data
         if isinstance(critic, CriticConfig):
             asked = critic.type if "type" in critic.model_fields_set else None
@@ -254,10 +256,7 @@ class RunConfig(Section):
         else:
             critic = dict(critic or {})
             asked = critic.get("type")
-        if asked not in (None, "none"):
-            raise ValueError(f"rl.advantage_estimator={estimator} uses no critic, but critic.type is {asked}: set "
-                             "critic.type to none (or leave it unset), or use rl.advantage_estimator=gae")
-        return {**data, "critic": {**critic, "type": "none"}}
+        return data if asked is not None else {**data, "critic": {**critic, "type": "none"}}
 
     def trainer_sections(self) -> dict[str, Any]:
         """The sections the engine takes (components.rl.build_trainer's keyword arguments), not the whole run."""

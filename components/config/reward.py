@@ -59,7 +59,7 @@ class RewardModelConfig(Section):
     max_length: int = Field(256, gt=0, description="Tokens of prompt + answer; longer pairs are reported and left out.")
     append_eos: bool = Field(
         True, description="Each answer is read with the tokenizer's EOS after it, as the policy pipeline's scorer reads "
-        "a finished completion (reward.append_eos)."
+        "a finished completion (reward.append_eos there: the same fact, in that stage's section for the reward model)."
     )
     lora: LoraConfig = Field(default_factory=LoraConfig)
     allow_pickle: bool = Field(False, description=ALLOW_PICKLE)
@@ -95,7 +95,6 @@ class RewardTrainingConfig(Section):
         None, ge=0, description="Weight of mean(r^2) in the loss, keeping scores near 0 (Eisenstein et al. 2023; TRL's)."
     )
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this; null: no clipping.")
-    checkpoint_every: int = Field(100, gt=0, description="Optimizer steps between checkpoints (each logged to MLflow).")
 
 
 class RewardEvaluationConfig(Section):
@@ -105,7 +104,7 @@ class RewardEvaluationConfig(Section):
     bootstrap_samples: int = Field(1000, gt=0, description="Resamples of the accuracy's bootstrap confidence interval.")
     length_buckets: int = Field(4, gt=0, description="Accuracy is reported per quantile bucket of the answers' length.")
     calibration_bins: int = Field(10, gt=1, description="Bins of P(chosen preferred) in the reliability plot.")
-    batch_size: int = Field(64, gt=0, description="Texts scored per forward.")
+    score_batch_size: int = Field(64, gt=0, description="Texts scored per forward (not a training batch).")
     gold_scorer: str | None = Field(
         None, description="Optional ground-truth judge, `module:function` (text -> float): the share of held-out pairs "
         "the reward model orders as it does is reported (eval/.../gold_accuracy), e.g. the demo's gold_score."
@@ -127,6 +126,13 @@ class RewardGatesConfig(Section):
     )
 
 
+class RewardCheckpointConfig(CheckpointConfig):
+    """What a reward-model run keeps on disk for `alignflow reward run --resume RUN_ID`; its cadence is in optimizer
+    steps (the policy stage's, in iterations)."""
+
+    every: int = Field(100, gt=0, description="Optimizer steps between checkpoints (each logged to MLflow).")
+
+
 class RewardTrackingConfig(TrackingConfig):
     experiment: str = Field("alignflow-reward", description="The MLflow experiment reward-model runs are recorded in.")
     registered_model: str = Field("alignflow-reward", description="The registered model each reward model is a version of.")
@@ -143,7 +149,7 @@ class RewardRunConfig(Section):
     training: RewardTrainingConfig = Field(default_factory=RewardTrainingConfig)
     evaluation: RewardEvaluationConfig = Field(default_factory=RewardEvaluationConfig)
     gates: RewardGatesConfig = Field(default_factory=RewardGatesConfig)
-    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    checkpoint: RewardCheckpointConfig = Field(default_factory=RewardCheckpointConfig)
     tracking: RewardTrackingConfig = Field(default_factory=RewardTrackingConfig)
 
     def flat(self) -> dict[str, Any]:

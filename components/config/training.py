@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from components.config.common import Section
+from components.config.estimators import ESTIMATORS, Estimator, description
 
 
 class GenerationConfig(Section):
@@ -33,31 +34,12 @@ class GenerationConfig(Section):
     )
 
 
-# The advantage estimators, and what each is as published: (needs a critic, fewest samples per prompt, its KL
-# placement, its KL estimator, its loss aggregation). The last three are the defaults of rl.kl_placement,
-# rl.kl_estimator and rl.loss_aggregation when the configuration leaves them unset (components/rl/core.py has the maths).
-ESTIMATORS: dict[str, tuple[bool, int, str, str, str]] = {
-    "gae": (True, 1, "reward", "k1", "token_mean"),  # PPO (Schulman et al. 2017; Ziegler et al. 2019)
-    "rloo": (False, 2, "reward", "k1", "token_mean"),  # RLOO (Ahmadian et al. 2024)
-    "grpo": (False, 2, "loss", "k3", "sequence_mean"),  # GRPO (Shao et al. 2024)
-    "dr_grpo": (False, 2, "loss", "k3", "constant"),  # Dr. GRPO (Liu et al. 2025)
-    "reinforce_pp": (False, 1, "reward", "k1", "token_mean"),  # REINFORCE++ (Hu et al. 2025)
-    "reinforce_pp_baseline": (False, 2, "loss", "k2", "token_mean"),  # REINFORCE++-baseline (Hu et al. 2025)
-}
-ALGORITHM_OF_ESTIMATOR = {"gae": "ppo"}  # the algorithm's name where it is not the estimator's
-
-
 class RLConfig(Section):
     """The RL algorithm's hyperparameters. An iteration samples `samples_per_prompt` completions of each of
     `rollout_batch_size` prompts, scores them, estimates advantages and takes `update_epochs` passes (epochs) over the
     batch in minibatches of `mini_batch_size` episodes; an episode is one sampled completion with its reward."""
 
-    advantage_estimator: Literal["gae", "rloo", "grpo", "dr_grpo", "reinforce_pp", "reinforce_pp_baseline"] = Field(
-        "gae",
-        description="gae: PPO with a critic; rloo: leave-one-out group baseline; grpo: group mean and std; dr_grpo: "
-        "group mean, constant loss normalisation; reinforce_pp: batch-whitened returns; reinforce_pp_baseline: group "
-        "mean, then batch-whitened. All but gae need no critic.",
-    )
+    advantage_estimator: Literal[tuple(ESTIMATORS)] = Field("gae", description=description())  # the registry's names
     samples_per_prompt: int = Field(
         1, gt=0, description="Completions sampled per prompt (k); each is an episode. The group estimators need >= 2.")
     kl_estimator: Literal["k1", "k2", "k3"] | None = Field(
@@ -99,8 +81,9 @@ class RLConfig(Section):
     target_kl: float = Field(6.0, gt=0, description="The per-sequence KL the adaptive controller steers towards.")
     kl_horizon: int = Field(10000, gt=0, description="The adaptive controller's horizon, in episodes: how slowly it adapts.")
     total_episodes: int = Field(20000, gt=0, description="Stop after this many episodes (sampled completions, k per prompt).")
-    target_reward: float | None = Field(None, description="Stop once the mean score over target_window iterations reaches this.")
-    target_window: int = Field(5, gt=0, description="Iterations averaged for target_reward.")
+    target_score: float | None = Field(
+        None, description="Stop once the mean reward-model score (objective/scores) over target_window iterations reaches this.")
+    target_window: int = Field(5, gt=0, description="Iterations whose mean score is compared with target_score.")
     pack_sequences: bool = Field(
         True,
         description="Run the reference, critic and update forwards of a causal LM on the episodes' tokens packed into "
@@ -112,17 +95,17 @@ class RLConfig(Section):
     @model_validator(mode="before")
     @classmethod
     def _estimator_defaults(cls, data: Any) -> Any:
-        """Unset kl_placement, kl_estimator and loss_aggregation take the advantage estimator's own (ESTIMATORS), so
-        the logged configuration says what ran."""
+        """Unset kl_placement, kl_estimator and loss_aggregation take the advantage estimator's own (its entry in
+        components/config/estimators.py), so the logged configuration says what ran."""
         if not isinstance(data, dict) or data.get("advantage_estimator", "gae") not in ESTIMATORS:
             return data
-        _, _, placement, estimator, aggregation = ESTIMATORS[data.get("advantage_estimator", "gae")]
-        defaults = {"kl_placement": placement, "kl_estimator": estimator, "loss_aggregation": aggregation}
-        return {**data, **{key: value for key, value in defaults.items() if data.get(key) is None}}
+        own = ESTIMATORS[data.get("advantage_estimator", "gae")]
+        return {**data, **{key: getattr(own, key) for key in ("kl_placement", "kl_estimator", "loss_aggregation")
+                           if data.get(key) is None}}
 
     @model_validator(mode="after")
     def _batches_divide(self) -> "RLConfig":
-        fewest = ESTIMATORS[self.advantage_estimator][1]
+        fewest = self.estimator.min_samples_per_prompt
         if self.samples_per_prompt < fewest:
             raise ValueError(f"rl.advantage_estimator={self.advantage_estimator} compares the completions of a prompt: it "
                              f"needs rl.samples_per_prompt >= {fewest} (got {self.samples_per_prompt})")
@@ -142,17 +125,18 @@ class RLConfig(Section):
         return self.rollout_batch_size * self.samples_per_prompt
 
     @property
+    def estimator(self) -> Estimator:
+        """The advantage estimator's entry in the registry (components/config/estimators.py)."""
+        return ESTIMATORS[self.advantage_estimator]
+
+    @property
     def needs_critic(self) -> bool:
-        return ESTIMATORS[self.advantage_estimator][0]
+        return self.estimator.needs_critic
 
     @property
     def algorithm(self) -> str:
         """The algorithm's name: ppo for gae, else the estimator's (tags, `alignflow runs`)."""
-        return ALGORITHM_OF_ESTIMATOR.get(self.advantage_estimator, self.advantage_estimator)
-
-    @property
-    def clip_high(self) -> float:
-        return self.clip_range if self.clip_range_high is None else self.clip_range_high
+        return self.estimator.algorithm
 
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -241,7 +225,7 @@ class LaunchConfig(Section):
     )
     node_deployment: str | None = Field(
         None,
-        description="The Prefect deployment, FLOW/DEPLOYMENT (e.g. alignflow-ppo-node/gpu in prefect.yaml), that "
+        description="The Prefect deployment, FLOW/DEPLOYMENT (e.g. alignflow-train-node/gpu in prefect.yaml), that "
         "runs one machine's share of a multi-machine launch (flows/node.py) on a work pool of the machines with "
         "the hardware. Required when num_machines > 1.",
     )
@@ -250,7 +234,10 @@ class LaunchConfig(Section):
     @classmethod
     def _flow_slash_deployment(cls, value: str | None) -> str | None:
         if value is not None and not re.fullmatch(r"[^/\s]+/[^/\s]+", value.strip()):
-            raise ValueError("must name a deployment as FLOW/DEPLOYMENT, e.g. alignflow-ppo-node/gpu")
+            raise ValueError("must name a deployment as FLOW/DEPLOYMENT, e.g. alignflow-train-node/gpu")
+        if value is not None and value.strip().startswith("alignflow-ppo-node/"):  # the node flow's name in earlier releases
+            raise ValueError(f"the node flow alignflow-ppo-node is now alignflow-train-node: set "
+                             f"alignflow-train-node/{value.strip().split('/', 1)[1]} and deploy it (prefect deploy --all)")
         return None if value is None else value.strip()
 
     @field_validator("main_process_ip")
@@ -270,6 +257,6 @@ class LaunchConfig(Section):
         if self.num_machines > 1 and self.node_deployment is None:
             raise ValueError(
                 f"launch.num_machines is {self.num_machines}: set launch.node_deployment to the Prefect deployment "
-                "(FLOW/DEPLOYMENT, e.g. alignflow-ppo-node/gpu) that starts the other machines' share"
+                "(FLOW/DEPLOYMENT, e.g. alignflow-train-node/gpu) that starts the other machines' share"
             )
         return self

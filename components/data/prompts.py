@@ -2,9 +2,10 @@
 
 Rows load through Hugging Face `datasets` from a hub id (with its configuration name, sub-directory and split), a
 local JSONL/JSON/CSV/Parquet file (compressed .gz/.bz2/.xz/.zst too) or a directory of them. `data.format` says what
-a row holds: a text prompt, a message list, a Human:/Assistant: transcript, or a preference pair whose shared part is
-the prompt (components/data/dialogue.py). A prompt is a text or a conversation (a list of messages); the engine renders
-it for the policy (a chat template, or a transcript).
+a row holds: a text prompt (text), a message list (conversational), a Human:/Assistant: transcript (dialogue), or a
+preference pair of whole transcripts whose shared part is the prompt (implicit; components/data/dialogue.py). A prompt
+is a text or a conversation (a list of messages); the engine renders it for the policy (a chat template, or a
+transcript).
 
 Nothing is left out or cut silently: rows whose prompt is missing, empty, not text, not a conversation, or longer
 than `data.max_prompt_chars` are counted and reported by row number (1-based: row N of a JSONL file is line N), and
@@ -270,7 +271,7 @@ def load_rows(data: DataConfig, root: Path = Path(".")):
 def load_prompts(data: DataConfig, root: Path = Path(".")) -> PromptSet:
     """The prompts of each row, per `data.format`; rows that give none are counted by reason."""
     rows, files = load_rows(data, root)
-    needed = [data.chosen_field, data.rejected_field] if data.format == "preference" else [data.prompt_field]
+    needed = [data.chosen_field, data.rejected_field] if data.format == "implicit" else [data.prompt_field]
     for column in needed:
         if column not in rows.column_names:
             key = {data.chosen_field: "chosen_field", data.rejected_field: "rejected_field"}.get(column, "prompt_field")
@@ -296,7 +297,7 @@ def load_prompts(data: DataConfig, root: Path = Path(".")) -> PromptSet:
         raise DataError(
             f"data.prompt_field: {answered} of the {len(prompts)} prompts in column {data.prompt_field!r} of {data.source} "
             "end with the assistant's answer: they are whole dialogues, not prompts. For preference pairs (chosen / "
-            "rejected), set data.format: preference; the prompt is then what the two share before the last answer."
+            "rejected), set data.format: implicit; the prompt is then what the two share before the last answer."
         )
     if data.max_prompts is not None:
         prompts, kept_rows = prompts[: data.max_prompts], kept_rows[: data.max_prompts]
@@ -320,7 +321,7 @@ def _prompt_of(data: DataConfig, values: tuple[Any, ...], row: int, report: Prom
     if any(value is None for value in values):
         report.missing.append(row)
         return None
-    if data.format == "messages":
+    if data.format == "conversational":
         try:
             return check_messages(values[0])
         except DialogueError:
@@ -336,7 +337,7 @@ def _prompt_of(data: DataConfig, values: tuple[Any, ...], row: int, report: Prom
         text = values[0].strip()
         return data.prompt_template.replace("{prompt}", text) if data.prompt_template else text
     try:
-        transcript = prompt_of_pair(*values)[0] if data.format == "preference" else values[0]
+        transcript = prompt_of_pair(*values)[0] if data.format == "implicit" else values[0]
         messages = parse_transcript(transcript)
     except DialogueError:
         report.not_dialogue.append(row)

@@ -12,9 +12,10 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-import torch
-
+from components.config import GenerationConfig
 from components.demo.domain import annotate
+from components.models.loading import load_policy, load_tokenizer
+from components.rl.generation import generate
 
 
 @dataclass(frozen=True)
@@ -27,17 +28,12 @@ class Annotated:
 
 def sample(model_dir: str, prompts: list[str], max_new_tokens: int, seed: int, batch_size: int = 64,
            key: str = "policy") -> list[str]:
-    """One completion of each prompt, sampled at temperature 1 (no top-k/top-p) as the pipeline's rollout samples;
-    a causal LM, an encoder-decoder or a saved LoRA adapter (merged), loaded as the policy pipeline loads them."""
-    from components.demo.bootstrap import sample_completions
-    from components.models.loading import load_policy, load_tokenizer
-
+    """One completion of each prompt, sampled by the pipeline's own sampler (`generate`) at the default generation
+    settings (temperature 1, no top-k/top-p); a causal LM, an encoder-decoder or a saved LoRA adapter (merged), loaded
+    as the policy pipeline loads them."""
     model, tokenizer = load_policy(model_dir, key=key), load_tokenizer(model_dir)
-    torch.manual_seed(seed)
-    completions: list[str] = []
-    for start in range(0, len(prompts), batch_size):
-        completions += sample_completions(model, tokenizer, prompts[start : start + batch_size], max_new_tokens)[0]
-    return completions
+    generation = GenerationConfig(max_new_tokens=max_new_tokens)
+    return generate(model, tokenizer, prompts, generation, seed=seed, batch_size=batch_size).completions
 
 
 def annotate_completions(prompts: list[str], policy: list[str], reference: list[str], seed: int) -> Annotated:

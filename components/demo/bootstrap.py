@@ -39,13 +39,16 @@ from typing import Iterator
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from tqdm.auto import tqdm
-from transformers import (
-    GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast,
-)
+from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, PreTrainedTokenizerFast
 
+from components.config import GenerationConfig, RewardTrainingConfig
+from components.data.preferences import PreferencePair
 from components.demo.domain import DATA_FILES
 from components.demo.gold import gold_score, is_gold_positive, is_well_formed
-from components.reward.training import pad_right
+from components.rl.reward import RewardScorer
+from components.reward.training import RewardTrainer, encode_pairs, pad_right
+from components.rl.generation import generate
+from components.tracking.runs import file_lock
 
 
 
@@ -237,10 +240,6 @@ def train_reward(
 ) -> GPT2ForSequenceClassification:
     """Bradley-Terry: minimise -logsigmoid(r(prompt+chosen) - r(prompt+rejected)), with the reward-model stage's
     trainer (components/reward/training.py), batches padded as `_pad_right` does (random position offsets)."""
-    from components.config import RewardTrainingConfig
-    from components.data.preferences import PreferencePair
-    from components.reward.training import RewardTrainer, encode_pairs
-
     model = GPT2ForSequenceClassification(gpt2_config(tokenizer, **_architecture(settings), num_labels=1))
     model.transformer.load_state_dict(instruct.transformer.state_dict())
     encoded = encode_pairs([PreferencePair(p["prompt"], p["chosen"], p["rejected"], None, row) for row, p in enumerate(pairs, 1)],
@@ -260,32 +259,6 @@ def train_reward(
 
 
 # --- Evaluation --------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def score_texts(model: GPT2ForSequenceClassification, tokenizer: PreTrainedTokenizerFast, texts: list[str], batch_size: int = 256) -> list[float]:
-    """Reward-model scores as any caller gets them: the tokenizer's left padding, no position_ids."""
-    scores: list[float] = []
-    for start in range(0, len(texts), batch_size):
-        batch = tokenizer(texts[start : start + batch_size], padding=True, return_tensors="pt")
-        scores += model(**batch).logits[:, 0].tolist()
-    return scores
-
-
-@torch.no_grad()
-def sample_completions(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_new_tokens: int
-) -> tuple[list[str], list[bool]]:
-    """Completions sampled at temperature 1 (no top-k/top-p), and whether each stopped with <eos> (a causal LM or an
-    encoder-decoder)."""
-    batch = tokenizer(prompts, padding=True, return_tensors="pt")
-    output = model.generate(
-        **batch, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-    )
-    new_tokens = output if model.config.is_encoder_decoder else output[:, batch["input_ids"].shape[1] :]
-    stopped = (new_tokens == tokenizer.eos_token_id).any(dim=1).tolist()
-    return tokenizer.batch_decode(new_tokens, skip_special_tokens=True), stopped
 
 
 def _auc(positive: list[float], negative: list[float]) -> float:
@@ -317,8 +290,6 @@ def bootstrap(
 ) -> BootstrapReport:
     """Train tokenizer, instruct model and reward model into out_dir/{instruct,reward}. Two processes bootstrapping at
     once (two `make demo`s, or test workers) take turns: the second reuses what the first built."""
-    from components.tracking.runs import file_lock
-
     settings = settings or BootstrapSettings()
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     with file_lock(out_dir.parent / f".{out_dir.name}.lock", timeout_seconds=1800):
@@ -355,22 +326,27 @@ def _bootstrap(data_dir: Path, out_dir: Path, settings: BootstrapSettings, force
         reward = train_reward(train_pairs, instruct, tokenizer, settings)
         timings["reward_s"] = time.perf_counter() - clock
 
+        # saved before the evaluation, whose scorer sets the tokenizer up for itself (left truncation)
+        for name, model in (("instruct", instruct), ("reward", reward)):
+            model.save_pretrained(out_dir / name)
+            tokenizer.save_pretrained(out_dir / name)
+
+        # The evaluation samples and scores as the pipeline does: its sampler (generate) and its scorer, which reads
+        # each text as written (no EOS appended: the reward model was trained on texts without one).
         clock = time.perf_counter()
-        chosen = score_texts(reward, tokenizer, [pair["prompt"] + pair["chosen"] for pair in heldout_pairs])
-        rejected = score_texts(reward, tokenizer, [pair["prompt"] + pair["rejected"] for pair in heldout_pairs])
+        scorer = RewardScorer(reward, tokenizer)
+        chosen = scorer([pair["prompt"] for pair in heldout_pairs], [pair["chosen"] for pair in heldout_pairs]).tolist()
+        rejected = scorer([pair["prompt"] for pair in heldout_pairs], [pair["rejected"] for pair in heldout_pairs]).tolist()
         prefers_chosen = [c > r for c, r in zip(chosen, rejected)]
         truly_chosen = [gold_score(p["prompt"] + p["chosen"]) > gold_score(p["prompt"] + p["rejected"]) for p in heldout_pairs]
 
         eval_prompts = random.Random(settings.seed).sample(prompts, min(settings.eval_samples, len(prompts)))
-        completions, stopped = sample_completions(instruct, tokenizer, eval_prompts, settings.max_new_tokens)
-        samples = [prompt + completion for prompt, completion in zip(eval_prompts, completions)]
-        sample_scores = score_texts(reward, tokenizer, samples)
+        generated = generate(instruct, tokenizer, eval_prompts, GenerationConfig(max_new_tokens=settings.max_new_tokens),
+                             seed=settings.seed)
+        samples = [prompt + completion for prompt, completion in zip(eval_prompts, generated.completions)]
+        sample_scores = scorer(eval_prompts, generated.completions).tolist()
         positive = [is_gold_positive(text) for text in samples]
         timings["evaluate_s"] = time.perf_counter() - clock
-
-    for name, model in (("instruct", instruct), ("reward", reward)):
-        model.save_pretrained(out_dir / name)
-        tokenizer.save_pretrained(out_dir / name)
     timings["total_s"] = time.perf_counter() - started
 
     report = BootstrapReport(
@@ -382,7 +358,7 @@ def _bootstrap(data_dir: Path, out_dir: Path, settings: BootstrapSettings, force
         reward_sample_auc=_auc([s for s, g in zip(sample_scores, positive) if g], [s for s, g in zip(sample_scores, positive) if not g]),
         instruct_gold_positive_share=sum(positive) / len(samples),
         instruct_well_formed_share=sum(map(is_well_formed, samples)) / len(samples),
-        instruct_eos_share=sum(stopped) / len(samples),
+        instruct_eos_share=sum(generated.ended_with_eos) / len(samples),
         timings={name: round(seconds, 2) for name, seconds in timings.items()},
         samples=samples[:8],
     )

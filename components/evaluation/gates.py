@@ -129,12 +129,12 @@ def check_gates(comparison: Comparison, gates: GatesConfig, champion_score: floa
     must come from the same evaluation prompts as the candidate's.
     """
     kl = comparison.candidate.kl if comparison.candidate.kl is not None else float("nan")
-    gain, (gain_low, _) = comparison.reward_gain, comparison.reward_gain_ci
+    gain, (gain_low, _) = comparison.score_gain, comparison.score_gain_ci
     ratio, distinct2 = comparison.length_ratio, comparison.candidate.distinct2
     low, high = gates.min_length_ratio, gates.max_length_ratio
-    rows = [Gate("reward_gain", gain, gates.min_reward_gain, gain >= gates.min_reward_gain, ">=", "min_reward_gain")]
+    rows = [Gate("score_gain", gain, gates.min_score_gain, gain >= gates.min_score_gain, ">=", "min_score_gain")]
     if gates.significant_gain:
-        rows.append(Gate("reward_gain_ci_low", gain_low, 0.0, gain_low > 0.0, ">"))
+        rows.append(Gate("score_gain_ci_low", gain_low, 0.0, gain_low > 0.0, ">"))
     rows += [
         Gate("win_rate", comparison.win_rate, gates.min_win_rate, comparison.win_rate >= gates.min_win_rate, ">=", "min_win_rate"),
         Gate("kl", kl, gates.max_kl, kl <= gates.max_kl, "<=", "max_kl"),
@@ -146,7 +146,7 @@ def check_gates(comparison: Comparison, gates: GatesConfig, champion_score: floa
         judge_low = comparison.judge_gain_ci[0]
         if gates.judge_gain:
             rows.append(Gate("judge_gain_ci_low", judge_low, 0.0, judge_low > 0.0, ">"))
-        notes.append(f"gain by the reward model {_fmt(gain)} (95% CI {_fmt(gain_low)} to {_fmt(comparison.reward_gain_ci[1])}); "
+        notes.append(f"gain by the reward model {_fmt(gain)} (95% CI {_fmt(gain_low)} to {_fmt(comparison.score_gain_ci[1])}); "
                      f"by the judge {_fmt(comparison.judge_gain)} (95% CI {_fmt(judge_low)} to {_fmt(comparison.judge_gain_ci[1])})"
                      + ("" if gates.judge_gain else "; gates.judge_gain is off: not checked"))
     if champion_score is not None and gates.beats_champion:

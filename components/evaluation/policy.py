@@ -17,6 +17,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from components.config import ConfigError, GOLD_SCORER_PACKAGES, gold_scorer_allowed
+from components.data.dialogue import render_transcript
+from components.rl.reward import score_completions
+from components.rl.generation import generate, sequence_kl
 
 
 
@@ -127,8 +131,8 @@ def summarize(
 ) -> PolicyEval:
     """Summarise one policy: reward-model scores, completion lengths (tokens) and texts, per prompt.
 
-    `gold` holds an optional independent judge's verdict per completion (bools, 0/1 labels or
-    probabilities; positive means > 0.5); `judge_scores` a held-out reward model's scores.
+    `gold` holds the gold scorer's verdict per completion, if there is one (`evaluation.gold_scorer`: bools, 0/1 labels
+    or probabilities; positive means > 0.5); `judge_scores` the judge's (a held-out reward model's) scores.
     """
     scores = _as_1d(scores, "scores")
     lengths = _as_1d(lengths, "lengths")
@@ -162,8 +166,8 @@ class Comparison:
 
     reference: PolicyEval
     candidate: PolicyEval
-    reward_gain: float  # mean(candidate - reference) per prompt
-    reward_gain_ci: tuple[float, float]
+    score_gain: float  # mean(candidate - reference) of the reward model's scores, per prompt
+    score_gain_ci: tuple[float, float]
     win_rate: float
     length_ratio: float  # candidate mean length / reference mean length
     judge_gain: float | None = None  # the judge's mean(candidate - reference), where a judge scored both
@@ -182,9 +186,9 @@ class Comparison:
     def as_metrics(self) -> dict[str, float]:
         """`eval/...` metrics, with per-policy summaries under `eval/reference/` and `eval/candidate/`."""
         metrics = {
-            "eval/reward_gain": self.reward_gain,
-            "eval/reward_gain_ci_low": self.reward_gain_ci[0],
-            "eval/reward_gain_ci_high": self.reward_gain_ci[1],
+            "eval/score_gain": self.score_gain,
+            "eval/score_gain_ci_low": self.score_gain_ci[0],
+            "eval/score_gain_ci_high": self.score_gain_ci[1],
             "eval/win_rate": self.win_rate,
             "eval/length_ratio": self.length_ratio,
             "eval/num_prompts": float(self.n),
@@ -228,8 +232,8 @@ def compare(
     return Comparison(
         reference=reference,
         candidate=candidate,
-        reward_gain=float(np.mean(cand - base)),
-        reward_gain_ci=bootstrap_diff_ci(cand, base, n_resamples=n_resamples, seed=seed, confidence=confidence),
+        score_gain=float(np.mean(cand - base)),
+        score_gain_ci=bootstrap_diff_ci(cand, base, n_resamples=n_resamples, seed=seed, confidence=confidence),
         win_rate=win_rate(cand, base),
         length_ratio=length_ratio,
         judge_gain=float(np.mean(judge_cand - judge_base)) if judged else None,
@@ -267,50 +271,47 @@ def load_gold_scorer(spec: str | None):
     import importlib
     import inspect
 
-    from components.config import GOLD_SCORER_PACKAGES, ConfigError, gold_scorer_allowed
 
     module_name, _, function_name = spec.partition(":")
     if not gold_scorer_allowed(module_name, function_name):
-        raise ConfigError(f"evaluation.gold_scorer: {spec!r} is not a judge alignflow may import: name a public "
+        raise ConfigError(f"evaluation.gold_scorer: {spec!r} is not a gold scorer alignflow may import: name a public "
                           f"function of this project's own packages ({', '.join(GOLD_SCORER_PACKAGES)})")
     try:
-        judge = getattr(importlib.import_module(module_name), function_name)
+        gold_scorer = getattr(importlib.import_module(module_name), function_name)
     except (ImportError, AttributeError) as exc:
         raise ConfigError(f"evaluation.gold_scorer: cannot import {spec!r} ({exc})") from None
-    defined_in = getattr(judge, "__module__", None) or ""
-    if not (inspect.isfunction(judge) and gold_scorer_allowed(defined_in, function_name)):
+    defined_in = getattr(gold_scorer, "__module__", None) or ""
+    if not (inspect.isfunction(gold_scorer) and gold_scorer_allowed(defined_in, function_name)):
         raise ConfigError(f"evaluation.gold_scorer: {spec!r} is not a function of this project's own packages "
                           f"({', '.join(GOLD_SCORER_PACKAGES)})" + (f" (it comes from {defined_in})" if defined_in else ""))
-    return judge
+    return gold_scorer
 
 
 def evaluate_policy(policy, tokenizer, prompts: Sequence, scorer, generation, evaluation, use_chat_template: bool = False,
-                    reference=None, judge_scorer=None):
+                    reference=None, judge=None):
     """Sample each prompt once with `evaluation.seed`, score prompt + completion with the reward model as training
-    does (it reads its EOS after a completion that ended with one, `reward.append_eos`), and with the gold judge,
+    does (it reads its EOS after a completion that ended with one, `reward.append_eos`), and with the gold scorer,
     if configured. The same seed makes reference and candidate comparable. A prompt is a text or a conversation; the
-    gold judge reads a conversation as a Human:/Assistant: transcript.
+    gold scorer reads a conversation as a Human:/Assistant: transcript.
 
     With a `reference` policy, the summary holds the policy's KL from it on its own completions; with a `judge` (a
-    held-out reward model, scoring as the reward model does: `judge_scorer`), its scores of the same completions.
-    Returns (PolicyEval, the samples, the per-prompt scores); `samples.prompts_seen` is each prompt as the policy read it.
+    held-out reward model's RewardScorer, scoring as the reward model does), its scores of the same completions.
+    Returns (PolicyEval, the completions (`components.rl.generation.Completions`, whose `prompts_seen` is each prompt
+    as the policy read it), the per-prompt scores).
     """
-    from components.data.dialogue import render_transcript
-    from components.reward.scorer import score_completions
-    from components.rl.rollout import generate, sequence_kl
 
-    samples = generate(policy, tokenizer, prompts, generation, seed=evaluation.seed, use_chat_template=use_chat_template)
-    raw = score_completions(scorer, list(prompts), samples.completions, samples.ended_with_eos)
+    generated = generate(policy, tokenizer, prompts, generation, seed=evaluation.seed, use_chat_template=use_chat_template)
+    raw = score_completions(scorer, list(prompts), generated.completions, generated.ended_with_eos)
     scores = [float(s) for s in raw.tolist()]
-    judge = load_gold_scorer(evaluation.gold_scorer)
+    gold_scorer = load_gold_scorer(evaluation.gold_scorer)
     texts = [p if isinstance(p, str) else render_transcript(p) for p in prompts]
-    gold = None if judge is None else [float(judge(p + c)) for p, c in zip(texts, samples.completions)]
+    gold = None if gold_scorer is None else [float(gold_scorer(p + c)) for p, c in zip(texts, generated.completions)]
     kl = None
     if reference is not None:
-        kl = sequence_kl(policy, reference, tokenizer, prompts, samples.completions, generation, samples.ended_with_eos,
+        kl = sequence_kl(policy, reference, tokenizer, prompts, generated.completions, generation, generated.ended_with_eos,
                          use_chat_template=use_chat_template)
-    judge_scores = None if judge_scorer is None else [
-        float(s) for s in score_completions(judge_scorer, list(prompts), samples.completions, samples.ended_with_eos).tolist()]
-    summary = summarize(scores, samples.lengths, samples.completions, gold, kl=kl, judge_scores=judge_scores,
+    judge_scores = None if judge is None else [
+        float(s) for s in score_completions(judge, list(prompts), generated.completions, generated.ended_with_eos).tolist()]
+    summary = summarize(scores, generated.lengths, generated.completions, gold, kl=kl, judge_scores=judge_scores,
                         n_resamples=evaluation.bootstrap_samples, seed=evaluation.seed)
-    return summary, samples, scores
+    return summary, generated, scores

@@ -1,1 +1,1 @@
-"""Models: locating and loading them (local, `models:/` references, hub), the safety rules, and the memory plan."""
+"""Models: locating and loading them (local, `models:/` URIs, hub), the safety rules, and the memory plan."""

@@ -28,10 +28,10 @@ from transformers import (
 )
 
 
-from components.config import PROJECT_ROOT
+from components.config import ConfigError, PROJECT_ROOT
 from components.errors import UserError
 from components.models.safety import check_model_files, loading
-from components.models.references import ModelReferenceError, adapter_base, resolve_model_reference
+from components.models.uris import ModelURIError, adapter_base, resolve_model_uri
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
 
@@ -41,11 +41,11 @@ class ModelLoadError(UserError):
 
 
 def locate(key: str, ref: str, revision: str | None = None, root: Path = PROJECT_ROOT) -> str:
-    """The reference `key` holds, as `from_pretrained` takes it, checked before anything is loaded."""
+    """The model URI `key` holds, as `from_pretrained` takes it, checked before anything is loaded."""
     if ref.startswith("models:"):
         try:
-            return resolve_model_reference(ref)
-        except ModelReferenceError as exc:
+            return resolve_model_uri(ref)
+        except ModelURIError as exc:
             raise ModelLoadError(f"{key}: {exc}") from None
     path = Path(ref).expanduser()
     local = path if path.is_absolute() else root / path
@@ -70,7 +70,7 @@ def locate(key: str, ref: str, revision: str | None = None, root: Path = PROJECT
 
 
 def with_models(config, rewrite):
-    """The configuration with its model references (policy, reward model, critic, judge) passed through `rewrite(key, ref)`."""
+    """The configuration with its model URIs (policy, reward model, critic, judge) passed through `rewrite(key, ref)`."""
     critic, judge = config.critic.model, config.judge
     return config.model_copy(update={
         "policy": config.policy.model_copy(update={"model": rewrite("policy.model", config.policy.model)}),
@@ -81,7 +81,7 @@ def with_models(config, rewrite):
 
 
 def resolved_models(config):
-    """The run configuration with every model reference as this machine loads it (checked, registry URIs downloaded):
+    """The run configuration with every model URI as this machine loads it (checked, registry URIs downloaded):
     what the pipeline's first task, `alignflow plan` and each machine of a launch load."""
     return with_models(config, lambda key, ref: locate(key, ref, _revision(config, key)))
 
@@ -239,7 +239,6 @@ def lora_target_modules(policy: PreTrainedModel, lora) -> list[str] | str:
     q_proj/v_proj for Llama, Qwen2, Mistral, OPT and BART, query_key_value for GPT-NeoX, q/v for T5)."""
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
 
-    from components.config import ConfigError
 
     if lora.target_modules:
         return list(lora.target_modules)
@@ -267,11 +266,10 @@ def with_lora(policy: PreTrainedModel, lora, task_type: str | None = None) -> to
 
 
 def load_critic(critic, reward, tokenizer: PreTrainedTokenizerBase) -> torch.nn.Module | None:
-    """The separate critic's initial model (`critic.model`, references resolved to local paths or hub ids), else the
+    """The separate critic's initial model (`critic.model`, its URI resolved to a local path or hub id), else the
     reward model when it shares the policy's vocabulary; None: the trainer copies the policy's backbone. A reward
     model is loaded with its scoring head (refused, naming the key, if its weights lack one), which starts the value
     head."""
-    from components.config import ConfigError
 
     source, revision, key, allow_pickle = critic.model, None, "critic.model", critic.allow_pickle
     if source is None and not reward.model.startswith("models:"):
@@ -293,3 +291,12 @@ def load_critic(critic, reward, tokenizer: PreTrainedTokenizerBase) -> torch.nn.
 
     return loading(source, key, allow_pickle, lambda **safe: AutoModel.from_pretrained(
         source, revision=revision, dtype=torch.float32, **safe))
+
+
+def hidden_size(model: PreTrainedModel) -> int:
+    """The width of a model's hidden states, under whichever name its family's config gives it."""
+    config = model.config
+    for name in ("hidden_size", "n_embd", "d_model", "dim"):
+        if getattr(config, name, None):
+            return int(getattr(config, name))
+    raise ValueError(f"cannot tell the hidden size of {type(model).__name__} from its config")

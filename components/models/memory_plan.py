@@ -40,7 +40,13 @@ import math
 import os
 from dataclasses import dataclass, field
 
-from components.config import ConfigError, RunConfig
+import torch
+import yaml
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
+
+from components.config import PROJECT_ROOT, ConfigError, RunConfig, apply_overrides
+from components.models.loading import hidden_size, locate, lora_target_modules
+from components.models.uris import adapter_base
 
 GIB = 1024**3
 # What a process holds before any model is loaded: Python with PyTorch, transformers, MLflow's client and Prefect
@@ -173,9 +179,6 @@ def _config_value(config, *names, default=None):
 def shape_of_config(config, kind: str = "lm", lora=None) -> Shape:
     """The shape of a model of `config` (a transformers PretrainedConfig): `kind` lm (causal or encoder-decoder, by its
     config) or classifier (a one-output sequence classifier). Built on the meta device: no memory, exact counts."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
-
     if kind == "classifier":
         config.num_labels = 1
         build = AutoModelForSequenceClassification.from_config
@@ -186,15 +189,12 @@ def shape_of_config(config, kind: str = "lm", lora=None) -> Shape:
     with torch.device("meta"):
         model = build(config)
     params = sum(p.numel() for p in model.parameters())
-    from components.rl.roles import hidden_size
 
     hidden = hidden_size(model)  # the engine's own reading of the width, for every family
     heads = _config_value(config, "num_attention_heads", "n_head", "num_heads")
     intermediate = _config_value(config, "intermediate_size", "n_inner", "d_ff", "ffn_dim", default=4 * hidden)
     lora_params = 0
     if lora is not None and lora.enabled:
-        from components.models.loading import lora_target_modules
-
         targets = lora_target_modules(model, lora)
         for name, module in model.named_modules():
             if not any(name == t or name.endswith("." + t) for t in ([targets] if isinstance(targets, str) else targets)):
@@ -223,10 +223,7 @@ def shape_of(ref: str, key: str, revision: str | None = None, kind: str = "lm", 
     """The shape of the model `key` names (a local directory, a hub id: config.json only, or models:/). A config whose
     sizes no model can have (a dimension beyond MAX_MODEL_DIM, or one whose tensors' sizes overflow) fails naming `key`
     and the sizes."""
-    from transformers import AutoConfig
 
-    from components.models.loading import locate
-    from components.models.references import adapter_base
 
     located = locate(key, ref, revision)
     base = adapter_base(located)  # a saved LoRA adapter (lora.save_mode: adapter): the shape is its base model's
@@ -264,10 +261,6 @@ def _fsdp(config: RunConfig) -> tuple[bool, bool]:
     if not path or config.launch.num_processes < 2:
         return False, False
     try:
-        import yaml
-
-        from components.config import PROJECT_ROOT
-
         with open(path if os.path.isabs(path) else PROJECT_ROOT / path) as handle:
             settings = yaml.safe_load(handle) or {}
     except OSError:
@@ -280,8 +273,6 @@ def _fsdp(config: RunConfig) -> tuple[bool, bool]:
 def device_memory(config: RunConfig) -> tuple[str, int | None]:
     """(device kind, bytes per device) the plan checks against: memory.device_memory_gb, else the first GPU's memory,
     else the RAM available now, shared by this machine's processes."""
-    import torch
-
     kind = "cuda" if torch.cuda.is_available() else "cpu"
     if config.memory.device_memory_gb is not None:
         return kind, int(config.memory.device_memory_gb * GIB)
@@ -380,7 +371,7 @@ def plan_for_shapes(config: RunConfig, policy: Shape, reward: Shape, critic: Sha
 
 
 def plan_run(config: RunConfig, device_bytes: int | None = None) -> Plan:
-    """The plan of a run whose model references are local paths or hub ids (the pipeline resolves registry URIs
+    """The plan of a run whose model URIs are local paths or hub ids (the pipeline resolves registry URIs
     first), with advice when it does not fit. Sizes no run can have are refused first, naming their key
     (`check_sizes`)."""
     check_sizes(config)
@@ -416,7 +407,6 @@ REMEDIES: list[tuple[str, list[str]]] = [
 
 def advice(config: RunConfig, policy: Shape, reward: Shape, critic, judge, kind: str, available: int) -> list[str]:
     """The remedies whose plan fits `available`, each with its peak; or what the device would need."""
-    from components.config import apply_overrides
 
     found = []
     for name, overrides in REMEDIES:

@@ -19,6 +19,7 @@ import numpy as np
 from components.config import RewardEvaluationConfig, RewardGatesConfig
 from components.evaluation.policy import bootstrap_ci
 from components.evaluation.gates import Gate, GateReport
+from components.data.dialogue import render_transcript
 
 Scores = Sequence[float] | np.ndarray
 
@@ -230,14 +231,13 @@ def gold_accuracy(chosen_scores: Scores, rejected_scores: Scores, gold_chosen: S
     return float(np.mean(np.where(model[decided] == 0, 0.5, model[decided] == gold[decided])))
 
 
-def gold_accuracy_of(pairs, chosen_scores: Scores, rejected_scores: Scores, judge) -> float:
-    """`gold_accuracy` against `judge(text) -> float` (e.g. the demo's `gold_score`), reading each pair's prompt and
+def gold_accuracy_of(pairs, chosen_scores: Scores, rejected_scores: Scores, gold_scorer) -> float:
+    """`gold_accuracy` against `gold_scorer(text) -> float` (e.g. the demo's `gold_score`), reading each pair's prompt and
     answer as one text (a conversation as a Human:/Assistant: transcript)."""
-    from components.data.dialogue import render_transcript
 
     def text(prompt, answer: str) -> str:
         return (prompt if isinstance(prompt, str) else render_transcript(prompt)) + answer
 
-    gold_chosen = [float(judge(text(pair.prompt, pair.chosen))) for pair in pairs]
-    gold_rejected = [float(judge(text(pair.prompt, pair.rejected))) for pair in pairs]
+    gold_chosen = [float(gold_scorer(text(pair.prompt, pair.chosen))) for pair in pairs]
+    gold_rejected = [float(gold_scorer(text(pair.prompt, pair.rejected))) for pair in pairs]
     return gold_accuracy(chosen_scores, rejected_scores, gold_chosen, gold_rejected)

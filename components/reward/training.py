@@ -5,7 +5,7 @@
 
 The model is any `AutoModelForSequenceClassification` with one output (a causal LM's body gets a new scoring head,
 as InstructGPT starts its reward model from the SFT model); LoRA optional. It reads each pair as the policy
-pipeline's `RewardScorer` will score it (`components.reward.scorer.reward_text`): prompt + answer, a conversation through
+pipeline's `RewardScorer` will score it (`components.rl.reward.reward_text`): prompt + answer, a conversation through
 the tokenizer's chat template, and the EOS after the answer (`model.append_eos`).
 
 Each step takes the next `batch_size` pairs of the epoch's order, a permutation drawn from (seed, epoch) alone
@@ -14,6 +14,18 @@ state, the optimizer's, the schedule's and the history are in every checkpoint: 
 takes the same steps as one that never stopped. A non-finite loss or gradient stops training before its optimizer step (`TrainingError`).
 
 The demo kit's bootstrap trains the demo's reward model with this same trainer (components/demo/bootstrap.py).
+
+Statistics of an optimizer step (to `train`'s callback; the flow logs them by `pairs`):
+
+| name            | meaning                                                                        |
+|-----------------|--------------------------------------------------------------------------------|
+| train/loss      | the step's loss: Bradley-Terry (+ center_rewards_coef x mean score^2)          |
+| train/accuracy  | share of the step's pairs whose chosen answer scores above the rejected one    |
+| train/margin    | mean over the step's pairs of score(chosen) - score(rejected)                  |
+| train/grad_norm | the gradient's global norm before clipping (training.max_grad_norm)            |
+| train/lr        | learning rate of the step                                                      |
+| step            | optimizer steps done                                                           |
+| pairs           | preference pairs trained on: step x training.batch_size                        |
 """
 
 from __future__ import annotations
@@ -29,9 +41,11 @@ import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerBase
 
 from components.config import RewardModelConfig, RewardTrainingConfig
-from components.reward.scorer import eos_suffix, reward_text
+from components.rl.reward import eos_suffix, reward_text
 from components.checkpoint import write_atomically
 from components.errors import TrainingError
+from components.models.safety import loading
+from components.models.loading import load_tokenizer, with_lora
 
 Collate = Callable[[list[list[int]], torch.Generator], dict[str, torch.Tensor]]
 STATE_FILE = "trainer_state.pt"
@@ -84,8 +98,6 @@ def pad_right(pad_id: int) -> Collate:
 def load_base(model: RewardModelConfig, seed: int, allow_pickle: bool | None = None):
     """(the reward model to train, its tokenizer): `model.base` with one output; a base without a trained scoring
     head gets one initialised with `seed`. `model.base` must be a local path or hub id (registry URIs resolved)."""
-    from components.models.safety import loading
-    from components.models.loading import load_tokenizer, with_lora
 
     tokenizer = load_tokenizer(model.base, model.revision, padding_side="right")
     with torch.random.fork_rng(devices=[]):

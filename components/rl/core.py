@@ -13,6 +13,8 @@ import math
 
 import torch
 
+from components.config.estimators import ESTIMATORS
+
 
 def masked_sum(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     return (values * mask).sum() if dim is None else (values * mask).sum(dim)
@@ -57,7 +59,7 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
 
 
-def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:
+def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:
     """Per-token estimate of KL(pi || pi_ref) from tokens sampled from pi, with log r = log pi_ref - log pi
     (Schulman 2020, "Approximating KL divergence"): k1 = -log r; k2 = (log r)^2 / 2; k3 = (r - 1) - log r.
     k1 is unbiased, k2 and k3 low-variance (k3 unbiased too, and never negative)."""
@@ -94,7 +96,7 @@ def compute_rewards(
     metrics and the adaptive controller read whatever the estimator.
     """
     kl = (logprobs - ref_logprobs) * mask
-    penalty = kl if kl_estimator == "k1" else kl_penalty(logprobs, ref_logprobs, kl_estimator) * mask
+    penalty = kl if kl_estimator == "k1" else kl_estimate(logprobs, ref_logprobs, kl_estimator) * mask
     rewards = -kl_coef * penalty + on_last_token(scores, mask)
     return rewards, kl
 
@@ -231,19 +233,12 @@ class RunningMoments:
 
 
 def group_advantages(scores: torch.Tensor, k: int, estimator: str) -> torch.Tensor:
-    """Each episode's sequence-level advantage from the scores of its group (the k completions of its prompt)."""
-    groups = scores.view(-1, k)
-    if estimator == "rloo":  # A_i = s_i - 1/(k-1) sum_{j != i} s_j (Ahmadian et al. 2024, eq. 9)
-        advantages = groups - (groups.sum(1, keepdim=True) - groups) / (k - 1)
-    elif estimator == "grpo":  # A_i = (s_i - mean(s)) / (std(s) + 1e-4) (Shao et al. 2024, sec. 4.1.2; TRL's epsilon)
-        advantages = (groups - groups.mean(1, keepdim=True)) / (groups.std(1, keepdim=True) + 1e-4)
-    elif estimator in ("dr_grpo", "reinforce_pp_baseline"):  # A_i = s_i - mean(s) (Liu et al. 2025, eq. 3; Hu et al. 2025)
-        advantages = groups - groups.mean(1, keepdim=True)
-    elif estimator == "reinforce_pp":  # A_i = s_i: no baseline; the batch whitening centres it (Hu et al. 2025)
-        advantages = groups
-    else:
+    """Each episode's sequence-level advantage from the scores of its group (the k completions of its prompt): the
+    estimator's `baseline` (components/config/estimators.py)."""
+    baseline = ESTIMATORS[estimator].baseline if estimator in ESTIMATORS else None
+    if baseline is None:
         raise ValueError(f"{estimator!r} is not a critic-free advantage estimator")
-    return advantages.reshape(-1)
+    return baseline(scores.view(-1, k)).reshape(-1)
 
 
 def returns_to_go(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -261,31 +256,29 @@ def group_stats(scores: torch.Tensor, k: int) -> dict[str, float]:
     """What a group method learns from: the share of groups whose scores are all equal (their advantages are 0: they
     teach nothing; TRL's frac_reward_zero_std) and the mean within-group std of the scores (TRL's reward_std)."""
     std = scores.view(-1, k).std(1)
-    return {"group/frac_reward_zero_std": torch.isclose(std, torch.zeros_like(std)).float().mean().item(),
-            "group/reward_std": std.mean().item()}
+    return {"group/frac_score_zero_std": torch.isclose(std, torch.zeros_like(std)).float().mean().item(),
+            "group/score_std": std.mean().item()}
 
 
-# --- the advantage estimator, chosen in this one place ------------------------------------------
+# --- the advantage estimator, dispatched on its registry entry ----------------------------------
 
 
 def estimate_advantages(experience, rl) -> None:
-    """Set `experience.advantages` (and `.returns`, the critic's targets, for gae) with `rl.advantage_estimator`:
-    gae: GAE over the per-token rewards and the critic's values (PPO, Schulman et al. 2016), then, with
-      `rl.whiten_advantages`, normalised over the batch's real tokens;
-    rloo, grpo, dr_grpo, reinforce_pp, reinforce_pp_baseline: the score's group advantage (`group_advantages`) on
-      the last token plus the per-token KL rewards (with `rl.kl_placement: reward`), returned to go; the REINFORCE++
-      estimators then whiten over the batch's real tokens (Hu et al. 2025)."""
-    mask, estimator = experience.mask, rl.advantage_estimator
-    if estimator == "gae":
-        experience.advantages, experience.returns = compute_gae(experience.rewards, experience.values, mask, rl.gamma,
-                                                                rl.gae_lambda)
-        if rl.whiten_advantages:
-            experience.advantages = masked_whiten(experience.advantages, mask)
-        return
-    scores = experience.shaped_scores
-    kl_rewards = experience.rewards - on_last_token(scores, mask)  # 0 with the KL in the loss
-    baselined = group_advantages(scores, rl.samples_per_prompt, estimator)
-    advantages = returns_to_go(kl_rewards + on_last_token(baselined, mask), mask, rl.gamma)
-    if estimator in ("reinforce_pp", "reinforce_pp_baseline"):
-        advantages = masked_whiten(advantages, mask)
-    experience.advantages, experience.returns = advantages, None
+    """Set `experience.advantages` (and `.returns`, the critic's targets, with a critic) as `rl.advantage_estimator`'s
+    entry in components/config/estimators.py says:
+    no group baseline (gae): GAE over the per-token rewards and the critic's values (PPO, Schulman et al. 2016), then,
+      with `rl.whiten_advantages`, normalised over the batch's real tokens;
+    a group baseline: the score's group advantage (`group_advantages`) on the last token plus the per-token KL rewards
+      (with `rl.kl_placement: reward`), returned to go; then whitened over the batch's real tokens where the entry
+      `whitens` (the REINFORCE++ ones, Hu et al. 2025)."""
+    mask, estimator = experience.mask, rl.estimator
+    if estimator.baseline is None:
+        advantages, experience.returns = compute_gae(experience.rewards, experience.values, mask, rl.gamma, rl.gae_lambda)
+        whiten = rl.whiten_advantages
+    else:
+        scores = experience.shaped_scores
+        kl_rewards = experience.rewards - on_last_token(scores, mask)  # 0 with the KL in the loss
+        baselined = group_advantages(scores, rl.samples_per_prompt, estimator.name)
+        advantages = returns_to_go(kl_rewards + on_last_token(baselined, mask), mask, rl.gamma)
+        experience.returns, whiten = None, estimator.whitens
+    experience.advantages = masked_whiten(advantages, mask) if whiten else advantages

@@ -18,6 +18,7 @@ from typing import Sequence
 
 import torch
 import torch.distributed as dist
+from components.config import ConfigError
 
 
 def world_size() -> int:
@@ -112,8 +113,6 @@ def data_parallel(module: torch.nn.Module, find_unused_parameters: bool = False,
         )
     expected = accelerate_precision(trained_precision)
     if accelerator.mixed_precision != expected:
-        from components.config import ConfigError
-
         raise ConfigError(
             f"Accelerate's mixed_precision is {accelerator.mixed_precision!r} but memory.trained_precision is "
             f"{trained_precision}, which launches with {expected!r}: set memory.trained_precision (bf16_mixed for bf16, "
@@ -125,7 +124,7 @@ def data_parallel(module: torch.nn.Module, find_unused_parameters: bool = False,
     supported = {DistributedType.MULTI_CPU, DistributedType.MULTI_GPU, DistributedType.MULTI_XPU, DistributedType.MULTI_NPU}
     if accelerator.distributed_type not in supported:
         raise ValueError(
-            f"Accelerate's distributed_type is {accelerator.distributed_type.value}; alignflow's PPO runs data-parallel "
+            f"Accelerate's distributed_type is {accelerator.distributed_type.value}; alignflow's training runs data-parallel "
             "(MULTI_CPU / MULTI_GPU) or sharded with FSDP (distributed_type: FSDP, fsdp_version: 2): DeepSpeed is not supported"
         )
     return accelerator.prepare_model(module), accelerator

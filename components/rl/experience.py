@@ -17,17 +17,18 @@ import torch
 
 from components.config import GenerationConfig, MemoryConfig, RewardConfig, RLConfig
 from components.errors import TrainingError
-from components.reward.scorer import score_completions
+from components.rl.reward import score_completions
 from components.rl import distributed
 from components.rl.core import RunningMoments, compute_rewards, logprobs_of
+from components.rl.forward import response_forward, response_hidden, response_logprobs
 from components.rl.precision import autocast
-from components.rl.rollout import (decode, prompt_padding_side, response_forward, response_hidden, response_logprobs, sample,
-                                  tokenize_prompts)
-from components.rl.roles import Critic, ValueHead
+from components.rl.roles import Critic, ValueHead, unwrap
+from components.rl.sampler import Samples, sample
+from components.rl.tokenization import decode, prompt_padding_side, tokenize_prompts
 
 T = TypeVar("T")
 # (prompts, completions) -> scores (B,); one with an `ended_with_eos` parameter (RewardScorer) also gets which
-# completions ended with the policy's EOS (components.reward.scorer.score_completions).
+# completions ended with the policy's EOS (components.rl.reward.score_completions).
 RewardFn = Callable[..., torch.Tensor]
 
 
@@ -69,8 +70,6 @@ class PolicyValue(torch.nn.Module):
         self.pack_policy, self.pack_critic = pack_policy, pack_critic  # forwards on packed episodes (packing.py)
 
     def forward(self, queries, query_mask, responses, mask) -> tuple[torch.Tensor, torch.Tensor | None]:
-        from components.rl.rollout import response_forward
-
         logits, hidden = response_forward(self.policy, queries, query_mask, responses, mask, pack=self.pack_policy)
         if self.value_head is not None:
             return logits, self.value_head(hidden)
@@ -93,8 +92,6 @@ class PolicyValue(torch.nn.Module):
     def _no_split_modules(self) -> list[str]:
         """The layer classes of the policy (and critic) models: the units Accelerate's FSDP auto-wrap policy
         shards one by one unless the config names them (`fsdp_transformer_layer_cls_to_wrap`)."""
-        from components.rl.roles import unwrap
-
         models = [unwrap(self.policy)] + ([self.critic.backbone] if self.critic is not None else [])
         return sorted({name for model in models for name in (getattr(model, "_no_split_modules", None) or [])})
 
@@ -134,7 +131,7 @@ class ExperienceMaker:
         )
         queries, query_mask = queries.to(device), query_mask.to(device)
         start = time.perf_counter()
-        rollout, ref_logprobs, values = self.policy_value.rollout(
+        samples, ref_logprobs, values = self.policy_value.rollout(
             lambda: self._rollout(queries, query_mask, rows, sample_generator))
         distributed.reshard(self.policy_value)
         rollout_time = time.perf_counter() - start
@@ -142,11 +139,11 @@ class ExperienceMaker:
         start = time.perf_counter()
         # The reward model judges the prompt as written (as the evaluation does) + the decoded completion, and
         # its own EOS after a completion the policy ended (reward.append_eos).
-        completions = decode(self.tokenizer, rollout)[1]
-        scores = self._score(list(prompts), completions, rollout.ended_with_eos.tolist(), iteration)
+        completions = decode(self.tokenizer, samples)[1]
+        scores = self._score(list(prompts), completions, samples.ended_with_eos.tolist(), iteration)
         scoring_time = time.perf_counter() - start
 
-        mask, logprobs, ref_logprobs = rollout.mask.clone(), rollout.logprobs.clone(), ref_logprobs.clone()
+        mask, logprobs, ref_logprobs = samples.mask.clone(), samples.logprobs.clone(), ref_logprobs.clone()
         has_values = values is not None
         values = values.clone() if has_values else torch.zeros_like(logprobs)
         for name, tensor in (("log-probabilities", logprobs), ("reference log-probabilities", ref_logprobs), ("values", values)):
@@ -156,8 +153,8 @@ class ExperienceMaker:
 
         left = prompt_padding_side(self.policy) == "left"
         queries, query_mask, responses, mask, logprobs, ref_logprobs, values, scores, ended = distributed.gather_rows(
-            (rollout.queries, rollout.query_mask, rollout.responses, mask, logprobs, ref_logprobs, values, scores,
-             rollout.ended_with_eos),
+            (samples.queries, samples.query_mask, samples.responses, mask, logprobs, ref_logprobs, values, scores,
+             samples.ended_with_eos),
             pad_values=(self.pad_token_id, 0, self.pad_token_id, 0, 0, 0, 0, 0, False),
             left_padded=(left, left, False, False, False, False, False, False, False),
         )
@@ -185,8 +182,8 @@ class ExperienceMaker:
 
     @torch.no_grad()  # not inference mode: under FSDP the gathered parameters are reused by the update
     def _rollout(self, queries: torch.Tensor, query_mask: torch.Tensor, rows: tuple[int, int] | None,
-                 generator: torch.Generator):
-        """(rollout, reference log-probabilities, values or None): sampling, the reference forward, the critic's.
+                 generator: torch.Generator) -> tuple[Samples, torch.Tensor, torch.Tensor | None]:
+        """(samples, reference log-probabilities, values or None): sampling, the reference forward, the critic's.
         All under the trained models' autocast (memory.trained_precision), the reference's too, so that a policy
         equal to its reference and held in its precision has a KL of exactly 0 (a float32 or mixed policy against a
         bf16 reference starts at the difference bf16 rounding makes). Below float32, the log-probabilities (and the shared
@@ -194,26 +191,26 @@ class ExperienceMaker:
         token by token through the KV cache rounds differently, which would start the ratio away from 1 (OpenRLHF and
         veRL recompute them likewise)."""
         with autocast(queries.device, self.memory):
-            rollout = sample(
+            samples = sample(
                 self.policy, queries, query_mask, self.generation, self.eos_ids, self.pad_token_id,
                 generator, self.policy_value.value_head, rows,
             )
-            tensors = (rollout.queries, rollout.query_mask, rollout.responses, rollout.mask)
+            tensors = (samples.queries, samples.query_mask, samples.responses, samples.mask)
             # the whole-sequence forwards, generation.generation_batch_size rows at a time like the sampling
-            size = self.generation.generation_batch_size or len(rollout.queries)
-            pieces = [[t[i : i + size] for t in tensors] for i in range(0, len(rollout.queries), size)]
+            size = self.generation.generation_batch_size or len(samples.queries)
+            pieces = [[t[i : i + size] for t in tensors] for i in range(0, len(samples.queries), size)]
             pack, temperature = self.policy_value.pack_policy, self.generation.temperature
             ref_logprobs = torch.cat([response_logprobs(self.reference, *args, temperature, pack=pack) for args in pieces])
             if self.recompute_logprobs:
                 recomputed = [self._policy_logprobs(*args) for args in pieces]
-                rollout.logprobs = torch.cat([logprobs for logprobs, _ in recomputed])
+                samples.logprobs = torch.cat([logprobs for logprobs, _ in recomputed])
                 if self.policy_value.value_head is not None:
-                    rollout.values = torch.cat([values for _, values in recomputed])
+                    samples.values = torch.cat([values for _, values in recomputed])
             if self.policy_value.critic is not None:
                 values = torch.cat([self.policy_value.critic_values(*args).float() * args[3] for args in pieces])
             else:
-                values = rollout.values  # the shared head's, read during sampling; None without a critic
-        return rollout, ref_logprobs, values
+                values = samples.values  # the shared head's, read during sampling; None without a critic
+        return samples, ref_logprobs, values
 
     def _policy_logprobs(self, queries, query_mask, responses, mask) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The policy's log-probabilities of the sampled tokens (and the shared head's values) by the update's own

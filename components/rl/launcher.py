@@ -109,7 +109,8 @@ def rendezvous(launch: LaunchConfig, root: Path) -> Rendezvous:
 
 def accelerate_command(launch: LaunchConfig, meet: Rendezvous, machine_rank: int, *, config: Path, prompts: Path,
                        checkpoint: Path, iterations: int, stats: Path, mixed_precision: str = "no") -> list[str]:
-    """`python -m accelerate.commands.launch ... -m components.rl.launch ...` for machine `machine_rank`.
+    """`python -m accelerate.commands.launch ... -m components.rl.launch ...` for machine `machine_rank`. `config` is
+    the run's validated configuration as the processes read it, one JSON document (components.config.to_document);
     `mixed_precision` (Accelerate's: no, bf16, fp16) follows memory.trained_precision (`accelerate_precision`)."""
     if not 0 <= machine_rank < meet.num_machines:
         raise ValueError(f"machine_rank {machine_rank} is not one of the {meet.num_machines} machines (0..{meet.num_machines - 1})")

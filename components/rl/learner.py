@@ -16,7 +16,7 @@ import torch
 from components.config import MemoryConfig, RLConfig
 from components.rl import distributed
 from components.rl.precision import autocast, checkpointing, grad_scaler
-from components.rl.core import aggregate, entropy_from_logits, kl_penalty, logprobs_of, masked_mean, policy_loss, value_loss
+from components.rl.core import aggregate, entropy_from_logits, kl_estimate, logprobs_of, masked_mean, policy_loss, value_loss
 from components.errors import TrainingError
 from components.rl.experience import Experience
 
@@ -117,10 +117,10 @@ class Learner:
 
         rl = self.rl
         pg_loss, stats = policy_loss(logprobs, cut(exp.logprobs), cut(exp.advantages), mask, rl.clip_range,
-                                     rl.clip_high, rl.loss_aggregation, self.max_new_tokens)
+                                     rl.clip_range_high, rl.loss_aggregation, self.max_new_tokens)
         loss = pg_loss
         if rl.kl_placement == "loss":  # GRPO's beta * KL(pi || pi_ref), per token, aggregated as the policy loss
-            kl_loss = aggregate(kl_penalty(logprobs, cut(exp.ref_logprobs), rl.kl_estimator), mask, rl.loss_aggregation,
+            kl_loss = aggregate(kl_estimate(logprobs, cut(exp.ref_logprobs), rl.kl_estimator), mask, rl.loss_aggregation,
                                 self.max_new_tokens)
             loss = loss + kl_coef * kl_loss
             stats["loss/kl"] = kl_loss.detach()
@@ -137,3 +137,32 @@ class Learner:
                 entropy = masked_mean(entropy_from_logits(logits), mask)
         stats.update({"policy/token_entropy": entropy.detach(), "loss/policy": pg_loss.detach()})
         return loss, stats
+
+    # ------------------------------------------------------------------ what a checkpoint holds of it (state.py)
+
+    @property
+    def sharded(self) -> bool:
+        """FSDP holds the trained module's parameters and the optimizer's state in shards, one per process."""
+        return distributed.is_sharded(self.module)
+
+    def state(self) -> tuple[dict[str, torch.Tensor] | None, dict, dict | None]:
+        """(the trained module's full weights where FSDP shards them, else None: each model's own are at hand; the
+        optimizer's state, numbered as `optimizer.state_dict()` numbers it; fp16_mixed's loss scaler's, else None).
+        Sharded, a collective every rank joins, whose weights and optimizer state only the main process gets (the
+        others: empty dicts); the weights are named as the trained module names them (`policy.`, `value_head.`, ...)."""
+        if self.sharded:
+            weights, optimizer_state = distributed.full_state(self.module, self.optimizer)
+        else:
+            weights, optimizer_state = None, self.optimizer.state_dict()
+        return weights, optimizer_state, self.scaler.state_dict() if self.scaler is not None else None
+
+    def load_state(self, weights: dict[str, torch.Tensor] | None, optimizer_state: dict,
+                   scaler_state: dict | None) -> None:
+        """Restore what `state` gave. `weights` (trained module names; it may leave out what is not trained) are
+        loaded here only where FSDP shards the module, a collective; unsharded, the caller loads each model's own."""
+        if self.sharded:
+            distributed.load_full_state(self.module, self.optimizer, weights, optimizer_state)
+        else:
+            self.optimizer.load_state_dict(optimizer_state)
+        if self.scaler is not None and scaler_state:
+            self.scaler.load_state_dict(scaler_state)

@@ -10,7 +10,7 @@ An encoder-decoder (T5, BART; `config.is_encoder_decoder`) reads the prompt with
 writes the response with its decoder: every decoder position is a response position, so the model's
 own forward gives the logits (with each family's output transforms) and the decoder's last hidden
 state feeds the value head. `response_forward` is the one place the two kinds differ in training;
-`decoding_steps` (rollout.py) is the one place they differ in sampling.
+`decoding_steps` (sampler.py) is the one place they differ in sampling.
 
 A LoRA policy's reference is the same model with its adapter switched off (`AdapterDisabled`), so the
 base weights are held once.
@@ -27,6 +27,8 @@ from typing import Iterator
 import torch
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel
+
+from components.models.loading import hidden_size
 
 
 class ValueHead(nn.Linear):
@@ -49,14 +51,6 @@ def classifier_head(model: nn.Module) -> nn.Linear | None:
     if isinstance(head, nn.Linear) and head.out_features == 1 and head.in_features == hidden_size(model):
         return head
     return None
-
-
-def hidden_size(model: PreTrainedModel) -> int:
-    config = model.config
-    for name in ("hidden_size", "n_embd", "d_model", "dim"):
-        if getattr(config, name, None):
-            return int(getattr(config, name))
-    raise ValueError(f"cannot tell the hidden size of {type(model).__name__} from its config")
 
 
 def unwrap(model: nn.Module) -> nn.Module:

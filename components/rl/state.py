@@ -47,22 +47,24 @@ def _head_name(trainer: "Trainer") -> str:
     return "value_head" if trainer.value_head is not None else "critic"
 
 
-def _full_weights(trainer: "Trainer") -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, dict]:
-    """(policy's trainable weights, value head's or critic's weights, optimizer state) as one process holds them.
-    Unsharded, the head's weights are None: `save_model` writes the module itself (it drops tied duplicates).
-    Sharded, a collective whose result only the main process gets."""
-    if not distributed.is_sharded(trainer.learner.module):
-        return trainable_state(trainer.policy), None, trainer.optimizer.state_dict()
-    model_state, optimizer_state = distributed.full_state(trainer.learner.module, trainer.optimizer)
+def _full_weights(trainer: "Trainer") -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, dict,
+                                                dict | None]:
+    """(policy's trainable weights, value head's or critic's weights, optimizer state, loss scaler state) as one
+    process holds them. Unsharded, the head's weights are None: `save_model` writes the module itself (it drops tied
+    duplicates). Sharded, a collective whose result only the main process gets."""
+    model_state, optimizer_state, scaler_state = trainer.learner.state()
+    if model_state is None:
+        return trainable_state(trainer.policy), None, optimizer_state, scaler_state
     if not model_state:
-        return {}, {}, {}
+        return {}, {}, {}, None
     prefix = f"{_head_name(trainer)}."
     policy = {name: model_state[f"policy.{name}"].contiguous() for name in trainable_names(trainer.policy)}
     head = {name[len(prefix):]: value.contiguous() for name, value in model_state.items() if name.startswith(prefix)}
-    return policy, head, optimizer_state
+    return policy, head, optimizer_state, scaler_state
 
 
-def _write(trainer: "Trainer", path: Path, policy: dict, head: dict | None, optimizer: dict) -> None:
+def _write(trainer: "Trainer", path: Path, policy: dict, head: dict | None, optimizer: dict,
+           grad_scaler: dict | None) -> None:
     save_file(policy, str(path / "policy.safetensors"))
     if _head(trainer) is not None:
         if head is None:
@@ -75,7 +77,7 @@ def _write(trainer: "Trainer", path: Path, policy: dict, head: dict | None, opti
             "optimizer": optimizer,
             "scheduler": trainer.scheduler.state_dict(),
             # fp16_mixed's loss scale and its growth tracker: a resumed run scales its losses as the uninterrupted one
-            "grad_scaler": trainer.learner.scaler.state_dict() if trainer.learner.scaler is not None else None,
+            "grad_scaler": grad_scaler,
             "rng": {
                 "python": random.getstate(),
                 "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
@@ -116,7 +118,8 @@ def load_checkpoint(trainer: "Trainer", directory: str | Path) -> None:
     policy = load_file(str(path / "policy.safetensors"), device=str(trainer.device))
     blob = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
     head = _head(trainer)
-    if distributed.is_sharded(trainer.learner.module):
+    weights = None
+    if trainer.learner.sharded:
         check_trainable_state(trainer.policy, policy, path)
         weights = {f"policy.{name}": value for name, value in policy.items()}
         if head is not None:
@@ -125,15 +128,12 @@ def load_checkpoint(trainer: "Trainer", directory: str | Path) -> None:
                 raise ConfigError(f"checkpoint {path} does not hold this trainer's {_head_name(trainer)} weights: "
                                   f"{sorted(head_state)[:3]}...")
             weights.update({f"{_head_name(trainer)}.{name}": value for name, value in head_state.items()})
-        distributed.load_full_state(trainer.learner.module, trainer.optimizer, weights, blob["optimizer"])
     else:
         load_trainable_state(trainer.policy, policy, path)
         if head is not None:
             load_model(head, str(path / "value.safetensors"), device=str(trainer.device))
-        trainer.optimizer.load_state_dict(blob["optimizer"])
+    trainer.learner.load_state(weights, blob["optimizer"], blob.get("grad_scaler"))
     trainer.scheduler.load_state_dict(blob["scheduler"])
-    if trainer.learner.scaler is not None and blob.get("grad_scaler"):
-        trainer.learner.scaler.load_state_dict(blob["grad_scaler"])
     rng = blob["rng"]
     random.setstate(rng["python"])
     name, keys, *rest = rng["numpy"]

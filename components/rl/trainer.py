@@ -16,20 +16,25 @@ Statistics of an iteration (to `train`'s callback), named as in TRL / OpenRLHF:
 | name                        | meaning                                                                          |
 |-----------------------------|----------------------------------------------------------------------------------|
 | objective/scores            | mean reward-model score, before penalties, normalisation and clipping            |
-| objective/kl                | mean over sequences of sum_t (logp_t - ref_logp_t): the KL to the reference      |
+| objective/kl                | mean over sequences of sum_t (logp_t - ref_logp_t): the KL to the reference (k1, |
+|                             | whatever rl.kl_estimator)                                                        |
 | objective/non_score_reward  | mean over sequences of the KL penalty in the reward, sum_t -kl_coef k_t (0 with   |
 |                             | the KL in the loss; k_t = logp_t - ref_logp_t for k1)                            |
 | objective/rlhf_reward       | mean over sequences of sum_t r_t: the score used in training minus the KL penalty |
 | objective/sequence_entropy  | mean over sequences of sum_t -logp_t of the sampled tokens                       |
-| policy/approxkl             | 0.5 mean (log ratio)^2 over tokens, averaged over micro-batches of all epochs     |
+| policy/approxkl             | KL to the old policy (the rollout's), not the reference: 0.5 mean over tokens of  |
+|                             | (logp_t - old_logp_t)^2 (k2), averaged over the micro-batches of all update epochs|
 | policy/clipfrac             | share of tokens where the clipped surrogate is active                            |
 | policy/token_entropy        | mean per-token entropy of the policy's distribution during the update            |
 | policy/ratio                | mean probability ratio pi / pi_old during the update                             |
 | loss/policy                 | clipped surrogate loss                                                           |
 | loss/value                  | clipped value loss (before vf_coef); with a critic only                          |
-| loss/kl                     | the KL estimate in the loss (before kl_coef); with rl.kl_placement: loss only    |
-| group/frac_reward_zero_std  | share of prompts whose k scores are all equal (zero advantage); k >= 2 only       |
-| group/reward_std            | mean over prompts of the std of their k scores; k >= 2 only                      |
+| loss/kl                     | KL to the reference in the loss: the rl.kl_estimator estimate (k3 for GRPO, k2   |
+|                             | for REINFORCE++-baseline) aggregated as the policy loss, before kl_coef;         |
+|                             | with rl.kl_placement: loss only                                                  |
+| group/frac_score_zero_std   | share of prompts whose k scores are all equal (zero advantage); k >= 2 only      |
+|                             | (TRL's frac_reward_zero_std)                                                     |
+| group/score_std             | mean over prompts of the std of their k scores; k >= 2 only (TRL's reward_std)   |
 | val/clipfrac                | share of tokens where the clipped value loss is active; with a critic only       |
 | val/explained_variance      | 1 - Var[R - V] / Var[R] of the rollout values; with a critic only                |
 | val/mean                    | mean rollout value over real tokens; with a critic only                          |
@@ -52,13 +57,13 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Sequence, get_args
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from components.config import ConfigError, CriticConfig, GenerationConfig, LoraConfig, MemoryConfig, RewardConfig, RLConfig
-from components.models.loading import fuse_gelu
+from components.models.loading import fuse_gelu, hidden_size, load_critic, with_lora
 from components.rl import distributed, state
 from components.rl.core import estimate_advantages, explained_variance, group_stats, masked_mean
 from components.errors import TrainingError
@@ -67,11 +72,12 @@ from components.rl.kl_controller import kl_controller
 from components.rl.learner import Learner
 from components.rl.packing import packs_sequences
 from components.rl.precision import check_precision, enable_activation_checkpointing
-from components.rl.roles import AdapterDisabled, Critic, ValueHead, backbone_of, hidden_size, is_encoder_decoder, reference_of
-from components.rl.rollout import eos_token_ids, pad_id, render_prompt
+from components.rl.roles import AdapterDisabled, Critic, ValueHead, backbone_of, is_encoder_decoder, reference_of
+from components.rl.tokenization import eos_token_ids, pad_id, render_prompt
 
 Callback = Callable[[dict[str, float]], None]
-STOP_REASONS = ("iterations", "target_reward", "total_episodes")
+CRITIC_TYPES = get_args(CriticConfig.model_fields["type"].annotation)  # critic.type's choices
+STOP_REASONS = ("iterations", "target_score", "total_episodes")
 
 
 @dataclass
@@ -116,13 +122,11 @@ class Trainer:
         memory: MemoryConfig | None = None,
     ):
         critic_type = critic_type or ("shared" if rl.needs_critic else "none")
-        if critic_type not in ("shared", "separate", "none"):
-            raise ConfigError(f"critic.type={critic_type!r}; allowed: 'shared', 'separate', 'none'")
-        if rl.needs_critic and critic_type == "none":
-            raise ConfigError(f"rl.advantage_estimator={rl.advantage_estimator} needs a critic, but critic.type is none")
-        if not rl.needs_critic and critic_type != "none":
-            raise ConfigError(f"rl.advantage_estimator={rl.advantage_estimator} uses no critic, but critic.type is "
-                              f"{critic_type}: set critic.type to none")
+        if critic_type not in CRITIC_TYPES:
+            raise ConfigError(f"critic.type={critic_type!r}; allowed: {', '.join(map(repr, CRITIC_TYPES))}")
+        problem = rl.estimator.critic_problem(critic_type)  # the rule the run configuration validates (RunConfig)
+        if problem:
+            raise ConfigError(problem)
         self.encoder_decoder = is_encoder_decoder(policy)
         if critic_type == "separate" and self.encoder_decoder:
             raise ConfigError("critic.type=separate is for causal LMs; an encoder-decoder policy uses the shared value head")
@@ -164,12 +168,7 @@ class Trainer:
             pack_critic=pack and self.critic is not None and packs_sequences(self.critic.backbone),
         )
         module, accelerator = policy_value, None  # or its data-parallel wrapper (FSDP shards it in place)
-        if distributed.world_size() > 1:
-            if rl.gradient_accumulation_steps % distributed.world_size():
-                raise ConfigError(
-                    f"rl.gradient_accumulation_steps ({rl.gradient_accumulation_steps}) must be a multiple of the "
-                    f"{distributed.world_size()} processes: each takes the same number of micro-batches per minibatch"
-                )
+        if distributed.world_size() > 1:  # launch.num_processes of them (components/rl/build.py checks the launch)
             # A separate critic loaded from another model may hold layers the value never reads (a pooler).
             module, accelerator = distributed.data_parallel(policy_value, find_unused_parameters=critic_type == "separate",
                                                             trained_precision=memory.trained_precision)
@@ -272,12 +271,12 @@ class Trainer:
 
     @property
     def stop_reason(self) -> str | None:
-        """"target_reward" once the mean score over the last `target_window` iterations reaches `rl.target_reward`
+        """"target_score" once the mean score over the last `target_window` iterations reaches `rl.target_score`
         (a full window is required), "total_episodes" once `rl.total_episodes` episodes are done."""
-        target = self.rl.target_reward
+        target = self.rl.target_score
         if target is not None and len(self.recent_scores) == self.rl.target_window:
             if sum(self.recent_scores) / len(self.recent_scores) >= target:
-                return "target_reward"
+                return "target_score"
         if self.episodes >= self.rl.total_episodes:
             return "total_episodes"
         return None
@@ -348,7 +347,6 @@ def build_trainer(policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, r
     """The one way a trainer is built from configuration sections (the flow, the launched processes and the benchmarks
     alike). With `critic.type: separate`, the critic is loaded (components.models.loading.load_critic); with `lora.enabled`,
     LoRA adapters are injected into `policy` and only they (and the value head) train."""
-    from components.models.loading import load_critic, with_lora
 
     critic_module = load_critic(critic, reward, tokenizer) if critic.type == "separate" else None
     if lora.enabled:

@@ -10,7 +10,8 @@ Every change here is idempotent, so a run killed at any point and resumed ends a
     lock (flows/promotion.py takes it), so that a compare-and-set (`evaluated_against`) and the history stay
     consistent when several runs and people promote at once.
 
-Version tags written here: the caller's (gates, data, lineage, `eval_mean_score`), then by promotion `promoted_by`,
+Version tags written here: the caller's (gates, data, lineage under the runs' `alignflow.` names, the evaluation
+under its metrics' names), then by promotion `promoted_by`,
 `promoted_at`, `promotion_reason`, `forced`, `previous_<alias>`; by rollback `rolled_back_*`. Registered-model tags:
 `alignflow.pending_move.<alias>` and `alignflow.history.<alias>.<number>` (one per move).
 """
@@ -32,10 +33,13 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from components.security import access
+from components.config import parse_registry_uri
 from components.errors import UserError
 from components.faults import crash_point
+from components.models.loading import load_policy
+from components.models.uris import adapter_base
 
-GATES_TAG = "gates_passed"
+GATES_TAG = "alignflow.gates_passed"
 SCORE_TAG = "eval/candidate/mean_score"  # the version's evaluation, under the metric's own name
 KL_TAG = "eval/candidate/kl"
 _MISSING = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")
@@ -78,8 +82,6 @@ def log_policy(
     (or, where the account may not delete, tagged `alignflow.abandoned`)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from components.models.loading import load_policy
-    from components.models.references import adapter_base
 
     reused = _reuse_logged(artifact_name)
     if reused is not None:
@@ -161,6 +163,49 @@ def version_of_run(name: str, run_id: str) -> ModelVersion | None:
     return min(found, key=lambda v: int(v.version)) if found else None
 
 
+def version_tags(gates_passed: bool, gates_failed: list[str], data, run_id: str, evaluated_against: str | None, *,
+                 git_commit: str, flow_run_id: str) -> dict[str, Any]:
+    """The tags every stage's version is registered with, beside the stage's own: its gates, the data it was trained
+    on (a DatasetVersion: md5, name, .dvc file), where it came from, and the champion it was evaluated against.
+    `lineage` reads them back."""
+    return {GATES_TAG: gates_passed, "alignflow.gates_failed": ",".join(gates_failed), **data.as_tags(),
+            "alignflow.git_commit": git_commit, "alignflow.prefect_flow_run_id": flow_run_id, "mlflow_run_id": run_id,
+            "evaluated_against": evaluated_against or ""}
+
+
+def lineage(uri: str, role: str) -> dict[str, str]:
+    """The tags that tie a version to the registered model it was made with (`role`: "reward" for the reward model a
+    policy trained against): for `models:/NAME/VERSION`, its name and version, the data behind it and its run
+    (`version_tags`); nothing for any other model URI."""
+    parsed = parse_registry_uri(uri) if uri.startswith("models:") else None
+    if parsed is None or parsed[2] is None:
+        return {}
+    name, _, version = parsed
+    tags = namespaced(get_version(name, version).tags)
+    return {f"alignflow.{role}_model_name": name, f"alignflow.{role}_model_version": version,
+            f"alignflow.{role}_data_md5": tags.get("alignflow.data_md5", ""),
+            f"alignflow.{role}_data_name": tags.get("alignflow.data_name", ""),
+            f"alignflow.{role}_model_run_id": tags.get("mlflow_run_id", "")}
+
+
+# What a run and its version are both tagged with has one name, the run's `alignflow.NAME`; versions registered by
+# earlier releases carry these as NAME, which every reader of a version's tags still takes (`namespaced`).
+UNNAMESPACED_TAGS = ("gates_passed", "gates_failed", "data_md5", "data_name", "data_dvc_file", "data_versioned",
+                     "git_commit", "prefect_flow_run_id", "algorithm", "stop_reason", "base_policy", "reward_model",
+                     "reward_model_name", "reward_model_version", "reward_data_md5", "reward_data_name",
+                     "reward_model_run_id", "stage", "base_model")
+
+
+def namespaced(tags: dict[str, str]) -> dict[str, str]:
+    """A version's tags with those an earlier release wrote as NAME also under their name now, `alignflow.NAME`
+    (where the version has no such tag already)."""
+    found = dict(tags)
+    for old in UNNAMESPACED_TAGS:
+        if old in tags:
+            found.setdefault(f"alignflow.{old}", tags[old])
+    return found
+
+
 def register(name: str, run_id: str, model_uri: str, tags: dict[str, Any]) -> ModelVersion:
     """Register the run's logged policy as a version of `name`, with all its tags in the same call. A run that already
     registered one (a resumed run) gets that version back, any tag it lacks added."""
@@ -183,7 +228,6 @@ class Seq2SeqGenerator(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         from transformers import AutoTokenizer
 
-        from components.models.loading import load_policy
 
         self.model = load_policy(context.artifacts["policy"])
         self.tokenizer = AutoTokenizer.from_pretrained(context.artifacts["policy"])
@@ -255,7 +299,7 @@ def promote(
     """Point `alias` at `version`; returns (moved, what happened). Call under the promotion lock.
 
     A version is promoted without `force` only when its gates passed as its own run recorded them (`verified_gates`):
-    a `gates_passed` tag set by hand is not enough. Otherwise `force` with a `reason`. For a pipeline run,
+    an `alignflow.gates_passed` tag set by hand is not enough. Otherwise `force` with a `reason`. For a pipeline run,
     `evaluated_against` is the champion its gates compared it with (None: there was none) and `score` its evaluation
     score: if another version took the alias since, this one takes it only with a higher score (compare-and-set; the
     holder's score is its `score_tag`). The default False skips that check (a person promoting by hand).
@@ -451,9 +495,9 @@ GATES_METRIC = "gate/passed"  # what the pipeline's gates task logs on the run (
 
 def verified_gates(version: ModelVersion) -> tuple[bool, str]:
     """Whether `version` passed its gates, as the run that registered it recorded them (its `gate/passed` metric,
-    written by the pipeline under its own account), and if not, why. The version's `gates_passed` tag must agree:
-    a tag set by hand on the version proves nothing."""
-    tag = version.tags.get(GATES_TAG)
+    written by the pipeline under its own account), and if not, why. The version's `alignflow.gates_passed` tag (or
+    `gates_passed`, as earlier releases wrote it) must agree: a tag set by hand on the version proves nothing."""
+    tag = namespaced(version.tags).get(GATES_TAG)
     if tag != "true":
         return False, ("its promotion gates failed" if tag == "false" else f"it has no gate result (tag {GATES_TAG})")
     try:
@@ -487,7 +531,7 @@ def registered_models() -> list[str]:
 
 
 def list_versions(name: str) -> list[VersionSummary]:
-    """Every version of a registered model, newest first, with its aliases and tags."""
+    """Every version of a registered model, newest first, with its aliases and tags (`namespaced`)."""
     client = MlflowClient()
     try:
         aliases_by_version: dict[str, list[str]] = {}
@@ -499,7 +543,8 @@ def list_versions(name: str) -> list[VersionSummary]:
         raise
     versions = client.search_model_versions(f"name='{name}'")
     return sorted(
-        (VersionSummary(int(v.version), sorted(aliases_by_version.get(str(v.version), [])), dict(v.tags)) for v in versions),
+        (VersionSummary(int(v.version), sorted(aliases_by_version.get(str(v.version), [])), namespaced(v.tags))
+         for v in versions),
         key=lambda summary: summary.version,
         reverse=True,
     )

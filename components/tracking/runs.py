@@ -10,7 +10,7 @@ Names the flow writes and `recent_runs` reads back:
     run tags      alignflow.stage ("policy"/"reward", set as the run is created), alignflow.recorded ("true" once the
                   run's record is whole: params, config.yaml and provenance tags), alignflow.stop_reason, alignflow.gates_passed ("true"/"false"), alignflow.model_version,
                   alignflow.promoted, alignflow.finished ("true" once the run has nothing left to do)
-    run metrics   eval/reward_gain, eval/candidate/kl
+    run metrics   eval/score_gain (eval/reward_gain in a run of an earlier release), eval/candidate/kl
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ MODEL_VERSION_TAG = "alignflow.model_version"
 PROMOTED_TAG = "alignflow.promoted"
 FINISHED_TAG = "alignflow.finished"
 PINNED_TAG = "alignflow.pinned_models"  # {key: models:/NAME/VERSION} a run's registry aliases resolved to, at its start
-REWARD_GAIN_METRIC = "eval/reward_gain"
+SCORE_GAIN_METRIC = "eval/score_gain"
+OLD_SCORE_GAIN_METRIC = "eval/reward_gain"  # its name in runs of an earlier release
 KL_METRIC = "eval/candidate/kl"
 STEP_METRIC = "iteration"  # logged at every training step: which steps a run already has
 
@@ -226,7 +227,7 @@ def resumed_config(given, run_id: str, stage: str, keys_given: set[str]):
                             f"({run.info.artifact_uri}); try again when it can; nothing was changed")
     config = given
     if text is not None:
-        recorded = yaml.safe_load(text)
+        recorded = renamed(yaml.safe_load(text))  # an earlier release's keys and values under this one's names
         given_tree = given.model_dump(mode="json")
         given_flat, redacted_flat, recorded_flat = (
             flatten(given_tree), flatten(secrets.redact_tree(given_tree)), flatten(recorded))
@@ -258,8 +259,8 @@ def resumed_config(given, run_id: str, stage: str, keys_given: set[str]):
     else:  # killed before its record was whole: what it logged of it must be what is given now
         params = {key: _param_value(value) for key, value in secrets.redacted_params(given.flat()).items()}
         free = WHERE_KEYS | ({"tracking.experiment"} - keys_given)  # the store, and the run's experiment unless given
-        differing = sorted(key for key, value in run.data.params.items()
-                           if params.get(key, value) != value and key not in free)
+        logged = flatten(renamed(_unflatten(dict(run.data.params))))  # under this release's names, as given
+        differing = sorted(key for key, value in logged.items() if params.get(key, value) != value and key not in free)
         if differing:
             raise ResumeRefused(f"--resume {run_id}: the run logged other values of {', '.join(differing)} than given "
                                 "here: resume it with the settings it was started with; nothing was changed")
@@ -476,7 +477,7 @@ def recent_runs(experiment: str | None, n: int = 10) -> list[dict[str, Any]]:
                 "start_time": datetime.fromtimestamp(run.info.start_time / 1000, tz=timezone.utc),
                 "status": run.info.status,
                 "stop_reason": tags.get(STOP_REASON_TAG),
-                "reward_gain": metrics.get(REWARD_GAIN_METRIC),
+                "score_gain": metrics.get(SCORE_GAIN_METRIC, metrics.get(OLD_SCORE_GAIN_METRIC)),
                 "kl": metrics.get(KL_METRIC),
                 "gates_passed": None if gates is None else gates == "true",
                 "model_version": tags.get(MODEL_VERSION_TAG),

@@ -1,6 +1,6 @@
 """The `alignflow` command: run, schedule, inspect and promote; plus config, data and demo helpers.
 
-An error alignflow explains (`components.errors`: bad configuration, data, model reference, registry request,
+An error alignflow explains (`components.errors`: bad configuration, data, model URI, registry request,
 storage) ends the command with its message alone and exit code 2 (1 for other explained failures); the traceback goes
 to the log file under artifacts/logs/ and, with `--debug`, to the terminal. Anything else keeps its traceback.
 """
@@ -25,7 +25,8 @@ from components.security import secrets
 from components.config import PROJECT_ROOT, ConfigError, load_config
 from components.errors import explained
 
-app = typer.Typer(help="alignflow: RLHF (PPO against a reward model) as a scheduled, auditable MLOps workflow.", no_args_is_help=True,
+app = typer.Typer(help="alignflow: RLHF (PPO, RLOO, GRPO or REINFORCE++ against a reward model) as a scheduled, "
+                  "auditable MLOps workflow.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
 config_app = typer.Typer(help="Inspect the run configuration.", no_args_is_help=True)
 data_app = typer.Typer(help="Check the dataset a run reads, against the .dvc file that pins it.", no_args_is_help=True)
@@ -50,7 +51,8 @@ _options = {"debug": False, "log_file": None}
 
 @app.callback()
 def options(debug: bool = typer.Option(False, "--debug", help="Show the traceback of an error (always in the log file).")) -> None:
-    """alignflow: RLHF (PPO against a reward model) as a scheduled, auditable MLOps workflow."""
+    """alignflow: RLHF (PPO, RLOO, GRPO or REINFORCE++ against a reward model) as a scheduled, auditable MLOps
+    workflow."""
     _options["debug"] = debug
 
 

@@ -29,7 +29,7 @@ def data_check(config: Optional[Path] = ConfigOption, set_: list[str] = SetOptio
     generation.max_prompt_tokens, counted with the policy's tokenizer) by row number."""
     from components.data.prompts import prepare
     from components.models.loading import load_tokenizer, locate
-    from components.rl.rollout import prompt_ids
+    from components.rl.tokenization import prompt_ids
     from components.data.versioning import dataset_version
 
     run = resolved(config, set_)

@@ -35,7 +35,7 @@ def runs(config: Optional[Path] = ConfigOption, set_: list[str] = SetOption, lim
                                 f"read the runs of {'experiment ' + experiment if experiment else 'the experiments'}"):
         gates = {None: "-", True: "[green]passed", False: "[red]failed"}[row["gates_passed"]]
         cells = (row["run_id"][:12], row["algorithm"] or "-", row["start_time"].strftime("%Y-%m-%d %H:%M"), row["status"], row["stop_reason"] or "-",
-                 _num(row["reward_gain"]), _num(row["kl"]), gates, row["model_version"] or "-")
+                 _num(row["score_gain"]), _num(row["kl"]), gates, row["model_version"] or "-")
         table.add_row(*((() if experiment else (escape(row["experiment"]),)) + cells))
     console.print(table)
 
@@ -83,7 +83,7 @@ def models(
             continue
         versions = refused_in_words(lambda: registry.list_versions(name), f"read the versions of {name}")
         reference = next((v for v in versions if run_config.tracking.champion_alias in v.aliases), versions[0] if versions else None)
-        scorer = reference.tags.get("reward_model") if reference else None
+        scorer = reference.tags.get("alignflow.reward_model") if reference else None
         table = Table(title=f"Registered model {name}, {secrets.redact_uri(uri)}" + ("" if (config or set_) else " (--config F shows F's model)"))
         for column in ("version", "aliases", "algorithm", "gates", "failed gates", "eval score", "KL", "reward model",
                        "reward data", "data", "promoted by"):
@@ -91,14 +91,16 @@ def models(
         mismatched = False
         for version in versions:
             tags = version.tags
-            gates = {"true": "[green]passed", "false": "[red]failed"}.get(tags.get("gates_passed", ""), "-")
+            gates = {"true": "[green]passed", "false": "[red]failed"}.get(tags.get(registry.GATES_TAG, ""), "-")
             score = tags.get(registry.SCORE_TAG, tags.get("eval_mean_score", "-"))[:7]
-            if tags.get("reward_model") != scorer:
+            if tags.get("alignflow.reward_model") != scorer:
                 score, mismatched = f"{score} [yellow]*[/]", True
-            data = f"{tags.get('data_name', '?')} {tags.get('data_md5', '-')[:8]}"
-            reward_data = f"{tags['reward_data_name']} {tags['reward_data_md5'][:8]}" if tags.get("reward_data_md5") else "-"
-            table.add_row(str(version.version), ", ".join(version.aliases) or "-", tags.get("algorithm", "-"), gates, tags.get("gates_failed") or "-",
-                          score, tags.get(registry.KL_TAG, tags.get("eval_kl", "-"))[:7], escape(tags.get("reward_model", "-")),
+            data = f"{tags.get('alignflow.data_name', '?')} {tags.get('alignflow.data_md5', '-')[:8]}"
+            reward_data = (f"{tags['alignflow.reward_data_name']} {tags['alignflow.reward_data_md5'][:8]}"
+                           if tags.get("alignflow.reward_data_md5") else "-")
+            table.add_row(str(version.version), ", ".join(version.aliases) or "-", tags.get(tracking.ALGORITHM_TAG, "-"), gates,
+                          tags.get("alignflow.gates_failed") or "-",
+                          score, tags.get(registry.KL_TAG, tags.get("eval_kl", "-"))[:7], escape(tags.get("alignflow.reward_model", "-")),
                           escape(reward_data), escape(data), tags.get("promoted_by", "-"))
         console.print(table)
         pending = registry.pending_move(name, run_config.tracking.champion_alias)

@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from components.security import secrets
-from components.config import PROJECT_ROOT, RewardRunConfig
+from components.config import PROJECT_ROOT, RewardRunConfig, Validated, given_keys
 from flows.cli import CronOption, IntervalOption, SetOption, app, console, explain_errors, fail, flow_overrides, reachable_tracking, resolved
 from flows.cli.data import ensure_demo_data
 from flows.cli.registry import promote_version, refused_in_words, roll_back
@@ -49,14 +49,13 @@ def reward_run(
     wait: bool = typer.Option(False, help="With --remote: wait for the flow run to finish and report its state."),
 ) -> None:
     """Train a reward model on preference pairs, evaluate it on the held-out pairs, gate, register, promote."""
-    run_config = reward_config(config, set_)
-    parameters = {"config_path": str(config) if config else None, "overrides": flow_overrides(set_, here=not remote),
-                  "resume_run_id": resume}
+    run_config = reward_config(config, set_)  # parsed and validated once; the flow gets the object (a worker: path, --set)
     if remote:
-        trigger_remote(remote if "/" in remote else f"{REWARD_FLOW}/{remote}", parameters, wait)
+        trigger_remote(remote if "/" in remote else f"{REWARD_FLOW}/{remote}",
+                       {"config_path": str(config) if config else None, "overrides": flow_overrides(set_, here=False),
+                        "resume_run_id": resume}, wait)
         return
     if resume:  # another stage's run, or settings other than the recorded ones: one line, changing nothing
-        from components.config import given_keys
         from components.tracking.runs import resumed_config
 
         run_config = resumed_config(run_config, resume, "reward", given_keys(config, set_))
@@ -67,7 +66,7 @@ def reward_run(
     from flows.reward_pipeline import reward_pipeline
 
     with prefect_api():
-        result = reward_pipeline(**parameters)
+        result = reward_pipeline(resume_run_id=resume, validated=Validated(run_config))
     show_reward_result(result, run_config)
 
 
@@ -130,11 +129,11 @@ def reward_models(config: Optional[Path] = RewardConfigOption, set_: list[str] =
         table.add_column(column)
     for version in versions:
         tags = version.tags
-        gates = {"true": "[green]passed", "false": "[red]failed"}.get(tags.get("gates_passed", ""), "-")
+        gates = {"true": "[green]passed", "false": "[red]failed"}.get(tags.get(registry.GATES_TAG, ""), "-")
         ci = f"[{tags.get('eval/accuracy_ci_low', '-')[:5]}, {tags.get('eval/accuracy_ci_high', '-')[:5]}]"
-        table.add_row(str(version.version), ", ".join(version.aliases) or "-", gates, tags.get("gates_failed") or "-",
-                      tags.get("eval/accuracy", "-")[:6], ci, escape(tags.get("base_model", "-")),
-                      escape(f"{tags.get('data_name', '?')} {tags.get('data_md5', '-')[:8]}"), tags.get("promoted_by", "-"))
+        table.add_row(str(version.version), ", ".join(version.aliases) or "-", gates, tags.get("alignflow.gates_failed") or "-",
+                      tags.get("eval/accuracy", "-")[:6], ci, escape(tags.get("alignflow.base_model", "-")),
+                      escape(f"{tags.get('alignflow.data_name', '?')} {tags.get('alignflow.data_md5', '-')[:8]}"), tags.get("promoted_by", "-"))
     console.print(table if versions else f"no versions of {name} in {secrets.redact_uri(uri)}")
 
 
@@ -173,20 +172,17 @@ def rlhf(
     """Both stages in order: train and gate a reward model, then align the policy against the reward-model champion."""
     from flows.cli.data import prepare_demo_if_needed
     from flows.cli.run import show_result
+    from flows.reward_pipeline import champion_uri, rlhf as rlhf_flow
 
-    reward_run_config = reward_config(reward_config_path, reward_set)
-    champion = f"models:/{reward_run_config.tracking.registered_model}@{reward_run_config.tracking.champion_alias}"
-    policy_config = resolved(config, [*set_, f"reward.model={champion}"])
+    reward_run_config = reward_config(reward_config_path, reward_set)  # each configuration parsed and validated once
+    policy_config = resolved(config, [*set_, f"reward.model={champion_uri(reward_run_config)}"])
     if (reward_run_config.tracking.tracking_uri or None) != (policy_config.tracking.tracking_uri or None):
         fail("the reward stage and the policy pipeline must use one tracking store: set tracking.tracking_uri alike in "
              "both (--reward-set tracking.tracking_uri=... and --set tracking.tracking_uri=...)")
     prepare_demo_base(reward_run_config)
     prepare_demo_if_needed(policy_config)
-    from flows.reward_pipeline import rlhf as rlhf_flow
 
     with prefect_api():
-        reward, policy = rlhf_flow(str(reward_config_path) if reward_config_path else None,
-                                   flow_overrides(reward_set, here=True), str(config) if config else None,
-                                   flow_overrides(set_, here=True))
+        reward, policy = rlhf_flow(validated_reward=Validated(reward_run_config), validated_policy=Validated(policy_config))
     show_reward_result(reward, reward_run_config)
     show_result(policy, policy_config)

@@ -13,7 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from components.security import secrets
-from components.config import PROJECT_ROOT
+from components.config import PROJECT_ROOT, Validated, given_keys
 from components.errors import prefect_credentials_message
 from flows.cli import (
     ConfigOption, CronOption, IntervalOption, SetOption, app, console, explain_errors, fail, flow_overrides, resolved,
@@ -33,25 +33,20 @@ def run(
     wait: bool = typer.Option(False, help="With --remote: wait for the flow run to finish and report its state."),
 ) -> None:
     """Run the whole pipeline: data, reward model, reference evaluation, RL, candidate evaluation, gates, registry."""
-    run_config = resolved(config, set_)
-    parameters = {"config_path": str(config) if config else None, "overrides": flow_overrides(set_, here=not remote),
-                  "resume_run_id": resume}
+    run_config = resolved(config, set_)  # parsed and validated once; the flow gets the object (a worker: path and --set)
     if remote:
-        trigger_remote(remote, parameters, wait)
+        trigger_remote(remote, {"config_path": str(config) if config else None,
+                                "overrides": flow_overrides(set_, here=False), "resume_run_id": resume}, wait)
         return
-    from components.models.safety import check_run_models
-
     if resume:  # an unknown id, another stage's run, settings other than the recorded ones: one line, changing nothing
-        from components.config import given_keys
         from components.tracking.runs import resumed_config
 
         run_config = resumed_config(run_config, resume, "policy", given_keys(config, set_))
-    check_run_models(run_config, PROJECT_ROOT)  # no pickle-only checkpoint, no remote code: one line, before any work
     prepare_demo_if_needed(run_config)
     from flows.pipeline import pipeline
 
-    with prefect_api():
-        result = pipeline(**parameters)
+    with prefect_api():  # the models are located and checked (no pickle-only checkpoint, no remote code) by its first task
+        result = pipeline(resume_run_id=resume, validated=Validated(run_config))
     show_result(result, run_config)
 
 

@@ -1,6 +1,9 @@
+import warnings
+
 import pytest
 
 from components.config import RewardRunConfig, DEMO_CONFIG, RENAMED_KEYS, ConfigDeprecation, ConfigError, RunConfig, load_config
+from components.config import given_keys, renamed
 
 
 def write(tmp_path, text):
@@ -61,7 +64,7 @@ def test_batch_sizes_must_divide():
     assert load_config(overrides=["launch.num_processes=2", "rl.gradient_accumulation_steps=4"]).launch.num_processes == 2
 
 
-def test_model_references():
+def test_model_uris():
     assert load_config(overrides=["policy.model=models:/alignflow-policy@champion"]).policy.model.endswith("@champion")
     assert load_config(overrides=["reward.model=models:/rm/3"]).reward.model == "models:/rm/3"
     assert load_config(overrides=["policy.model=gpt2"]).policy.model == "gpt2"
@@ -96,14 +99,21 @@ def test_flat_params_cover_every_setting():
 
 def test_multi_machine_settings_are_checked_and_named():
     multi = ["launch.num_processes=4", "rl.gradient_accumulation_steps=4", "launch.num_machines=2"]
-    config = load_config(overrides=[*multi, "launch.node_deployment=alignflow-ppo-node/gpu", "launch.main_process_ip=10.0.0.1"])
-    assert (config.launch.num_machines, config.launch.node_deployment, config.launch.main_process_port) == (2, "alignflow-ppo-node/gpu", None)
+    config = load_config(overrides=[*multi, "launch.node_deployment=alignflow-train-node/gpu", "launch.main_process_ip=10.0.0.1"])
+    assert (config.launch.num_machines, config.launch.node_deployment, config.launch.main_process_port) == (2, "alignflow-train-node/gpu", None)
     with pytest.raises(ConfigError, match=r"launch\.num_processes \(4\) is the total over launch\.num_machines \(3\)"):
         load_config(overrides=[*multi, "launch.num_machines=3", "launch.node_deployment=a/b"])
     with pytest.raises(ConfigError, match=r"launch\.num_machines is 2: set launch\.node_deployment"):
         load_config(overrides=multi)
     with pytest.raises(ConfigError, match=r"launch\.node_deployment: must name a deployment as FLOW/DEPLOYMENT"):
         load_config(overrides=[*multi, "launch.node_deployment=gpu"])
+
+
+def test_the_node_flows_old_name_is_refused_naming_the_new_one():
+    with pytest.raises(ConfigError, match=r"\n  launch\.node_deployment: the node flow alignflow-ppo-node is now "
+                                          r"alignflow-train-node: set alignflow-train-node/gpu and deploy it \(prefect deploy --all\)"):
+        load_config(overrides=["launch.num_processes=4", "rl.gradient_accumulation_steps=4", "launch.num_machines=2",
+                               "launch.node_deployment=alignflow-ppo-node/gpu"])
     with pytest.raises(ConfigError, match=r"launch\.main_process_port: .*less than or equal to 65535"):
         load_config(overrides=["launch.main_process_port=70000"])
     with pytest.raises(ConfigError, match=r"launch\.main_process_ip: must be a host name or IPv4 address"):
@@ -131,9 +141,63 @@ gates: {beat_champion: false}
     assert all(new.split(".")[0] in RunConfig.model_fields for new in RENAMED_KEYS.values())
 
 
+def notices(load) -> tuple[object, list[str]]:
+    """What `load()` returns, and the messages of the ConfigDeprecation warnings it gave."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = load()
+    return result, [str(w.message) for w in caught if issubclass(w.category, ConfigDeprecation)]
+
+
+@pytest.mark.parametrize("old, new, schema", [
+    ("rl.target_reward", "rl.target_score", RunConfig),
+    ("gates.min_reward_gain", "gates.min_score_gain", RunConfig),
+    ("reward.batch_size", "reward.score_batch_size", RunConfig),
+    ("judge.batch_size", "judge.score_batch_size", RunConfig),
+    ("training.checkpoint_every", "checkpoint.every", RewardRunConfig),
+    ("evaluation.batch_size", "evaluation.score_batch_size", RewardRunConfig),
+])
+def test_a_key_renamed_in_this_release_loads_from_a_file_or_set_with_one_notice_naming_its_new_name(tmp_path, old, new, schema):
+    section, key = old.split(".")
+    extra = "reward: {model: artifacts/demo/reward}\n" if section == "judge" else ""  # a judge needs its model
+    path = write(tmp_path, f"{extra}{section}: {{{key}: 7}}\n")
+    value = lambda config: config.flat()[new]  # noqa: E731
+    config, said = notices(lambda: load_config(path, schema=schema))
+    assert (value(config), said) == (7, [f"{path}: {old} is now {new} (the same setting); rename it"])
+    overrides = [f"{old}=7"] + (["judge.model=artifacts/demo/reward"] if section == "judge" else [])
+    config, said = notices(lambda: load_config(overrides=overrides, schema=schema))
+    assert (value(config), said) == (7, [f"--set {old} is now --set {new} (the same setting)"])
+
+
+@pytest.mark.parametrize("old, new", [("preference", "implicit"), ("messages", "conversational")])
+def test_a_data_format_renamed_in_this_release_loads_with_one_notice_naming_its_new_name(tmp_path, old, new):
+    path = write(tmp_path, f"data: {{format: {old}}}\n")
+    config, said = notices(lambda: load_config(path))
+    assert (config.data.format, said) == (new, [f"{path}: data.format: {old} is now data.format: {new} (the same "
+                                                "setting); rename it"])
+    config, said = notices(lambda: load_config(overrides=[f"data.format={old}"]))
+    assert (config.data.format, said) == (new, [f"--set data.format={old} is now --set data.format={new} (the same setting)"])
+
+
+def test_a_resume_reads_an_earlier_releases_keys_and_values_under_this_releases_names(tmp_path):
+    recorded = RunConfig().model_dump(mode="json")
+    recorded["rl"]["target_reward"] = recorded["rl"].pop("target_score")
+    recorded["data"]["format"], recorded["reward"]["batch_size"] = "messages", recorded["reward"].pop("score_batch_size")
+    config, said = notices(lambda: RunConfig.model_validate(renamed(recorded)))
+    assert (config.data.format, config.reward.score_batch_size, said) == ("conversational", 64, [])
+    # the reward stage recorded a checkpoint.every it never read beside the training.checkpoint_every it used
+    recorded = RewardRunConfig().model_dump(mode="json")
+    recorded["training"]["checkpoint_every"], recorded["checkpoint"]["every"] = 50, 10
+    assert RewardRunConfig.model_validate(renamed(recorded)).checkpoint.every == 50
+    path = write(tmp_path, "rl: {target_reward: 1.0}\ndata: {format: preference}\n")
+    assert given_keys(path, ["gates.min_reward_gain=0.5"]) == {"rl.target_score", "data.format", "gates.min_score_gain"}
+
+
 def test_a_key_set_under_both_names_or_retired_is_refused_naming_it(tmp_path):
     with pytest.raises(ConfigError, match=r"ppo.max_steps and rl.total_episodes are both set"):
         load_config(write(tmp_path, "ppo: {max_steps: 10}\nrl: {total_episodes: 20}\n"))
+    with pytest.raises(ConfigError, match=r"training.checkpoint_every and checkpoint.every are both set"):
+        load_config(write(tmp_path, "training: {checkpoint_every: 10}\ncheckpoint: {every: 20}\n"), schema=RewardRunConfig)
     with pytest.raises(ConfigError, match=r"policy.lora.dropout: no longer a setting: LoRA dropout would make"):
         load_config(overrides=["policy.lora.dropout=0.05"])
     with pytest.raises(ConfigError, match=r"data.dvc_file: no longer a setting"):

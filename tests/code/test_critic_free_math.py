@@ -14,7 +14,7 @@ from components.rl.core import (
     estimate_advantages,
     group_advantages,
     group_stats,
-    kl_penalty,
+    kl_estimate,
     policy_loss,
     returns_to_go,
 )
@@ -55,15 +55,15 @@ def test_kl_estimators_k1_k2_k3():
     # pi = 0.5, pi_ref = 0.25: log pi/pi_ref = log 2; r = pi_ref/pi = 0.5
     #   k1 = log 2 = 0.6931;  k2 = (log 2)^2 / 2 = 0.2402;  k3 = (0.5 - 1) - log 0.5 = 0.1931
     logprobs, ref = torch.tensor([math.log(0.5)]), torch.tensor([math.log(0.25)])
-    assert kl_penalty(logprobs, ref, "k1").item() == pytest.approx(math.log(2))
-    assert kl_penalty(logprobs, ref, "k2").item() == pytest.approx(0.5 * math.log(2) ** 2)
-    assert kl_penalty(logprobs, ref, "k3").item() == pytest.approx(-0.5 + math.log(2))
+    assert kl_estimate(logprobs, ref, "k1").item() == pytest.approx(math.log(2))
+    assert kl_estimate(logprobs, ref, "k2").item() == pytest.approx(0.5 * math.log(2) ** 2)
+    assert kl_estimate(logprobs, ref, "k3").item() == pytest.approx(-0.5 + math.log(2))
     # k3 never goes negative and is 0 only where pi = pi_ref; k2 and k3 agree to second order near it
     near = torch.tensor([-1.01, -0.99, -1.0])
-    assert (kl_penalty(near, torch.full_like(near, -1.0), "k3") >= 0).all()
-    assert kl_penalty(near, torch.full_like(near, -1.0), "k3")[2] == 0
-    torch.testing.assert_close(kl_penalty(near, torch.full_like(near, -1.0), "k3"),
-                               kl_penalty(near, torch.full_like(near, -1.0), "k2"), atol=2e-6, rtol=0)
+    assert (kl_estimate(near, torch.full_like(near, -1.0), "k3") >= 0).all()
+    assert kl_estimate(near, torch.full_like(near, -1.0), "k3")[2] == 0
+    torch.testing.assert_close(kl_estimate(near, torch.full_like(near, -1.0), "k3"),
+                               kl_estimate(near, torch.full_like(near, -1.0), "k2"), atol=2e-6, rtol=0)
 
 
 def test_the_kl_penalty_in_the_reward_uses_the_chosen_estimator():
@@ -128,8 +128,8 @@ def test_reinforce_pp_whitens_the_returns_over_the_batch_tokens():
 
 def test_group_statistics_count_all_equal_groups():
     stats = group_stats(torch.tensor([1.0, 3.0, 5.0, 5.0]), 2)
-    assert stats["group/frac_reward_zero_std"] == 0.5
-    assert stats["group/reward_std"] == pytest.approx(math.sqrt(2) / 2)
+    assert stats["group/frac_score_zero_std"] == 0.5
+    assert stats["group/score_std"] == pytest.approx(math.sqrt(2) / 2)
 
 
 # --- the configuration ----------------------------------------------------------------------------------------------

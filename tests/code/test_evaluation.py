@@ -110,12 +110,12 @@ def _pair(base_scores, cand_scores, base_len=10.0, cand_len=10.0, cand_texts=Non
 def test_compare_is_paired_by_prompt():
     reference, candidate = _pair([0.0, 1.0, 2.0, 3.0], [1.0, 1.0, 4.0, 3.0], base_len=8.0, cand_len=12.0)
     result = compare(reference, candidate, n_resamples=200, seed=0)
-    assert result.reward_gain == 0.75  # diffs 1, 0, 2, 0
-    assert result.reward_gain_ci == bootstrap_ci([1.0, 0.0, 2.0, 0.0], 200, 0)
+    assert result.score_gain == 0.75  # diffs 1, 0, 2, 0
+    assert result.score_gain_ci == bootstrap_ci([1.0, 0.0, 2.0, 0.0], 200, 0)
     assert result.win_rate == 0.75  # win, tie, win, tie
     assert result.length_ratio == 1.5
     metrics = result.as_metrics()
-    assert metrics["eval/reward_gain"] == 0.75
+    assert metrics["eval/score_gain"] == 0.75
     assert metrics["eval/candidate/mean_length"] == 12.0
 
 
@@ -129,7 +129,7 @@ def test_compare_refuses_unpaired_evaluations():
 # --- gates ------------------------------------------------------------------------------------
 
 GATES = GatesConfig(
-    min_reward_gain=0.1, min_win_rate=0.5, max_kl=10.0, min_length_ratio=0.5, max_length_ratio=2.0, min_distinct2=0.2
+    min_score_gain=0.1, min_win_rate=0.5, max_kl=10.0, min_length_ratio=0.5, max_length_ratio=2.0, min_distinct2=0.2
 )
 
 
@@ -153,26 +153,26 @@ def test_all_gates_pass_for_a_clear_improvement():
     assert report.passed
     assert report.failed_names == []
     assert [gate.name for gate in report.gates] == [
-        "reward_gain", "reward_gain_ci_low", "win_rate", "kl", "length_ratio", "distinct2",
+        "score_gain", "score_gain_ci_low", "win_rate", "kl", "length_ratio", "distinct2",
     ]
     assert _row(report, "kl").message == "kl 3.0 <= max_kl 10.0"
     assert "no champion yet" in report.notes[0]
 
 
-def test_reward_gain_gate_fails_below_min_reward_gain():
+def test_score_gain_gate_fails_below_min_score_gain():
     # gain 0.05 on every prompt: the CI is above 0 but the gain is below 0.1
     report = check_gates(_good_comparison(cand=[0.05, 1.05, 2.05, 3.05]), kl=3.0, gates=GATES)
-    assert report.failed_names == ["reward_gain"]
-    assert _row(report, "reward_gain").message == "reward_gain 0.05 < min_reward_gain 0.1"
+    assert report.failed_names == ["score_gain"]
+    assert _row(report, "score_gain").message == "score_gain 0.05 < min_score_gain 0.1"
 
 
-def test_reward_gain_ci_gate_fails_when_the_gain_may_be_noise():
+def test_score_gain_ci_gate_fails_when_the_gain_may_be_noise():
     # diffs +3, -1, -1, +3: mean gain 1.0 >= 0.1 but resampling can pick only the losses
     report = check_gates(_good_comparison(cand=[3.0, 0.0, 1.0, 6.0]), kl=3.0, gates=GATES)
-    row = _row(report, "reward_gain_ci_low")
+    row = _row(report, "score_gain_ci_low")
     assert not row.passed and row.value < 0
-    assert row.message.startswith("reward_gain_ci_low -") and row.message.endswith("<= 0.0")
-    assert _row(report, "reward_gain").passed
+    assert row.message.startswith("score_gain_ci_low -") and row.message.endswith("<= 0.0")
+    assert _row(report, "score_gain").passed
 
 
 def test_win_rate_gate():
@@ -299,7 +299,7 @@ def _judged(proxy_gain: float, judge_gain: float, n: int = 200):
 
 def test_a_gain_the_judge_does_not_see_fails_the_judge_gate_while_the_proxy_gates_pass():
     comparison = _judged(proxy_gain=1.0, judge_gain=-0.5)
-    assert comparison.reward_gain == pytest.approx(1.0, abs=0.05) and comparison.judge_gain == pytest.approx(-0.5, abs=0.05)
+    assert comparison.score_gain == pytest.approx(1.0, abs=0.05) and comparison.judge_gain == pytest.approx(-0.5, abs=0.05)
     report = gates_module.check_gates(comparison, GatesConfig())
     assert report.failed_names == ["judge_gain_ci_low"]
     assert any("by the reward model 1.0" in note and "by the judge -0.5" in note for note in report.notes)

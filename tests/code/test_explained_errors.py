@@ -1,6 +1,6 @@
 """Issue 24, the units: errors of the libraries underneath that `explained` says in one line (a full disk, a Prefect
 server without its credential), the CLI's probe of the tracking server and its bound on MLflow's retries, the memory
-plan's refusal of sizes no run can have, the gold judges a configuration may name, and the demo data's lock."""
+plan's refusal of sizes no run can have, the gold scorers a configuration may name, and the demo data's lock."""
 
 from __future__ import annotations
 
@@ -214,7 +214,7 @@ def test_a_model_config_no_model_can_have_is_refused_naming_its_key(tmp_path):
         shape_of(str(folder), "policy.model")
 
 
-# --- the gold judge a configuration may name (item 8) ---------------------------------------------------------------
+# --- the gold scorer a configuration may name (item 8) --------------------------------------------------------------
 
 
 @pytest.mark.parametrize("spec", ["os:system", "subprocess:run", "builtins:eval", "components.data.prompts:_text_lines",
@@ -222,7 +222,7 @@ def test_a_model_config_no_model_can_have_is_refused_naming_its_key(tmp_path):
 def test_a_gold_scorer_outside_the_project_is_refused_naming_the_key(spec):
     from components.evaluation.policy import load_gold_scorer
 
-    with pytest.raises(ConfigError, match=r"evaluation.gold_scorer: .*not a judge alignflow may import"):
+    with pytest.raises(ConfigError, match=r"evaluation.gold_scorer: .*not a gold scorer alignflow may import"):
         apply_overrides(RunConfig(), [f"evaluation.gold_scorer={spec}"])
     with pytest.raises(ConfigError, match=r"evaluation.gold_scorer: "):  # and not imported, whoever calls it
         load_gold_scorer(spec)

@@ -7,8 +7,8 @@ import pytest
 from components.config import ConfigError, PROJECT_ROOT, load_config
 from components.rl import launcher
 
-MULTI = ["launch.num_processes=4", "rl.gradient_accumulation_steps=4", "launch.num_machines=2", "launch.node_deployment=alignflow-ppo-node/gpu"]
-FILES = dict(config=Path("run.yaml"), prompts=Path("prompts.json"), checkpoint=Path("/shared/ckpt"), iterations=3, stats=Path("s.json"))
+MULTI = ["launch.num_processes=4", "rl.gradient_accumulation_steps=4", "launch.num_machines=2", "launch.node_deployment=alignflow-train-node/gpu"]
+FILES = dict(config=Path("run.json"), prompts=Path("prompts.json"), checkpoint=Path("/shared/ckpt"), iterations=3, stats=Path("s.json"))
 
 
 def option(command, name):
@@ -109,7 +109,7 @@ def test_the_example_accelerate_configs_launch_as_their_comments_say(name):
     machines = 2 if name == "multi-node.yaml" else 1
     launch = load_config(overrides=[f"launch.accelerate_config=infra/accelerate/{name}", "launch.num_processes=16",
                                  "rl.gradient_accumulation_steps=16", f"launch.num_machines={machines}",
-                                 "launch.node_deployment=alignflow-ppo-node/gpu"]).launch
+                                 "launch.node_deployment=alignflow-train-node/gpu"]).launch
     meet = launcher.rendezvous(launch, PROJECT_ROOT)
     assert meet.num_machines == machines
     if name == "multi-node.yaml":  # the file's address and port, as launch.* leaves them unset

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 from components.config import ConfigError, load_config
 from components.models.safety import UnsafeModelError
 from components.models.loading import load_policy, load_reward_model
-from components.reward.scorer import RewardScorer
+from components.rl.reward import RewardScorer
 from support import save_tiny_lm, save_tiny_reward_model
 
 
@@ -91,12 +91,15 @@ def test_trust_remote_code_is_refused_by_name(section):
     assert load_config(None, [f"{section}.trust_remote_code=false"])  # the default, said out loud
 
 
-def test_the_cli_refuses_a_pickle_only_policy_in_one_line(pickled_lm):
-    from typer.testing import CliRunner
+def test_a_run_is_refused_a_pickle_only_policy_by_its_one_check_before_anything_loads(pickled_lm):
+    """The models of a run are located and checked in one place (components/rl/build.py: locate_models), which the
+    pipeline's input check (flows/tasks.py resolve, in stage.check_inputs: before the data, the models and the MLflow
+    run) and every launched process (build_run) call; `alignflow run` hands its configuration to the flow, whose
+    error ends the command in one line (tests/flows/test_bad_input.py)."""
+    from components.rl.build import build_run, locate_models
+    from flows import tasks
 
-    from flows.cli import app
-
-    result = CliRunner().invoke(app, ["run", "--set", f"policy.model={pickled_lm}"])
-    assert result.exit_code == 2, result.output
-    assert "policy.allow_pickle" in result.output and "Traceback" not in result.output
-    assert len([line for line in result.output.splitlines() if line.strip()]) == 1, result.output
+    config = load_config(None, [f"policy.model={pickled_lm}"])
+    for check in (locate_models, tasks.resolve, build_run):
+        with pytest.raises(UnsafeModelError, match=r"policy\.model: .* holds only a pickle checkpoint .*policy\.allow_pickle"):
+            check(config)

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, BloomConfig
 
 from components.rl.roles import backbone_of
 from components.rl.packing import pack_episodes, packs_sequences
-from components.rl.rollout import response_hidden, response_logprobs
+from components.rl.forward import response_hidden, response_logprobs
 
 
 def ragged_batch(vocab: int, seed: int = 0, batch: int = 12, prompt_width: int = 9, response_width: int = 7):

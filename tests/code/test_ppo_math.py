@@ -19,7 +19,7 @@ from components.rl.core import (
     value_loss,
 )
 from components.rl.kl_controller import AdaptiveKLController, FixedKLController, kl_controller
-from components.rl.rollout import filter_logits
+from components.rl.sampler import filter_logits
 
 
 def mask_from_lengths(lengths, width):

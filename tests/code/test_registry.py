@@ -8,7 +8,7 @@ import pytest
 from mlflow import MlflowClient
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from components.models import references
+from components.models import uris
 
 from components.tracking import registry, runs as tracking
 from components.config import TrackingConfig
@@ -31,10 +31,10 @@ def test_a_run_registers_one_version_whose_tags_come_with_it(config, tiny_lm_dir
     with mlflow.start_run(experiment_id=tracking.ensure_experiment(config.tracking)) as run:
         uri = registry.log_policy(tiny_lm_dir)
         assert registry.log_policy(tiny_lm_dir) == uri  # a resumed run reuses what it logged
-        first = registry.register(MODEL, run.info.run_id, uri, {"gates_passed": True, "data_md5": "abc"})
-        again = registry.register(MODEL, run.info.run_id, uri, {"gates_passed": True, "data_md5": "abc", "late": 1})
+        first = registry.register(MODEL, run.info.run_id, uri, {registry.GATES_TAG: True, "alignflow.data_md5": "abc"})
+        again = registry.register(MODEL, run.info.run_id, uri, {registry.GATES_TAG: True, "alignflow.data_md5": "abc", "late": 1})
     assert str(first.version) == str(again.version) == "1"
-    assert first.tags == {"gates_passed": "true", "data_md5": "abc"}
+    assert first.tags == {"alignflow.gates_passed": "true", "alignflow.data_md5": "abc"}
     assert again.tags["late"] == "1"
     assert [v.version for v in registry.list_versions(MODEL)] == [1]
     assert registry.version_of_run(MODEL, "no-such-run") is None
@@ -163,10 +163,27 @@ def test_a_pending_move_is_completed_by_any_registry_command_which_then_refuses_
     assert str(registry.rollback(MODEL).version) == v1  # the next rollback goes one further
 
 
+def test_a_version_an_earlier_release_tagged_without_the_namespace_still_reads(config, tiny_lm_dir):
+    """Versions registered before a run and its version shared one tag name (`gates_passed`, `data_md5`, ... on the
+    version beside `alignflow.*` on the run) still list, give their lineage and promote."""
+    with mlflow.start_run(experiment_id=tracking.ensure_experiment(TrackingConfig(experiment="tests"))) as run:
+        uri = registry.log_policy(tiny_lm_dir, model_config={"max_new_tokens": 5})
+        mlflow.log_metric(registry.GATES_METRIC, 1.0)
+        old = registry.register(MODEL, run.info.run_id, uri, {"gates_passed": True, "data_md5": "abc", "data_name": "reviews",
+                                                              "mlflow_run_id": run.info.run_id, "algorithm": "rloo"})
+    [listed] = registry.list_versions(MODEL)
+    assert (listed.tags["alignflow.gates_passed"], listed.tags["alignflow.data_md5"], listed.tags["alignflow.algorithm"]) == (
+        "true", "abc", "rloo")
+    assert registry.lineage(f"models:/{MODEL}/{old.version}", "reward") == {
+        "alignflow.reward_model_name": MODEL, "alignflow.reward_model_version": "1", "alignflow.reward_data_md5": "abc",
+        "alignflow.reward_data_name": "reviews", "alignflow.reward_model_run_id": run.info.run_id}
+    assert registry.promote(MODEL, old.version) == (True, "version 1 is now champion")
+
+
 def test_a_gates_passed_tag_set_by_hand_does_not_promote(config, tiny_lm_dir):
     failed = register(tiny_lm_dir, gates_passed=False)
     MlflowClient().set_model_version_tag(MODEL, failed, registry.GATES_TAG, "true")  # a promoter forging the result
-    with pytest.raises(PromotionError, match=r"its gates_passed tag says true but its run .* recorded gate/passed=0: "
+    with pytest.raises(PromotionError, match=r"its alignflow\.gates_passed tag says true but its run .* recorded gate/passed=0: "
                                              "the tag was changed after the pipeline wrote it"):
         registry.promote(MODEL, failed)
     unchecked = register(tiny_lm_dir, gates_passed="true")  # a version whose run recorded no gate result at all
@@ -186,7 +203,7 @@ def test_registry_reference_resolves_to_a_loadable_directory(config, tiny_lm_dir
     registry.promote(MODEL, register(tiny_lm_dir, gates_passed=True))
     cache = tmp_path / "registry"
 
-    path = references.resolve_model_reference(f"models:/{MODEL}@champion", cache_dir=cache)
+    path = uris.resolve_model_uri(f"models:/{MODEL}@champion", cache_dir=cache)
     assert Path(path).parent == cache and Path(path).name.startswith(f"{MODEL}-v1-")
     model = AutoModelForCausalLM.from_pretrained(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -194,11 +211,11 @@ def test_registry_reference_resolves_to_a_loadable_directory(config, tiny_lm_dir
     original = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
     assert all((a == b).all() for a, b in zip(model.state_dict().values(), original.state_dict().values()))
 
-    assert references.resolve_model_reference(f"models:/{MODEL}/1", cache_dir=cache) == path  # cached per version
-    assert references.resolve_model_reference("gpt2") == "gpt2"
-    assert references.pin_model_reference(f"models:/{MODEL}@champion") == f"models:/{MODEL}/1"
-    with pytest.raises(references.ModelReferenceError, match="cannot resolve"):
-        references.resolve_model_reference(f"models:/{MODEL}@staging", cache_dir=cache)
+    assert uris.resolve_model_uri(f"models:/{MODEL}/1", cache_dir=cache) == path  # cached per version
+    assert uris.resolve_model_uri("gpt2") == "gpt2"
+    assert uris.pin_model_uri(f"models:/{MODEL}@champion") == f"models:/{MODEL}/1"
+    with pytest.raises(uris.ModelURIError, match="cannot resolve"):
+        uris.resolve_model_uri(f"models:/{MODEL}@staging", cache_dir=cache)
 
 
 def test_same_version_number_in_another_registry_is_not_served_from_the_cache(config, tiny_lm_dir, tmp_path, empty_store):
@@ -208,7 +225,7 @@ def test_same_version_number_in_another_registry_is_not_served_from_the_cache(co
 
     cache = tmp_path / "registry"
     register(tiny_lm_dir, gates_passed=True)
-    first = references.resolve_model_reference(f"models:/{MODEL}/1", cache_dir=cache)
+    first = uris.resolve_model_uri(f"models:/{MODEL}/1", cache_dir=cache)
 
     other_model = save_tiny_lm(tmp_path / "other-lm", seed=7)
     other_store = tmp_path / "other"
@@ -216,7 +233,7 @@ def test_same_version_number_in_another_registry_is_not_served_from_the_cache(co
     shutil.copy(empty_store, other_store / "mlflow.db")
     tracking.use_tracking(TrackingConfig(tracking_uri=f"sqlite:///{other_store}/mlflow.db", experiment="tests"))
     register(other_model, gates_passed=True)
-    second = references.resolve_model_reference(f"models:/{MODEL}/1", cache_dir=cache)
+    second = uris.resolve_model_uri(f"models:/{MODEL}/1", cache_dir=cache)
 
     assert first != second
     loaded = AutoModelForCausalLM.from_pretrained(second).state_dict()

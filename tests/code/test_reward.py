@@ -7,7 +7,7 @@ from support import save_tiny_reward_model, word_tokenizer
 
 from components.config import RewardConfig
 from components.models.loading import load_reward_model, load_tokenizer
-from components.reward.scorer import RewardLabelError, RewardScorer
+from components.rl.reward import RewardLabelError, RewardScorer
 
 PROMPTS = ["the film was", "I loved the movie", "it"]
 COMPLETIONS = [" good .", " and the music was great", " bad"]
@@ -68,7 +68,7 @@ def test_label_by_name_index_and_probability(two_label_dir):
 
 
 def test_from_config_loads_model_and_tokenizer(two_label_dir):
-    scorer = RewardScorer.from_config(RewardConfig(model=str(two_label_dir), label="nothate", batch_size=2))
+    scorer = RewardScorer.from_config(RewardConfig(model=str(two_label_dir), label="nothate", score_batch_size=2))
     assert scorer.index == 1 and scorer.batch_size == 2
     assert scorer(PROMPTS, COMPLETIONS).shape == (3,)
 

@@ -1,4 +1,4 @@
-"""Experience making: prompt tokenization, the KV-cache sampling loop, masks, and the evaluation helpers."""
+"""The rollout: prompt tokenization, the KV-cache sampler, masks, whole-sequence forwards, and the evaluation helpers."""
 
 import pytest
 import torch
@@ -7,17 +7,10 @@ from support import one_thread  # noqa: F401
 from components.config import GenerationConfig
 from components.models.loading import load_causal_lm, load_tokenizer
 from components.rl.roles import ValueHead
-from components.rl.rollout import (
-    PromptError,
-    decode,
-    eos_token_ids,
-    generate,
-    response_hidden,
-    response_logprobs,
-    sample,
-    sequence_kl,
-    tokenize_prompts,
-)
+from components.rl.forward import response_hidden, response_logprobs
+from components.rl.generation import generate, sequence_kl
+from components.rl.sampler import sample
+from components.rl.tokenization import PromptError, decode, eos_token_ids, tokenize_prompts
 
 PROMPTS = ["the film was very good and", "it", "I loved the movie but the", "we hated"] * 4
 

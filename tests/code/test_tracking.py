@@ -129,14 +129,34 @@ def test_recent_runs_reads_the_flow_tags_and_metrics(config):
     with tracking.start_run(config):
         mlflow.set_tags({tracking.STOP_REASON_TAG: "max_steps", tracking.GATES_PASSED_TAG: "true",
                          tracking.MODEL_VERSION_TAG: "3"})
-        mlflow.log_metrics({tracking.REWARD_GAIN_METRIC: 0.8, tracking.KL_METRIC: 4.5})
+        mlflow.log_metrics({tracking.SCORE_GAIN_METRIC: 0.8, tracking.KL_METRIC: 4.5})
     with tracking.start_run(config):
         pass
     newest, older = tracking.recent_runs("tests", n=5)
     assert newest["stop_reason"] is None and newest["gates_passed"] is None and newest["status"] == "FINISHED"
     assert (older["stop_reason"], older["gates_passed"], older["model_version"]) == ("max_steps", True, "3")
-    assert (older["reward_gain"], older["kl"]) == (0.8, 4.5)
+    assert (older["score_gain"], older["kl"]) == (0.8, 4.5)
     assert tracking.recent_runs("no-such-experiment") == []
+
+
+def test_a_resume_compares_what_an_earlier_release_recorded_under_this_releases_names(config):
+    recorded = config.model_dump(mode="json")
+    recorded["rl"]["target_reward"] = recorded["rl"].pop("target_score")
+    recorded["rl"]["target_reward"], recorded["data"]["format"] = 2.0, "preference"
+    with tracking.start_run(config) as run:
+        mlflow.log_text(yaml.safe_dump(recorded), "config.yaml")
+        mlflow.set_tag(tracking.RECORDED_TAG, "true")
+    given = config.model_copy(update={"rl": config.rl.model_copy(update={"target_score": 2.0}),
+                                      "data": config.data.model_copy(update={"format": "implicit"})})
+    resumed = tracking.resumed_config(given, run.info.run_id, "policy", {"rl.target_score", "data.format"})
+    assert (resumed.rl.target_score, resumed.data.format) == (2.0, "implicit")
+
+
+def test_recent_runs_reads_the_score_gain_of_a_run_of_an_earlier_release_by_its_old_name(config):
+    with tracking.start_run(config):
+        mlflow.log_metrics({"eval/reward_gain": 0.8})
+    (run,) = tracking.recent_runs("tests", n=1)
+    assert run["score_gain"] == 0.8
 
 
 # --- written once, whatever a resumed run repeats -----------------------------------------------

@@ -40,7 +40,7 @@ def test_the_prompt_of_a_pair_is_their_shared_dialogue_up_to_the_last_assistant_
 
 def test_the_hh_rlhf_fixture_gives_every_multi_turn_prompt_exactly_and_counts_the_bad_rows():
     rows = [json.loads(line) for line in gzip.open(HH / "harmless-base" / "test.jsonl.gz", "rt")]
-    loaded = load_prompts(DataConfig(source=str(HH), data_dir="harmless-base", split="test", format="preference"))
+    loaded = load_prompts(DataConfig(source=str(HH), data_dir="harmless-base", split="test", format="implicit"))
     assert loaded.report.total == 20 and loaded.report.kept == 18
     assert loaded.report.not_dialogue == [17, 18]  # identical pair; texts that are no dialogue
     third = loaded.prompts[2]  # a three-turn prompt: two Human turns around an Assistant one, awaiting the answer
@@ -52,7 +52,7 @@ def test_the_hh_rlhf_fixture_gives_every_multi_turn_prompt_exactly_and_counts_th
 def test_whole_dialogues_given_as_prompts_are_refused_naming_the_fix(tmp_path):
     # Pointing data.prompt_field at `chosen` would feed the chosen answer into every prompt.
     with pytest.raises(DataError, match=r"data.prompt_field: 19 of the 19 prompts in column 'chosen' .* end with the "
-                                        r"assistant's answer.*set data.format: preference"):
+                                        r"assistant's answer.*set data.format: implicit"):
         load_prompts(DataConfig(source=str(HH / "harmless-base" / "test.jsonl.gz"), prompt_field="chosen", format="dialogue"))
     with pytest.raises(DataError, match="data.prompt_field: .* end with the assistant's answer"):
         load_prompts(DataConfig(source=str(HH / "harmless-base" / "test.jsonl.gz"), prompt_field="chosen", format="text",
@@ -64,7 +64,7 @@ def test_message_lists_are_checked_row_by_row(tmp_path):
     rows = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]},
             {"messages": [{"role": "narrator", "content": "x"}]}, {"messages": "not a list"}, {"messages": None}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    loaded = load_prompts(DataConfig(source=str(path), format="messages", prompt_field="messages"))
+    loaded = load_prompts(DataConfig(source=str(path), format="conversational", prompt_field="messages"))
     assert loaded.prompts == [rows[0]["messages"]]
     assert loaded.report.not_dialogue == [2, 3] and loaded.report.missing == [4]
     with pytest.raises(DialogueError, match="message 1 has role 'narrator'"):

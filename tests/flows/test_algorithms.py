@@ -43,12 +43,12 @@ def test_each_example_runs_the_pipeline_to_a_registered_version(runs, name):
     assert run.data.params["rl.samples_per_prompt"] == str(config.rl.samples_per_prompt)
     assert run.data.params["critic.type"] == ("separate" if name == "ppo" else "none")
     version = client.get_model_version("alignflow-policy", result.model_version)
-    assert version.tags["algorithm"] == name and version.tags["gates_passed"] in ("true", "false")
+    assert version.tags["alignflow.algorithm"] == name and version.tags["alignflow.gates_passed"] in ("true", "false")
     # two iterations of 64 episodes (completions) each, every one logged once
     assert [m.step for m in client.get_metric_history(result.run_id, "objective/scores")] == [64, 128]
     metrics = run.data.metrics
     assert ("loss/value" in metrics) == (name == "ppo")  # a critic-free run trains and logs no value model
-    assert ("group/frac_reward_zero_std" in metrics) == (config.rl.samples_per_prompt > 1)
+    assert ("group/frac_score_zero_std" in metrics) == (config.rl.samples_per_prompt > 1)
     assert ("loss/kl" in metrics) == (config.rl.kl_placement == "loss")
 
 

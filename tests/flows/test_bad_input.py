@@ -172,12 +172,12 @@ def test_user_errors_are_user_errors():
     from components.config import ConfigError
     from components.data.prompts import DataError
     from components.rl import PromptError
-    from components.models.references import ModelReferenceError
+    from components.models.uris import ModelURIError
     from components.tracking.registry import PromotionError
-    from components.reward.scorer import RewardLabelError
+    from components.rl.reward import RewardLabelError
     from components.tracking.runs import RunNotFound
 
-    for error in (ConfigError, DataError, PromptError, ModelReferenceError, PromotionError, RewardLabelError,
+    for error in (ConfigError, DataError, PromptError, ModelURIError, PromotionError, RewardLabelError,
                   RunNotFound, ModelLoadError, StorageError):
         assert issubclass(error, UserError) and error.exit_code == 2, error
 
@@ -333,7 +333,7 @@ def test_a_prefect_server_refusing_a_cli_without_its_credential_is_the_readme_li
                               "--set", f"checkpoint.dir={tmp_path / 'checkpoints'}"], env=env), readme)
 
 
-def test_a_model_reference_to_a_file_says_it_is_a_file_not_a_model_folder(tiny_lm_dir, tmp_path):
+def test_a_model_uri_to_a_file_says_it_is_a_file_not_a_model_folder(tiny_lm_dir, tmp_path):
     from components.models.loading import locate
 
     with pytest.raises(ModelLoadError, match=rf"policy.model: {tiny_lm_dir / 'config.json'} is a file, not a model "
@@ -348,7 +348,7 @@ def test_a_model_reference_to_a_file_says_it_is_a_file_not_a_model_folder(tiny_l
 
 def test_a_gold_scorer_outside_the_project_is_refused_exit_2_by_set_config_file_and_remote(tmp_path):
     env = {"ALIGNFLOW_LOG_DIR": str(tmp_path / "logs")}
-    expected = ("evaluation.gold_scorer: not a judge alignflow may import: name a public function of this project's "
+    expected = ("evaluation.gold_scorer: not a gold scorer alignflow may import: name a public function of this project's "
                 "own packages (components., benchmarks.)")
     for done in (alignflow(["config", "show", "--set", "evaluation.gold_scorer=os:system"], env=env),
                  alignflow(["run", "--remote", "nightly", "--set", "evaluation.gold_scorer=os:system"], env=env),

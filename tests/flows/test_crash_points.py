@@ -49,7 +49,7 @@ CHAIN = [
 
 
 def overrides(tiny_lm_dir: Path, tiny_reward_dir: Path, store: Path) -> list[str]:
-    gates_that_pass = ["gates.min_reward_gain=-1000", "gates.significant_gain=false", "gates.min_win_rate=0",
+    gates_that_pass = ["gates.min_score_gain=-1000", "gates.significant_gain=false", "gates.min_win_rate=0",
                        "gates.max_kl=1000000", "gates.min_length_ratio=0", "gates.max_length_ratio=1000",
                        "gates.min_distinct2=0", "gates.beats_champion=false"]
     return [

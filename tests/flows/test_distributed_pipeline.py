@@ -1,4 +1,4 @@
-"""The flow launches its PPO epochs in 2 data-parallel processes (accelerate launch, gloo on CPU)."""
+"""The flow launches its training segments in 2 data-parallel processes (accelerate launch, gloo on CPU)."""
 
 from mlflow import MlflowClient
 

@@ -88,7 +88,7 @@ def test_a_hacked_run_the_proxy_calls_a_gain_is_caught_by_the_judge_and_not_prom
     gates = {gate.name: gate for gate in second.gates.gates}
     metrics = client.get_run(second.run_id).data.metrics
     # The proxy sees a clear gain, the truth a loss ...
-    assert gates["reward_gain"].passed and gates["reward_gain_ci_low"].passed
+    assert gates["score_gain"].passed and gates["score_gain_ci_low"].passed
     assert second.candidate.gold_positive_share < second.reference.gold_positive_share
     # ... and so does the judge: its gate fails, and the version is kept from the alias.
     assert not gates["judge_gain_ci_low"].passed and metrics["eval/judge_gain_ci_high"] < 0

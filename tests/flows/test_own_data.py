@@ -36,7 +36,7 @@ def test_each_example_config_runs_end_to_end_on_its_fixture(example, demo_kit, t
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED" and result.model_version == "1"
     assert run.data.tags["alignflow.data_versioned"] == "false"  # fixtures are committed, not DVC-tracked
-    assert client.get_model_version(config.tracking.registered_model, "1").tags["data_name"] == run.data.tags["alignflow.data_name"]
+    assert client.get_model_version(config.tracking.registered_model, "1").tags["alignflow.data_name"] == run.data.tags["alignflow.data_name"]
     mlflow.set_tracking_uri(tracking_uri)
     samples = json.loads(mlflow.artifacts.load_text(f"{run.info.artifact_uri}/eval_samples.json"))
     prompts = [row[0] for row in samples["data"]]
@@ -121,7 +121,7 @@ def test_a_users_new_file_goes_from_dvc_add_to_a_run_that_records_its_own_md5(de
     assert run.data.tags["alignflow.data_md5"] == md5 and run.data.tags["alignflow.data_dvc_file"] == "data/reviews.jsonl.gz.dvc"
     [dataset] = run.inputs.dataset_inputs
     assert (dataset.dataset.name, dataset.dataset.digest) == ("reviews", md5)
-    assert client.get_model_version("my-alignment-policy", "1").tags["data_md5"] == md5
+    assert client.get_model_version("my-alignment-policy", "1").tags["alignflow.data_md5"] == md5
 
     listed = alignflow(["runs", *mine], env=env)
     assert listed.returncode == 0 and run.info.run_id[:12] in listed.stdout and "my-alignment" in listed.stdout

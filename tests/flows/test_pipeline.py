@@ -49,7 +49,7 @@ def test_the_run_records_the_config_and_every_training_step_once(demo):
     assert run.data.params["rl.learning_rate"] == "0.0001" and run.data.params["policy.model"] == "artifacts/demo/instruct"
     assert metric_steps(client, result.run_id, "objective/kl") == list(range(64, 5121, 64))
     for key in ("objective/scores", "objective/rlhf_reward", "policy/approxkl", "policy/clipfrac", "loss/policy",
-                "loss/value", "val/explained_variance", "kl_coef", "lr", "eval/reward_gain", "eval/win_rate",
+                "loss/value", "val/explained_variance", "kl_coef", "lr", "eval/score_gain", "eval/win_rate",
                 "eval/candidate/kl", "eval/candidate/gold_positive_share", "eval/reference/mean_score", "gate/passed",
                 "data/kept"):
         assert key in run.data.metrics, key
@@ -75,10 +75,10 @@ def test_the_candidate_is_registered_with_its_lineage_and_promoted(demo):
     champion = client.get_model_version_by_alias(MODEL, "champion")
     assert str(champion.version) == result.model_version
     tags = champion.tags
-    assert tags["gates_passed"] == "true" and tags["data_md5"] == file_md5(PROJECT_ROOT / "data" / "demo" / "prompts.jsonl")
-    assert tags["base_policy"] == "artifacts/demo/instruct" and tags["reward_model"] == "artifacts/demo/reward"
-    assert (tags["algorithm"], tags["samples_per_prompt"]) == ("ppo", "1")
-    assert tags["mlflow_run_id"] == result.run_id and tags["prefect_flow_run_id"] and tags["git_commit"]
+    assert tags["alignflow.gates_passed"] == "true" and tags["alignflow.data_md5"] == file_md5(PROJECT_ROOT / "data" / "demo" / "prompts.jsonl")
+    assert tags["alignflow.base_policy"] == "artifacts/demo/instruct" and tags["alignflow.reward_model"] == "artifacts/demo/reward"
+    assert (tags["alignflow.algorithm"], tags["samples_per_prompt"]) == ("ppo", "1")
+    assert tags["mlflow_run_id"] == result.run_id and tags["alignflow.prefect_flow_run_id"] and tags["alignflow.git_commit"]
     assert float(tags[registry.SCORE_TAG]) == pytest.approx(result.candidate.mean_score)
     assert float(tags[registry.KL_TAG]) == pytest.approx(result.candidate.kl)
 
@@ -102,7 +102,7 @@ def failed_twice(demo_data, tiny_lm_dir, tiny_reward_dir, tmp_path_factory):
     overrides = [f"policy.model={tiny_lm_dir}", f"reward.model={tiny_reward_dir}", f"tracking.tracking_uri={uri}",
                  f"checkpoint.dir={root / 'checkpoints'}", "rl.rollout_batch_size=16", "rl.mini_batch_size=8",
                  "rl.update_epochs=2", "rl.total_episodes=64", "checkpoint.every=2", "data.eval_size=32",
-                 "generation.max_new_tokens=12", "evaluation.bootstrap_samples=200", "gates.min_reward_gain=100"]
+                 "generation.max_new_tokens=12", "evaluation.bootstrap_samples=200", "gates.min_score_gain=100"]
     store = ["--set", f"tracking.tracking_uri={uri}"]
     first = pipeline(overrides=overrides)
     refused = cli_in_child(["promote", first.model_version, *store])
@@ -115,9 +115,9 @@ def failed_twice(demo_data, tiny_lm_dir, tiny_reward_dir, tmp_path_factory):
 def test_a_failed_gate_registers_the_version_without_promoting_it(failed_twice):
     first, client = failed_twice["first"], failed_twice["client"]
     assert not first.gates.passed and not first.promoted
-    assert "< min_reward_gain 100" in first.gates.summary()
+    assert "< min_score_gain 100" in first.gates.summary()
     version = client.get_model_version(MODEL, first.model_version)
-    assert version.tags["gates_passed"] == "false" and "reward_gain" in version.tags["gates_failed"].split(",")
+    assert version.tags["alignflow.gates_passed"] == "false" and "score_gain" in version.tags["alignflow.gates_failed"].split(",")
 
 
 def test_promoting_a_version_whose_gates_failed_needs_force_and_a_reason(failed_twice):

@@ -73,11 +73,11 @@ def test_a_version_carries_its_data_base_model_and_evaluation(first, store):
     version = client(store).get_model_version(MODEL, first.model_version)
     tags = version.tags
     pinned = dataset_version(PreferenceDataConfig(), PROJECT_ROOT)
-    assert (tags["data_md5"], tags["data_dvc_file"], tags["data_versioned"]) == (pinned.md5, "data.dvc", "true")
-    assert tags["base_model"] == "artifacts/demo/instruct"  # as configured (configs/reward.yaml)
+    assert (tags["alignflow.data_md5"], tags["alignflow.data_dvc_file"], tags["alignflow.data_versioned"]) == (pinned.md5, "data.dvc", "true")
+    assert tags["alignflow.base_model"] == "artifacts/demo/instruct"  # as configured (configs/reward.yaml)
     assert float(tags["eval/accuracy"]) == pytest.approx(first.evaluation.accuracy)
     assert float(tags["eval/accuracy_ci_low"]) == pytest.approx(first.evaluation.accuracy_ci[0])
-    assert tags["gates_passed"] == "true" and tags["stage"] == "reward" and int(tags["pairs_held_out"]) == 600
+    assert tags["alignflow.gates_passed"] == "true" and tags["alignflow.stage"] == "reward" and int(tags["pairs_held_out"]) == 600
     assert str(client(store).get_model_version_by_alias(MODEL, "champion").version) == "1"
     run = client(store).get_run(first.run_id)
     assert (run.data.tags["alignflow.data_md5"], run.data.tags["alignflow.data_dvc_file"]) == (pinned.md5, "data.dvc")
@@ -93,14 +93,14 @@ def test_a_version_carries_its_data_base_model_and_evaluation(first, store):
 
 
 def test_the_logged_reward_model_loads_and_scores_as_the_run_did(first, store):
-    from components.models.references import resolve_model_reference
-    from components.reward.scorer import RewardScorer
+    from components.models.uris import resolve_model_uri
+    from components.rl.reward import RewardScorer
     from components.config import RewardConfig
 
     mlflow.set_tracking_uri(f"sqlite:///{store}/mlflow.db")
     mlflow.set_registry_uri(f"sqlite:///{store}/mlflow.db")
     try:
-        path = resolve_model_reference(f"models:/{MODEL}@champion", store / "cache")
+        path = resolve_model_uri(f"models:/{MODEL}@champion", store / "cache")
     finally:
         mlflow.set_tracking_uri(None)
     scorer = RewardScorer.from_config(RewardConfig(model=path, max_length=128, append_eos=False))
@@ -112,7 +112,7 @@ def test_a_worse_run_is_registered_but_kept_from_the_alias(second, first, store)
     assert second.champion_version == "1" and second.champion_accuracy == pytest.approx(first.evaluation.accuracy)
     assert not second.gates.passed and "accuracy_vs_champion" in second.gates.failed_names and not second.promoted
     assert str(client(store).get_model_version_by_alias(MODEL, "champion").version) == "1"
-    assert client(store).get_model_version(MODEL, second.model_version).tags["gates_passed"] == "false"
+    assert client(store).get_model_version(MODEL, second.model_version).tags["alignflow.gates_passed"] == "false"
 
 
 def test_promote_and_rollback_by_hand(second, store):
@@ -149,8 +149,8 @@ def policy_run(second, store, tiny_lm_dir):
 def test_a_policy_records_the_reward_model_version_and_its_data(policy_run, first, store):
     reward_tags = client(store).get_model_version(MODEL, "1").tags
     tags = client(store).get_model_version(POLICY, policy_run.model_version).tags
-    assert tags["reward_model"] == f"models:/{MODEL}/1" and tags["reward_model_version"] == "1"
-    assert tags["reward_data_md5"] == reward_tags["data_md5"] and tags["reward_model_run_id"] == first.run_id
+    assert tags["alignflow.reward_model"] == f"models:/{MODEL}/1" and tags["alignflow.reward_model_version"] == "1"
+    assert tags["alignflow.reward_data_md5"] == reward_tags["alignflow.data_md5"] and tags["alignflow.reward_model_run_id"] == first.run_id
     run_tags = client(store).get_run(policy_run.run_id).data.tags
     assert run_tags["alignflow.reward_model"] == f"models:/{MODEL}/1"
     assert json.loads(run_tags["alignflow.pinned_models"]) == {"reward.model": f"models:/{MODEL}/1"}
@@ -162,7 +162,7 @@ def test_a_policy_records_the_reward_model_version_and_its_data(policy_run, firs
     assert any("by the judge" in note for note in policy_run.gates.notes) and tags["judge_model"] == f"models:/{MODEL}/2"
     listed = alignflow(["models", "--set", f"tracking.tracking_uri=sqlite:///{store}/mlflow.db",
                         "--set", f"tracking.registered_model={POLICY}"])
-    assert listed.returncode == 0 and f"{MODEL}/1" in listed.stdout and reward_tags["data_md5"][:8] in listed.stdout
+    assert listed.returncode == 0 and f"{MODEL}/1" in listed.stdout and reward_tags["alignflow.data_md5"][:8] in listed.stdout
 
 
 def test_a_reward_model_promoted_mid_run_does_not_change_a_resumed_run(policy_run, second, store):
@@ -201,4 +201,4 @@ def test_rlhf_runs_the_reward_stage_then_the_policy_against_its_champion(demo_ki
     mlflow_client = MlflowClient(store, registry_uri=store)
     assert str(mlflow_client.get_model_version_by_alias("alignflow-reward", "champion").version) == "1"
     (version,) = mlflow_client.search_model_versions("name='alignflow-policy'")
-    assert version.tags["reward_model"] == "models:/alignflow-reward/1" and version.tags["reward_data_md5"]
+    assert version.tags["alignflow.reward_model"] == "models:/alignflow-reward/1" and version.tags["alignflow.reward_data_md5"]

@@ -26,7 +26,7 @@ def test_flan_t5_shaped_lora_run_registers_an_adapter_that_generates(demo_data, 
 
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     version = client.get_model_version("alignflow-policy", result.model_version)
-    assert version.tags["base_policy"] == str(policy)
+    assert version.tags["alignflow.base_policy"] == str(policy)
     # an encoder-decoder's decoder positions are all response positions: nothing to pack
     assert client.get_run(result.run_id).data.tags["alignflow.packed_sequences"] == "none"
     mlflow.set_tracking_uri(tracking_uri)

@@ -112,7 +112,7 @@ def test_scheduled_deployment_runs_on_the_worker_and_registers_a_champion(stack,
     assert run.info.status == "FINISHED"
     version = run.data.tags["alignflow.model_version"]
     champion = client.get_model_version_by_alias(MODEL, "champion")
-    assert str(champion.version) == version and champion.tags["gates_passed"] == "true"
+    assert str(champion.version) == version and champion.tags["alignflow.gates_passed"] == "true"
     assert "objective/scores" in run.data.metrics
 
 
@@ -240,7 +240,7 @@ def test_a_promotion_killed_holding_the_lock_blocks_the_next_for_the_stated_time
 
 
 # Tiny models rarely pass the demo's gates: both candidates must, so that both race for the alias.
-GATES_THAT_PASS = ["gates.min_reward_gain=-1000", "gates.significant_gain=false", "gates.min_win_rate=0", "gates.max_kl=1000000",
+GATES_THAT_PASS = ["gates.min_score_gain=-1000", "gates.significant_gain=false", "gates.min_win_rate=0", "gates.max_kl=1000000",
                    "gates.min_length_ratio=0", "gates.max_length_ratio=1000", "gates.min_distinct2=0", "gates.beats_champion=false"]
 
 
@@ -333,7 +333,7 @@ def test_prefect_yaml_deploys_the_nightly_and_weekly_schedules(stack, as_client)
     assert done.returncode == 0, done.stdout + done.stderr
     with get_client(sync_client=True) as client:
         deployment = client.read_deployment_by_name("alignflow-pipeline/nightly")
-        node = client.read_deployment_by_name("alignflow-ppo-node/gpu")
+        node = client.read_deployment_by_name("alignflow-train-node/gpu")
         reward = client.read_deployment_by_name("alignflow-reward/weekly")
     assert reward.entrypoint == "flows/reward_pipeline.py:reward_pipeline" and reward.work_pool_name == "alignflow-pool"
     assert reward.schedules[0].schedule.cron == "0 1 * * 1" and reward.parameters["config_path"] == "configs/reward.yaml"
@@ -341,14 +341,14 @@ def test_prefect_yaml_deploys_the_nightly_and_weekly_schedules(stack, as_client)
     assert deployment.schedules[0].schedule.cron == "0 3 * * *"
     assert deployment.parameters["config_path"] == "configs/demo.yaml"
     assert deployment.pull_steps[0]["prefect.deployments.steps.set_working_directory"]["directory"] == str(PROJECT_ROOT)
-    assert node.work_pool_name == "alignflow-gpu" and node.entrypoint == "flows/node.py:ppo_node"
+    assert node.work_pool_name == "alignflow-gpu" and node.entrypoint == "flows/node.py:train_node"
 
 
 def node_deployment(name: str, **job_variables) -> str:
     """flows/node.py deployed on the stack's process pool (standing in for the GPU pool), as prefect.yaml deploys it."""
-    from flows.node import NODE_FLOW, ppo_node
+    from flows.node import NODE_FLOW, train_node
 
-    ppo_node.from_source(source=str(PROJECT_ROOT), entrypoint="flows/node.py:ppo_node").deploy(
+    train_node.from_source(source=str(PROJECT_ROOT), entrypoint="flows/node.py:train_node").deploy(
         name=name, work_pool_name="alignflow-test-pool", job_variables=job_variables, build=False, push=False,
         print_next_steps=False)
     return f"{NODE_FLOW}/{name}"
@@ -366,10 +366,10 @@ def two_machine_overrides(tiny_lm_dir, tiny_reward_dir, tmp_path: Path, node: st
             f"launch.node_deployment={node}"]
 
 
-def test_a_two_machine_ppo_epoch_runs_machine_1_on_the_worker_and_logs_once(stack, as_client, tiny_lm_dir, tiny_reward_dir, tmp_path):
-    """launch.num_machines=2 on loopback: the pipeline's PPO-epoch task runs machine 0 (1 process) and submits machine 1
+def test_a_two_machine_training_segment_runs_machine_1_on_the_worker_and_logs_once(stack, as_client, tiny_lm_dir, tiny_reward_dir, tmp_path):
+    """launch.num_machines=2 on loopback: the pipeline's training task runs machine 0 (1 process) and submits machine 1
     (1 process) as a run of the node deployment, which the stack's worker executes; one 2-process run, logged once.
-    (The pipeline's epochs without its evaluation and registry, which have their own tests: this one stays short.)"""
+    (The pipeline's segments without its evaluation and registry, which have their own tests: this one stays short.)"""
     from prefect import flow
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
@@ -381,7 +381,7 @@ def test_a_two_machine_ppo_epoch_runs_machine_1_on_the_worker_and_logs_once(stac
     config = load_config(None, two_machine_overrides(tiny_lm_dir, tiny_reward_dir, tmp_path, node, "team-two-machines"))
 
     @flow
-    def ppo_epochs() -> tuple[str, int]:  # the pipeline's training steps, as flows/pipeline.py calls them
+    def train_segments() -> tuple[str, int]:  # the pipeline's training steps, as flows/pipeline.py calls them
         scorer = tasks.load_reward_model(config)
         policy, tokenizer = tasks.load_policy(config)
         trainer = tasks.build(config, policy, tokenizer, scorer)
@@ -391,7 +391,7 @@ def test_a_two_machine_ppo_epoch_runs_machine_1_on_the_worker_and_logs_once(stac
         stage.end_tracking(run_id, failed=False)
         return run_id, trainer.episodes
 
-    run_id, episodes = ppo_epochs()
+    run_id, episodes = train_segments()
     assert episodes == 16
     client = MlflowClient(as_client["MLFLOW_TRACKING_URI"], registry_uri=as_client["MLFLOW_TRACKING_URI"])
     for key in ("objective/scores", "loss/policy", "episodes"):
@@ -399,7 +399,7 @@ def test_a_two_machine_ppo_epoch_runs_machine_1_on_the_worker_and_logs_once(stac
     assert client.get_run(run_id).data.params["launch.num_machines"] == "2"
 
     with get_client(sync_client=True) as prefect:
-        runs = prefect.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=["alignflow-ppo-node"])))
+        runs = prefect.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=["alignflow-train-node"])))
     mine = [r for r in runs if r.parameters.get("checkpoint", "").startswith(str(tmp_path))]
     assert len(mine) == 1, [(r.name, r.state_name) for r in runs]
     [machine_1] = mine
@@ -410,12 +410,12 @@ def test_a_two_machine_ppo_epoch_runs_machine_1_on_the_worker_and_logs_once(stac
     assert not leftovers, f"launch processes still alive: {leftovers}"
 
 
-def test_a_machine_that_cannot_start_stops_the_epoch_naming_it(stack, as_client, tiny_lm_dir, tiny_reward_dir, tmp_path):
+def test_a_machine_that_cannot_start_stops_the_segment_naming_it(stack, as_client, tiny_lm_dir, tiny_reward_dir, tmp_path):
     """Machine 1's flow run crashes (its working directory does not exist on that machine): machine 0 stops waiting
-    at the rendezvous, and the epoch fails naming machine 1 and its flow run."""
+    at the rendezvous, and the segment fails naming machine 1 and its flow run."""
     from components.config import load_config
     from components.models.loading import load_policy, load_tokenizer
-    from components.reward.scorer import RewardScorer
+    from components.rl.reward import RewardScorer
     from flows.multinode import launch_iterations
     from prefect import flow
 

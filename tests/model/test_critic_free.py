@@ -44,7 +44,7 @@ def test_each_estimator_raises_the_score_without_a_critic(tiny_lm_dir, estimator
     assert before < 0.1 and after > 3 * before
     assert trainer.episodes == 20 * 32  # episodes are completions: k per prompt
     assert not VALUE_STATS & set(result.last)
-    assert ("group/frac_reward_zero_std" in result.last) == (group_size(estimator) > 1)
+    assert ("group/frac_score_zero_std" in result.last) == (group_size(estimator) > 1)
     assert ("loss/kl" in result.last) == (trainer.rl.kl_placement == "loss")
 
 
@@ -90,7 +90,7 @@ def test_groups_whose_scores_are_all_equal_teach_nothing(tiny_lm_dir):
                            update_epochs=1, mini_batch_size=16)
     before = [p.detach().clone() for p in trainer.policy.parameters()]
     stats = trainer.run_iteration(PROMPTS[:4])
-    assert stats["group/frac_reward_zero_std"] == 1.0 and stats["group/reward_std"] == 0.0
+    assert stats["group/frac_score_zero_std"] == 1.0 and stats["group/score_std"] == 0.0
     assert stats["loss/policy"] == 0.0
     assert all(torch.equal(a, b) for a, b in zip(before, trainer.policy.parameters()))
 
@@ -125,12 +125,12 @@ def test_the_kl_controllers_work_with_the_kl_in_the_loss(tiny_lm_dir):
     assert history[0]["objective/non_score_reward"] == 0.0 and history[1]["loss/kl"] > 0
 
 
-def test_episode_budget_and_target_reward_count_completions(tiny_lm_dir):
+def test_episode_budget_and_target_score_count_completions(tiny_lm_dir):
     trainer = make_trainer(tiny_lm_dir, "rloo", total_episodes=40, update_epochs=1)
     result = trainer.train(PROMPTS)  # 4 prompts x 4 samples = 16 episodes an iteration: 16, 32, 48 >= 40
     assert (result.stop_reason, result.iterations, result.episodes) == ("total_episodes", 3, 48)
-    trainer = make_trainer(tiny_lm_dir, "rloo", target_reward=-1.0, target_window=2, update_epochs=1)
-    assert trainer.train(PROMPTS, iterations=10).stop_reason == "target_reward"
+    trainer = make_trainer(tiny_lm_dir, "rloo", target_score=-1.0, target_window=2, update_epochs=1)
+    assert trainer.train(PROMPTS, iterations=10).stop_reason == "target_score"
 
 
 def test_a_non_finite_score_stops_a_critic_free_run_before_any_update(tiny_lm_dir):

@@ -7,11 +7,17 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from components.demo.bootstrap import BootstrapSettings, bootstrap, score_texts
+from components.demo.bootstrap import BootstrapSettings, bootstrap
 from components.demo.gold import is_well_formed
 
 pytestmark = pytest.mark.slow
 
+
+@torch.no_grad()
+def score_texts(model, tokenizer, texts: list[str]) -> list[float]:
+    """Reward-model scores as any caller of a hub model gets them: the tokenizer's own padding, no position_ids."""
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    return model(**batch).logits[:, 0].tolist()
 
 
 @pytest.fixture(scope="module")

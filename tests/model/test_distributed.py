@@ -17,11 +17,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from support import build_trainer_with, one_thread, word_share  # noqa: F401
 
-from components.config import PROJECT_ROOT, GenerationConfig, MemoryConfig, RLConfig, RewardConfig, load_config
+from components.config import PROJECT_ROOT, GenerationConfig, MemoryConfig, RLConfig, RewardConfig, load_config, to_document
 from components.models.loading import load_causal_lm, load_tokenizer, load_policy
 from components.rl import Trainer, distributed
 from components.rl.launcher import free_port
-from components.reward.scorer import RewardScorer
+from components.rl.reward import RewardScorer
 
 PROMPTS = ["the film was", "I loved the movie", "the plot is", "it was a", "the acting", "we hated it but", "the music", "this movie"]
 TIMING = ("perf/tokens_per_second", "time/rollout", "time/scoring", "time/update")
@@ -199,11 +199,11 @@ def test_fsdp_processes_take_the_same_steps_as_one_and_their_checkpoints_resume_
 
 
 @pytest.mark.parametrize("accelerate_config", [None, "infra/accelerate/fsdp.yaml"], ids=["ddp", "fsdp-config"])
-def test_the_accelerate_launcher_runs_an_epoch_whose_checkpoint_resumes_in_one_process(tiny_lm_dir, tiny_reward_dir, tmp_path, accelerate_config):
+def test_the_accelerate_launcher_runs_a_segment_whose_checkpoint_resumes_in_one_process(tiny_lm_dir, tiny_reward_dir, tmp_path, accelerate_config):
     config = load_config(None, [f"policy.model={tiny_lm_dir}", f"reward.model={tiny_reward_dir}", "rl.rollout_batch_size=8",
                                 "rl.mini_batch_size=4", "rl.gradient_accumulation_steps=2", "rl.update_epochs=1",
                                 "generation.max_new_tokens=6", "launch.num_processes=2"])
-    (tmp_path / "run.yaml").write_text(config.to_yaml())
+    (tmp_path / "run.json").write_text(to_document(config))  # the validated document the launcher hands on
     (tmp_path / "prompts.json").write_text(json.dumps(PROMPTS))
     checkpoint = tmp_path / "checkpoint"
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--main_process_port", str(free_port())]
@@ -211,7 +211,7 @@ def test_the_accelerate_launcher_runs_an_epoch_whose_checkpoint_resumes_in_one_p
         command += ["--config_file", str(PROJECT_ROOT / accelerate_config)]
     else:
         command += ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    command += ["-m", "components.rl.launch", "--config", str(tmp_path / "run.yaml"), "--prompts", str(tmp_path / "prompts.json"),
+    command += ["-m", "components.rl.launch", "--config", str(tmp_path / "run.json"), "--prompts", str(tmp_path / "prompts.json"),
                 "--checkpoint", str(checkpoint), "--iterations", "1", "--stats", str(tmp_path / "stats.json")]
     subprocess.run(command, check=True, cwd=PROJECT_ROOT, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     stats = json.loads((tmp_path / "stats.json").read_text())
@@ -242,10 +242,10 @@ def test_a_launch_in_mixed_precision_runs_as_memory_trained_precision_says_and_o
         config = load_config(None, [f"policy.model={tiny_lm_dir}", f"reward.model={tiny_reward_dir}", "rl.rollout_batch_size=8",
                                     "rl.mini_batch_size=4", "rl.gradient_accumulation_steps=2", "rl.update_epochs=1",
                                     "generation.max_new_tokens=6", "launch.num_processes=2", *overrides])
-        (tmp_path / f"{name}.yaml").write_text(config.to_yaml())
+        (tmp_path / f"{name}-run.json").write_text(to_document(config))
         command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--multi_gpu", "--num_machines", "1",
                    "--mixed_precision", "bf16", "--dynamo_backend", "no", "--main_process_port", str(free_port()), "-m", "components.rl.launch",
-                   "--config", str(tmp_path / f"{name}.yaml"), "--prompts", str(prompts), "--checkpoint", str(tmp_path / name),
+                   "--config", str(tmp_path / f"{name}-run.json"), "--prompts", str(prompts), "--checkpoint", str(tmp_path / name),
                    "--iterations", "1", "--stats", str(tmp_path / f"{name}.json")]
         return subprocess.run(command, cwd=PROJECT_ROOT, timeout=300, capture_output=True, text=True,
                               env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -270,7 +270,7 @@ def test_two_machines_on_loopback_form_one_run_whose_step_equals_one_process(tin
     config = load_config(None, [f"policy.model={tiny_lm_dir}", f"reward.model={tiny_reward_dir}", "rl.rollout_batch_size=8",
                                 "rl.mini_batch_size=4", "rl.gradient_accumulation_steps=2", "rl.update_epochs=1",
                                 "generation.max_new_tokens=6", "launch.num_processes=2", "launch.num_machines=2",
-                                "launch.main_process_ip=127.0.0.1", "launch.node_deployment=alignflow-ppo-node/test"])
+                                "launch.main_process_ip=127.0.0.1", "launch.node_deployment=alignflow-train-node/test"])
     meet = launcher.rendezvous(config.launch, PROJECT_ROOT)
     assert meet.main_process_ip == "127.0.0.1" and meet.num_machines == 2
     checkpoint = tmp_path / "checkpoint"
@@ -278,9 +278,9 @@ def test_two_machines_on_loopback_form_one_run_whose_step_equals_one_process(tin
     for rank in (1, 0):  # the other machine first, as the flow submits it before launching its own
         work = tmp_path / f"machine-{rank}"
         work.mkdir()
-        (work / "run.yaml").write_text(config.to_yaml())
+        (work / "run.json").write_text(to_document(config))
         (work / "prompts.json").write_text(json.dumps(PROMPTS))
-        command = launcher.accelerate_command(config.launch, meet, rank, config=work / "run.yaml", prompts=work / "prompts.json",
+        command = launcher.accelerate_command(config.launch, meet, rank, config=work / "run.json", prompts=work / "prompts.json",
                                               checkpoint=checkpoint, iterations=1, stats=work / "stats.json")
         with open(work / "output.txt", "w") as output:
             machines.append(subprocess.Popen(command, cwd=PROJECT_ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},

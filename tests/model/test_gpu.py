@@ -9,7 +9,7 @@ import torch
 
 from components.config import RunConfig, apply_overrides
 from components.models.loading import load_policy, load_reward_model, load_tokenizer
-from components.reward.scorer import RewardScorer
+from components.rl.reward import RewardScorer
 from components.rl import build_trainer
 from support import word_share
 

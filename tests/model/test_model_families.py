@@ -10,7 +10,7 @@ from support import POLICY_FAMILIES, REWARD_FAMILIES, SEQ2SEQ_FAMILIES, save_tin
 from support import one_thread, word_share  # noqa: F401
 from transformers import PreTrainedTokenizerFast
 
-from components.models import references
+from components.models import uris
 
 from components.tracking import registry, runs as tracking
 from components.config import GenerationConfig, RunConfig, TrackingConfig
@@ -18,8 +18,9 @@ from components.models.loading import load_policy, load_tokenizer
 from components.rl import PromptError
 from components.models.loading import fuse_gelu
 from components.rl.roles import AdapterDisabled
-from components.rl.rollout import response_logprobs, tokenize_prompts
-from components.reward.scorer import RewardScorer
+from components.rl.forward import response_logprobs
+from components.rl.tokenization import tokenize_prompts
+from components.rl.reward import RewardScorer
 
 PROMPTS = ["the film was", "I loved the movie", "the plot is", "it was a", "the acting", "we hated it but", "the music", "this movie"]
 LORA_TARGETS = {"gpt2": {"c_attn"}, "llama": {"q_proj", "v_proj"}, "qwen2": {"q_proj", "v_proj"}, "mistral": {"q_proj", "v_proj"},
@@ -164,7 +165,7 @@ def test_chat_template_renders_prompts_as_a_user_turn_and_its_absence_is_an_erro
 def test_each_reward_model_family_scores_in_batches_and_drives_ppo(policies, family, tmp_path):
     classifier = family not in ("llama", "qwen2")
     reward_dir = save_tiny_reward(tmp_path / family, family, num_labels=2 if classifier else 1)
-    settings = {"model": str(reward_dir), "max_length": 12, "batch_size": 3}
+    settings = {"model": str(reward_dir), "max_length": 12, "score_batch_size": 3}
     if classifier:
         settings.update(label="nothate", score="probability")
     cfg = run_config(policies["gpt2"], reward=settings)
@@ -216,7 +217,7 @@ def test_a_lora_policy_registers_and_generates_through_pyfunc(policies, store, t
     assert isinstance(text, str) and text.strip()
 
     # and it resolves to a folder the pipeline loads again (champion evaluation, or a new run's policy)
-    path = references.resolve_model_reference(f"models:/{family}-policy/{version.version}", cache_dir=tmp_path / "cache")
+    path = uris.resolve_model_uri(f"models:/{family}-policy/{version.version}", cache_dir=tmp_path / "cache")
     reloaded = load_policy(path)
     expected = reference_logprobs(trainer, trainer.policy)
     # A merged adapter computes x(W + BA) where the trained policy computes xW + (xA)B: equal up to float32 rounding,
@@ -249,7 +250,8 @@ def test_fused_gelu_is_the_same_function_in_one_kernel(tiny_lm_dir):
 def test_the_static_kv_cache_samples_what_the_dynamic_one_samples(policies, family):
     """generation.kv_cache: transformers' StaticCache (allocated once) and a DynamicCache give each family the same
     tokens (greedy, top_k 1) and the same log-probabilities to float rounding; an encoder-decoder keeps its own cache."""
-    from components.rl.rollout import eos_token_ids, kv_cache, pad_id, prompt_padding_side, sample
+    from components.rl.sampler import kv_cache, sample
+    from components.rl.tokenization import eos_token_ids, pad_id, prompt_padding_side
 
     policy, tokenizer = load_policy(str(policies[family])), tokenizer_of(policies[family])
     rollouts = []

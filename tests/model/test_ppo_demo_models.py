@@ -14,7 +14,7 @@ from components.config import load_config
 from components.demo.gold import is_gold_positive
 from components.models.loading import load_causal_lm, load_tokenizer
 from components.rl import build_trainer, generate
-from components.reward.scorer import RewardScorer
+from components.rl.reward import RewardScorer
 
 
 def evaluate(policy, tokenizer, scorer, prompts, generation):

@@ -196,16 +196,16 @@ def test_empty_prompt_batch_is_an_error(tiny_lm_dir):
         trainer.train([], iterations=1)
 
 
-def test_training_stops_at_the_episode_budget_or_the_target_reward(tiny_lm_dir):
+def test_training_stops_at_the_episode_budget_or_the_target_score(tiny_lm_dir):
     trainer = make_trainer(tiny_lm_dir, total_episodes=40, update_epochs=1)
     result = trainer.train(PROMPTS)  # 16 + 16 + 16 >= 40
     assert (result.stop_reason, result.iterations, result.episodes) == ("total_episodes", 3, 48)
     assert trainer.stop_reason == "total_episodes"
 
-    trainer = make_trainer(tiny_lm_dir, target_reward=-1.0, target_window=2, update_epochs=1)
+    trainer = make_trainer(tiny_lm_dir, target_score=-1.0, target_window=2, update_epochs=1)
     seen = []
     result = trainer.train(PROMPTS, iterations=10, callback=seen.append)
-    assert (result.stop_reason, result.iterations) == ("target_reward", 2)  # a full window is needed
+    assert (result.stop_reason, result.iterations) == ("target_score", 2)  # a full window is needed
     assert [s["iteration"] for s in seen] == [1.0, 2.0]
 
 

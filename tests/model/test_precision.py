@@ -8,10 +8,11 @@ import torch
 
 from components.config import ConfigError, RunConfig
 from components.models.loading import load_causal_lm, load_policy, load_reward_model, load_tokenizer
-from components.reward.scorer import RewardScorer
+from components.rl.reward import RewardScorer
 from components.rl import build_trainer
 from components.rl.core import logprobs_of
-from components.rl.rollout import sample, tokenize_prompts, eos_token_ids, pad_id
+from components.rl.sampler import sample
+from components.rl.tokenization import eos_token_ids, pad_id, tokenize_prompts
 from tests.support import word_share
 
 PROMPTS = ["the film was", "this movie is", "I loved the", "the plot was", "the acting is", "we hated the", "a very", "the music"]

@@ -23,25 +23,25 @@ from components.errors import UserError
 DEFAULT_CACHE = PROJECT_ROOT / "artifacts" / "registry"
 
 
-class ModelReferenceError(UserError):
-    """A `models:/...` reference that cannot be turned into a loadable directory."""
+class ModelURIError(UserError):
+    """A `models:/...` URI that cannot be turned into a loadable directory."""
 
 
 def _find(ref: str) -> ModelVersion:
     parsed = parse_registry_uri(ref)
     if parsed is None:
-        raise ModelReferenceError(f"{ref!r} is not a registry URI; use models:/NAME@ALIAS or models:/NAME/VERSION")
+        raise ModelURIError(f"{ref!r} is not a registry URI; use models:/NAME@ALIAS or models:/NAME/VERSION")
     name, alias, version = parsed
     client = MlflowClient()
     try:
         return client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
     except MlflowException as exc:
-        raise ModelReferenceError(f"cannot resolve {ref} in the registry at {mlflow.get_registry_uri()}: {exc.message}") from None
+        raise ModelURIError(f"cannot resolve {ref} in the registry at {mlflow.get_registry_uri()}: {exc.message}") from None
 
 
-def pin_model_reference(ref: str) -> str:
-    """`models:/NAME@ALIAS` as `models:/NAME/VERSION`, the version the alias points at now; any other reference
-    unchanged. What resolves a reference later (the other machines of a multi-machine launch) then loads the same
+def pin_model_uri(ref: str) -> str:
+    """`models:/NAME@ALIAS` as `models:/NAME/VERSION`, the version the alias points at now; any other model URI
+    (hub id, local path) unchanged. What resolves it later (the other machines of a multi-machine launch) then loads the same
     weights as this process even if the alias moves in between."""
     parsed = parse_registry_uri(ref) if ref.startswith("models:") else None
     if parsed is None or parsed[1] is None:
@@ -49,9 +49,9 @@ def pin_model_reference(ref: str) -> str:
     return f"models:/{parsed[0]}/{_find(ref).version}"
 
 
-def resolve_model_reference(ref: str, cache_dir: Path | None = None) -> str:
+def resolve_model_uri(ref: str, cache_dir: Path | None = None) -> str:
     """A directory `from_pretrained` loads (model and tokenizer) for `models:/NAME@ALIAS` or `models:/NAME/VERSION`;
-    any other reference (hub id, local path) is returned unchanged.
+    any other model URI (hub id, local path) is returned unchanged.
 
     The transformers flavour stores weights in `model/` and the tokenizer in `components/tokenizer/`; the download
     is assembled into one folder, cached per registry and version under `cache_dir` (default `artifacts/registry/`)."""
@@ -93,7 +93,7 @@ def _assemble_policy_dir(downloaded: Path, ref: str) -> Path:
     if flavor is None and (downloaded / "artifacts" / "policy").is_dir():  # a Seq2SeqGenerator pyfunc
         return downloaded / "artifacts" / "policy"
     if flavor is None:
-        raise ModelReferenceError(f"{ref} is not a model logged by alignflow (no transformers flavour or policy artifact)")
+        raise ModelURIError(f"{ref} is not a model logged by alignflow (no transformers flavour or policy artifact)")
     if flavor.get("peft_adaptor"):
         model_dir = downloaded / flavor["peft_adaptor"]
         config_path = model_dir / "adapter_config.json"
@@ -103,7 +103,7 @@ def _assemble_policy_dir(downloaded: Path, ref: str) -> Path:
     else:
         model_dir = downloaded / flavor.get("model_binary", "model")
     if not (model_dir / "config.json").is_file() and adapter_base(model_dir) is None:
-        raise ModelReferenceError(
+        raise ModelURIError(
             f"{ref} holds no model weights (logged with save_pretrained=False?); "
             f"its source model is {flavor.get('source_model_name')!r}"
         )

@@ -25,7 +25,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from components.config import RewardConfig
 from components.data.dialogue import render_transcript
 from components.errors import UserError
-from components.models.loading import fuse_gelu
+from components.models.loading import fuse_gelu, load_reward_model, load_tokenizer
 
 
 class RewardLabelError(UserError, ValueError):
@@ -135,13 +135,11 @@ class RewardScorer:
     ) -> "RewardScorer":
         """Load `reward.model` (a local path or hub id) in `dtype` (memory.frozen_dtype) unless the model/tokenizer
         are given."""
-        from components.models.loading import load_reward_model, load_tokenizer
-
         model = model if model is not None else load_reward_model(reward.model, reward.revision, allow_pickle=reward.allow_pickle,
                                                                   dtype=dtype)
         if tokenizer is None:
             tokenizer = load_tokenizer(reward.model, reward.revision, padding_side="right")
-        return cls(model, tokenizer, reward.label, reward.score, reward.max_length, reward.batch_size, reward.text,
+        return cls(model, tokenizer, reward.label, reward.score, reward.max_length, reward.score_batch_size, reward.text,
                    reward.append_eos, reward.conversation_format)
 
     def text_of(self, prompt, completion: str) -> tuple[str, bool]:
