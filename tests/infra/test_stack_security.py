@@ -234,8 +234,9 @@ def test_a_credential_in_the_tracking_uri_stays_out_of_every_record(stack, as_cl
         events = prefect._client.post("/events/filter", json={
             "filter": {"any_resource": {"id_prefix": [f"prefect.flow-run.{flow_run_id}"]}}, "limit": 50})
     assert events.status_code == 200 and events.json()["events"], events.text[:500]
-    overrides = flow_run.parameters["overrides"]
-    assert f"tracking.tracking_uri={as_client['MLFLOW_TRACKING_URI']}" in overrides  # it went, without credentials
+    handed = flow_run.parameters["validated"]  # the command's validated configuration, as Prefect recorded it
+    assert flow_run.parameters["overrides"] is None  # parsed once, by the command
+    assert handed["tracking"]["tracking_uri"] == as_client["MLFLOW_TRACKING_URI"]  # it went, without credentials
     assert len(logs) > 5 and any("iteration" in log.message for log in logs)
     prefect_records = json.dumps([flow_run.model_dump(mode="json"), [log.message for log in logs], events.json()])
     for where, text in (("MLflow", mlflow_records), ("Prefect", prefect_records)):
