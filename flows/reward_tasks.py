@@ -25,6 +25,7 @@ from components.evaluation.policy import load_gold_scorer
 from components.faults import crash_point
 from components.evaluation.gates import GateReport
 from components.models.safety import check_model_files
+from components.models.lengths import check_lengths
 from components.models.loading import load_reward_model, load_tokenizer, locate
 from components.data.preferences import PairReport, PreferencePair, drop_too_long, load_pairs, split_pairs
 from components.reward.evaluation import (
@@ -74,11 +75,14 @@ class RewardResult(stage.Result):
 
 def resolve(config: RewardRunConfig) -> RewardRunConfig:
     """The reward stage's part of stage.check_inputs: the base model found (a registry URI pinned to its version and
-    downloaded) and safe to load. Returns the configuration with `model.base` as this machine loads it."""
+    downloaded), safe to load, and with positions for `model.max_length` tokens (lengths.check_lengths). Returns the
+    configuration with `model.base` as this machine loads it."""
     tracking.use_tracking(config.tracking)
     base = locate("model.base", config.model.base, config.model.revision)
     check_model_files(Path(base) if Path(base).is_absolute() else PROJECT_ROOT / base, "model.base", config.model.allow_pickle)
-    return config.model_copy(update={"model": config.model.model_copy(update={"base": base})})
+    resolved = config.model_copy(update={"model": config.model.model_copy(update={"base": base})})
+    check_lengths(resolved)
+    return resolved
 
 
 @task(cache_policy=NONE)

@@ -36,6 +36,7 @@ from components.errors import retryable
 from components.evaluation.policy import PolicyEval, compare, comparison_table, evaluate_policy
 from components.faults import crash_point
 from components.evaluation.gates import GateReport, check_gates
+from components.models.lengths import check_lengths
 from components.models.memory_plan import GIB, check_fits
 from components.models.loading import (
     load_policy as load_policy_model, load_tokenizer, tokenizer_fingerprint, with_models,
@@ -127,9 +128,11 @@ def pinned_models(original: RunConfig, pinned: RunConfig) -> dict[str, str]:
 
 def resolve(config: RunConfig) -> RunConfig:
     """The policy's part of stage.check_inputs: every model URI found (local, registry or hub; registry URIs
-    downloaded) and safe to load, and the memory plan saying the run fits its device (memory_plan.check_fits).
-    Returns the configuration with the model URIs as this machine loads them."""
+    downloaded) and safe to load, no model fed more tokens than it has positions (lengths.check_lengths), and the
+    memory plan saying the run fits its device (memory_plan.check_fits). Returns the configuration with the model URIs
+    as this machine loads them."""
     resolved = run_build.locate_models(config)  # no pickle-only checkpoint, no model's own code (components/models/safety.py)
+    check_lengths(resolved)  # from the config files, as the plan's sizes
     plan = check_fits(resolved)  # sizes from the config files; nothing loaded yet
     get_run_logger().info("memory plan: peak %.2f GiB per %s device, %s available", plan.peak_bytes / GIB, plan.device,
                           "?" if plan.device_bytes is None else f"{plan.device_bytes / GIB:.2f} GiB")

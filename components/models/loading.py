@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -265,22 +266,33 @@ def with_lora(policy: PreTrainedModel, lora, task_type: str | None = None) -> to
     return get_peft_model(policy, config).eval()
 
 
+def critic_source(critic, reward, policy_tokenizer: Callable[[], PreTrainedTokenizerBase]) -> tuple[str, str | None, str, bool] | None:
+    """Where a separate critic starts, as (model URI, revision, its key, allow_pickle): `critic.model`, else the reward
+    model when its tokenizer has the policy's vocabulary (`policy_tokenizer()`'s, asked only then); None: a copy of
+    the policy's backbone."""
+    if critic.model is not None:
+        return critic.model, None, "critic.model", critic.allow_pickle
+    if reward.model.startswith("models:"):
+        return None
+    try:
+        reward_tokenizer = AutoTokenizer.from_pretrained(reward.model, revision=reward.revision, trust_remote_code=False)
+        if reward_tokenizer.get_vocab() != policy_tokenizer().get_vocab():
+            return None
+    except OSError:
+        return None
+    return reward.model, reward.revision, "reward.model", reward.allow_pickle
+
+
 def load_critic(critic, reward, tokenizer: PreTrainedTokenizerBase) -> torch.nn.Module | None:
     """The separate critic's initial model (`critic.model`, its URI resolved to a local path or hub id), else the
     reward model when it shares the policy's vocabulary; None: the trainer copies the policy's backbone. A reward
     model is loaded with its scoring head (refused, naming the key, if its weights lack one), which starts the value
     head."""
 
-    source, revision, key, allow_pickle = critic.model, None, "critic.model", critic.allow_pickle
-    if source is None and not reward.model.startswith("models:"):
-        try:
-            reward_tokenizer = AutoTokenizer.from_pretrained(reward.model, revision=reward.revision, trust_remote_code=False)
-            if reward_tokenizer.get_vocab() == tokenizer.get_vocab():
-                source, revision, key, allow_pickle = reward.model, reward.revision, "reward.model", reward.allow_pickle
-        except OSError:
-            pass
-    if source is None:
+    started = critic_source(critic, reward, lambda: tokenizer)
+    if started is None:
         return None
+    source, revision, key, allow_pickle = started
     if source.startswith("models:"):
         raise ConfigError(f"critic.model={source!r}: resolve registry URIs to a local path first")
     config = loading(source, key, allow_pickle, lambda **safe: AutoConfig.from_pretrained(

@@ -25,6 +25,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from components.config import RewardConfig
 from components.data.dialogue import render_transcript
 from components.errors import UserError
+from components.models.lengths import positions
 from components.models.loading import fuse_gelu, load_reward_model, load_tokenizer
 
 
@@ -56,14 +57,12 @@ def resolve_label(model_config, label: str | int | None) -> int:
 
 
 def input_limit(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> int:
-    """The most tokens the reward model reads: its tokenizer's model_max_length and its position table
-    (RoBERTa-style models start positions after the padding index)."""
+    """The most tokens the reward model reads: its tokenizer's model_max_length and its positions
+    (lengths.positions: RoBERTa-style models start positions after the padding index)."""
     limits = [int(tokenizer.model_max_length)] if tokenizer.model_max_length < 1_000_000 else []
-    positions = getattr(model.config, "max_position_embeddings", None)
-    if positions:
-        if "roberta" in model.config.model_type or model.config.model_type == "camembert":
-            positions -= (model.config.pad_token_id or 0) + 1
-        limits.append(int(positions))
+    table = positions(model.config)
+    if table is not None:
+        limits.append(table)
     return min(limits) if limits else 1_000_000
 
 

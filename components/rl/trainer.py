@@ -63,6 +63,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from components.config import ConfigError, CriticConfig, GenerationConfig, LoraConfig, MemoryConfig, RewardConfig, RLConfig
+from components.models.lengths import positions as positions_of
 from components.models.loading import fuse_gelu, hidden_size, load_critic, with_lora
 from components.rl import distributed, state
 from components.rl.core import estimate_advantages, explained_variance, group_stats, masked_mean
@@ -327,7 +328,7 @@ class Trainer:
 
 
 def _check_lengths(policy: PreTrainedModel, generation: GenerationConfig, encoder_decoder: bool) -> None:
-    positions = getattr(policy.config, "max_position_embeddings", None)
+    positions = positions_of(policy.config)  # the pipeline checked these before loading (lengths.check_lengths)
     if positions and encoder_decoder:  # the encoder reads the prompt, the decoder writes the response
         if max(generation.max_prompt_tokens, generation.max_new_tokens + 1) > positions:
             raise ConfigError(

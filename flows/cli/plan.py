@@ -24,11 +24,13 @@ def plan(
     activations, KV cache) for the configured models (sizes from their config files: no weights are loaded), whether
     it fits the device, and what would make it fit. Exit code 1 when it does not fit."""
     from components.models.memory_plan import GIB, check_sizes, plan_run
+    from components.models.lengths import check_lengths
     from components.models.loading import resolved_models
 
     run_config = resolved(config, set_)
     check_sizes(run_config, device_gb, "--device-gb")  # before any model is located or sized
     run_config = resolved_models(run_config)
+    check_lengths(run_config)  # a run its own input check would refuse: exit code 2, as `alignflow run` would
     result = plan_run(run_config, None if device_gb is None else int(device_gb * GIB))
     if as_json:
         console.print_json(json.dumps(result.as_dict()))

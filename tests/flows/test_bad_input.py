@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 from prefect import task
-from support import alignflow
+from support import alignflow, save_tiny_lm, save_tiny_reward_model
 
 from components.errors import UserError, retryable
 from components.faults import CRASH_ENV
@@ -358,3 +358,68 @@ def test_a_gold_scorer_outside_the_project_is_refused_exit_2_by_set_config_file_
     config.write_text("evaluation:\n  gold_scorer: os:system\n")
     done = alignflow(["config", "show", "--config", str(config)], env=env)
     assert done.returncode == 2 and f"invalid configuration ({config})" in done.stderr and expected in done.stderr
+
+
+# --- lengths beyond a model's positions (issue 26): refused by each stage's input check, before anything is recorded -
+
+HH_PAIRS = ["--set", "data.source=tests/fixtures/hh-rlhf", "--set", "data.data_dir=harmless-base", "--set",
+            "data.split=test", "--set", "data.format=implicit", "--set", "data.check_dvc=false"]
+HH_EXAMPLE = ["--config", "configs/examples/hh-rlhf-preference.yaml"]  # 96 prompt + 24 new tokens, reward.max_length 128
+
+
+def no_run_left(tracking_uri: str, checkpoints: Path) -> None:
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    experiments = [experiment.experiment_id for experiment in client.search_experiments()]
+    assert not experiments or not client.search_runs(experiments), "a run was recorded"
+    assert not checkpoints.exists() or not list(checkpoints.iterdir()), "a checkpoint was left"
+
+
+def cli_env(tmp_path: Path) -> dict[str, str]:
+    from prefect.settings import PREFECT_API_URL
+
+    return {"ALIGNFLOW_LOG_DIR": str(tmp_path / "logs"), "PREFECT_API_URL": PREFECT_API_URL.value()}
+
+
+def test_a_reward_stage_max_length_beyond_the_base_models_positions_is_refused_before_a_run_is_recorded(
+        tracking_uri, tmp_path):
+    # The issue's run: --set model.max_length=512 on a 128-position model crashed 35 s in with a raw IndexError and left
+    # a FAILED run behind.
+    base = save_tiny_lm(tmp_path / "base-32-positions", n_positions=32)
+    store = ["--set", f"tracking.tracking_uri={tracking_uri}", "--set", f"checkpoint.dir={tmp_path / 'checkpoints'}"]
+    done = alignflow(["reward", "run", *HH_PAIRS, *store, "--set", f"model.base={base}", "--set", "model.max_length=512"],
+                     env=cli_env(tmp_path))
+    one_line_error(done, f"error: model.max_length=512: more tokens than the 32 positions of the base model "
+                         f"(model.base: {base})")
+    no_run_left(tracking_uri, tmp_path / "checkpoints")
+
+
+@pytest.mark.parametrize("short, expected", [
+    ("policy", "error: generation.max_prompt_tokens + generation.max_new_tokens = 96 + 24 = 120: more tokens than the "
+               "64 positions of the policy (policy.model: {model})"),
+    ("reward", "error: reward.max_length=128: more tokens than the 64 positions of the reward model "
+               "(reward.model: {model})"),
+])
+def test_a_policy_run_feeding_a_model_beyond_its_positions_is_refused_naming_the_key_and_the_limit(
+        tiny_lm_dir, tiny_reward_dir, tracking_uri, tmp_path, short, expected):
+    model = (save_tiny_lm if short == "policy" else save_tiny_reward_model)(tmp_path / f"{short}-64", n_positions=64)
+    models = {"policy": tiny_lm_dir, "reward": tiny_reward_dir, short: model}
+    done = alignflow(["run", *HH_EXAMPLE, "--set", f"policy.model={models['policy']}", "--set",
+                      f"reward.model={models['reward']}", "--set", f"tracking.tracking_uri={tracking_uri}", "--set",
+                      f"checkpoint.dir={tmp_path / 'checkpoints'}"], env=cli_env(tmp_path))
+    one_line_error(done, expected.format(model=model))
+    no_run_left(tracking_uri, tmp_path / "checkpoints")
+
+
+def test_a_hub_policy_is_held_to_its_positions_from_its_config_alone(tiny_reward_dir, tmp_path):
+    # Only config.json is in the hub cache: no weights, no tokenizer; `alignflow plan` refuses what `run` would.
+    snapshot = tmp_path / "hub" / "models--alignflow-tests--gpt2-32-positions" / "snapshots" / ("0" * 40)
+    save_tiny_lm(tmp_path / "saved", n_positions=32)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text((tmp_path / "saved" / "config.json").read_text())
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
+    done = alignflow(["plan", "--set", "policy.model=alignflow-tests/gpt2-32-positions", "--set",
+                      f"reward.model={tiny_reward_dir}", "--set", "critic.type=shared"],
+                     env={"ALIGNFLOW_LOG_DIR": str(tmp_path / "logs"), "HF_HUB_CACHE": str(tmp_path / "hub")})
+    one_line_error(done, "error: generation.max_prompt_tokens + generation.max_new_tokens = 16 + 24 = 40: more tokens "
+                         "than the 32 positions of the policy (policy.model: alignflow-tests/gpt2-32-positions)")
