@@ -3,6 +3,8 @@ pipeline uses them, and real processes (the CLI in a forked child that can be SI
 
 from __future__ import annotations
 
+import gzip
+import json
 import multiprocessing
 import os
 import shutil
@@ -11,6 +13,7 @@ import sys
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
@@ -19,6 +22,7 @@ from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadMo
 from components.tracking import registry, runs as tracking
 from components.demo.bootstrap import gpt2_config as demo_gpt2_config
 from components.config import TrackingConfig
+from components.data.dialogue import DialogueError, prompt_of_pair
 
 
 # --- tiny models, built from configs and saved locally, so tests never touch a hub ------------------------------
@@ -55,6 +59,20 @@ def save_tiny_lm(path: Path, seed: int = 0, **overrides) -> Path:
     tokenizer = word_tokenizer()
     model = GPT2LMHeadModel(gpt2_config(tokenizer, **overrides))
     model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return Path(path)
+
+
+def save_tiny_lm_with_dropout(path: Path, seed: int = 0) -> Path:
+    """A tiny GPT-2 language model with GPT-2's own dropout (0.1 on embeddings, attention and residuals), as a hub
+    model has it: the reward stage trains its body with a new one-output head."""
+    torch.manual_seed(seed)
+    tokenizer = word_tokenizer()
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=32, n_layer=2, n_head=2,
+                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id)
+    assert (config.resid_pdrop, config.embd_pdrop, config.attn_pdrop) == (0.1, 0.1, 0.1)
+    GPT2LMHeadModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return Path(path)
 
@@ -198,6 +216,42 @@ def save_tiny_reward(path: Path, family: str, num_labels: int = 1, seed: int = 1
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return Path(path)
+
+
+# --- preference pairs in each file form ---------------------------------------------------------------------
+
+HH_RLHF = Path(__file__).parent / "fixtures" / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
+SHORT_ANSWERS = {2: ("NA", "None"), 5: ("0", "null"), 9: ("nan", "007")}  # by row: texts CSV readers take for missing or numbers
+
+
+def hh_rlhf_pair_rows() -> list[dict]:
+    """The hh-rlhf fixture's good pairs as prompt / chosen / rejected / margin rows, as a user exports them: margins
+    whole numbers and fractions, and in three rows short answers a CSV reader's defaults take for missing or numbers."""
+    rows = []
+    for number, line in enumerate(gzip.open(HH_RLHF, "rt")):
+        row = json.loads(line)
+        try:
+            prompt, chosen, rejected = prompt_of_pair(row["chosen"], row["rejected"])
+        except DialogueError:
+            continue
+        if chosen.strip() and rejected.strip() and chosen != rejected:
+            chosen, rejected = SHORT_ANSWERS.get(number, (chosen, rejected))
+            rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "margin": [1, 0.5, 2, 1.5][number % 4]})
+    return rows
+
+
+def write_in_each_form(rows: list[dict], directory: Path) -> dict[str, Path]:
+    """The same rows, in the same order, as a JSONL, a CSV and a Parquet file, and a directory of two JSONL shards."""
+    jsonl = lambda part: "".join(json.dumps(row) + "\n" for row in part)  # noqa: E731
+    (directory / "pairs.jsonl").write_text(jsonl(rows))
+    pd.DataFrame(rows).to_csv(directory / "pairs.csv", index=False)
+    pd.DataFrame(rows).to_parquet(directory / "pairs.parquet")
+    (directory / "pairs").mkdir()
+    half = len(rows) // 2
+    (directory / "pairs" / "train-00000-of-00002.jsonl").write_text(jsonl(rows[:half]))
+    (directory / "pairs" / "train-00001-of-00002.jsonl").write_text(jsonl(rows[half:]))
+    return {"jsonl": directory / "pairs.jsonl", "csv": directory / "pairs.csv", "parquet": directory / "pairs.parquet",
+            "directory": directory / "pairs"}
 
 
 # --- the PPO tests: one thread, a word-share reward -----------------------------------------------

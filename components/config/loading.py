@@ -71,6 +71,8 @@ RENAMED_KEYS: dict[str, str] = {
     "policy.value_head": "critic.type",
     "policy.critic_model": "critic.model",
     "gates.beat_champion": "gates.beats_champion",
+    # the reward stage's champion switch, under the policy stage's name; its rule is now strict (a tie keeps the champion)
+    "gates.not_worse_than_champion": "gates.beats_champion",
     # the reward model's score is not the reward (the score minus the KL penalty): README, Glossary
     "rl.target_reward": "rl.target_score",
     "gates.min_reward_gain": "gates.min_score_gain",

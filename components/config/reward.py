@@ -95,6 +95,10 @@ class RewardTrainingConfig(Section):
         None, ge=0, description="Weight of mean(r^2) in the loss, keeping scores near 0 (Eisenstein et al. 2023; TRL's)."
     )
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this; null: no clipping.")
+    disable_dropout: bool = Field(
+        True, description="Train with every dropout of the model at 0, as TRL's reward trainer does, so a "
+        "score in training is the score evaluation gives; false: the base model's dropout, its masks drawn from the seed."
+    )
 
 
 class RewardEvaluationConfig(Section):
@@ -121,8 +125,9 @@ class RewardGatesConfig(Section):
 
     min_accuracy: float = Field(0.6, ge=0, le=1, description="Held-out pairwise accuracy must be at least this.")
     significant: bool = Field(True, description="The accuracy's bootstrap 95% CI must lie above 0.5 (its lower bound > 0.5).")
-    not_worse_than_champion: bool = Field(
-        True, description="When a reward-model champion exists, accuracy on the same pairs must be at least the champion's."
+    beats_champion: bool = Field(
+        True, description="When a reward-model champion exists, held-out accuracy on the same pairs must be strictly "
+        "above the champion's: a tie keeps the champion (as the policy stage's gates.beats_champion)."
     )
 
 
@@ -143,7 +148,7 @@ class RewardRunConfig(Section):
     """One run of the reward-model stage: preference pairs in, a gated, registered reward model out."""
 
     name: str = Field("alignflow-reward", description="The MLflow run's name.")
-    seed: int = Field(0, description="Seeds the held-out split, the model's new head and the order of pairs.")
+    seed: int = Field(0, description="Seeds the held-out split, the model's new head, the order of pairs and dropout's masks.")
     data: PreferenceDataConfig = Field(default_factory=PreferenceDataConfig)
     model: RewardModelConfig = Field(default_factory=RewardModelConfig)
     training: RewardTrainingConfig = Field(default_factory=RewardTrainingConfig)

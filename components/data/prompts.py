@@ -176,7 +176,8 @@ def _check_jsonl(path: Path) -> None:
             raise DataError(f"{path}:{number}: each line must be a JSON object, got {type(row).__name__}")
 
 
-def _check_csv(path: Path) -> None:
+def _check_csv(path: Path) -> list[str]:
+    """The file's header, once every row is checked against it."""
     reader = csv.reader(io.StringIO("\n".join(_text_lines(path)), newline=""))
     try:
         header = next(reader, None)
@@ -187,6 +188,18 @@ def _check_csv(path: Path) -> None:
                 raise DataError(f"{path}:{reader.line_num}: {len(row)} fields where the header has {len(header)}")
     except csv.Error as exc:
         raise DataError(f"{path}:{reader.line_num}: cannot parse CSV ({exc})") from None
+    return [name.lstrip("\ufeff") if column == 0 else name for column, name in enumerate(header)]
+
+
+def _csv_as_text(header: list[str]) -> dict[str, Any]:
+    """`datasets`' CSV settings that read every field as the text it is, and an empty one as missing (CSV cannot tell
+    an empty text from none), so the rows read as the same rows in JSONL or Parquet do. By default pandas reads
+    "NA", "null", "None", "nan" and a few more as missing and "007" as the number 7, guessing each column's type
+    chunk by chunk."""
+    import datasets
+
+    return {"features": datasets.Features({name: datasets.Value("string") for name in header}),
+            "keep_default_na": False, "na_values": [""]}
 
 
 def data_files(source: Path, split: str, data_dir: str | None = None) -> list[Path]:
@@ -245,15 +258,16 @@ def load_rows(data: DataConfig, root: Path = Path(".")):
                         "(or data.data_dir) at the files of that configuration")
     if local is not None:
         files = data_files(local, data.split, data.data_dir)
+        settings: dict[str, Any] = {}
         for path in files:
             builder = kind_of(path)[0]
             if builder == "json":
                 _check_jsonl(path)
             elif builder == "csv":
-                _check_csv(path)
+                settings = _csv_as_text(_check_csv(path))
         builder = kind_of(files[0])[0]
         try:
-            return datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train"), files
+            return datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train", **settings), files
         except Exception as exc:  # datasets wraps parser errors; keep the file name in front
             raise DataError(f"{local}: cannot read as {builder}: {type(exc).__name__}: {exc}") from None
     try:

@@ -156,6 +156,10 @@ def check_reward_gates(evaluation: RewardEval, gates: RewardGatesConfig, champio
     """Every reward-model promotion gate as a row, in the policy gates' report form (its `kl` is NaN: no policy).
 
     `champion` is the current champion reward model evaluated on the same held-out pairs (same `n`, else ValueError).
+    Its rule (`gates.beats_champion`) asks for evidence that the candidate is better: held-out accuracy strictly above
+    the champion's on the same pairs, so a tie keeps the champion (as the policy stage's `beats_champion` and the
+    registry's compare-and-set). The row holds the candidate's accuracy and the champion's own, never a difference;
+    the notes give both models' mean margin and calibration error beside them.
     """
     accuracy, ci_low = evaluation.accuracy, evaluation.accuracy_ci[0]
     rows = [Gate("accuracy", accuracy, gates.min_accuracy, accuracy >= gates.min_accuracy, ">=", "min_accuracy")]
@@ -163,18 +167,26 @@ def check_reward_gates(evaluation: RewardEval, gates: RewardGatesConfig, champio
         rows.append(Gate("accuracy_ci_low", ci_low, 0.5, ci_low > 0.5, ">", "chance"))
     notes: list[str] = []
     if champion is None:
-        notes.append("no champion yet: accuracy_vs_champion not checked")
+        notes.append("no champion yet: beats_champion not checked")
     else:
         if champion.n != evaluation.n:
             raise ValueError(f"the champion was evaluated on {champion.n} pairs, the candidate on {evaluation.n}: "
                              "evaluate both on the same held-out pairs")
-        notes.append(f"champion accuracy {champion.accuracy:.4g} on the same {champion.n} pairs")
-        if gates.not_worse_than_champion:
-            gain = accuracy - champion.accuracy
-            rows.append(Gate("accuracy_vs_champion", gain, 0.0, gain >= 0.0, ">=", "champion"))
+        notes.append(f"the champion on the same {champion.n} pairs: {_figures(champion)} (the candidate: "
+                     f"{_figures(evaluation)})")
+        if gates.beats_champion:
+            rows.append(Gate("beats_champion", accuracy, champion.accuracy, accuracy > champion.accuracy, ">",
+                             "champion accuracy"))
+            if accuracy == champion.accuracy:
+                notes.append("accuracy tied with the champion's: a tie keeps the champion (gates.beats_champion)")
         else:
-            notes.append("gates.not_worse_than_champion is off: accuracy_vs_champion not checked")
+            notes.append("gates.beats_champion is off: beats_champion not checked")
     return GateReport(gates=tuple(rows), champion_score=None if champion is None else champion.accuracy, notes=tuple(notes))
+
+
+def _figures(evaluation: RewardEval) -> str:
+    return (f"accuracy {evaluation.accuracy:.4g}, mean margin {evaluation.mean_margin:.4g}, calibration error "
+            f"{evaluation.calibration_error:.4g}")
 
 
 # --- helpers ----------------------------------------------------------------------------------

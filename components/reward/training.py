@@ -13,6 +13,12 @@ Each step takes the next `batch_size` pairs of the epoch's order, a permutation 
 state, the optimizer's, the schedule's and the history are in every checkpoint: a run resumed from a checkpoint
 takes the same steps as one that never stopped. A non-finite loss or gradient stops training before its optimizer step (`TrainingError`).
 
+Dropout is off in training (`training.disable_dropout`, TRL's default too): every dropout module at p = 0 and the rates
+attention layers keep as numbers (Llama's `attention_dropout`) at 0. Kept on, its masks come from torch's global
+generator, which training takes from a state of its own, seeded from the run's seed and kept in every checkpoint;
+nothing else of the process's draws reaches it. The same configuration and pairs therefore give the same steps, bit
+for bit, on the same CPU with the same number of torch threads.
+
 The demo kit's bootstrap trains the demo's reward model with this same trainer (components/demo/bootstrap.py).
 
 Statistics of an optimizer step (to `train`'s callback; the flow logs them by `pairs`):
@@ -97,7 +103,8 @@ def pad_right(pad_id: int) -> Collate:
 
 def load_base(model: RewardModelConfig, seed: int, allow_pickle: bool | None = None):
     """(the reward model to train, its tokenizer): `model.base` with one output; a base without a trained scoring
-    head gets one initialised with `seed`. `model.base` must be a local path or hub id (registry URIs resolved)."""
+    head gets one initialised with `seed`, as do LoRA's adapters. `model.base` must be a local path or hub id
+    (registry URIs resolved)."""
 
     tokenizer = load_tokenizer(model.base, model.revision, padding_side="right")
     with torch.random.fork_rng(devices=[]):
@@ -105,10 +112,25 @@ def load_base(model: RewardModelConfig, seed: int, allow_pickle: bool | None = N
         network = loading(model.base, "model.base", model.allow_pickle if allow_pickle is None else allow_pickle,
                           lambda **safe: AutoModelForSequenceClassification.from_pretrained(
                               model.base, revision=model.revision, num_labels=1, dtype=torch.float32, **safe))
-    network.config.pad_token_id = tokenizer.pad_token_id
-    if model.lora.enabled:
-        network = with_lora(network, model.lora, task_type="SEQ_CLS")
+        network.config.pad_token_id = tokenizer.pad_token_id
+        if model.lora.enabled:  # its A matrices are drawn from torch's global generator, the seeded one here
+            network = with_lora(network, model.lora, task_type="SEQ_CLS")
     return network, tokenizer
+
+
+DROPOUT_MODULES = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d, torch.nn.AlphaDropout,
+                   torch.nn.FeatureAlphaDropout)
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Every dropout of `model` at 0, in place: its dropout modules' p, and the float rates layers keep by name
+    (`attention_dropout`, `dropout`, `layerdrop`); the model's config, which is what it is saved with, is left as it is."""
+    for module in model.modules():
+        if isinstance(module, DROPOUT_MODULES):
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if isinstance(value, float) and ("dropout" in name or name == "layerdrop"):
+                setattr(module, name, 0.0)
 
 
 def lr_factor(step: int, steps: int, training: RewardTrainingConfig) -> float:
@@ -138,12 +160,16 @@ class RewardTrainer:
         if len(pairs) == 0:
             raise ValueError("no training pairs")
         self.model, self.pairs, self.training = model, pairs, training
+        if training.disable_dropout:
+            disable_dropout(model)
         self.collate = collate or pad_right(pad_id)
         self.steps = total_steps(training, len(pairs))
         self.parameters = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.parameters, lr=training.learning_rate, weight_decay=training.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(step, self.steps, training))
         self.generator = torch.Generator().manual_seed(seed + 1)
+        # torch's global generator as training finds it: dropout's masks (and any other global draw of the model's)
+        self.global_rng = torch.Generator().manual_seed(seed + 2).get_state()
         self.seed = seed
         self._orders: dict[int, list[int]] = {}
         self.step = 0
@@ -156,11 +182,19 @@ class RewardTrainer:
     def train(self, until: int | None = None, callback: Callable[[dict[str, float]], None] | None = None) -> list[dict[str, float]]:
         """Optimizer steps up to `until` (default: the end); returns their statistics (also in `history`)."""
         until = self.steps if until is None else min(until, self.steps)
+        self.model.train()
+        done = []
+        with torch.random.fork_rng(devices=[]):
+            torch.set_rng_state(self.global_rng)
+            self._steps(until, callback, done)
+        self.model.eval()
+        return done
+
+    def _steps(self, until: int, callback, done: list[dict[str, float]]) -> None:
+        """`train`'s loop, run with torch's global generator at `global_rng`, which it keeps up to date."""
         batch_size, center = self.training.batch_size, self.training.center_rewards_coef
         margins = torch.tensor(self.pairs.margins)
         has_margins = bool((margins != 0).any())
-        self.model.train()
-        done = []
         while self.step < until:
             index = self.batch_indices()
             sequences = [self.pairs.chosen[i] for i in index] + [self.pairs.rejected[i] for i in index]
@@ -183,6 +217,7 @@ class RewardTrainer:
             self.optimizer.step()
             self.scheduler.step()
             self.step += 1
+            self.global_rng = torch.get_rng_state()
             stats = {"step": float(self.step), "pairs": float(self.step * batch_size), "train/loss": loss.item(),
                      "train/accuracy": (r_chosen > r_rejected).float().mean().item(),
                      "train/margin": (r_chosen - r_rejected).mean().item(), "train/grad_norm": norm.item(), "train/lr": lr}
@@ -190,8 +225,6 @@ class RewardTrainer:
             done.append(stats)
             if callback is not None:
                 callback(stats)
-        self.model.eval()
-        return done
 
     def batch_indices(self) -> list[int]:
         """The pairs of the next step: the next of the epoch's order (crossing into the next epoch's), or random."""
@@ -212,11 +245,12 @@ class RewardTrainer:
     # --- checkpoints ---------------------------------------------------------------------------
 
     def save_checkpoint(self, directory: str | Path) -> Path:
-        """The model's trainable weights, optimizer, schedule, generator and history, written atomically."""
+        """The model's trainable weights, optimizer, schedule, generators and history, written atomically."""
         def write(tmp: Path) -> None:
             torch.save({"model": {k: v for k, v in self.model.state_dict().items()},
                         "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                        "generator": self.generator.get_state(), "step": self.step, "steps": self.steps}, tmp / STATE_FILE)
+                        "generator": self.generator.get_state(), "global_rng": self.global_rng, "step": self.step,
+                        "steps": self.steps}, tmp / STATE_FILE)
             (tmp / "history.json").write_text(json.dumps(self.history))
         return write_atomically(directory, write, key="checkpoint.dir")
 
@@ -229,6 +263,8 @@ class RewardTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.generator.set_state(state["generator"])
+        if "global_rng" in state:  # a checkpoint written before it was kept: training with dropout off needs none
+            self.global_rng = state["global_rng"]
         self.step = state["step"]
         self.history = json.loads((Path(directory) / "history.json").read_text())
 

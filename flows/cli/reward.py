@@ -87,6 +87,10 @@ def show_reward_result(result, run_config: RewardRunConfig) -> None:
                       *(("",) if result.champion_accuracy is not None else ()))
     console.print(table)
     console.print(result.gates.to_rich_table())
+    for note in result.gates.notes:
+        console.print(f"[dim]{escape(note)}[/]")
+    colour = "green" if result.gates.passed else "red"
+    console.print(f"gates: [{colour}]{escape(result.gates.summary())}[/]")
     name, alias = run_config.tracking.registered_model, run_config.tracking.champion_alias
     state = f"promoted to @{alias}" if result.promoted else f"not promoted (@{alias} unchanged)"
     console.print(f"{result.steps} steps, {result.pairs_seen} pairs; registered [bold]{name}[/] version "
@@ -168,11 +172,17 @@ def rlhf(
     reward_set: list[str] = typer.Option([], "--reward-set", help="Override a reward-stage setting (repeatable)."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="Policy configuration (default configs/demo.yaml)."),
     set_: list[str] = SetOption,
+    continue_on_gate_failure: bool = typer.Option(
+        False, "--continue-on-gate-failure",
+        help="Run the policy stage even when the reward stage's gates fail (against the champion as it stands); rlhf "
+             "still ends failed (exit 1) naming the stage. Default: stop after a stage whose gates fail."),
 ) -> None:
-    """Both stages in order: train and gate a reward model, then align the policy against the reward-model champion."""
+    """Both stages in order: train and gate a reward model, then align the policy against the reward-model champion.
+    Each stage's results are shown as it ends. A stage whose gates fail stops it there: exit 1, naming the stage and
+    its failed gates (--continue-on-gate-failure goes on to the policy stage, and still exits 1)."""
     from flows.cli.data import prepare_demo_if_needed
     from flows.cli.run import show_result
-    from flows.reward_pipeline import champion_uri, rlhf as rlhf_flow
+    from flows.reward_pipeline import ON_STAGE_END, champion_uri, rlhf as rlhf_flow
 
     reward_run_config = reward_config(reward_config_path, reward_set)  # each configuration parsed and validated once
     policy_config = resolved(config, [*set_, f"reward.model={champion_uri(reward_run_config)}"])
@@ -182,7 +192,19 @@ def rlhf(
     prepare_demo_base(reward_run_config)
     prepare_demo_if_needed(policy_config)
 
-    with prefect_api():
-        reward, policy = rlhf_flow(validated_reward=Validated(reward_run_config), validated_policy=Validated(policy_config))
-    show_reward_result(reward, reward_run_config)
-    show_result(policy, policy_config)
+    def show(stage: str, result) -> None:  # as each stage ends: the reward stage's before the policy stage starts
+        if stage == "policy":
+            show_result(result, policy_config)
+            return
+        show_reward_result(result, reward_run_config)
+        if not result.gates.passed and continue_on_gate_failure:
+            console.print(f"[yellow]continuing on purpose (--continue-on-gate-failure):[/] the policy trains against "
+                          f"{escape(champion_uri(reward_run_config))} as it stands", highlight=False)
+
+    shown = ON_STAGE_END.set(show)
+    try:
+        with prefect_api():  # a stage whose gates fail ends the flow with GatesFailed: its message, exit 1
+            rlhf_flow(validated_reward=Validated(reward_run_config), validated_policy=Validated(policy_config),
+                      continue_on_gate_failure=continue_on_gate_failure)
+    finally:
+        ON_STAGE_END.reset(shown)

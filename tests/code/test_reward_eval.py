@@ -198,18 +198,34 @@ def test_significance_gate_needs_enough_pairs():
     ]
 
 
-def test_champion_gate_fails_when_worse_and_passes_when_equal():
+def test_champion_gate_needs_a_strictly_higher_accuracy_and_shows_both_figures():
     gates = RewardGatesConfig(min_accuracy=0.6)
     champion = with_accuracy(0.72, 2000)
     worse = check_reward_gates(with_accuracy(0.7, 2000), gates, champion=champion)
-    assert worse.failed_names == ["accuracy_vs_champion"]
-    assert worse.gates[-1].value == pytest.approx(-0.02)
+    assert worse.failed_names == ["beats_champion"]
+    row = worse.gates[-1]
+    assert (row.value, row.threshold) == (pytest.approx(0.7), pytest.approx(0.72))  # each model's own figure
+    assert row.rule == "> champion accuracy 0.72" and worse.failures == ["beats_champion 0.7 <= champion accuracy 0.72"]
     assert worse.champion_score == pytest.approx(0.72)
-    assert "champion accuracy 0.72" in worse.notes[0]
-    equal = check_reward_gates(with_accuracy(0.72, 2000), gates, champion=champion)
-    assert equal.passed and [g.name for g in equal.gates][-1] == "accuracy_vs_champion"
-    off = check_reward_gates(with_accuracy(0.7, 2000), RewardGatesConfig(not_worse_than_champion=False), champion)
-    assert off.passed and "accuracy_vs_champion" not in [g.name for g in off.gates]
+    assert worse.notes[0].startswith("the champion on the same 2000 pairs: accuracy 0.72, mean margin 0.44")
+    assert "(the candidate: accuracy 0.7, mean margin" in worse.notes[0]
+    # A tie keeps the champion: a candidate must be better, not merely as good (the barely-learned model).
+    tied = check_reward_gates(with_accuracy(0.72, 2000), gates, champion=champion)
+    assert tied.failed_names == ["beats_champion"] and "a tie keeps the champion" in tied.notes[-1]
+    assert "beats_champion 0.72 <= champion accuracy 0.72" in tied.summary()
+    better = check_reward_gates(with_accuracy(0.7205, 2000), gates, champion=champion)
+    assert better.passed and [g.name for g in better.gates][-1] == "beats_champion"
+    off = check_reward_gates(with_accuracy(0.7, 2000), RewardGatesConfig(beats_champion=False), champion)
+    assert off.passed and "beats_champion" not in [g.name for g in off.gates]
+
+
+def test_the_old_champion_switch_still_loads_under_its_new_name():
+    from components.config import ConfigDeprecation, load_config
+    from components.config import RewardRunConfig
+
+    with pytest.warns(ConfigDeprecation, match="gates.beats_champion"):
+        config = load_config(None, ["gates.not_worse_than_champion=false"], schema=RewardRunConfig)
+    assert config.gates.beats_champion is False
 
 
 def test_champion_on_other_pairs_is_refused():
@@ -220,11 +236,11 @@ def test_champion_on_other_pairs_is_refused():
 def test_report_has_the_policy_gates_form():
     report = check_reward_gates(with_accuracy(0.7, 2000), RewardGatesConfig(), champion=with_accuracy(0.6, 2000))
     markdown = report.to_markdown()
-    for name in ("accuracy", "accuracy_ci_low", "accuracy_vs_champion"):
+    for name in ("accuracy", "accuracy_ci_low", "beats_champion"):
         assert f"| {name} |" in markdown
-    assert "> chance 0.5" in markdown and "champion accuracy 0.6" in markdown
+    assert "> chance 0.5" in markdown and "| > champion accuracy 0.6 |" in markdown
     assert math.isnan(report.kl)
-    assert report.as_metrics()["gate/accuracy_vs_champion/value"] == pytest.approx(0.1)
+    assert report.as_metrics()["gate/beats_champion/value"] == pytest.approx(0.7)  # the candidate's, not a difference
     assert "no champion yet" in check_reward_gates(with_accuracy(0.7, 2000), RewardGatesConfig()).notes[0]
 
 

@@ -240,11 +240,12 @@ def test_the_reward_stage_prints_the_tracking_uri_without_its_credentials(monkey
     from types import SimpleNamespace
 
     from components.config import RewardRunConfig
+    from components.evaluation.gates import GateReport
     from flows.cli.reward import show_reward_result
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://alice:{AT_PASSWORD}@127.0.0.1:5000")
     evaluation = SimpleNamespace(n=4, accuracy=0.75, accuracy_ci=(0.5, 1.0), mean_margin=0.3, calibration_error=0.1, by_length=[])
-    result = SimpleNamespace(evaluation=evaluation, champion_accuracy=None, gates=SimpleNamespace(to_rich_table=lambda: ""),
+    result = SimpleNamespace(evaluation=evaluation, champion_accuracy=None, gates=GateReport(gates=()),
                              steps=2, pairs_seen=8, model_version="1", promoted=False, run_id="0123abcd")
     show_reward_result(result, RewardRunConfig())
     printed = capsys.readouterr().out

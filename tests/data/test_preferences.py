@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from support import hh_rlhf_pair_rows, write_in_each_form
 
 from components.config import PreferenceDataConfig
 from components.data.prompts import DataError
@@ -190,6 +191,20 @@ def test_no_good_row_fails_with_the_summary_listing_ten_rows_and_the_count_of_th
     rows = [{"prompt": "It was", "chosen": " same.", "rejected": " same."}] * 12
     with pytest.raises(DataError, match=r"rows 1, 2, 3, 4, 5, 6, 7, 8, 9, 10 and 2 more: chosen identical to rejected"):
         load_pairs(config(write_jsonl(tmp_path / "pairs.jsonl", rows)))
+
+
+def test_the_same_rows_in_each_file_form_are_the_same_pairs(tmp_path):
+    """Every CSV field is read as the text it is ("NA", "None", "null", "nan", "0", "007" too), as JSONL and Parquet
+    keep them; only an empty field is missing, CSV having no other way to say so."""
+    rows = hh_rlhf_pair_rows()
+    forms = write_in_each_form(rows, tmp_path)
+    loaded = {form: load_pairs(config(path, format="explicit", margin_field="margin")) for form, path in forms.items()}
+    expected = [PreferencePair(row["prompt"], row["chosen"], row["rejected"], float(row["margin"]), number)
+                for number, row in enumerate(rows, start=1)]
+    assert {("NA", "None"), ("0", "null"), ("nan", "007")} <= {(pair.chosen, pair.rejected) for pair in expected}
+    for form, pairs in loaded.items():
+        assert pairs.pairs == expected, form
+        assert pairs.report.as_metrics() == loaded["jsonl"].report.as_metrics(), form
 
 
 # --- conversational: message lists ---------------------------------------------------------------

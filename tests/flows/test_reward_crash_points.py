@@ -59,7 +59,7 @@ def overrides(store: Path, pairs: Path) -> list[str]:
     return [f"data.source={pairs}", "data.check_dvc=false", f"tracking.tracking_uri=sqlite:///{store}/mlflow.db",
             f"tracking.experiment={EXPERIMENT}", f"tracking.registered_model={MODEL}", f"checkpoint.dir={store}/checkpoints",
             "training.max_steps=40", "checkpoint.every=10", "evaluation.bootstrap_samples=100",
-            "gates.min_accuracy=0", "gates.significant=false", "gates.not_worse_than_champion=false"]
+            "gates.min_accuracy=0", "gates.significant=false", "gates.beats_champion=false"]
 
 
 def seed_champion(store: Path, tiny_reward_dir: Path) -> None:

@@ -1,5 +1,6 @@
 """The Bradley-Terry trainer on a tiny GPT-2: it learns a preference, resumes exactly, reads chosen and rejected in one
-forward, honours margins, stops on a non-finite loss before any step, and trains only adapters and head with LoRA."""
+forward, honours margins, stops on a non-finite loss before any step, and trains only adapters and head with LoRA.
+Dropout is off unless kept; kept, its masks come from the seed alone."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ import random
 
 import pytest
 import torch
-from support import one_thread  # noqa: F401 - tiny models are op-overhead bound
+from support import one_thread, save_tiny_lm_with_dropout  # noqa: F401 - tiny models are op-overhead bound
+from transformers import LlamaConfig, LlamaForSequenceClassification
 
 from components.config import LoraConfig, RewardModelConfig, RewardTrainingConfig
 from components.data.preferences import PreferencePair
-from components.reward.training import RewardTrainer, encode_pairs, load_base, lr_factor, score_pairs
+from components.reward.training import RewardTrainer, disable_dropout, encode_pairs, load_base, lr_factor, score_pairs
 from components.errors import TrainingError
 
 
@@ -122,3 +124,57 @@ def test_epochs_take_every_pair_once_per_epoch_in_a_new_order(tiny_lm_dir):
     again, _ = trainer_for(tiny_lm_dir, pairs(20), steps=5)
     again.step = 3  # a resumed run: the order comes from the seed and the epoch alone
     assert again.batch_indices() == seen[24:32]
+
+
+@pytest.fixture(scope="module")
+def lm_with_dropout(tmp_path_factory):
+    return save_tiny_lm_with_dropout(tmp_path_factory.mktemp("gpt2-dropout"))
+
+
+def test_dropout_is_off_in_training_and_the_saved_config_keeps_its_own(lm_with_dropout):
+    trainer, _ = trainer_for(lm_with_dropout, pairs(20), steps=2)
+    dropouts = [module for module in trainer.model.modules() if isinstance(module, torch.nn.Dropout)]
+    assert len(dropouts) == 7 and {module.p for module in dropouts} == {0.0}  # embeddings, 2 x (attention, its output, MLP)
+    assert trainer.model.config.resid_pdrop == 0.1  # what save_pretrained writes
+    kept, _ = trainer_for(lm_with_dropout, pairs(20), steps=2, disable_dropout=False)
+    assert {module.p for module in kept.model.modules() if isinstance(module, torch.nn.Dropout)} == {0.1}
+
+
+def test_a_rate_an_attention_layer_keeps_as_a_number_is_disabled_too():
+    model = LlamaForSequenceClassification(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                                       num_attention_heads=2, num_key_value_heads=1, attention_dropout=0.1,
+                                                       num_labels=1, pad_token_id=0))
+    assert model.model.layers[0].self_attn.attention_dropout == 0.1
+    disable_dropout(model)
+    assert model.model.layers[0].self_attn.attention_dropout == 0.0
+
+
+def test_with_dropout_kept_its_masks_come_from_the_seed_alone_and_a_resume_draws_the_same(lm_with_dropout, tmp_path):
+    def kept(seed=0):
+        return trainer_for(lm_with_dropout, pairs(40), steps=8, seed=seed, disable_dropout=False)[0]
+
+    straight = kept()
+    straight.train()
+    torch.rand(1000)  # other draws of the process between runs reach no mask
+    again = kept()
+    again.train()
+    assert again.history == straight.history
+    first = kept()
+    first.train(until=3)
+    first.save_checkpoint(tmp_path / "checkpoint")
+    torch.rand(1000)
+    resumed = kept()  # a new process: fresh state
+    resumed.load_checkpoint(tmp_path / "checkpoint")
+    resumed.train()
+    assert resumed.history == straight.history
+    without = trainer_for(lm_with_dropout, pairs(40), steps=8)[0]
+    without.train()
+    assert without.history[0]["train/loss"] != straight.history[0]["train/loss"]  # the masks were drawn
+
+
+def test_lora_adapters_start_from_the_seed_alone(tiny_lm_dir):
+    first = trainer_for(tiny_lm_dir, pairs(10), steps=1, lora=True)[0].model.state_dict()
+    torch.rand(1000)  # other draws of the process
+    second = trainer_for(tiny_lm_dir, pairs(10), steps=1, lora=True)[0].model.state_dict()
+    assert any("lora_A" in name for name in first)
+    assert all(torch.equal(first[name], second[name]) for name in first)
