@@ -49,7 +49,7 @@ def run_with_source(source: str, tmp_path: Path, tiny_lm_dir: Path, tiny_reward_
     from flows.pipeline import pipeline
 
     config = {**TINY, "data": {"source": source, "eval_size": 8, **data}, "policy": {"model": str(tiny_lm_dir)},
-              "reward": {"model": str(tiny_reward_dir)}, "checkpoint": {"dir": str(tmp_path / "checkpoints"), "every": 2},
+              "reward": {"model": str(tiny_reward_dir), "max_length": 128}, "checkpoint": {"dir": str(tmp_path / "checkpoints"), "every": 2},
               "tracking": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"}}
     path = tmp_path / "with-token.yaml"
     path.write_text(yaml.safe_dump(config))
