@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from components.errors import UserError
 
@@ -103,6 +103,25 @@ def gold_scorer_allowed(module: str, function: str) -> bool:
     parts = module.split(".")
     return (parts[0] in GOLD_SCORER_PACKAGES and not any(part.startswith("_") for part in parts)
             and not function.startswith("_"))
+
+
+class ModelSource(Section):
+    """A model a stage loads: where it is (its `model` key), its hub revision, and the safety keys every loaded model has."""
+
+    model: str = Field(description="Hub id, local path or models:/NAME@ALIAS.")
+    revision: str | None = Field(None, description="The hub revision (branch, tag or commit) of a hub model.")
+    allow_pickle: bool = Field(False, description=ALLOW_PICKLE)
+    trust_remote_code: bool = Field(False, description=TRUST_REMOTE_CODE)
+
+    @field_validator("model")
+    @classmethod
+    def _check_model(cls, value: str) -> str:
+        return check_model_ref(value)
+
+    @field_validator("trust_remote_code")
+    @classmethod
+    def _no_remote_code(cls, value: bool) -> bool:
+        return refuse_remote_code(value)
 
 
 class DataSource(Section):

@@ -13,16 +13,15 @@ from components.config.common import (
     ALLOW_PICKLE,
     GOLD_SCORER_PACKAGES,
     PROJECT_ROOT,
-    TRUST_REMOTE_CODE,
     CheckpointConfig,
     DataSource,
+    ModelSource,
     LoraConfig,
     Section,
     TrackingConfig,
     check_model_ref,
     flatten,
     gold_scorer_allowed,
-    refuse_remote_code,
 )
 from components.config.estimators import ESTIMATORS
 from components.config.training import (
@@ -61,11 +60,10 @@ class DataConfig(DataSource):
         return value
 
 
-class PolicyConfig(Section):
+class PolicyConfig(ModelSource):
     """The policy: the instruct LM that RL trains, and the reference it is held near (its starting point)."""
 
-    model: str = Field("artifacts/demo/instruct", description="Hub id, local path or models:/NAME@ALIAS.")
-    revision: str | None = Field(None, description="The hub revision (branch, tag or commit) of a hub model.")
+    model: str = Field("artifacts/demo/instruct", description=ModelSource.model_fields["model"].description)
     use_chat_template: bool = Field(
         False,
         description="Render prompts with the policy tokenizer's chat template: a conversation (data.format conversational, "
@@ -73,18 +71,6 @@ class PolicyConfig(Section):
         "written as a Human:/Assistant: transcript ending with Assistant:.",
     )
     lora: LoraConfig = Field(default_factory=LoraConfig)
-    allow_pickle: bool = Field(False, description=ALLOW_PICKLE)
-    trust_remote_code: bool = Field(False, description=TRUST_REMOTE_CODE)
-
-    @field_validator("model")
-    @classmethod
-    def _check_model(cls, value: str) -> str:
-        return check_model_ref(value)
-
-    @field_validator("trust_remote_code")
-    @classmethod
-    def _no_remote_code(cls, value: bool) -> bool:
-        return refuse_remote_code(value)
 
 
 class CriticConfig(Section):
@@ -108,9 +94,8 @@ class CriticConfig(Section):
         return None if value is None else check_model_ref(value)
 
 
-class RewardConfig(Section):
-    model: str = Field("artifacts/demo/reward", description="Hub id, local path or models:/NAME@ALIAS.")
-    revision: str | None = Field(None, description="The hub revision (branch, tag or commit) of a hub model.")
+class RewardConfig(ModelSource):
+    model: str = Field("artifacts/demo/reward", description=ModelSource.model_fields["model"].description)
     label: str | int | None = Field(None, description="Label name (as in id2label) or index; None for a single output.")
     score: Literal["logit", "probability"] = Field("logit", description="The chosen output's logit, or its probability.")
     text: Literal["prompt_and_completion", "completion"] = Field(
@@ -134,18 +119,6 @@ class RewardConfig(Section):
     normalize: bool = Field(False, description="Normalise scores with a running mean/std.")
     clip: float | None = Field(None, gt=0, description="Clip scores to [-clip, clip].")
     missing_eos_penalty: float | None = Field(None, ge=0, description="Subtracted from the score of completions without EOS.")
-    allow_pickle: bool = Field(False, description=ALLOW_PICKLE)
-    trust_remote_code: bool = Field(False, description=TRUST_REMOTE_CODE)
-
-    @field_validator("model")
-    @classmethod
-    def _check_model(cls, value: str) -> str:
-        return check_model_ref(value)
-
-    @field_validator("trust_remote_code")
-    @classmethod
-    def _no_remote_code(cls, value: bool) -> bool:
-        return refuse_remote_code(value)
 
     @field_validator("label")
     @classmethod
